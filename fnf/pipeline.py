@@ -1,0 +1,159 @@
+"""Load a diffusers text-to-image model, freeze it and put a peft LoRA on its UNet.
+
+One UNet serves both passes of the FNF step: the base image I0 is sampled with the adapter
+disabled (``adapter_disabled()``), so no second copy of the model is kept in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextModel
+
+EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
+"""Folder of the models the repository ships; ``embedded:<name>`` resolves to a folder in it."""
+
+
+@dataclass
+class LoraArgs:
+    """LoRA on the UNet (peft); the paper uses rank 64 on the attention projections."""
+
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float | None = None
+    """LoRA alpha (scale = alpha / rank); None means alpha = rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that get a LoRA (attention projections by default)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_peft(self) -> LoraConfig:
+        # B starts at zero, so the tuned model equals the base model before the first step.
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+        )
+
+
+def resolve_model_path(pretrained: str) -> str:
+    """``embedded:<name>`` -> the shipped folder; anything else is a local folder or a hub id."""
+    if pretrained.startswith("embedded:"):
+        folder = EMBEDDED_MODELS / pretrained.removeprefix("embedded:")
+        if not folder.is_dir():
+            known = sorted(p.name for p in EMBEDDED_MODELS.iterdir()) if EMBEDDED_MODELS.is_dir() else []
+            raise FileNotFoundError(f"model.pretrained: no embedded model {pretrained!r}; shipped: {known}")
+        return str(folder)
+    return pretrained
+
+
+class Text2ImageModel(nn.Module):
+    """The frozen parts of a latent (or pixel-space, ``vae=None``) text-to-image diffusion model."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, tokenizer, scheduler: DDIMScheduler,
+                 vae: AutoencoderKL | None = None) -> None:
+        super().__init__()
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str) -> Text2ImageModel:
+        """Load SD1.x/2.x-layout folders (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or hub ids.
+
+        Weights are read from safetensors only; the scheduler is converted to DDIM (eta = 0 later).
+        """
+        path = resolve_model_path(pretrained)
+        index = _read_model_index(pretrained, path)
+        if "text_encoder_2" in index:
+            raise NotImplementedError(f"model.pretrained={pretrained!r} is an SDXL-layout model; SDXL loading lands "
+                                      "with the real-model configs (two text encoders + added time ids)")
+        load = dict(use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load) if index.get("vae") else None
+        return cls(unet, text_encoder, tokenizer, scheduler, vae)
+
+    # ---- LoRA -------------------------------------------------------------------------------
+    def add_lora(self, args: LoraArgs) -> None:
+        self.unet.add_adapter(args.to_peft())
+        self.lora_args = args
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+
+    @contextmanager
+    def adapter_disabled(self):
+        """The base model θ0: the same UNet with its LoRA switched off."""
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    # ---- text and image space ----------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """(B,) prompts -> (B, L, D) text-encoder hidden states; over-long prompts are truncated."""
+        max_length = self.tokenizer.model_max_length
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        for prompt, ids in zip(prompts, self.tokenizer(prompts).input_ids):
+            if len(ids) > max_length:
+                warnings.warn(f"prompt truncated to {max_length} tokens: {prompt[:60]!r}...", stacklevel=2)
+        device = self.text_encoder.device
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def resolution(self) -> int:
+        """Native image side in pixels."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        if resolution % self.vae_scale_factor:
+            raise ValueError(f"model.sampler.resolution={resolution} must be divisible by the VAE factor "
+                             f"{self.vae_scale_factor}")
+        side = resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) RGB in [0, 1] (what reward heads see)."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return (latents / 2 + 0.5).clamp(0, 1)
+
+
+def _read_model_index(pretrained: str, path: str) -> dict:
+    local = Path(path)
+    if local.is_dir():
+        index_file = local / "model_index.json"
+        return json.loads(index_file.read_text()) if index_file.is_file() else {"vae": (local / "vae").is_dir()}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
+    except Exception as error:  # offline, unknown id, no access
+        raise FileNotFoundError(f"model.pretrained: model {pretrained!r} not found locally; download it or pass a "
+                                f"path ({type(error).__name__})") from None
+

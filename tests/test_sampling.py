@@ -1,0 +1,114 @@
+"""Sampler: where gradients flow (DRaFT / DRaFT-K / DRaFT-LV), determinism and the base pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fnf.pipeline import LoraArgs, Text2ImageModel
+from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> Text2ImageModel:
+    model = Text2ImageModel.from_pretrained(tiny_model_dir)
+    model.add_lora(LoraArgs(rank=4))
+    return model
+
+
+def _inputs(model, prompts, seeds):
+    text = model.encode_prompts(prompts)
+    return initial_noise(torch.tensor(seeds), model.latent_shape(16), "cpu"), text, model.encode_prompts([""] * len(prompts))
+
+
+def _count_grad_unet_calls(model, sampler, mode, inputs) -> int:
+    calls = []
+    hook = model.unet.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    try:
+        sampler(*inputs, grad_mode=mode)
+    finally:
+        hook.remove()
+    return sum(calls)
+
+
+@pytest.mark.parametrize("mode, expected", [("none", 0), ("last_k", 2), ("full", STEPS), ("lv", 1)])
+def test_gradients_flow_only_through_the_chosen_steps(model, mode, expected):
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=2, checkpointing="off"))
+    inputs = _inputs(model, ["a red circle"], [3])
+    assert _count_grad_unet_calls(model, sampler, mode, inputs) == expected
+    images = sampler(*inputs, grad_mode=mode).images
+    assert images.requires_grad == (mode != "none")
+    if mode != "none":
+        images.sum().backward()
+        grads = [p.grad for p in model.lora_parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+        model.zero_grad(set_to_none=True)
+
+
+def test_truncated_and_full_chains_give_the_same_images(model):
+    inputs = _inputs(model, ["a red circle", "a blue square"], [1, 2])
+    outputs = {mode: DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=2))(*inputs, grad_mode=mode).images
+               for mode in ("none", "last_k", "full")}
+    torch.testing.assert_close(outputs["last_k"], outputs["none"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs["full"], outputs["none"], rtol=0, atol=1e-6)
+
+
+def test_stop_grad_on_unet_input_leaves_only_the_ddim_coefficients(model):
+    """With x_t detached at the UNet input, d x_0 / d x_T is the product of sqrt(ᾱ_prev / ᾱ_t) over steps."""
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="full", unet_input="stop_grad",
+                                             checkpointing="off", guidance_scale=1.0))
+    noise, text, uncond = _inputs(model, ["a red circle"], [4])
+    noise.requires_grad_(True)
+    sampler(noise, text, uncond, grad_mode="full").latents.sum().backward()
+    scheduler, expected = model.scheduler, torch.tensor(1.0, dtype=torch.float64)
+    for t in scheduler.timesteps:
+        prev = t - scheduler.config.num_train_timesteps // STEPS
+        alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        expected = expected * (alpha_prev / scheduler.alphas_cumprod[t]).double().sqrt()
+    torch.testing.assert_close(noise.grad, torch.full_like(noise, expected.item()), rtol=1e-5, atol=0)
+
+
+def test_noise_and_images_do_not_depend_on_batch_composition(model):
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS))
+    forward = sampler(*_inputs(model, ["a red circle", "a blue square"], [7, 8]), grad_mode="none").images
+    backward = sampler(*_inputs(model, ["a blue square", "a red circle"], [8, 7]), grad_mode="none").images
+    alone = sampler(*_inputs(model, ["a blue square"], [8]), grad_mode="none").images
+    torch.testing.assert_close(forward.flip(0), backward, rtol=0, atol=1e-6)
+    torch.testing.assert_close(forward[1:], alone, rtol=0, atol=1e-5)  # BLAS order only
+    assert not torch.equal(initial_noise(torch.tensor([7]), (4, 8, 8), "cpu"),
+                           initial_noise(torch.tensor([8]), (4, 8, 8), "cpu"))
+
+
+def test_base_pass_is_the_base_model_bit_for_bit(model, tiny_model_dir):
+    """LoRA B starts at 0 (I == I0 at step 0), and with the adapter disabled the UNet is the plain base model."""
+    plain = Text2ImageModel.from_pretrained(tiny_model_dir)
+    inputs = _inputs(model, ["a red circle"], [5])
+    args = SamplerArgs(num_steps=STEPS)
+    reference = DDIMSampler(plain, args)(*inputs, grad_mode="none").images
+    tuned_at_init = DDIMSampler(model, args)(*inputs, grad_mode="none").images
+    assert torch.equal(tuned_at_init, reference)
+    with torch.no_grad():
+        for p in model.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    try:
+        assert not torch.equal(DDIMSampler(model, args)(*inputs, grad_mode="none").images, reference)
+        with model.adapter_disabled():
+            assert torch.equal(DDIMSampler(model, args)(*inputs, grad_mode="none").images, reference)
+    finally:
+        model.unet.delete_adapters("default")
+        model.add_lora(LoraArgs(rank=4))
+
+
+def test_lv_returns_n_samples_per_prompt(model):
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="lv", lv_samples=3))
+    images = sampler(*_inputs(model, ["a red circle", "a blue square"], [1, 2]), grad_mode="lv").images
+    assert images.shape == (6, 3, 16, 16) and sampler.samples_per_prompt("lv") == 3
+
+
+@pytest.mark.parametrize("bad, message", [(dict(k=0), "model.sampler.k"), (dict(num_steps=3, k=4), "model.sampler.k"),
+                                          (dict(guidance_scale=0.5), "guidance_scale")])
+def test_bad_sampler_args_name_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplerArgs(**bad)
