@@ -1,0 +1,74 @@
+"""Where the base image I0 may change: heatmap or saliency -> threshold -> dilation -> mask M.
+
+The paper thresholds and dilates a heatmap (RAHF) or a gradient-saliency map of a scalar classifier
+(safety); thresholds, radius, feathering and the empty-mask rule are unreported there, so they are
+all options here (``MaskArgs``). Masks are computed on I0 only and never carry gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
+
+from fnf.rewards.base import RewardHead
+
+
+@dataclass
+class MaskArgs:
+    """Heatmap -> mask post-processing, shared by every reward head."""
+
+    threshold: float = 0.5
+    """A pixel is a problem where its heatmap (saliency: max-normalised) value is >= threshold."""
+    dilation: int = 1
+    """Dilation radius in pixels (square structuring element of side 2r+1) that relaxes the boundary."""
+    kind: Literal["hard", "soft"] = "hard"
+    """hard: a binary mask; soft: the binary mask with Gaussian-feathered edges (sigma = feather)."""
+    feather: float = 1.0
+    """Soft masks: Gaussian sigma in pixels of the feathered edge outside the hard mask."""
+    saliency_sigma: float = 1.0
+    """Saliency masks: Gaussian smoothing sigma in pixels of |d score / d image| before thresholding."""
+    empty: Literal["keep", "skip", "global"] = "keep"
+    """An image whose mask is empty: keep (paper formula: reward on, whole image preserved),
+    skip (that head's reward off for the image: nothing to fix), global (whole image may change)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"model.masks.threshold must be in (0, 1], got {self.threshold}")
+        if self.dilation < 0:
+            raise ValueError(f"model.masks.dilation must be >= 0, got {self.dilation}")
+        if self.feather <= 0 or self.saliency_sigma < 0:
+            raise ValueError("model.masks.feather must be > 0 and model.masks.saliency_sigma >= 0")
+
+
+def heatmap_to_mask(heatmap: Tensor, args: MaskArgs) -> Tensor:
+    """(B, 1, H, W) heatmap in [0, 1] -> (B, 1, H, W) mask in [0, 1] (1 = may change)."""
+    mask = (heatmap >= args.threshold).to(heatmap.dtype)
+    if args.dilation > 0:
+        side = 2 * args.dilation + 1
+        mask = F.max_pool2d(mask, side, stride=1, padding=args.dilation)
+    if args.kind == "soft":
+        mask = torch.maximum(mask, _blur(mask, args.feather))
+    return mask
+
+
+def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma: float) -> Tensor:
+    """Gradient saliency |d score / d image|, max over channels, smoothed, max-normalised per image."""
+    with torch.enable_grad():
+        pixels = images.detach().requires_grad_(True)
+        score = head(pixels, prompts).score
+        (grad,) = torch.autograd.grad(score.sum(), pixels)  # images are scored independently
+    saliency = grad.abs().amax(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
+    if sigma > 0:
+        saliency = _blur(saliency, sigma)
+    peak = saliency.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, saliency / peak.clamp_min(torch.finfo(saliency.dtype).tiny), 0.0)
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, round(3 * sigma))
+    return gaussian_blur(x, kernel_size=2 * radius + 1, sigma=sigma)

@@ -1,0 +1,6 @@
+"""Reward heads: each returns a differentiable score and, optionally, a heatmap of what is wrong."""
+
+from fnf.rewards.base import RewardHead, RewardOutput
+from fnf.rewards.color_region import ColorRegion
+
+__all__ = ["ColorRegion", "RewardHead", "RewardOutput"]

@@ -1,0 +1,58 @@
+"""The reward-head contract every head follows (STYLE rule 3).
+
+A head maps decoded images (RGB in [0, 1], shape (B, 3, H, W), at the generator's resolution) and
+their prompts to a differentiable score per image (higher is better) and, optionally, a heatmap of
+"where it is wrong" in [0, 1]. Heads without a heatmap are localised by gradient saliency of their
+score (``fnf.masks.saliency``), which is how the paper masks scalar safety classifiers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class RewardOutput:
+    score: Tensor
+    """(B,) higher is better; differentiable w.r.t. the input images."""
+    heatmap: Tensor | None = None
+    """(B, 1, H, W) in [0, 1], high where the image is wrong; None -> saliency of ``score``."""
+
+
+class RewardHead(nn.Module, ABC):
+    """Base class of all reward heads: subclass it and name the subclass by ``class_path`` in YAML.
+
+    Heads are frozen by the trainer (``requires_grad_(False)``, eval mode) but must stay
+    differentiable w.r.t. ``images``; resize and normalise inside ``forward``.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name used in logs and error messages (the class name unless overridden)."""
+        return type(self).__name__
+
+    @abstractmethod
+    def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput: ...
+
+
+def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor) -> RewardOutput:
+    """Raise one clear error naming the head when its output breaks the contract."""
+    batch, _, height, width = images.shape
+    if not isinstance(output, RewardOutput):
+        raise TypeError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
+    if output.score.shape != (batch,):
+        raise ValueError(f"reward head {head.name}: score must have shape ({batch},), got {tuple(output.score.shape)}")
+    if output.heatmap is not None:
+        heatmap = output.heatmap
+        if heatmap.shape != (batch, 1, height, width):
+            raise ValueError(
+                f"reward head {head.name}: heatmap must have shape ({batch}, 1, {height}, {width}), "
+                f"got {tuple(heatmap.shape)}"
+            )
+        if not torch.isfinite(heatmap).all() or heatmap.min() < 0 or heatmap.max() > 1:
+            raise ValueError(f"reward head {head.name}: heatmap values must be finite and in [0, 1]")
+    return output

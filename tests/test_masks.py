@@ -1,0 +1,46 @@
+"""Heatmap/saliency -> mask: threshold, dilation, feathering; saliency follows the reward's region."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
+from fnf.rewards import ColorRegion
+
+
+def test_threshold_then_dilation_gives_a_square_of_side_2r_plus_1():
+    heatmap = torch.zeros(1, 1, 9, 9)
+    heatmap[0, 0, 4, 4] = 0.9
+    heatmap[0, 0, 0, 0] = 0.4  # below the threshold
+    mask = heatmap_to_mask(heatmap, MaskArgs(threshold=0.5, dilation=2))
+    expected = torch.zeros(1, 1, 9, 9)
+    expected[0, 0, 2:7, 2:7] = 1
+    assert torch.equal(mask, expected)
+
+
+def test_soft_mask_contains_the_hard_mask_and_fades_out():
+    heatmap = torch.zeros(1, 1, 15, 15)
+    heatmap[0, 0, 7, 7] = 1.0
+    hard = heatmap_to_mask(heatmap, MaskArgs(dilation=1))
+    soft = heatmap_to_mask(heatmap, MaskArgs(dilation=1, kind="soft", feather=1.5))
+    assert torch.equal(soft[hard == 1], torch.ones(9))
+    ring = soft[0, 0, 7, 9:12]  # right of the hard square
+    assert 0 < ring[-1] < ring[0] < 1 and soft.max() <= 1 and soft.min() >= 0
+
+
+def test_saliency_lights_up_only_where_the_score_looks():
+    head = ColorRegion(color=(1.0, 0.0, 0.0), box=(0.0, 0.0, 0.5, 0.5))
+    images = torch.rand(2, 3, 16, 16)
+    saliency = saliency_heatmap(head, images, ["", ""], sigma=0.0)
+    assert saliency.shape == (2, 1, 16, 16) and saliency.amax(dim=(1, 2, 3)).eq(1).all()
+    assert saliency[:, :, 8:, :].abs().sum() == 0 and saliency[:, :, :, 8:].abs().sum() == 0
+    mask = heatmap_to_mask(saliency_heatmap(head, images, ["", ""], sigma=1.0), MaskArgs(threshold=0.2, dilation=0))
+    inside = mask[:, :, :8, :8].mean()
+    assert inside > 0.5 and mask[:, :, 10:, 10:].sum() == 0
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(dilation=-1), dict(feather=0.0)])
+def test_bad_mask_args_name_the_key(bad):
+    with pytest.raises(ValueError, match="model.masks"):
+        MaskArgs(**bad)

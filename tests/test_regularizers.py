@@ -1,0 +1,65 @@
+"""Fidelity terms: zero when nothing changed outside the mask, the paper's formula, no gradient inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fnf.regularizers import LatentFrobenius, NoRegularizer, PixelFrobenius
+from fnf.sampling import Sample
+
+
+def _pair(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = Sample(torch.rand(2, 4, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g))
+    keep = torch.ones(2, 1, 8, 8)
+    keep[:, :, 2:6, 2:6] = 0  # the mask M: a 4×4 square that may change
+    return base, keep
+
+
+def test_pixel_is_zero_when_only_the_masked_region_changes():
+    base, keep = _pair()
+    images = base.images.clone()
+    images[:, :, 2:6, 2:6] = torch.rand(2, 3, 4, 4)
+    value = PixelFrobenius()(Sample(base.latents, images), base, keep)
+    assert value.shape == (2,) and torch.equal(value, torch.zeros(2))
+
+
+def test_pixel_matches_the_unsquared_frobenius_norm_per_image():
+    base, keep = _pair()
+    tuned = Sample(base.latents, torch.rand(2, 3, 8, 8))
+    expected = torch.stack([((keep[i] * (tuned.images[i] - base.images[i])) ** 2).sum().sqrt() for i in range(2)])
+    torch.testing.assert_close(PixelFrobenius()(tuned, base, keep), expected)
+
+
+@pytest.mark.parametrize("regularizer", [PixelFrobenius(), LatentFrobenius()])
+def test_gradient_is_zero_inside_the_mask(regularizer):
+    base, keep = _pair()
+    keep = torch.nn.functional.interpolate(keep, size=(4, 4), mode="nearest")  # mask aligned with latent cells
+    keep = torch.nn.functional.interpolate(keep, size=(8, 8), mode="nearest")
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    latents = torch.rand(2, 4, 4, 4, requires_grad=True)
+    regularizer(Sample(latents, images), base, keep).sum().backward()
+    grad, inside = (images.grad, keep == 0) if regularizer.__class__ is PixelFrobenius else (latents.grad, keep[:, :, ::2, ::2] == 0)
+    assert grad.abs().sum() > 0
+    assert torch.equal(grad * inside, torch.zeros_like(grad))
+
+
+def test_gradient_at_identity_is_zero_not_nan():
+    base, keep = _pair()
+    images = base.images.clone().requires_grad_(True)
+    PixelFrobenius()(Sample(base.latents, images), base, keep).sum().backward()
+    assert torch.equal(images.grad, torch.zeros_like(images))
+
+
+def test_latent_uses_the_area_resized_mask():
+    base, keep = _pair()
+    tuned = Sample(base.latents + 1.0, base.images)
+    keep_latent = torch.nn.functional.interpolate(keep, size=(4, 4), mode="area")
+    expected = (keep_latent.expand(-1, 4, -1, -1) ** 2).sum(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(LatentFrobenius()(tuned, base, keep), expected)
+
+
+def test_none_is_zero():
+    base, keep = _pair()
+    assert torch.equal(NoRegularizer()(Sample(base.latents, torch.rand(2, 3, 8, 8)), base, keep), torch.zeros(2))
