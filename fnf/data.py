@@ -1,0 +1,228 @@
+"""Prompt files -> batches of ``{"prompt": list[str], "seed": LongTensor}``.
+
+Every item carries a fixed seed so a prompt is always generated from the same
+initial noise: rewards stay comparable across epochs, runs and checkpoints.
+"""
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+SEED_STRIDE = 1_000_003  # prime gap between the seeds of one prompt's copies
+MAX_SEED = 2**63 - 1  # seeds must fit a LongTensor
+SUFFIXES = (".txt", ".csv", ".jsonl")
+
+Item = dict[str, Any]
+
+
+class PromptFileError(ValueError):
+    """A prompt file is unusable; the message names the file (and line)."""
+
+
+class MissingPromptFileError(PromptFileError, FileNotFoundError):
+    """The prompt file does not exist (also catchable as ``FileNotFoundError``)."""
+
+
+def _seed(value: Any, where: str) -> int:
+    """Validate a seed given in a file (CSV cells arrive as text)."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise PromptFileError(f"{where}: seed must be an integer in [0, 2**63), got {value!r}")
+    return value
+
+
+def _prompt(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise PromptFileError(f"{where}: 'prompt' must be a string, got {value!r}")
+    if not value.strip():
+        raise PromptFileError(f"{where}: empty prompt")
+    return value.strip()
+
+
+def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[tuple[str, int | None]]:
+    """Parse a ``.txt``/``.csv``/``.jsonl`` prompt file into ``(prompt, seed or None)`` pairs."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}, expected one of {SUFFIXES}")
+    if not path.is_file():
+        raise MissingPromptFileError(f"{path}: prompt file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}:{line}: not valid UTF-8 text") from None
+
+    rows: list[tuple[str, int | None]] = []
+    if suffix == ".txt":
+        for line in text.split("\n"):
+            if line.strip() and not line.lstrip().startswith("#"):
+                rows.append((line.strip(), None))
+    elif suffix == ".jsonl":
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{where}: malformed JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise PromptFileError(f'{where}: expected a JSON object like {{"prompt": "...", "seed": 0}}')
+            seed = _seed(obj["seed"], where) if obj.get("seed") is not None else None
+            rows.append((_prompt(obj.get("prompt"), where), seed))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = reader.fieldnames or []
+        if columns and csv_column not in columns:
+            raise PromptFileError(f"{path}: no {csv_column!r} column (data.csv_column); found columns {columns}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            cell = row.get("seed")
+            seed = _seed(cell, where) if cell is not None and cell.strip() else None
+            rows.append((_prompt(row[csv_column] or "", where), seed))
+    if not rows:
+        raise PromptFileError(f"{path}: no prompts found (expected at least one)")
+    return rows
+
+
+def in_val_split(prompt: str, fraction: float) -> bool:
+    """Stable (run- and machine-independent) assignment of a prompt to the validation split."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def collate(items: list[Item]) -> dict[str, Any]:
+    return {
+        "prompt": [item["prompt"] for item in items],
+        "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
+    }
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Serves ``{"prompt": list[str], "seed": LongTensor}`` batches read from prompt files.
+
+    Files: ``.txt`` (one prompt per line; blank and ``#`` lines skipped), ``.csv``
+    (header row, prompt column ``csv_column``, optional ``seed`` column) or
+    ``.jsonl`` (objects with ``"prompt"`` and optional integer ``"seed"``).
+
+    Seeds: a prompt's base seed is the file's seed if given, else ``seed + index``
+    with ``index`` its 0-based position among the file's prompts. It expands into
+    ``seeds_per_prompt`` items with seeds ``base + 1_000_003 * k``, k = 0, 1, ...;
+    these are distinct for files of fewer than 1_000_003 prompts without explicit seeds.
+
+    Stages without a file: validation is skipped, while train/test/predict raise.
+
+    Args:
+        train_file: Prompt file for training; required by ``fit``.
+        val_file: Prompt file for validation. If unset, ``val_fraction`` of the
+            training prompts (chosen by a stable hash of the text) is held out.
+        test_file: Prompt file for ``test``.
+        predict_file: Prompt file for ``predict``; falls back to ``test_file``, then ``val_file``.
+        csv_column: Name of the CSV column holding the prompts.
+        seed: Base of the default per-prompt seeds and of the training shuffle order.
+        seeds_per_prompt: Number of (prompt, seed) items generated per prompt.
+        val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
+        batch_size: Items per batch.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        csv_column: str = "prompt",
+        seed: int = 0,
+        seeds_per_prompt: int = 1,
+        val_fraction: float = 0.0,
+        batch_size: int = 4,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, ok, rule, value in (
+            ("seeds_per_prompt", seeds_per_prompt >= 1, ">= 1", seeds_per_prompt),
+            ("val_fraction", 0.0 <= val_fraction < 1.0, "in [0, 1)", val_fraction),
+            ("batch_size", batch_size >= 1, ">= 1", batch_size),
+            ("num_workers", num_workers >= 0, ">= 0", num_workers),
+            ("seed", 0 <= seed <= MAX_SEED, "in [0, 2**63)", seed),
+            ("csv_column", bool(csv_column), "non-empty", csv_column),
+        ):
+            if not ok:
+                raise ValueError(f"data.{key} must be {rule}, got {value!r}")
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.predict_file = predict_file or test_file or val_file
+        self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
+        self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
+        self.items: dict[str, list[Item]] = {}
+
+    def load(self, path: str) -> list[Item]:
+        """Read a prompt file and expand it into seeded items (see class docstring)."""
+        items = []
+        for index, (prompt, file_seed) in enumerate(read_prompts(path, self.csv_column)):
+            base = self.seed + index if file_seed is None else file_seed
+            items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k} for k in range(self.seeds_per_prompt)]
+        return items
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Read (and thereby validate) the files the stage needs."""
+        if stage in ("fit", "validate"):
+            train = self.load(self.train_file) if self.train_file else []
+            if self.val_file:
+                self.items["val"] = self.load(self.val_file)
+            elif self.val_fraction > 0:
+                self.items["val"] = [i for i in train if in_val_split(i["prompt"], self.val_fraction)]
+                train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
+            if self.train_file:
+                self.items["train"] = train
+        if stage == "test" and self.test_file:
+            self.items["test"] = self.load(self.test_file)
+        if stage == "predict" and self.predict_file:
+            self.items["predict"] = self.load(self.predict_file)
+
+    def _loader(self, split: str, key: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.items:
+            if getattr(self, key) is None:
+                raise ValueError(f"no prompts for {split}: set --data.{key}")
+            raise RuntimeError(f"PromptDataModule.setup() must run before {split}_dataloader()")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.items[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", "train_file", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        """An empty list (Lightning skips validation) when there is no validation data."""
+        return self._loader("val", "val_file") if "val" in self.items else []
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", "test_file")
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", "predict_file")

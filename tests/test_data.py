@@ -1,0 +1,177 @@
+"""Tests for fnf.data: prompt file parsing, seeding, splits, loaders and errors."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from fnf.data import SEED_STRIDE, PromptDataModule, PromptFileError
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def items(tmp_path, name, text, **kwargs):
+    dm = PromptDataModule(train_file=write(tmp_path / name, text), **kwargs)
+    dm.setup("fit")
+    return dm.items["train"]
+
+
+def test_txt_skips_blank_and_comment_lines(tmp_path):
+    got = items(tmp_path, "p.txt", "# header\na cat\n\n   \n  # note\n  a dog  \n", seed=10)
+    assert got == [{"prompt": "a cat", "seed": 10}, {"prompt": "a dog", "seed": 11}]
+
+
+def test_csv_custom_column_and_optional_seed(tmp_path):
+    text = 'id,text,seed\n1,a cat,7\n2,"a dog, running",\n3,a bird,42\n'
+    got = items(tmp_path, "p.csv", text, csv_column="text", seed=100)
+    assert got == [
+        {"prompt": "a cat", "seed": 7},
+        {"prompt": "a dog, running", "seed": 101},  # empty cell -> seed + index
+        {"prompt": "a bird", "seed": 42},
+    ]
+
+
+def test_crlf_line_endings(tmp_path):
+    assert [i["prompt"] for i in items(tmp_path, "p.txt", "a\r\nb\r\n")] == ["a", "b"]
+    assert [i["prompt"] for i in items(tmp_path, "p.csv", "prompt\r\na\r\n\"b\r\nc\"\r\n")] == ["a", "b\r\nc"]
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:2: malformed JSON"):
+        items(tmp_path, "p.jsonl", '{"prompt": "a"}\r\n{\r\n')
+
+
+def test_jsonl_with_and_without_seed(tmp_path):
+    lines = [json.dumps({"prompt": "a cat", "seed": 5}), "", json.dumps({"prompt": "a dog", "extra": 1})]
+    got = items(tmp_path, "p.jsonl", "\n".join(lines) + "\n")
+    assert got == [{"prompt": "a cat", "seed": 5}, {"prompt": "a dog", "seed": 1}]
+
+
+def test_seeds_per_prompt_expansion_is_distinct(tmp_path):
+    got = items(tmp_path, "p.txt", "a\nb\nc\n", seed=3, seeds_per_prompt=3)
+    assert [i["prompt"] for i in got] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert [i["seed"] for i in got[:3]] == [3, 3 + SEED_STRIDE, 3 + 2 * SEED_STRIDE]
+    assert len({i["seed"] for i in got}) == len(got)
+
+
+def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path):
+    path = write(tmp_path / "p.txt", "".join(f"prompt {i}\n" for i in range(200)))
+
+    def split(**kwargs):
+        dm = PromptDataModule(train_file=path, val_fraction=0.25, seeds_per_prompt=2, **kwargs)
+        dm.setup("fit")
+        return dm.items["train"], dm.items["val"]
+
+    train, val = split()
+    assert split() == (train, val)
+    train_prompts, val_prompts = {i["prompt"] for i in train}, {i["prompt"] for i in val}
+    assert not train_prompts & val_prompts
+    assert len(train_prompts | val_prompts) == 200
+    assert 20 <= len(val_prompts) <= 80
+    # The split depends on the text only, not on the seed.
+    assert {i["prompt"] for i in split(seed=999)[1]} == val_prompts
+
+
+def test_val_file_takes_precedence_and_predict_falls_back(tmp_path):
+    train = write(tmp_path / "train.txt", "a\nb\n")
+    val = write(tmp_path / "val.txt", "v\n")
+    dm = PromptDataModule(train_file=train, val_file=val, val_fraction=0.5)
+    dm.setup("fit")
+    assert [i["prompt"] for i in dm.items["val"]] == ["v"]
+    assert len(dm.items["train"]) == 2
+    dm.setup("predict")
+    assert next(iter(dm.predict_dataloader()))["prompt"] == ["v"]
+    test = write(tmp_path / "test.txt", "t\n")
+    assert PromptDataModule(val_file=val, test_file=test).predict_file == test
+
+
+def test_shuffle_order_reproducible_given_seed(tmp_path):
+    path = write(tmp_path / "p.txt", "".join(f"p{i}\n" for i in range(32)))
+
+    def order(seed):
+        dm = PromptDataModule(train_file=path, seed=seed, batch_size=32)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))["prompt"]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(0)) == sorted(f"p{i}" for i in range(32))
+
+
+def test_batches_collate(tmp_path):
+    dm = PromptDataModule(test_file=write(tmp_path / "p.txt", "a\nb\nc\n"), batch_size=2, seed=5)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    assert batches[0]["prompt"] == ["a", "b"] and batches[1]["prompt"] == ["c"]
+    assert batches[0]["seed"].dtype == torch.long
+    assert batches[0]["seed"].tolist() == [5, 6]
+
+
+def test_missing_stage_files(tmp_path):
+    dm = PromptDataModule()
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="--data.train_file"):
+        dm.train_dataloader()
+    assert dm.val_dataloader() == []
+    dm.setup("test")
+    with pytest.raises(ValueError, match="--data.test_file"):
+        dm.test_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seeds_per_prompt": 0}, "data.seeds_per_prompt must be >= 1, got 0"),
+        ({"val_fraction": 1.5}, re.escape("data.val_fraction must be in [0, 1), got 1.5")),
+        ({"val_fraction": -0.1}, "data.val_fraction"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"seed": -1}, "data.seed"),
+        ({"csv_column": ""}, "data.csv_column"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptDataModule(**kwargs)
+
+
+BAD_FILES = [
+    ("p.txt", "", r"p\.txt: no prompts found"),
+    ("p.txt", "# only a comment\n\n", r"p\.txt: no prompts found"),
+    ("p.csv", "prompt\n", r"p\.csv: no prompts found"),
+    ("p.jsonl", "\n", r"p\.jsonl: no prompts found"),
+    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b",\n', r"p\.jsonl:2: malformed JSON"),
+    ("p.jsonl", '["a"]\n', r"p\.jsonl:1: expected a JSON object"),
+    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', r"p\.jsonl:2: 'prompt' must be a string"),
+    ("p.jsonl", '{"prompt": 3}\n', r"p\.jsonl:1: 'prompt' must be a string"),
+    ("p.jsonl", '{"prompt": "a", "seed": "x"}\n', r"p\.jsonl:1: seed must be an integer"),
+    ("p.jsonl", '{"prompt": "a", "seed": 1.5}\n', r"p\.jsonl:1: seed must be an integer"),
+    ("p.jsonl", '{"prompt": "a", "seed": true}\n', r"p\.jsonl:1: seed must be an integer"),
+    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "  "}\n', r"p\.jsonl:2: empty prompt"),
+    ("p.csv", "text,seed\na,1\n", r"p\.csv: no 'prompt' column .*found columns \['text', 'seed'\]"),
+    ("p.csv", "prompt,seed\na,1\n,2\n", r"p\.csv:3: empty prompt"),
+    ("p.csv", "prompt,seed\na,x\n", r"p\.csv:2: seed must be an integer"),
+    ("p.yaml", "- a\n", r"p\.yaml: unsupported prompt file type '\.yaml'"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "match"), BAD_FILES)
+def test_bad_files_name_file_and_line(tmp_path, name, text, match):
+    dm = PromptDataModule(train_file=write(tmp_path / name, text))
+    with pytest.raises(PromptFileError, match=match):
+        dm.setup("fit")
+
+
+def test_missing_file(tmp_path):
+    dm = PromptDataModule(val_file=str(tmp_path / "nope.txt"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt: prompt file not found"):
+        dm.setup("validate")
+
+
+def test_non_utf8_reports_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("a cat\nb dög\n".encode("utf-8") + b"bad \xff byte\n")
+    dm = PromptDataModule(train_file=str(path))
+    with pytest.raises(PromptFileError, match=r"p\.txt:3: not valid UTF-8"):
+        dm.setup("fit")
