@@ -1,0 +1,48 @@
+"""Image outputs: TensorBoard grids during fit and PNG files from ``fnf predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+from typing_extensions import override
+
+
+class ImageGridLogger(Callback):
+    """Every ``every_n_steps`` training steps: rows of base | tuned | mask overlay | |difference| ×4."""
+
+    def __init__(self, every_n_steps: int = 50, max_images: int = 4) -> None:
+        self.every_n_steps, self.max_images = every_n_steps, max_images
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not outputs or trainer.global_step % self.every_n_steps or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        base, tuned, mask = (outputs[k][: self.max_images].float().cpu() for k in ("base", "tuned", "mask"))
+        overlay = base * (1 - 0.5 * mask) + 0.5 * mask * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        difference = ((tuned - base).abs() * 4).clamp(0, 1)
+        rows = torch.stack([base, tuned, overlay, difference], dim=1).flatten(0, 1)  # (n, 4, 3, H, W) -> (4n, 3, H, W)
+        trainer.logger.experiment.add_image("train/base|tuned|mask|diff", make_grid(rows, nrow=4), trainer.global_step)
+
+
+class PngWriter(BasePredictionWriter):
+    """Writes ``<output_dir>/{tuned,base}/<batch>_<item>_<seed>.png`` and a prompts.tsv index."""
+
+    def __init__(self, output_dir: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    @override
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for kind in ("tuned", "base"):
+            (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "prompts.tsv", "a", encoding="utf-8") as index:
+            for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
+                name = f"{batch_idx:04d}_{i:02d}_{seed}.png"
+                for kind in ("tuned", "base"):
+                    save_image(prediction[kind][i], self.output_dir / kind / name)
+                index.write(f"{name}\t{seed}\t{prompt}\n")

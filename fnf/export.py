@@ -1,0 +1,33 @@
+"""Export the trained LoRA so that a plain diffusers pipeline loads it with ``load_lora_weights``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from fnf.pipeline import Text2ImageModel
+
+
+def save_lora(model: Text2ImageModel, directory: str | os.PathLike) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) atomically into ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            staging, unet_lora_layers=layers, safe_serialization=True,
+            unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
+        )
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)  # readers see the old export or the new one, never half of one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

@@ -1,0 +1,281 @@
+"""FocusNFix: region-aware reward fine-tuning (Xing et al., CVPR 2025) as a LightningModule.
+
+The FNF step, for prompts c and initial noise x_T (same x_T for both passes):
+
+    I0 = sample(θ0, c, x_T)                 no grad, LoRA disabled (one UNet in memory)
+    M  = mask(heatmap or saliency of I0)    no grad, per reward head
+    I  = sample(θ, c, x_T)                  gradients through the last K steps (DRaFT-K)
+    loss = −Σ_i w_i r_i(I, c) + λ · reg(I, I0, 1 − M)        (paper Fig. 2; λ = 0 is plain DRaFT)
+
+Only LoRA weights train; checkpoints hold only them; inference is the tuned model alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from torch import Tensor, nn
+from typing_extensions import override
+
+from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
+from fnf.pipeline import LoraArgs, Text2ImageModel
+from fnf.regularizers import PixelFrobenius, Regularizer
+from fnf.rewards.base import RewardHead, check_reward_output
+from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
+
+
+@dataclass
+class RewardTerm:
+    """One reward r_i in the objective and the way it localises problems."""
+
+    head: RewardHead
+    """The reward head (any importable RewardHead subclass, by class_path)."""
+    weight: float = 1.0
+    """w_i: weight of this reward in the loss."""
+    mask: Literal["heatmap", "saliency", "none"] = "heatmap"
+    """Where M comes from: the head's heatmap, gradient saliency of its score, or nowhere (reward only)."""
+    lam: float | None = None
+    """mask_mode=per_head: this head's λ (None: model.lam)."""
+
+
+@dataclass
+class BaseReference:
+    """What the base pass yields for a batch; every field is batch-first so it can be cached per item."""
+
+    latents: Tensor  # (B, C, h, w)
+    images: Tensor  # (B, 3, H, W)
+    masks: Tensor  # (B, heads, H, W), 1 = may change; zeros for heads without a mask
+    active: Tensor  # (B, heads), 0 where the empty-mask policy "skip" switched the reward off
+    scores: Tensor  # (B, heads) base rewards r_i(I0, c)
+
+    def map(self, fn) -> BaseReference:
+        return BaseReference(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    @property
+    def sample(self) -> Sample:
+        return Sample(self.latents, self.images)
+
+
+class FocusNFix(L.LightningModule):
+    def __init__(
+        self,
+        rewards: list[RewardTerm],
+        pretrained: str = "embedded:shapes-t2i",
+        regularizer: Regularizer | None = None,
+        lam: float = 1.0,
+        mask_mode: Literal["union", "per_head"] = "union",
+        sampler: SamplerArgs = SamplerArgs(),
+        masks: MaskArgs = MaskArgs(),
+        lora: LoraArgs = LoraArgs(),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        base_cache: Literal["off", "memory"] = "off",
+    ) -> None:
+        """Args:
+            rewards: reward terms r_i (head, weight, mask source, optional per-head λ).
+            pretrained: diffusers model folder, hub id, or ``embedded:<name>`` for a shipped model.
+            regularizer: fidelity term outside the mask (default PixelFrobenius, the paper's).
+            lam: λ, weight of the fidelity term; 0 gives plain DRaFT (global fine-tuning).
+            mask_mode: union: one mask M = max_i M_i; per_head: Σ_i λ_i reg(I, I0, 1 − M_i).
+            sampler: DDIM sampling and gradient path (DRaFT, DRaFT-K, DRaFT-LV).
+            masks: heatmap/saliency -> mask post-processing and the empty-mask policy.
+            lora: LoRA on the UNet.
+            optimizer: optimizer over the LoRA parameters.
+            lr_scheduler: optional learning-rate schedule, stepped every optimizer step.
+            nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch.
+            base_cache: memory: keep I0, masks and base scores per (prompt, seed) after the first visit.
+        """
+        super().__init__()
+        if not rewards:
+            raise ValueError("model.rewards: at least one reward term is required")
+        if lam < 0 or any(t.lam is not None and t.lam < 0 for t in rewards):
+            raise ValueError(f"model.lam and model.rewards[*].lam must be >= 0, got {lam}")
+        if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
+            raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
+        # Plain types only, so checkpoints load with torch.load(weights_only=True); the CLI saves the full config.
+        self.save_hyperparameters(dict(pretrained=pretrained, lam=lam, mask_mode=mask_mode, sampler=asdict(sampler),
+                                       masks=asdict(masks), lora=asdict(lora), nonfinite=nonfinite))
+        self.model = Text2ImageModel.from_pretrained(pretrained)
+        self.model.add_lora(lora)
+        self.sampler = DDIMSampler(self.model, sampler)
+        self.terms = rewards
+        self.heads = nn.ModuleList([t.head.requires_grad_(False).eval() for t in rewards])
+        self.regularizer = regularizer if regularizer is not None else PixelFrobenius()
+        self.lam, self.mask_mode, self.mask_args = lam, mask_mode, masks
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.nonfinite, self.base_cache = nonfinite, base_cache
+        self._cache: dict[tuple[str, int], BaseReference] = {}
+        self._uncond: Tensor | None = None
+        self.strict_loading = False  # checkpoints hold LoRA weights only
+
+    # ---- the FNF step ---------------------------------------------------------------------------
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> dict | None:
+        return self._common_step(batch, "train")
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+
+    def _common_step(self, batch: dict, stage: str) -> dict | None:
+        prompts, seeds = batch["prompt"], batch["seed"]
+        text, uncond = self._encode(prompts)
+        noise = initial_noise(seeds, self.latent_shape, self.device)  # x_T, one generator per (prompt, seed)
+        base = self._base_reference(prompts, seeds, noise, text, uncond)  # I0, M(I0): no grad, LoRA off
+
+        grad_mode = self.sampler.args.grad_mode if stage == "train" else "none"
+        tuned = self.sampler(noise, text, uncond, grad_mode)  # I: gradients through the last K steps
+        n = self.sampler.samples_per_prompt(grad_mode)  # DRaFT-LV stacks n samples per prompt
+        base, prompts = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1))), prompts * n
+
+        scores = torch.stack([self._reward(term, head, tuned.images, prompts)
+                              for term, head in zip(self.terms, self.heads)], dim=1)  # (B, heads)
+        weights = torch.tensor([t.weight for t in self.terms], device=self.device)
+        reward_loss = -(weights * base.active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
+        fidelity, penalty = self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
+        loss = reward_loss + penalty
+        if not self._finite(loss, "loss"):
+            return None
+
+        self._log_step(stage, loss, scores, base, fidelity, len(prompts))
+        return {"loss": loss, "base": base.images.detach(), "tuned": tuned.images.detach(),
+                "mask": base.masks.amax(1, keepdim=True)}
+
+    def _base_reference(self, prompts, seeds, noise, text, uncond) -> BaseReference:
+        keys = [(p, int(s)) for p, s in zip(prompts, seeds)]
+        if self.base_cache == "memory" and all(k in self._cache for k in keys):
+            items = [self._cache[k] for k in keys]
+            return BaseReference(*(torch.cat([getattr(i, f.name) for i in items]).to(self.device)
+                                   for f in fields(BaseReference)))
+        with torch.no_grad(), self.model.adapter_disabled():
+            base = self.sampler(noise, text, uncond, "none")
+        masks, active, scores = self._localise(base.images, prompts)
+        reference = BaseReference(base.latents, base.images, masks, active, scores)
+        if self.base_cache == "memory":
+            for i, key in enumerate(keys):
+                self._cache[key] = reference.map(lambda t: t[i:i + 1].cpu())
+        return reference
+
+    def _localise(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Masks M_i(I0), active flags and base scores for every head (the paper's heatmap/saliency path)."""
+        masks, active, scores = [], [], []
+        no_mask = images.new_zeros(images.shape[0], 1, *images.shape[2:])
+        for term, head in zip(self.terms, self.heads):
+            with torch.no_grad():
+                out = check_reward_output(head, head(images, prompts), images)
+            self._finite(out.score, f"reward {head.name} on the base image", always_raise=True)
+            if term.mask == "heatmap" and out.heatmap is None:
+                raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
+            heatmap = {"heatmap": lambda: out.heatmap, "none": lambda: None,
+                       "saliency": lambda: saliency_heatmap(head, images, prompts, self.mask_args.saliency_sigma)}
+            heatmap = heatmap[term.mask]()
+            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)
+            empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
+            if self.mask_args.empty == "global":
+                mask = torch.where(empty[:, None, None, None], 1.0, mask)
+            masks.append(mask)
+            active.append(~empty if self.mask_args.empty == "skip" else torch.ones_like(empty))
+            scores.append(out.score)
+        return torch.cat(masks, dim=1), torch.stack(active, 1).float(), torch.stack(scores, 1).detach()
+
+    def _reward(self, term: RewardTerm, head: RewardHead, images: Tensor, prompts: list[str]) -> Tensor:
+        score = check_reward_output(head, head(images, prompts), images).score
+        self._finite(score, f"reward {head.name}", always_raise=self.nonfinite == "raise")
+        return score
+
+    def _fidelity(self, tuned: Sample, base: BaseReference) -> tuple[Tensor, Tensor]:
+        """(mean fidelity term, λ-weighted penalty) for the union mask or per-head masks."""
+        if self.mask_mode == "union":
+            keep = 1 - base.masks.amax(dim=1, keepdim=True)  # (B, heads, H, W) -> (B, 1, H, W)
+            fidelity = self.regularizer(tuned, base.sample, keep).mean()
+            return fidelity, self.lam * fidelity
+        masked = [i for i, t in enumerate(self.terms) if t.mask != "none"]
+        terms = [self.regularizer(tuned, base.sample, 1 - base.masks[:, i:i + 1]).mean() for i in masked]
+        lams = [self.terms[i].lam if self.terms[i].lam is not None else self.lam for i in masked]
+        return torch.stack(terms).mean(), sum(lam * term for lam, term in zip(lams, terms))
+
+    # ---- helpers --------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.model.latent_shape(self.sampler.resolution)
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            if self._uncond is None or self._uncond.device != self.device:
+                self._uncond = self.model.encode_prompts([""])
+            return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts), -1, -1)
+
+    def _finite(self, value: Tensor, what: str, always_raise: bool = False) -> bool:
+        if torch.isfinite(value).all():
+            return True
+        if always_raise or self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
+                                     "set model.nonfinite=skip to skip such batches")
+        warnings.warn(f"skipping batch at step {self.global_step}: non-finite {what}", stacklevel=2)
+        return False
+
+    def _log_step(self, stage, loss, scores, base: BaseReference, fidelity, batch_size) -> None:
+        logs = {f"{stage}/fidelity": fidelity,
+                f"{stage}/mask_area": base.masks.amax(1).mean()}
+        for i, head in enumerate(self.heads):
+            logs[f"{stage}/reward/{head.name}"] = scores[:, i].mean()
+            logs[f"{stage}/reward_gain/{head.name}"] = (scores[:, i] - base.scores[:, i]).mean()
+        self.log_dict(logs, batch_size=batch_size, prog_bar=False, sync_dist=stage != "train")
+        self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=stage != "train")
+
+    # ---- Lightning plumbing -------------------------------------------------------------------------
+    @override
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Tuned images (the product: no mask, no reward) next to base images from the same x_T."""
+        prompts, seeds = batch["prompt"], batch["seed"]
+        text, uncond = self._encode(prompts)
+        noise = initial_noise(seeds, self.latent_shape, self.device)
+        with torch.no_grad():
+            tuned = self.sampler(noise, text, uncond, "none")
+            with self.model.adapter_disabled():
+                base = self.sampler(noise, text, uncond, "none")
+        return {"prompt": prompts, "seed": seeds.tolist(), "base": base.images.cpu(), "tuned": tuned.images.cpu()}
+
+    @override
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.lora_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self.model.unet, norm_type=2)["grad_2.0_norm_total"])
+
+    @override
+    def train(self, mode: bool = True) -> FocusNFix:
+        """Only the UNet (LoRA dropout) follows ``mode``; text encoder, VAE and reward heads stay in eval."""
+        super().train(mode)
+        for frozen in (self.model.text_encoder, self.model.vae, self.heads):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    @override
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        from fnf.export import save_lora
+
+        save_lora(self.model, f"{self.trainer.log_dir or self.trainer.default_root_dir}/lora")

@@ -1,0 +1,142 @@
+"""The FNF step end to end on a tiny model: rewards rise, λ > 0 keeps pixels outside the mask."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fnf.data import collate
+from fnf.masks import MaskArgs
+from fnf.module import FocusNFix, RewardTerm
+from fnf.pipeline import LoraArgs
+from fnf.rewards import ColorRegion, RewardHead, RewardOutput
+from fnf.sampling import SamplerArgs
+
+PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle top right", "a red square"]
+BOX = (0.0, 0.0, 0.5, 0.5)  # top-left quarter of the image must turn red
+
+
+def _loader(n_items: int = 8, batch_size: int = 4) -> DataLoader:
+    items = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(n_items)]
+    return DataLoader(items, batch_size=batch_size, collate_fn=collate)
+
+
+def _module(model_dir: str, lam: float, **kwargs) -> FocusNFix:
+    torch.manual_seed(0)
+    defaults = dict(
+        rewards=[RewardTerm(ColorRegion(color=(1.0, 0.0, 0.0), box=BOX), mask="heatmap")],
+        pretrained=model_dir, lam=lam, sampler=SamplerArgs(num_steps=4, k=2, guidance_scale=2.0),
+        lora=LoraArgs(rank=4), optimizer=partial(torch.optim.AdamW, lr=3e-2, weight_decay=0.0),
+    )
+    return FocusNFix(**{**defaults, **kwargs})
+
+
+def _trainer(tmp_path, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def _changes(module: FocusNFix) -> tuple[float, float, float]:
+    """(reward gain, mean |I − I0| outside the box, inside the box) on the training prompts."""
+    outputs = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(module, _loader())
+    base = torch.cat([o["base"] for o in outputs])
+    tuned = torch.cat([o["tuned"] for o in outputs])
+    head = module.heads[0]
+    gain = (head(tuned, [""] * len(tuned)).score - head(base, [""] * len(base)).score).mean().item()
+    inside = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    inside[..., :8, :8] = True
+    difference = (tuned - base).abs().mean(1, keepdim=True)
+    return gain, difference[~inside.expand_as(difference)].mean().item(), difference[inside.expand_as(difference)].mean().item()
+
+
+def test_focus_n_fix_raises_the_reward_and_preserves_outside_the_mask(tiny_model_dir, tmp_path):
+    results = {}
+    for lam in (0.0, 0.1):
+        module = _module(tiny_model_dir, lam, masks=MaskArgs(threshold=0.01, dilation=0))
+        _trainer(tmp_path, steps=30).fit(module, _loader())
+        results[lam] = _changes(module)
+    (gain_drft, outside_drft, _), (gain_fnf, outside_fnf, inside_fnf) = results[0.0], results[0.1]
+    assert gain_drft > 0.01 and gain_fnf > 0.005, results
+    assert outside_fnf < 0.5 * outside_drft, results
+    assert inside_fnf > outside_fnf, results
+
+
+def test_lora_starts_at_identity_and_only_lora_trains(tiny_model_dir):
+    module = _module(tiny_model_dir, lam=1.0)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    gain, outside, inside = _changes(module)
+    assert gain == 0 and outside == 0 and inside == 0
+
+
+class _NaNReward(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(1, 2, 3)) * float("nan"), heatmap=None)
+
+
+class _WrongShape(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(2, 3)))
+
+
+def test_non_finite_reward_stops_with_the_reward_named(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_NaNReward(), mask="none")])
+    with pytest.raises(FloatingPointError, match="_NaNReward"):
+        _trainer(tmp_path, steps=1).fit(module, _loader(4))
+
+
+def test_wrong_reward_shape_is_named(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="none")])
+    with pytest.raises(ValueError, match=r"_WrongShape: score must have shape \(4,\)"):
+        _trainer(tmp_path, steps=1).fit(module, _loader(4))
+
+
+def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="heatmap")])
+    with pytest.raises(ValueError, match="_WrongShape"):
+        _trainer(tmp_path, steps=1).fit(module, _loader(4))
+
+
+def test_base_cache_gives_the_same_step_as_recomputing(tiny_model_dir):
+    batch = next(iter(_loader(4)))
+    fresh = _module(tiny_model_dir, lam=1.0)
+    cached = _module(tiny_model_dir, lam=1.0, base_cache="memory")
+    cached._common_step(batch, "val")  # fills the cache
+    assert len(cached._cache) == 4
+    with torch.no_grad():
+        expected = fresh._common_step(batch, "val")
+        got = cached._common_step(batch, "val")
+    torch.testing.assert_close(got["loss"], expected["loss"])
+    torch.testing.assert_close(got["base"], expected["base"])
+
+
+@pytest.mark.parametrize("policy, expected_active", [("keep", 1.0), ("skip", 0.0), ("global", 1.0)])
+def test_empty_mask_policy(tiny_model_dir, policy, expected_active):
+    module = _module(tiny_model_dir, lam=1.0, masks=MaskArgs(threshold=1.0, empty=policy))  # nothing reaches 1.0
+    images = torch.rand(2, 3, 16, 16) * 0.5
+    masks, active, _ = module._localise(images, ["a", "b"])
+    assert torch.equal(active, torch.full((2, 1), expected_active))
+    assert masks.min() == masks.max() == (1.0 if policy == "global" else 0.0)
+
+
+def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, lam=1.0)
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(module, _loader(4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in key for key in state)
+    restored = _module(tiny_model_dir, lam=1.0)
+    restored.load_state_dict(state, strict=False)
+    for (name, p), (_, q) in zip(module.model.unet.named_parameters(), restored.model.unet.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("bad, key", [(dict(lam=-1.0), "model.lam"), (dict(rewards=[]), "model.rewards")])
+def test_bad_module_args_name_the_key(tiny_model_dir, bad, key):
+    with pytest.raises(ValueError, match=key):
+        _module(tiny_model_dir, **{"lam": 1.0, **bad})
