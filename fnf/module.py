@@ -78,7 +78,9 @@ class FocusNFix(L.LightningModule):
         nonfinite: Literal["raise", "skip"] = "raise",
         base_cache: Literal["off", "memory"] = "off",
     ) -> None:
-        """Args:
+        """Region-aware reward fine-tuning of a text-to-image model's LoRA.
+
+        Args:
             rewards: reward terms r_i (head, weight, mask source, optional per-head λ).
             pretrained: diffusers model folder, hub id, or ``embedded:<name>`` for a shipped model.
             regularizer: fidelity term outside the mask (default PixelFrobenius, the paper's).

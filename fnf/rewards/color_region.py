@@ -13,7 +13,9 @@ class ColorRegion(RewardHead):
 
     def __init__(self, color: tuple[float, float, float] = (1.0, 0.0, 0.0),
                  box: tuple[float, float, float, float] = (0.0, 0.0, 0.5, 0.5)) -> None:
-        """Args:
+        """Reward pulling a box of the image towards one colour.
+
+        Args:
             color: target RGB in [0, 1].
             box: (top, left, bottom, right) as fractions of the image side.
         """

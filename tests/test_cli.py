@@ -1,0 +1,71 @@
+"""The ``fnf`` CLI: fit/validate/predict run on a tiny model; bad input fails with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fnf.cli import main
+
+
+@pytest.fixture()
+def config(tiny_model_dir, tmp_path) -> Path:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle top left\na blue square bottom right\na green circle\na red square\n")
+    config = {
+        "model": {"pretrained": tiny_model_dir, "lam": 0.1, "sampler": {"num_steps": 3, "k": 1},
+                  "lora": {"rank": 4}, "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}]},
+        "data": {"train_file": str(prompts), "val_file": str(prompts), "batch_size": 2},
+        "trainer": {"max_steps": 2, "default_root_dir": str(tmp_path / "run"), "enable_progress_bar": False},
+        "predict_writer": {"output_dir": str(tmp_path / "predictions")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fail(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path):
+    main(["fit", "--config", str(config)])
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert (version / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    checkpoint = next((version / "checkpoints").glob("*.ckpt"))
+    main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    tuned = sorted((tmp_path / "predictions" / "tuned").glob("*.png"))
+    assert len(tuned) == 4 and len(list((tmp_path / "predictions" / "base").glob("*.png"))) == 4
+    assert len((tmp_path / "predictions" / "prompts.tsv").read_text().splitlines()) == 4
+
+
+def test_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
+    for phrase in ("--model.lam", "0 gives plain DRaFT", "--model.sampler.k", "number of final steps that carry gradients", "--model.masks.empty", "--data.train_file"):
+        assert phrase in text, phrase
+
+
+def test_unknown_key_is_one_clear_error(config, capsys):
+    assert "--model.bogus" in _fail(["fit", "--config", str(config), "--model.bogus", "1"], capsys)
+
+
+def test_unknown_reward_class_is_named(config, capsys):
+    text = config.read_text().replace("ColorRegion", "NoSuchReward")
+    config.write_text(text)
+    assert "NoSuchReward" in _fail(["fit", "--config", str(config)], capsys)
+
+
+def test_missing_prompt_file_is_named(config, capsys):
+    message = _fail(["fit", "--config", str(config), "--data.train_file", "/no/such/prompts.txt"], capsys)
+    assert "/no/such/prompts.txt" in message and "not found" in message
+
+
+def test_invalid_value_names_the_key(config, capsys):
+    assert "model.sampler.k" in _fail(["fit", "--config", str(config), "--model.sampler.k", "9"], capsys)
