@@ -1,4 +1,4 @@
-"""Image outputs: TensorBoard grids during fit and PNG files from ``fnf predict``."""
+"""What a run leaves behind: TensorBoard image grids, the exported LoRA, PNGs from ``fnf predict``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,23 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
+
+from fnf.export import save_lora
 
 
 class ImageGridLogger(Callback):
     """Every ``every_n_steps`` training steps: rows of base | tuned | mask overlay | |difference| ×4."""
 
     def __init__(self, every_n_steps: int = 50, max_images: int = 4) -> None:
+        """Log image grids to TensorBoard during fit.
+
+        Args:
+            every_n_steps: log every this many optimizer steps.
+            max_images: images (rows) per grid.
+        """
         self.every_n_steps, self.max_images = every_n_steps, max_images
 
     @override
@@ -29,10 +38,32 @@ class ImageGridLogger(Callback):
         trainer.logger.experiment.add_image("train/base|tuned|mask|diff", make_grid(rows, nrow=4), trainer.global_step)
 
 
+class LoraExporter(Callback):
+    """At the end of fit, writes the LoRA in diffusers format (``load_lora_weights``) to ``dirpath``."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        """Export the trained LoRA as safetensors.
+
+        Args:
+            dirpath: output folder; None means ``<log dir>/lora``.
+        """
+        self.dirpath = dirpath
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        save_lora(pl_module.model, self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")
+
+
 class PngWriter(BasePredictionWriter):
     """Writes ``<output_dir>/{tuned,base}/<batch>_<item>_<seed>.png`` and a prompts.tsv index."""
 
     def __init__(self, output_dir: str = "predictions") -> None:
+        """Write predicted images as PNG files.
+
+        Args:
+            output_dir: folder for tuned/, base/ and prompts.tsv.
+        """
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 

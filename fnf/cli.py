@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
-from fnf.callbacks import ImageGridLogger, PngWriter
+from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
 
@@ -22,6 +22,7 @@ from fnf.module import FocusNFix
 class FnfCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
+        parser.add_lightning_class_args(LoraExporter, "lora_export")
         parser.add_lightning_class_args(PngWriter, "predict_writer")
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -274,10 +274,3 @@ class FocusNFix(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
-    @override
-    @rank_zero_only
-    def on_train_end(self) -> None:
-        from fnf.export import save_lora
-
-        save_lora(self.model, f"{self.trainer.log_dir or self.trainer.default_root_dir}/lora")
