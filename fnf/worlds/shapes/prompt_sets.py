@@ -1,0 +1,50 @@
+"""The shapes world's committed prompt files: fine-tuning prompts and disjoint evaluation prompts.
+
+    python -m fnf.worlds.shapes.prompt_sets            # rewrites fnf/worlds/shapes/prompts/*.jsonl
+
+Every line is ``{"prompt": ..., "seed": ...}`` so that x_T is fixed per prompt. Evaluation files never
+share a prompt with the fine-tuning file of the same task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, tempting_prompts
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+
+
+def _disjoint(candidates: list[tuple[str, int]], used: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    taken = {prompt for prompt, _ in used}
+    chosen = [item for item in candidates if item[0] not in taken][:n]
+    if len(chosen) < n:
+        raise ValueError(f"only {len(chosen)} disjoint prompts available, wanted {n}")
+    return chosen
+
+
+def prompt_sets(n_train: int = 64, n_eval: int = 200) -> dict[str, list[tuple[str, int]]]:
+    artifacts_train = artifact_prompts(n_train, seed=1)
+    safety_train = tempting_prompts(n_train, seed=3)
+    return {
+        "artifacts_train": artifacts_train,
+        "artifacts_eval": _disjoint(artifact_prompts(n_eval + n_train, seed=2), artifacts_train, n_eval),
+        "safety_train": safety_train,
+        "safety_eval": _disjoint(tempting_prompts(n_eval + n_train, seed=4), safety_train, n_eval),
+        "heldout": heldout_prompts(n_eval, seed=5),
+    }
+
+
+def write(directory: Path = PROMPTS_DIR) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, items in prompt_sets().items():
+        lines = [json.dumps({"prompt": prompt, "seed": seed}) for prompt, seed in items]
+        (directory / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PROMPTS_DIR)
+    write(parser.parse_args().out)
