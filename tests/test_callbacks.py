@@ -1,0 +1,28 @@
+"""Run outputs: TensorBoard image grids during fit."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from fnf.callbacks import ImageGridLogger
+
+
+class _Trainer:
+    def __init__(self, logger, step):
+        self.logger, self.global_step = logger, step
+
+
+def test_image_grid_logger_writes_base_tuned_mask_difference_rows(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    images = {"base": torch.rand(3, 3, 8, 8), "tuned": torch.rand(3, 3, 8, 8), "mask": torch.ones(3, 1, 8, 8)}
+    written = []
+    logger.experiment.add_image = lambda tag, grid, step: written.append((tag, grid.shape, step))
+    callback = ImageGridLogger(every_n_steps=10, max_images=2)
+    callback.on_train_batch_end(_Trainer(logger, 5), None, images, None, 0)  # not a logging step
+    callback.on_train_batch_end(_Trainer(logger, 10), None, images, None, 0)
+    callback.on_train_batch_end(_Trainer(logger, 20), None, None, None, 0)  # skipped batch: no outputs
+    assert len(written) == 1
+    tag, shape, step = written[0]
+    assert step == 10 and shape[0] == 3
+    assert shape[1] == 2 * (8 + 2) + 2 and shape[2] == 4 * (8 + 2) + 2  # 2 rows × 4 columns with padding 2
