@@ -2,5 +2,6 @@
 
 from fnf.rewards.base import RewardHead, RewardOutput
 from fnf.rewards.color_region import ColorRegion
+from fnf.rewards.shapes import ShapesAlignment, ShapesArtifact, ShapesSafety
 
-__all__ = ["ColorRegion", "RewardHead", "RewardOutput"]
+__all__ = ["ColorRegion", "RewardHead", "RewardOutput", "ShapesAlignment", "ShapesArtifact", "ShapesSafety"]
