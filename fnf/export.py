@@ -1,4 +1,4 @@
-"""Export the trained LoRA so that a plain diffusers pipeline loads it with ``load_lora_weights``."""
+"""The trained LoRA on disk, in diffusers' format: a plain pipeline loads it with ``load_lora_weights``."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from peft.utils import get_peft_model_state_dict
 
 from fnf.pipeline import Text2ImageModel
 
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
 
 def save_lora(model: Text2ImageModel, directory: str | os.PathLike) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) atomically into ``directory``."""
+    """Write ``WEIGHT_NAME`` (diffusers format) atomically into ``directory``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         StableDiffusionPipeline.save_lora_weights(
-            staging, unet_lora_layers=layers, safe_serialization=True,
+            staging, unet_lora_layers=layers, safe_serialization=True, weight_name=WEIGHT_NAME,
             unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
         )
         if directory.exists():
@@ -31,3 +33,11 @@ def save_lora(model: Text2ImageModel, directory: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def load_lora(model: Text2ImageModel, directory: str | os.PathLike) -> None:
+    """Attach a LoRA written by ``save_lora`` (or any diffusers SD LoRA) to the model's UNet."""
+    if not (Path(directory) / WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"{directory}: no {WEIGHT_NAME} (expected a folder written by fnf fit)")
+    model.unet.load_lora_adapter(str(directory), prefix="unet", adapter_name="default", weight_name=WEIGHT_NAME,
+                                 use_safetensors=True)
