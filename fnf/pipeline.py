@@ -7,6 +7,7 @@ disabled (``adapter_disabled()``), so no second copy of the model is kept in mem
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,8 +52,9 @@ class LoraArgs:
         )
 
 
-def resolve_model_path(pretrained: str) -> str:
+def resolve_model_path(pretrained: str | os.PathLike) -> str:
     """``embedded:<name>`` -> the shipped folder; anything else is a local folder or a hub id."""
+    pretrained = str(pretrained)
     if pretrained.startswith("embedded:"):
         folder = EMBEDDED_MODELS / pretrained.removeprefix("embedded:")
         if not folder.is_dir():
@@ -74,13 +76,13 @@ class Text2ImageModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, pretrained: str) -> Text2ImageModel:
+    def from_pretrained(cls, pretrained: str | os.PathLike) -> Text2ImageModel:
         """Load SD1.x/2.x-layout folders (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or hub ids.
 
         Weights are read from safetensors only; the scheduler is converted to DDIM (eta = 0 later).
         """
         path = resolve_model_path(pretrained)
-        index = _read_model_index(pretrained, path)
+        index = _read_model_index(str(pretrained), path)
         if "text_encoder_2" in index:
             raise NotImplementedError(f"model.pretrained={pretrained!r} is an SDXL-layout model; SDXL loading lands "
                                       "with the real-model configs (two text encoders + added time ids)")
