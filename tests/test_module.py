@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 from fnf.data import collate
 from fnf.masks import MaskArgs
-from fnf.module import FocusNFix, RewardTerm
+from fnf.module import BaseReference, FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
 from fnf.rewards import ColorRegion, RewardHead, RewardOutput
-from fnf.sampling import SamplerArgs
+from fnf.sampling import Sample, SamplerArgs
 
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle top right", "a red square"]
 BOX = (0.0, 0.0, 0.5, 0.5)  # top-left quarter of the image must turn red
@@ -140,3 +140,27 @@ def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
 def test_bad_module_args_name_the_key(tiny_model_dir, bad, key):
     with pytest.raises(ValueError, match=key):
         _module(tiny_model_dir, **{"lam": 1.0, **bad})
+
+
+def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
+    module = _module(tiny_model_dir, lam=1.0, nonfinite="skip",
+                     rewards=[RewardTerm(ColorRegion(), mask="heatmap"), RewardTerm(_NaNReward(), mask="none")])
+    n = 4  # the base pass is fine (masks, active flags, base scores); only the tuned reward is NaN
+    module._localise = lambda images, prompts: (torch.zeros(n, 2, 16, 16), torch.ones(n, 2), torch.zeros(n, 2))
+    with pytest.warns(UserWarning, match="skipping batch"):
+        assert module._common_step(next(iter(_loader(4))), "train") is None
+
+
+def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):
+    left, right = ColorRegion(box=(0.0, 0.0, 1.0, 0.5)), ColorRegion(box=(0.0, 0.5, 1.0, 1.0))
+    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head",
+                     rewards=[RewardTerm(left, lam=2.0), RewardTerm(right, lam=3.0)])
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[:, 0, :, :2] = 1  # head 0 may change the left half, head 1 the right half
+    masks[:, 1, :, 2:] = 1
+    base = BaseReference(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 4, 4), masks, torch.ones(1, 2), torch.zeros(1, 2))
+    tuned = Sample(torch.zeros(1, 4, 2, 2), torch.ones(1, 3, 4, 4))
+    fidelity, penalty = module._fidelity(tuned, base)
+    half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
+    assert penalty.item() == pytest.approx(2.0 * half + 3.0 * half)
+    assert fidelity.item() == pytest.approx(half)

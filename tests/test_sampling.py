@@ -112,3 +112,11 @@ def test_lv_returns_n_samples_per_prompt(model):
 def test_bad_sampler_args_name_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplerArgs(**bad)
+
+
+def test_unknown_model_fails_with_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not found locally; download it or pass a path"):
+        Text2ImageModel.from_pretrained("no-such-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="no embedded model"):
+        Text2ImageModel.from_pretrained("embedded:no-such-model")
