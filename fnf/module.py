@@ -57,6 +57,10 @@ class BaseReference:
     def map(self, fn) -> BaseReference:
         return BaseReference(*(fn(getattr(self, f.name)) for f in fields(self)))
 
+    @staticmethod
+    def cat(items: list[BaseReference]) -> BaseReference:
+        return BaseReference(*(torch.cat([getattr(i, f.name) for i in items]) for f in fields(BaseReference)))
+
     @property
     def sample(self) -> Sample:
         return Sample(self.latents, self.images)
@@ -157,9 +161,7 @@ class FocusNFix(L.LightningModule):
     def _base_reference(self, prompts, seeds, noise, text, uncond) -> BaseReference:
         keys = [(p, int(s)) for p, s in zip(prompts, seeds)]
         if self.base_cache == "memory" and all(k in self._cache for k in keys):
-            items = [self._cache[k] for k in keys]
-            return BaseReference(*(torch.cat([getattr(i, f.name) for i in items]).to(self.device)
-                                   for f in fields(BaseReference)))
+            return BaseReference.cat([self._cache[k] for k in keys]).map(lambda t: t.to(self.device))
         with torch.no_grad(), self.model.adapter_disabled():
             base = self.sampler(noise, text, uncond, "none")
         masks, active, scores = self._localise(base.images, prompts)
@@ -177,11 +179,14 @@ class FocusNFix(L.LightningModule):
             with torch.no_grad():
                 out = check_reward_output(head, head(images, prompts), images)
             self._finite(out.score, f"reward {head.name} on the base image", always_raise=True)
-            if term.mask == "heatmap" and out.heatmap is None:
-                raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
-            heatmap = {"heatmap": lambda: out.heatmap, "none": lambda: None,
-                       "saliency": lambda: saliency_heatmap(head, images, prompts, self.mask_args.saliency_sigma)}
-            heatmap = heatmap[term.mask]()
+            if term.mask == "heatmap":
+                if out.heatmap is None:
+                    raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
+                heatmap = out.heatmap
+            elif term.mask == "saliency":
+                heatmap = saliency_heatmap(head, images, prompts, self.mask_args.saliency_sigma)
+            else:
+                heatmap = None
             mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)
             empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
             if self.mask_args.empty == "global":
