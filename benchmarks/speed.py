@@ -7,7 +7,9 @@ Both variants train the same random SD1.x-shaped model (plain diffusers + peft f
 loop, ``fnf`` through ``lightning.Trainer`` for ours) on the same prompts, seeds and settings: base
 pass with the adapter disabled, heatmap mask, DRaFT-K tuned pass with per-step checkpointing,
 reward + unsquared Frobenius penalty, AdamW. Each variant runs in its own process; memory is the peak
-resident-set growth over the pre-training level (CPU) or ``max_memory_allocated`` (CUDA).
+growth over the level before the first training step (loaded model): resident-set size sampled every
+2 ms on CPU (activations, gradients, optimizer state, allocator caches), ``max_memory_allocated`` on CUDA.
+Times are medians over the steps after ``--warmup``.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def run_manual(args) -> list[float]:
     with torch.no_grad():
         uncond = encode([""]).expand(args.batch, -1, -1)
     for i in range(args.warmup + args.steps):
-        if i == args.warmup:
+        if i == 0:
             memory = PeakMemory(device)
             memory.start()
         start = time.perf_counter()
@@ -162,7 +164,7 @@ def run_fnf(args) -> tuple[list[float], int]:
             self.times, self.memory = [], PeakMemory(args.device)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == args.warmup:
+            if batch_idx == 0:
                 self.memory.start()
             self.start = time.perf_counter()
 
