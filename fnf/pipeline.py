@@ -151,11 +151,21 @@ def _read_model_index(pretrained: str, path: str) -> dict:
     if local.is_dir():
         index_file = local / "model_index.json"
         return json.loads(index_file.read_text()) if index_file.is_file() else {"vae": (local / "vae").is_dir()}
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+    try:  # the local hub cache first; the network only when it is allowed
+        return json.loads(Path(hf_hub_download(path, "model_index.json", local_files_only=True)).read_text())
+    except Exception as error:
+        if offline:
+            raise _not_found(pretrained, error) from None
+    try:
         return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
-    except Exception as error:  # offline, unknown id, no access
-        raise FileNotFoundError(f"model.pretrained: model {pretrained!r} not found locally; download it or pass a "
-                                f"path ({type(error).__name__})") from None
+    except Exception as error:  # unknown id, no network, no access
+        raise _not_found(pretrained, error) from None
+
+
+def _not_found(pretrained: str, error: Exception) -> FileNotFoundError:
+    return FileNotFoundError(f"model.pretrained: model {pretrained!r} not found locally; download it or pass a "
+                             f"path ({type(error).__name__})")
 
