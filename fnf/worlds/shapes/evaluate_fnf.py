@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:shapes-t2i")
     parser.add_argument("--prompts", default="fnf/worlds/shapes/prompts/artifacts_eval.jsonl")
     parser.add_argument("--num-steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--dilation", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
