@@ -68,9 +68,13 @@ class PngWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
 
     @override
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for kind in ("tuned", "base"):
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+
+    @override
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         with open(self.output_dir / "prompts.tsv", "a", encoding="utf-8") as index:
             for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
                 name = f"{batch_idx:04d}_{i:02d}_{seed}.png"

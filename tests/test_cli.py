@@ -41,7 +41,7 @@ def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path):
     main(["predict", "--config", str(config), "--ckpt_path", str(checkpoint)])
     tuned = sorted((tmp_path / "predictions" / "tuned").glob("*.png"))
     assert len(tuned) == 4 and len(list((tmp_path / "predictions" / "base").glob("*.png"))) == 4
-    assert len((tmp_path / "predictions" / "prompts.tsv").read_text().splitlines()) == 4
+    assert len((tmp_path / "predictions" / "prompts.tsv").read_text().splitlines()) == 1 + 4  # header + images
 
 
 def test_help_documents_the_options(capsys):
