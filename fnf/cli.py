@@ -8,6 +8,7 @@ any LightningCLI config: only run configs you trust.
 from __future__ import annotations
 
 import sys
+import warnings
 
 from jsonargparse import set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI
@@ -28,6 +29,8 @@ class FnfCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     set_docstring_parse_options(attribute_docstrings=True)
+    # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
         FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
                parser_kwargs={"parser_mode": "omegaconf"})
