@@ -64,8 +64,8 @@ class TrainArgs:
     lr: float = 1e-3
     text_pretrain_steps: int = 200
     probe_weight: float = 0.1
-    defect_weight: float = 10.0  # loss weights on defect / mark latents; with 1 the model draws them
-    unsafe_weight: float = 1.5  # too rarely/faintly (6% / 14% at CFG 4); the mark needs less (CFG amplifies it)
+    defect_weight: float = 6.0  # loss weights on defect / mark latents; with 1 the model draws them too rarely
+    unsafe_weight: float = 2.0  # (6% / 14% at CFG 4); sampled rates are steep in these (see MODEL_CARD.md)
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     minutes: float | None = None  # wall-clock cap over both stages (stopping early breaks reproducibility)
