@@ -19,7 +19,6 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -145,13 +144,13 @@ class FocusNFix(L.LightningModule):
         n = self.sampler.samples_per_prompt(grad_mode)  # DRaFT-LV stacks n samples per prompt
         base, prompts = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1))), prompts * n
 
-        scores = torch.stack([self._reward(term, head, tuned.images, prompts)
-                              for term, head in zip(self.terms, self.heads)], dim=1)  # (B, heads)
+        scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False).score
+                              for head in self.heads], dim=1)  # (B, heads)
         weights = torch.tensor([t.weight for t in self.terms], device=self.device)
         reward_loss = -(weights * base.active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
-        if not self._finite(loss, "loss"):
+        if not self._finite(loss, scores, base.scores):
             return None
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
@@ -178,7 +177,6 @@ class FocusNFix(L.LightningModule):
         for term, head in zip(self.terms, self.heads):
             with torch.no_grad():
                 out = check_reward_output(head, head(images, prompts), images)
-            self._finite(out.score, f"reward {head.name} on the base image", always_raise=True)
             if term.mask == "heatmap":
                 if out.heatmap is None:
                     raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
@@ -195,11 +193,6 @@ class FocusNFix(L.LightningModule):
             active.append(~empty if self.mask_args.empty == "skip" else torch.ones_like(empty))
             scores.append(out.score)
         return torch.cat(masks, dim=1), torch.stack(active, 1).float(), torch.stack(scores, 1).detach()
-
-    def _reward(self, term: RewardTerm, head: RewardHead, images: Tensor, prompts: list[str]) -> Tensor:
-        score = check_reward_output(head, head(images, prompts), images).score
-        self._finite(score, f"reward {head.name}", always_raise=self.nonfinite == "raise")
-        return score
 
     def _fidelity(self, tuned: Sample, base: BaseReference) -> tuple[Tensor, Tensor]:
         """(mean fidelity term, λ-weighted penalty) for the union mask or per-head masks."""
@@ -223,10 +216,17 @@ class FocusNFix(L.LightningModule):
                 self._uncond = self.model.encode_prompts([""])
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts), -1, -1)
 
-    def _finite(self, value: Tensor, what: str, always_raise: bool = False) -> bool:
-        if torch.isfinite(value).all():
+    def _finite(self, loss: Tensor, scores: Tensor, base_scores: Tensor) -> bool:
+        """One device sync per step; on failure, name the culprit: a reward on I0 (always fatal), on I, or the loss."""
+        if torch.isfinite(torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten()])).all():
             return True
-        if always_raise or self.nonfinite == "raise":
+        names = [head.name for head in self.heads]
+        bad_base = [n for n, ok in zip(names, torch.isfinite(base_scores).all(0)) if not ok]
+        bad_tuned = [n for n, ok in zip(names, torch.isfinite(scores).all(0)) if not ok]
+        what = f"reward {bad_tuned[0]}" if bad_tuned else "loss"
+        if bad_base:
+            raise FloatingPointError(f"non-finite reward {bad_base[0]} on the base image at step {self.global_step}")
+        if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
                                      "set model.nonfinite=skip to skip such batches")
         warnings.warn(f"skipping batch at step {self.global_step}: non-finite {what}", stacklevel=2)
@@ -264,7 +264,9 @@ class FocusNFix(L.LightningModule):
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.model.unet, norm_type=2)["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.model.lora_parameters() if p.grad is not None]
+        if grads:  # one foreach kernel, no per-parameter device syncs
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     @override
     def train(self, mode: bool = True) -> FocusNFix:

@@ -97,10 +97,12 @@ class Text2ImageModel(nn.Module):
     # ---- LoRA -------------------------------------------------------------------------------
     def add_lora(self, args: LoraArgs) -> None:
         self.unet.add_adapter(args.to_peft())
-        self.lora_args = args
+        self.lora_args, self._lora_parameters = args, None
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        if getattr(self, "_lora_parameters", None) is None:  # fixed once the adapter exists; asked every step
+            self._lora_parameters = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        return self._lora_parameters
 
     @contextmanager
     def adapter_disabled(self):

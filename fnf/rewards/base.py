@@ -11,7 +11,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 
@@ -39,8 +38,11 @@ class RewardHead(nn.Module, ABC):
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput: ...
 
 
-def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor) -> RewardOutput:
-    """Raise one clear error naming the head when its output breaks the contract."""
+def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, values: bool = True) -> RewardOutput:
+    """Raise one clear error naming the head when its output breaks the contract.
+
+    ``values=False`` checks shapes only (no device sync): for the tuned pass, whose heatmap is unused.
+    """
     batch, _, height, width = images.shape
     if not isinstance(output, RewardOutput):
         raise TypeError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
@@ -53,6 +55,6 @@ def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor) 
                 f"reward head {head.name}: heatmap must have shape ({batch}, 1, {height}, {width}), "
                 f"got {tuple(heatmap.shape)}"
             )
-        if not torch.isfinite(heatmap).all() or heatmap.min() < 0 or heatmap.max() > 1:
+        if values and not ((heatmap >= 0) & (heatmap <= 1)).all():  # NaN fails both comparisons
             raise ValueError(f"reward head {head.name}: heatmap values must be finite and in [0, 1]")
     return output
