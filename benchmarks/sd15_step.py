@@ -1,0 +1,154 @@
+"""Step time and peak memory of the fnf training step on an SD1.5-shaped model at 512² (random weights).
+
+    python benchmarks/sd15_step.py                        # GPU: bf16-mixed, batch 1 and 4, checkpointing on/off
+    python benchmarks/sd15_step.py --small --device cpu   # a tiny model at 32², to check the script on a CPU
+
+The UNet, VAE and text encoder use Stable Diffusion 1.5's published configurations (860 M + 84 M + 123 M
+parameters) with random weights — no hub here; compute and memory do not depend on the weights' values.
+The tokenizer is the shapes world's, so the text encoder's embedding table is smaller than CLIP's 49 408
+rows (same compute). One Lightning ``fit`` per setting: DRaFT-K (K = 2), 50 DDIM steps, CFG 7.5,
+LoRA rank 64 on the attention projections, ColorRegion reward with its heatmap mask, λ = 0.1.
+Time: median over the steps after ``--warmup``; memory: ``torch.cuda.max_memory_allocated`` over the
+whole fit (weights included) and its growth above the level before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.data import DataLoader
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from fnf.data import collate
+from fnf.masks import MaskArgs
+from fnf.module import FocusNFix, RewardTerm
+from fnf.pipeline import LoraArgs
+from fnf.rewards import ColorRegion
+from fnf.sampling import SamplerArgs
+from fnf.worlds.random_sd import WORDS
+from fnf.worlds.tokenizer import build_clip_tokenizer
+
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+SMALL_UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
+                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+SMALL_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
+
+
+def build_model(directory: Path, small: bool) -> Path:
+    """Save an SD1.5-shaped pipeline (or a tiny one) with random weights in diffusers format."""
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **(SMALL_TEXT if small else SD15_TEXT))
+    StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**(SMALL_UNET if small else SD15_UNET)),
+        vae=AutoencoderKL(latent_channels=4, **(SMALL_VAE if small else SD15_VAE)),
+        text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(directory)
+    return directory
+
+
+class StepProbe(L.Callback):
+    """Per-step wall time and CUDA peak memory (the allocator's view: tensors, not the cache)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times, self.start_allocated = device, [], 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            if batch_idx == 0:
+                self.start_allocated = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def measure(model: Path, args, batch: int, checkpointing: str, precision: str) -> dict:
+    module = FocusNFix(
+        rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(model), lam=0.1,
+        sampler=SamplerArgs(num_steps=args.num_steps, k=args.k, guidance_scale=7.5, checkpointing=checkpointing),
+        masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank),
+        optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1),
+    )
+    n = args.warmup + args.steps
+    items = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(n * batch)]
+    probe = StepProbe(args.device)
+    trainer = L.Trainer(max_steps=n, accelerator=args.device, devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, callbacks=[probe], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(items, batch_size=batch, collate_fn=collate))
+    finite = all(torch.isfinite(p).all() for p in module.model.lora_parameters())
+    result = {"batch": batch, "checkpointing": checkpointing, "precision": precision, "finite": finite,
+              "s_per_step": statistics.median(probe.times[args.warmup:]),
+              "images_per_s": batch / statistics.median(probe.times[args.warmup:])}
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        result |= {"peak_gb": peak / 2**30, "growth_gb": (peak - probe.start_allocated) / 2**30}
+    del trainer, module
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny model at 32² (checks the script on a CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--checkpointing", nargs="+", default=["per_step", "off"])
+    parser.add_argument("--precision", nargs="+", default=["bf16-mixed"])
+    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--model-dir", type=Path, default=None, help="keep the built model here (reused if present)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        model = args.model_dir or Path(tmp) / "sd15-shaped"
+        if not (model / "model_index.json").exists():
+            build_model(model, args.small)
+        print(f"# {'tiny' if args.small else 'SD1.5-shaped'} model ready in {time.perf_counter() - start:.0f} s; "
+              f"device {name}, torch {torch.__version__}, {args.num_steps} DDIM steps, K={args.k}, "
+              f"LoRA rank {args.rank}, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
+        print("\n| precision | batch | checkpointing | s/step | images/s | peak GB | growth GB | LoRA finite |\n"
+              "|---|---|---|---|---|---|---|---|", flush=True)
+        for precision, batch, checkpointing in itertools.product(args.precision, args.batch, args.checkpointing):
+            r = measure(model, args, batch, checkpointing, precision)
+            print(f"| {precision} | {batch} | {checkpointing} | {r['s_per_step']:.3f} | {r['images_per_s']:.2f} | "
+                  f"{r.get('peak_gb', float('nan')):.2f} | {r.get('growth_gb', float('nan')):.2f} | {r['finite']} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
