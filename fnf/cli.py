@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
+from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
 
@@ -33,8 +34,9 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
         FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
-               parser_kwargs={"parser_mode": "omegaconf"})
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+               parser_kwargs={"parser_mode": "omegaconf"},
+               trainer_defaults={"plugins": [AtomicCheckpointIO()]})  # complete checkpoints or none
+    except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
         sys.exit(f"fnf: error: {error}")
 
 

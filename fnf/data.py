@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from fnf.resume import EpochShuffle, ResumableLoader, batches_done_in_epoch
+
 SEED_STRIDE = 1_000_003  # prime gap between the seeds of one prompt's copies
 MAX_SEED = 2**63 - 1  # seeds must fit a LongTensor
 SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -133,7 +135,8 @@ class PromptDataModule(L.LightningDataModule):
         test_file: Prompt file for ``test``.
         predict_file: Prompt file for ``predict``; falls back to ``test_file``, then ``val_file``.
         csv_column: Name of the CSV column holding the prompts.
-        seed: Base of the default per-prompt seeds and of the training shuffle order.
+        seed: Base of the default per-prompt seeds and of the training shuffle order (one
+            permutation per (seed, epoch); a run restored mid-epoch continues where it stopped).
         seeds_per_prompt: Number of (prompt, seed) items generated per prompt.
         val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
         batch_size: Items per batch.
@@ -169,6 +172,7 @@ class PromptDataModule(L.LightningDataModule):
         self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.items: dict[str, list[Item]] = {}
+        self._skip_batches = 0
 
     def load(self, path: str) -> list[Item]:
         """Read a prompt file and expand it into seeded items (see class docstring)."""
@@ -200,15 +204,23 @@ class PromptDataModule(L.LightningDataModule):
             if getattr(self, key) is None:
                 raise ValueError(f"no prompts for {split}: set --data.{key}")
             raise RuntimeError(f"PromptDataModule.setup() must run before {split}_dataloader()")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.items[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-        )
+        items = self.items[split]
+        if not shuffle:
+            return DataLoader(items, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+        skip, self._skip_batches = self._skip_batches, 0  # a restored run skips what its epoch already did
+        return ResumableLoader(items, batch_size=self.batch_size, sampler=EpochShuffle(len(items), self.seed),
+                               num_workers=self.num_workers, collate_fn=collate,
+                               generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+                               skip_batches=skip if skip < -(-len(items) // self.batch_size) else 0)
+
+    @override
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: how far the current training epoch got."""
+        return {"batches_done_in_epoch": batches_done_in_epoch(self.trainer)}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._skip_batches = int(state_dict.get("batches_done_in_epoch", 0))
 
     @override
     def train_dataloader(self) -> DataLoader:

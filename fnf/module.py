@@ -26,6 +26,7 @@ from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
 from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import RewardHead, check_reward_output
+from fnf.resume import restore_rng_states, rng_states
 from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
 
 
@@ -281,3 +282,9 @@ class FocusNFix(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_states"] = rng_states()  # DRaFT-LV noise and LoRA dropout continue exactly on resume
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])

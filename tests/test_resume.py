@@ -1,0 +1,112 @@
+"""Exact resume (kill -9, then --ckpt_path last) and checkpoints that are complete or absent."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fnf.checkpoint_io import AtomicCheckpointIO
+from fnf.resume import EpochShuffle, ResumableLoader
+
+TESTS = Path(__file__).parent
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    sampler = EpochShuffle(10, seed=3)
+    sampler.set_epoch(2)
+    fresh = EpochShuffle(10, seed=3)
+    fresh.set_epoch(2)
+    assert list(sampler) == list(fresh) and sorted(sampler) == list(range(10))
+    fresh.set_epoch(1)
+    assert list(fresh) != list(sampler)
+
+
+def test_loader_skips_lazily_after_the_epoch_is_set():
+    sampler = EpochShuffle(8, seed=0)
+    loader = ResumableLoader(list(range(8)), batch_size=2, sampler=sampler, skip_batches=3)
+    iterator = iter(loader)  # Lightning creates the iterator before it sets the epoch
+    sampler.set_epoch(5)
+    sampler_copy = EpochShuffle(8, seed=0)
+    sampler_copy.set_epoch(5)
+    assert torch.cat(list(iterator)).tolist() == list(sampler_copy)[6:]  # batch 4 of epoch 5 only
+    assert len(torch.cat(list(loader))) == 8  # the skip applies once
+
+
+def _config(tmp_path: Path, model: str, run: str, kill_at: int | None) -> Path:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle top left\na blue square bottom right\na green circle\na red square\na blue circle\n")
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "kill_switch.KillAtStep", "init_args": {"step": kill_at}})
+    config = {
+        "seed_everything": 7,
+        "model": {"pretrained": model, "lam": 0.1, "lora": {"rank": 4, "dropout": 0.1},
+                  "sampler": {"num_steps": 3, "grad_mode": "lv", "lv_samples": 2},  # random re-noising: RNG matters
+                  "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}]},
+        "data": {"train_file": str(prompts), "batch_size": 2},  # 3 batches per epoch
+        "trainer": {"max_steps": 7, "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "logger": False, "callbacks": callbacks},
+    }
+    path = tmp_path / f"{run}-{kill_at}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fnf(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True)
+
+
+def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 7
+    return checkpoint["state_dict"]
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4)))  # step 4: epoch 1, batch 1
+    assert killed.returncode == -signal.SIGKILL
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))
+    resumed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None)), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected, got = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def disk_full(obj, target):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert io.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging file left behind
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ValueError, match="ckpt_path: cannot load .*broken.ckpt"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="ckpt_path: checkpoint .*missing.ckpt not found"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
