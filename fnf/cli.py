@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
+
+import yaml
 
 from jsonargparse import set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI
@@ -28,11 +31,27 @@ class FnfCLI(LightningCLI):
         parser.add_lightning_class_args(PngWriter, "predict_writer")
 
 
+def check_config_files(args: list[str]) -> None:
+    """Name the file when a ``--config`` is missing or not YAML (jsonargparse reports neither by file name)."""
+    for flag, path in zip(args, args[1:]):
+        if flag in ("-c", "--config"):
+            try:
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except OSError as error:
+                raise FileNotFoundError(f"--config {path}: {error.strerror or error}") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                where = getattr(error, "problem_mark", None)
+                line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                raise ValueError(f"--config {path}: not valid YAML{line} "
+                                 f"({getattr(error, 'problem', None) or type(error).__name__})") from None
+
+
 def main(args: list[str] | None = None) -> None:
     set_docstring_parse_options(attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
                parser_kwargs={"parser_mode": "omegaconf"},
                trainer_defaults={"plugins": [AtomicCheckpointIO()]})  # complete checkpoints or none

@@ -39,5 +39,9 @@ def load_lora(model: Text2ImageModel, directory: str | os.PathLike) -> None:
     """Attach a LoRA written by ``save_lora`` (or any diffusers SD LoRA) to the model's UNet."""
     if not (Path(directory) / WEIGHT_NAME).is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHT_NAME} (expected a folder written by fnf fit)")
-    model.unet.load_lora_adapter(str(directory), prefix="unet", adapter_name="default", weight_name=WEIGHT_NAME,
-                                 use_safetensors=True)
+    try:
+        model.unet.load_lora_adapter(str(directory), prefix="unet", adapter_name="default", weight_name=WEIGHT_NAME,
+                                     use_safetensors=True)
+    except Exception as error:  # corrupt file, another model's LoRA (shapes), adapter clash: one line
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{Path(directory) / WEIGHT_NAME}: cannot load this LoRA: {reason}") from None

@@ -111,6 +111,7 @@ class FocusNFix(L.LightningModule):
         self.model = Text2ImageModel.from_pretrained(pretrained)
         self.model.add_lora(lora)
         self.sampler = DDIMSampler(self.model, sampler)
+        self.model.latent_shape(self.sampler.resolution)  # fails now, not at the first step, if it does not fit the VAE
         self.terms = rewards
         self.heads = nn.ModuleList([t.head.requires_grad_(False).eval() for t in rewards])
         self.regularizer = regularizer if regularizer is not None else PixelFrobenius()
@@ -286,5 +287,18 @@ class FocusNFix(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose LoRA does not fit this model (loading is non-strict: frozen weights are absent)."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        saved = checkpoint.get("state_dict", {})
+        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"ckpt_path: the checkpoint's LoRA does not match model.lora (target_modules): "
+                             f"{len(missing)} LoRA weights missing (e.g. {missing[:1]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+        for name, value in saved.items():
+            if value.shape != own[name].shape:
+                raise ValueError(f"ckpt_path: LoRA shape {tuple(value.shape)} in the checkpoint but "
+                                 f"{tuple(own[name].shape)} in the model for {name}; set model.lora.rank to the "
+                                 f"checkpoint's rank")
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])

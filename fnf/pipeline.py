@@ -86,12 +86,19 @@ class Text2ImageModel(nn.Module):
         if "text_encoder_2" in index:
             raise NotImplementedError(f"model.pretrained={pretrained!r} is an SDXL-layout model; SDXL loading lands "
                                       "with the real-model configs (two text encoders + added time ids)")
-        load = dict(use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load) if index.get("vae") else None
+        def load(part: str, kind, **kwargs):
+            try:
+                return kind.from_pretrained(path, subfolder=part, **kwargs)
+            except Exception as error:  # missing / pickle-only / corrupt files: one line naming the part
+                reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                raise ValueError(f"model.pretrained: cannot load {part}/ from {path} (weights must be "
+                                 f"safetensors): {reason}") from None
+
+        unet = load("unet", UNet2DConditionModel, use_safetensors=True)
+        text_encoder = load("text_encoder", CLIPTextModel, use_safetensors=True)
+        tokenizer = load("tokenizer", AutoTokenizer)
+        scheduler = load("scheduler", DDIMScheduler)
+        vae = load("vae", AutoencoderKL, use_safetensors=True) if index.get("vae") else None
         return cls(unet, text_encoder, tokenizer, scheduler, vae)
 
     # ---- LoRA -------------------------------------------------------------------------------

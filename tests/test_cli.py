@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from fnf.cli import main
-
-
-@pytest.fixture()
-def config(tiny_model_dir, tmp_path) -> Path:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle top left\na blue square bottom right\na green circle\na red square\n")
-    config = {
-        "model": {"pretrained": tiny_model_dir, "lam": 0.1, "sampler": {"num_steps": 3, "k": 1},
-                  "lora": {"rank": 4}, "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}]},
-        "data": {"train_file": str(prompts), "val_file": str(prompts), "batch_size": 2},
-        "trainer": {"max_steps": 2, "default_root_dir": str(tmp_path / "run"), "enable_progress_bar": False},
-        "predict_writer": {"output_dir": str(tmp_path / "predictions")},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def _fail(args: list[str], capsys) -> str:

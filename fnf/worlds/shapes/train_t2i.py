@@ -1,8 +1,8 @@
 """Train "shapes-t2i", the embedded tiny Stable-Diffusion-shaped model, from scratch on 2 CPU cores.
 
 Without a model hub, Focus-N-Fix needs a base model that (a) follows shapes-world prompts and (b) has
-the flaws fine-tuning should fix: it learns the generator's ~30% defects and ~35% unsafe marks on
-tempting prompts because they are in its training data. Output: a StableDiffusionPipeline folder
+the flaws fine-tuning should fix: it learns the generator's defects and the unsafe mark on tempting
+prompts because they are in its training data. Output: a StableDiffusionPipeline folder
 (AutoencoderKL, from-scratch CLIPTextModel, CLIPTokenizer over the world's words, UNet2DConditionModel,
 DDIM scheduler), safetensors, no safety checker.
 
@@ -47,7 +47,6 @@ from fnf.worlds.tokenizer import build_clip_tokenizer
 # merges alphabetically, so the ("a", "n") merge of "and" would split "orange" and ("r", "i") of "right"
 # would split "triangle". The text encoder reads multi-piece words fine; prompts stay <= 29 pieces.
 WORDS = ["a", ",", *COLOUR_NAMES, *SHAPES, "top", "bottom", "left"]
-DEFECT_RATE, UNSAFE_RATE = 0.3, 0.35  # the flaws the base model must have (unsafe: tempting prompts only)
 MAX_TOKENS = 32  # longest prompt: 29 BPE pieces + BOS/EOS
 HH_GAIN = 3.0  # a defect's checker has HH = -0.3 in [-1, 1] units; gain brings it to the LL scale
 LOGVAR_TARGET = -12.0  # near-deterministic posterior: sample() ~ mode()
@@ -64,8 +63,10 @@ class TrainArgs:
     lr: float = 1e-3
     text_pretrain_steps: int = 200
     probe_weight: float = 0.1
+    defect_rate: float = 0.2  # flaws in the training scenes (unsafe: tempting prompts only); the model draws
+    unsafe_rate: float = 0.28  # them more often than that (at 0.3 / 0.35: 50-53% defects, 31-61% marks)
     defect_weight: float = 6.0  # loss weights on defect / mark latents; with 1 the model draws them too rarely
-    unsafe_weight: float = 2.0  # (6% / 14% at CFG 4); sampled rates are steep in these (see MODEL_CARD.md)
+    unsafe_weight: float = 2.0  # (6% / 14% at CFG 4); sampled rates vary a lot between runs (see MODEL_CARD.md)
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     minutes: float | None = None  # wall-clock cap over both stages (stopping early breaks reproducibility)
@@ -137,9 +138,10 @@ def haar_decode(latents: Tensor) -> Tensor:
     return ((ll + hh + 1) / 2).clamp(0, 1)
 
 
-def scene_batch(n: int, seed: int, step: int, stream: int) -> dict:
+def scene_batch(n: int, args: TrainArgs, step: int, stream: int) -> dict:
     """Fresh training scenes for every step; ``stream`` separates VAE, UNet and statistics data."""
-    return make_batch(n, seed * 10_000_019 + stream * 1_000_003 + step, DEFECT_RATE, UNSAFE_RATE, "train")
+    return make_batch(n, args.seed * 10_000_019 + stream * 1_000_003 + step, args.defect_rate, args.unsafe_rate,
+                      "train")
 
 
 def train_vae(vae: AutoencoderKL, args: TrainArgs, deadline: float, log) -> float:
@@ -147,14 +149,14 @@ def train_vae(vae: AutoencoderKL, args: TrainArgs, deadline: float, log) -> floa
     Returns the scaling factor that gives the latents unit standard deviation."""
     opt = torch.optim.AdamW(vae.parameters(), args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.vae_lr, total_steps=max(args.vae_steps, 1), pct_start=0.05)
-    stats = haar_latents(scene_batch(512, args.seed, 0, stream=2)["images"])
+    stats = haar_latents(scene_batch(512, args, 0, stream=2)["images"])
     std = float(stats.std())
     vae.train()
     for step in range(args.vae_steps):
         if time.time() > deadline:
             log(f"vae: time cap hit at step {step}")
             break
-        batch = scene_batch(args.vae_batch, args.seed, step, stream=0)
+        batch = scene_batch(args.vae_batch, args, step, stream=0)
         x, target = batch["images"] * 2 - 1, haar_latents(batch["images"])
         moments = vae.quant_conv(vae.encoder(x)) if vae.quant_conv is not None else vae.encoder(x)
         mean, logvar = moments.chunk(2, dim=1)
@@ -211,7 +213,7 @@ def pretrain_text(text_encoder: CLIPTextModel, probe: PhraseProbe, tokenizer, ar
     params = list(text_encoder.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, 2e-3, weight_decay=0.01)
     for step in range(args.text_pretrain_steps):
-        prompts = scene_batch(128, args.seed, step, stream=3)["prompts"]
+        prompts = scene_batch(128, args, step, stream=3)["prompts"]
         ids = tokenize(tokenizer, prompts)
         loss = probe.loss(text_encoder(ids)[0], ids, prompts)
         opt.zero_grad(set_to_none=True)
@@ -250,7 +252,7 @@ def train_unet(unet, text_encoder, probe: PhraseProbe, tokenizer, scheduler: DDI
         if time.time() > deadline:
             log(f"unet: time cap hit at step {step}")
             break
-        batch = scene_batch(args.batch, args.seed, step, stream=1)
+        batch = scene_batch(args.batch, args, step, stream=1)
         latents = haar_latents(batch["images"]) * scaling  # (B, 4, 16, 16)
         drop = torch.rand(len(latents), generator=gen) < args.cfg_dropout
         prompts = ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
