@@ -8,7 +8,6 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
@@ -50,9 +49,10 @@ class LoraExporter(Callback):
         self.dirpath = dirpath
 
     @override
-    @rank_zero_only
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        save_lora(pl_module.model, self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")
+        directory = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora"  # all ranks: a broadcast
+        if trainer.is_global_zero:
+            save_lora(pl_module.model, directory)
 
 
 class PngWriter(BasePredictionWriter):

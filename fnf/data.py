@@ -139,7 +139,7 @@ class PromptDataModule(L.LightningDataModule):
             permutation per (seed, epoch); a run restored mid-epoch continues where it stopped).
         seeds_per_prompt: Number of (prompt, seed) items generated per prompt.
         val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
-        batch_size: Items per batch.
+        batch_size: Items per batch and process (under DDP the global batch is this times the world size).
         num_workers: DataLoader worker processes (0 = load in the main process).
     """
 
@@ -207,11 +207,14 @@ class PromptDataModule(L.LightningDataModule):
         items = self.items[split]
         if not shuffle:
             return DataLoader(items, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = EpochShuffle(len(items), self.seed, num_replicas=world, rank=rank)  # this rank's shard
         skip, self._skip_batches = self._skip_batches, 0  # a restored run skips what its epoch already did
-        return ResumableLoader(items, batch_size=self.batch_size, sampler=EpochShuffle(len(items), self.seed),
+        if skip >= -(-len(sampler) // self.batch_size):  # saved at the end of an epoch: the next one starts fresh
+            skip = 0
+        return ResumableLoader(items, batch_size=self.batch_size, sampler=sampler, skip_batches=skip,
                                num_workers=self.num_workers, collate_fn=collate,
-                               generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
-                               skip_batches=skip if skip < -(-len(items) // self.batch_size) else 0)
+                               generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
 
     @override
     def state_dict(self) -> dict:

@@ -11,24 +11,26 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone, so epoch e has the same order however the run got there."""
+class EpochShuffle(DistributedSampler):
+    """One permutation per (seed, epoch), split across ``num_replicas`` ranks as rank, rank + R, ...
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    The order never depends on how the run got to an epoch (resume) nor on the number of processes: with
+    per-rank batch size b, the ranks' batches s together hold items [s·R·b, (s+1)·R·b) of the permutation,
+    the global batch a single process with batch size R·b sees (so DDP and one process train alike).
+    Being a ``DistributedSampler``, Lightning uses it as is under DDP and calls ``set_epoch`` on it.
+    """
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before every epoch
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + 7_919 * self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order += order[: self.total_size - len(order)]  # pad as DistributedSampler does: equal shards
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 class ResumableLoader(DataLoader):
