@@ -13,13 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from jsonargparse import set_docstring_parse_options
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
-from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
 
@@ -47,14 +46,14 @@ def check_config_files(args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
                parser_kwargs={"parser_mode": "omegaconf"},
-               trainer_defaults={"plugins": [AtomicCheckpointIO()]})  # complete checkpoints or none
+               trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
         sys.exit(f"fnf: error: {error}")
 

@@ -164,3 +164,12 @@ def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_d
     half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
     assert penalty.item() == pytest.approx(2.0 * half + 3.0 * half)
     assert fidelity.item() == pytest.approx(half)
+
+
+def test_bf16_mixed_on_cpu_trains_and_stays_finite(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, lam=0.1)
+    before = [p.detach().clone() for p in module.model.lora_parameters()]
+    _trainer(tmp_path, steps=3, precision="bf16-mixed").fit(module, _loader())
+    after = module.model.lora_parameters()
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in after)  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
