@@ -199,7 +199,7 @@ def child(args) -> None:
 def measure(args, variant: str, **overrides) -> dict:
     options = {**vars(args), **overrides, "variant": variant}
     command = [sys.executable, __file__, "--child"] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k not in ("child", "quick", "ratio_only") and v is not None]
+        f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k not in ("child", "quick", "ratio_only", "repeats") and v is not None]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--latent-side", type=int, default=16)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating fnf / hand-written pairs")
     parser.add_argument("--ratio-only", action="store_true", help="skip the K and total-steps tables")
     args = parser.parse_args()
     if args.child:
@@ -234,12 +235,18 @@ def main() -> None:
                                              block_out_channels=(32, 64, 128), text_width=64))
         print(f"device={args.device} batch={args.batch} steps={args.num_steps} K={args.k} rank={args.rank} "
               f"latent={args.latent_side}² torch={torch.__version__} threads={torch.get_num_threads()}")
-        manual, ours = measure(args, "manual"), measure(args, "fnf")
-        print("\n| variant | s/step (median) | peak memory growth MB |\n|---|---|---|")
-        for name, result in (("hand-written DRaFT-K loop", manual), ("fnf (Lightning)", ours)):
-            print(f"| {name} | {result['median_s']:.3f} | {result['peak_mb']:.1f} |")
-        print(f"| **fnf / hand-written** | **{ours['median_s'] / manual['median_s']:.3f}** | "
-              f"**{ours['peak_mb'] / max(manual['peak_mb'], 1e-9):.3f}** |")
+        print("\n| run | hand-written s/step | fnf s/step | time ratio | hand-written MB | fnf MB | memory ratio |\n"
+              "|---|---|---|---|---|---|---|")
+        ratios = []
+        for run in range(args.repeats):  # alternate the order so drifts in machine load hit both variants
+            order = ("manual", "fnf") if run % 2 == 0 else ("fnf", "manual")
+            result = {variant: measure(args, variant) for variant in order}
+            manual, ours = result["manual"], result["fnf"]
+            ratios.append((ours["median_s"] / manual["median_s"], ours["peak_mb"] / max(manual["peak_mb"], 1e-9)))
+            print(f"| {run + 1} | {manual['median_s']:.3f} | {ours['median_s']:.3f} | {ratios[-1][0]:.3f} | "
+                  f"{manual['peak_mb']:.1f} | {ours['peak_mb']:.1f} | {ratios[-1][1]:.3f} |", flush=True)
+        print(f"| **median** | | | **{statistics.median(r[0] for r in ratios):.3f}** | | | "
+              f"**{statistics.median(r[1] for r in ratios):.3f}** |")
         if args.ratio_only:
             return
         print("\n| K | s/step | peak MB |\n|---|---|---|")
