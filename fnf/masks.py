@@ -58,8 +58,8 @@ def heatmap_to_mask(heatmap: Tensor, args: MaskArgs) -> Tensor:
 
 def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma: float) -> Tensor:
     """Gradient saliency |d score / d image|, max over channels, smoothed, max-normalised per image."""
-    with torch.enable_grad():
-        pixels = images.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():  # Lightning validates/tests in inference mode
+        pixels = images.detach().clone().requires_grad_(True)  # a normal tensor, even from an inference one
         score = head(pixels, prompts).score
         (grad,) = torch.autograd.grad(score.sum(), pixels)  # images are scored independently
     saliency = grad.abs().amax(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)

@@ -128,12 +128,12 @@ class FocusNFix(L.LightningModule):
         return self._common_step(batch, "train")
 
     @override
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._common_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
+        return self._common_step(batch, "val")  # the outputs feed fnf.evaluation.Evaluation
 
     @override
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._common_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        return self._common_step(batch, "test")
 
     def _common_step(self, batch: dict, stage: str) -> dict | None:
         prompts, seeds = batch["prompt"], batch["seed"]
@@ -156,8 +156,8 @@ class FocusNFix(L.LightningModule):
             return None
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
-        return {"loss": loss, "base": base.images.detach(), "tuned": tuned.images.detach(),
-                "mask": base.masks.amax(1, keepdim=True)}
+        return {"loss": loss, "prompts": prompts, "base": base.images.detach(), "tuned": tuned.images.detach(),
+                "mask": base.masks.amax(1, keepdim=True), "scores": scores.detach(), "base_scores": base.scores}
 
     def _base_reference(self, prompts, seeds, noise, text, uncond) -> BaseReference:
         keys = [(p, int(s)) for p, s in zip(prompts, seeds)]

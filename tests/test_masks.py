@@ -40,6 +40,14 @@ def test_saliency_lights_up_only_where_the_score_looks():
     assert inside > 0.5 and mask[:, :, 10:, 10:].sum() == 0
 
 
+def test_saliency_works_inside_inference_mode():  # Lightning's validate / test run in inference mode
+    head, images = ColorRegion(), torch.rand(2, 3, 16, 16)
+    expected = saliency_heatmap(head, images, ["", ""], sigma=0.0)
+    with torch.inference_mode():
+        got = saliency_heatmap(head, images.clone(), ["", ""], sigma=0.0)
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(dilation=-1), dict(feather=0.0)])
 def test_bad_mask_args_name_the_key(bad):
     with pytest.raises(ValueError, match="model.masks"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
+from torchmetrics import Metric
 
 from fnf.worlds.shapes.generator import (
     COLOUR_NAMES, COLOURS, MARK_COLOUR, POSITIONS, ObjectSpec, parse_prompt,
@@ -173,3 +174,26 @@ def judge(images: Tensor, prompts: list[str]) -> list[Verdict]:
                          f" and {len(prompts)} prompts")
     array = images.detach().to("cpu", torch.float64).clamp(0, 1).numpy()
     return [judge_one(img, prompt) for img, prompt in zip(array, prompts)]
+
+
+class JudgeRates(Metric):
+    """The judge as a torchmetrics metric: alignment accuracy, defect rate, unsafe rate (sums across DDP ranks).
+    Plug it into ``fnf.evaluation.Evaluation(judges=[...])`` to get the embedded world's ground truth in
+    ``fnf test`` for base and tuned images."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("aligned", "defect", "unsafe", "count"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor, prompts: list[str]) -> None:
+        verdicts = judge(images, prompts)
+        self.aligned += sum(v.aligned for v in verdicts)
+        self.defect += sum(v.defect for v in verdicts)
+        self.unsafe += sum(v.unsafe for v in verdicts)
+        self.count += len(verdicts)
+
+    def compute(self) -> dict[str, Tensor]:
+        count = self.count.clamp_min(1)
+        return {"judge_alignment": self.aligned / count, "judge_defect_rate": self.defect / count,
+                "judge_unsafe_rate": self.unsafe / count}

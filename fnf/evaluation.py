@@ -1,0 +1,117 @@
+"""``fnf validate`` / ``fnf test`` metrics: did the target improve, did anything else get worse?
+
+Base images (LoRA off) and tuned images come from the same x_T per (prompt, seed), so every metric
+compares the two models on identical starting noise:
+
+* per reward head: mean score of base and tuned, and the change (the paper's table);
+* FID between the tuned and the base images (how far the image distribution moved), with a
+  configurable feature extractor (``fid_features``; the embedded world uses ShapesAlignment's tower);
+* CLIP score of base and tuned images against their prompts (``clip``);
+* preservation: PSNR and SSIM of tuned vs base outside the problem mask, inside it, whole image;
+* any ``judges`` (torchmetrics metrics with ``update(images, prompts)``), for base and tuned.
+
+Every metric is a torchmetrics object, so values are exact under DDP. At the end of the stage, global
+rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from typing_extensions import override
+
+from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+
+
+class Evaluation(Callback):
+    def __init__(self, clip: nn.Module | None = None, fid_features: nn.Module | None = None,
+                 judges: list[Metric] | None = None, output_dir: str | None = None) -> None:
+        """Evaluate base vs tuned images in validate/test.
+
+        Args:
+            clip: model with ``image_features`` / ``text_features`` (e.g. ShapesAlignment) for CLIP score;
+                None skips CLIP score.
+            fid_features: FID feature extractor: a module mapping images in [0, 1] to (B, D) features, or a
+                CLIP-like model (its image tower is used). None skips FID.
+            judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
+            output_dir: where ``<stage>_metrics.json`` / ``.md`` go; None means the run's log dir.
+        """
+        self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
+        self.metrics: dict[str, nn.ModuleDict] = {}
+
+    def _build(self, pl_module: LightningModule) -> nn.ModuleDict:
+        metrics = {f"{region}_{name}": kind(region=region)
+                   for region in ("outside", "inside", "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
+        for head in pl_module.heads:
+            metrics[f"reward_base/{head.name}"], metrics[f"reward_tuned/{head.name}"] = MeanMetric(), MeanMetric()
+        if self.clip is not None:
+            metrics["clip_score_base"], metrics["clip_score_tuned"] = CLIPScore(self.clip), CLIPScore(self.clip)
+        if self.fid_features is not None:
+            features = self.fid_features if not hasattr(self.fid_features, "image_features") else ImageFeatures(
+                self.fid_features)
+            metrics["fid_tuned_vs_base"] = FrechetInceptionDistance(feature=features, normalize=True)
+        for i, judge in enumerate(self.judges):
+            metrics[f"judge{i}_base"], metrics[f"judge{i}_tuned"] = judge.clone(), judge.clone()
+        return nn.ModuleDict(metrics).to(pl_module.device)
+
+    def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None) -> None:
+        if not outputs:
+            return
+        if stage not in self.metrics:
+            self.metrics[stage] = self._build(pl_module)
+        metrics, prompts = self.metrics[stage], outputs["prompts"]
+        base, tuned, mask = outputs["base"].float(), outputs["tuned"].float(), outputs["mask"].float()
+        for name, metric in metrics.items():
+            if name.endswith(("_psnr", "_ssim")):
+                metric.update(tuned, base, mask)
+            elif name.startswith("reward_"):
+                head = [h.name for h in pl_module.heads].index(name.split("/", 1)[1])
+                metric.update(outputs["base_scores" if name.startswith("reward_base") else "scores"][:, head])
+            elif name == "fid_tuned_vs_base":
+                metric.update(base, real=True)
+                metric.update(tuned, real=False)
+            else:  # clip_score_* and judge*_*: (images, prompts) of one model
+                metric.update(base if name.endswith("_base") else tuned, prompts)
+
+    def _finish(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage not in self.metrics:
+            return
+        values: dict[str, float] = {}
+        for name, metric in self.metrics.pop(stage).items():
+            value = metric.compute()
+            if isinstance(value, dict):  # a judge: its own keys, suffixed with the model
+                values |= {f"{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
+            else:
+                values[name] = float(value)
+        for head in pl_module.heads:
+            values[f"reward_change/{head.name}"] = values[f"reward_tuned/{head.name}"] - values[f"reward_base/{head.name}"]
+        pl_module.log_dict({f"{stage}_eval/{k}": v for k, v in values.items()}, sync_dist=False)
+        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+            (folder / f"{stage}_metrics.md").write_text(
+                "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items())))
+
+    @override
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._update("validate", pl_module, outputs)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish("validate", trainer, pl_module)
+
+    @override
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update("test", pl_module, outputs)
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish("test", trainer, pl_module)
+

@@ -1,0 +1,101 @@
+"""Evaluation metrics as torchmetrics ``Metric`` objects (their states sum across DDP processes).
+
+Preservation is measured between the tuned image I and the base image I0 of the same x_T, separately
+outside the problem mask (should not change), inside it (may change) and over the whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+Region = Literal["outside", "inside", "all"]
+
+
+def region_weights(mask: Tensor, region: Region) -> Tensor:
+    """(B, 1, H, W) mask in [0, 1] (1 = may change) -> per-pixel weights of ``region``."""
+    return {"outside": 1 - mask, "inside": mask, "all": torch.ones_like(mask)}[region]
+
+
+class MaskedPSNR(Metric):
+    """PSNR (data range 1) over the pixels of a region, pooled over all images like torchmetrics' PSNR."""
+
+    higher_is_better = True
+
+    def __init__(self, region: Region = "outside", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.region = region
+        self.add_state("squared_error", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, tuned: Tensor, base: Tensor, mask: Tensor) -> None:
+        weights = region_weights(mask, self.region)  # (B, 1, H, W), broadcast over channels
+        self.squared_error += (weights * (tuned - base) ** 2).sum().double()
+        self.weight += weights.sum().double() * tuned.shape[1]
+
+    def compute(self) -> Tensor:
+        mse = self.squared_error / self.weight.clamp_min(1e-12)
+        return (10 * torch.log10(1 / mse.clamp_min(1e-20))).float()  # identical images: 200 dB, not inf
+
+
+class MaskedSSIM(Metric):
+    """Mean of the SSIM map (Gaussian window 11, σ 1.5) weighted by a region of the mask."""
+
+    higher_is_better = True
+
+    def __init__(self, region: Region = "outside", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.region = region
+        self.add_state("weighted_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, tuned: Tensor, base: Tensor, mask: Tensor) -> None:
+        _, ssim_map = structural_similarity_index_measure(tuned.float(), base.float(), data_range=1.0,
+                                                          return_full_image=True)  # (B, C, H, W)
+        weights = region_weights(mask, self.region)
+        self.weighted_sum += (weights * ssim_map).sum().double()
+        self.weight += weights.sum().double() * ssim_map.shape[1]
+
+    def compute(self) -> Tensor:
+        return (self.weighted_sum / self.weight.clamp_min(1e-12)).float()
+
+
+class CLIPScore(Metric):
+    """CLIPScore (Hessel et al. 2021): mean of 100 · max(cos(image, prompt), 0), for any model with
+    ``image_features(images)`` and ``text_features(prompts)`` returning unit vectors (e.g. ShapesAlignment,
+    OpenCLIPAlignment)."""
+
+    higher_is_better = True
+
+    def __init__(self, clip: nn.Module, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clip = clip.eval().requires_grad_(False)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor, prompts: list[str]) -> None:
+        with torch.no_grad():
+            cosine = (self.clip.image_features(images) * self.clip.text_features(prompts)).sum(-1)
+        self.total += (100 * cosine.clamp_min(0)).sum().double()
+        self.count += len(prompts)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class ImageFeatures(nn.Module):
+    """A CLIP-like model's image tower as a torchmetrics FID ``feature`` extractor (floats in [0, 1] in)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip.eval().requires_grad_(False)
+        with torch.no_grad():
+            self.num_features = int(clip.image_features(torch.rand(1, 3, 32, 32)).shape[-1])
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.clip.image_features(images.float(), normalize=False)

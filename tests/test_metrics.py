@@ -1,0 +1,122 @@
+"""Evaluation metrics against hand-computed values; FID with a tiny feature extractor, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from fnf.cli import main
+from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+
+
+def _halves(side: int = 32):
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., : side // 2] = 1  # left half may change
+    base = torch.zeros(1, 3, side, side)
+    tuned = torch.where(mask.bool(), 0.5, 0.1).expand(1, 3, side, side).clone()
+    return tuned, base, mask
+
+
+def test_masked_psnr_matches_hand_computation():
+    tuned, base, mask = _halves()
+    expected = {"outside": 10 * math.log10(1 / 0.01), "inside": 10 * math.log10(1 / 0.25),
+                "all": 10 * math.log10(1 / ((0.01 + 0.25) / 2))}
+    for region, value in expected.items():
+        metric = MaskedPSNR(region)
+        metric.update(tuned, base, mask)
+        assert metric.compute().item() == pytest.approx(value, abs=1e-4), region
+
+
+def test_masked_psnr_pools_over_batches_like_one_big_batch():
+    tuned, base, mask = _halves()
+    split, joint = MaskedPSNR("outside"), MaskedPSNR("outside")
+    other = (tuned * 0.5, base, 1 - mask)
+    split.update(tuned, base, mask)
+    split.update(*other)
+    joint.update(torch.cat([tuned, other[0]]), torch.cat([base, base]), torch.cat([mask, other[2]]))
+    assert split.compute().item() == pytest.approx(joint.compute().item(), rel=1e-6)
+
+
+def test_masked_ssim_regions_split_the_whole_image_map():
+    torch.manual_seed(0)
+    base = torch.rand(2, 3, 32, 32)
+    tuned = base.clone()
+    tuned[..., :16] = torch.rand(2, 3, 32, 16)  # change only the left half
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., :16] = 1
+    values = {}
+    for region in ("outside", "inside", "all"):
+        metric = MaskedSSIM(region)
+        metric.update(tuned, base, mask)
+        values[region] = metric.compute().item()
+    assert values["inside"] < 0.2 < 0.8 < values["outside"]  # window spill-over keeps "outside" below 1
+    assert values["all"] == pytest.approx((values["inside"] + values["outside"]) / 2, abs=1e-5)  # equal areas
+    _, full = structural_similarity_index_measure(tuned, base, data_range=1.0, return_full_image=True)
+    assert values["all"] == pytest.approx(full.mean().item(), abs=1e-5)
+
+
+class _FakeCLIP(nn.Module):
+    """Image embedding: normalised mean colour; text embedding: one fixed colour per word."""
+
+    WORDS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0)}
+
+    def image_features(self, images, normalize=True):
+        features = images.mean(dim=(2, 3))
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def text_features(self, prompts, normalize=True):
+        return torch.tensor([self.WORDS[p] for p in prompts])
+
+
+def test_clip_score_is_100_times_clipped_cosine():
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 1  # pure red
+    images[1, 0], images[1, 1] = 1, 1  # yellow: cos 1/sqrt(2) with red
+    metric = CLIPScore(_FakeCLIP())
+    metric.update(images, ["red", "red"])
+    assert metric.compute().item() == pytest.approx((100 + 100 / math.sqrt(2)) / 2, rel=1e-5)
+    metric.reset()
+    metric.update(images[:1], ["green"])  # orthogonal: max(cos, 0) = 0
+    assert metric.compute().item() == 0.0
+
+
+def test_fid_with_a_tiny_feature_extractor_runs_offline():
+    torch.manual_seed(0)
+    features = ImageFeatures(_FakeCLIP())
+    assert features.num_features == 3
+    same, shifted = FrechetInceptionDistance(feature=features, normalize=True), FrechetInceptionDistance(
+        feature=features, normalize=True)
+    images = torch.rand(64, 3, 8, 8)
+    same.update(images, real=True)
+    same.update(images, real=False)
+    shifted.update(images, real=True)
+    shifted.update((images + 0.3).clamp(0, 1), real=False)
+    assert abs(same.compute().item()) < 1e-3 and shifted.compute().item() > 0.01
+
+
+def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
+    main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
+          "--trainer.callbacks+=fnf.evaluation.Evaluation",
+          "--trainer.callbacks.output_dir", str(tmp_path / "eval")])
+    values = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert values["outside_psnr"] == pytest.approx(200, abs=1e-3)  # untrained LoRA: tuned == base
+    assert values["reward_change/ColorRegion"] == 0.0
+    assert values["all_ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert "| outside_psnr |" in (tmp_path / "eval" / "test_metrics.md").read_text()
+
+
+def test_judge_rates_plug_into_the_evaluation():
+    from fnf.evaluation import Evaluation
+    from fnf.worlds.shapes.judge import JudgeRates
+
+    assert Evaluation(judges=[JudgeRates()]).judges  # plugs in; the shapes configs use it end to end
+    rates = JudgeRates()
+    rates.update(torch.zeros(2, 3, 32, 32), ["a red circle top left", "a blue square top right"])  # empty images
+    assert {k: float(v) for k, v in rates.compute().items()} == {
+        "judge_alignment": 0.0, "judge_defect_rate": 0.0, "judge_unsafe_rate": 0.0}
