@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -62,3 +64,26 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
+    """torchmetrics states sum across ranks: ``fnf test`` gives the same table with 1 or 2 processes."""
+    _fit(tmp_path, tiny_model_dir, 1, 4)  # a LoRA that changes the images, so the metrics are not trivial
+    checkpoint = next((tmp_path / "devices1" / "checkpoints").glob("*.ckpt"))
+    tables = []
+    for devices in (1, 2):
+        config = yaml.safe_load((tmp_path / "devices1.yaml").read_text())
+        config["data"]["test_file"] = config["data"]["train_file"]  # 8 prompts: 4 per rank, no padding
+        config["trainer"] |= {"devices": devices, "strategy": "ddp" if devices > 1 else "auto", "callbacks": [
+            {"class_path": "fnf.evaluation.Evaluation", "init_args": {"output_dir": str(tmp_path / f"eval{devices}")}}]}
+        path = tmp_path / f"test{devices}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "fnf.cli", "test", "--config", str(path), "--ckpt_path",
+                               str(checkpoint)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        tables.append(json.loads((tmp_path / f"eval{devices}" / "test_metrics.json").read_text()))
+    assert tables[0].keys() == tables[1].keys()
+    assert tables[0]["outside_psnr"] < 150  # the LoRA changed the images
+    for name, value in tables[0].items():
+        assert tables[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
