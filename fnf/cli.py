@@ -1,4 +1,5 @@
-"""``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix.
+"""``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
+(and ``fnf report RUN ...``, see fnf/report.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins
 imported here also resolve by their short class name. A config file can import code, exactly like
@@ -49,8 +50,13 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    args = sys.argv[1:] if args is None else args
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
+        if args[:1] == ["report"]:  # not a Lightning subcommand: reads what fit / test wrote
+            from fnf.report import main as report
+
+            return report(args[1:])
+        check_config_files(args)
         FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
                parser_kwargs={"parser_mode": "omegaconf"},
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files

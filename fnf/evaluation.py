@@ -19,18 +19,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchvision.utils import save_image
 from typing_extensions import override
 
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
 
 
+def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> None:
+    """``NNN.png`` rows of base | tuned | mask | |tuned − base|×4 and ``samples.json`` with their numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for n, sample in enumerate(samples):
+        base, tuned, mask = sample["images"]
+        difference = ((tuned - base).abs() * 4).clamp(0, 1)
+        save_image(torch.stack([base, tuned, mask, difference]), folder / f"{n:03d}.png", nrow=4, padding=1)
+        index.append({"image": f"{n:03d}.png", "prompt": sample["prompt"], "seed": sample["seed"],
+                      "mean_abs_change": float((tuned - base).abs().mean()),
+                      **{f"reward_base/{h}": b for h, b in zip(head_names, sample["reward_base"])},
+                      **{f"reward_tuned/{h}": t for h, t in zip(head_names, sample["reward_tuned"])}})
+    (folder / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
 class Evaluation(Callback):
     def __init__(self, clip: nn.Module | None = None, fid_features: nn.Module | None = None,
-                 judges: list[Metric] | None = None, output_dir: str | None = None) -> None:
+                 judges: list[Metric] | None = None, output_dir: str | None = None, save_samples: int = 16) -> None:
         """Evaluate base vs tuned images in validate/test.
 
         Args:
@@ -40,9 +57,13 @@ class Evaluation(Callback):
                 CLIP-like model (its image tower is used). None skips FID.
             judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
             output_dir: where ``<stage>_metrics.json`` / ``.md`` go; None means the run's log dir.
+            save_samples: in test, keep this many (prompt, seed) samples for ``fnf report``: PNGs of
+                base | tuned | mask | |difference| and their per-sample numbers in ``test_samples/``.
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
+        self.save_samples = save_samples
         self.metrics: dict[str, nn.ModuleDict] = {}
+        self.samples: list[dict] = []
 
     def _build(self, pl_module: LightningModule) -> nn.ModuleDict:
         metrics = {f"{region}_{name}": kind(region=region)
@@ -92,6 +113,9 @@ class Evaluation(Callback):
             values[f"reward_change/{head.name}"] = values[f"reward_tuned/{head.name}"] - values[f"reward_base/{head.name}"]
         pl_module.log_dict({f"{stage}_eval/{k}": v for k, v in values.items()}, sync_dist=False)
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
+        if stage == "test" and trainer.is_global_zero:
+            write_samples(self.samples, [h.name for h in pl_module.heads], folder / "test_samples")
+        self.samples = []
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
@@ -110,6 +134,15 @@ class Evaluation(Callback):
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update("test", pl_module, outputs)
+        if outputs and len(self.samples) < self.save_samples:
+            keep = min(self.save_samples - len(self.samples), len(outputs["prompts"]))
+            for i in range(keep):
+                self.samples.append({
+                    "prompt": outputs["prompts"][i], "seed": int(batch["seed"][i]), "rank": trainer.global_rank,
+                    "reward_base": outputs["base_scores"][i].tolist(), "reward_tuned": outputs["scores"][i].tolist(),
+                    "images": torch.stack([outputs[k][i].float().cpu().expand(3, -1, -1)
+                                           for k in ("base", "tuned", "mask")]),
+                })
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
