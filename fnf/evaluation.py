@@ -138,7 +138,7 @@ class Evaluation(Callback):
             keep = min(self.save_samples - len(self.samples), len(outputs["prompts"]))
             for i in range(keep):
                 self.samples.append({
-                    "prompt": outputs["prompts"][i], "seed": int(batch["seed"][i]), "rank": trainer.global_rank,
+                    "prompt": outputs["prompts"][i], "seed": int(batch["seed"][i]),
                     "reward_base": outputs["base_scores"][i].tolist(), "reward_tuned": outputs["scores"][i].tolist(),
                     "images": torch.stack([outputs[k][i].float().cpu().expand(3, -1, -1)
                                            for k in ("base", "tuned", "mask")]),
