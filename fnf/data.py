@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -53,8 +53,23 @@ def _prompt(value: Any, where: str) -> str:
     return value.strip()
 
 
-def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[tuple[str, int | None]]:
-    """Parse a ``.txt``/``.csv``/``.jsonl`` prompt file into ``(prompt, seed or None)`` pairs."""
+class PromptRow(NamedTuple):
+    prompt: str
+    seed: int | None
+    category: str | None = None
+    """Optional label (jsonl key / csv column ``category``): evaluation reports metrics per category."""
+
+
+def _category(value: Any, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise PromptFileError(f"{where}: 'category' must be a string, got {value!r}")
+    return value.strip()
+
+
+def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[PromptRow]:
+    """Parse a ``.txt``/``.csv``/``.jsonl`` prompt file into rows of (prompt, seed or None, category or None)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -68,11 +83,11 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[tuple[str
         line = data[: err.start].count(b"\n") + 1
         raise PromptFileError(f"{path}:{line}: not valid UTF-8 text") from None
 
-    rows: list[tuple[str, int | None]] = []
+    rows: list[PromptRow] = []
     if suffix == ".txt":
         for line in text.split("\n"):
             if line.strip() and not line.lstrip().startswith("#"):
-                rows.append((line.strip(), None))
+                rows.append(PromptRow(line.strip(), None))
     elif suffix == ".jsonl":
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
@@ -85,7 +100,7 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[tuple[str
             if not isinstance(obj, dict):
                 raise PromptFileError(f'{where}: expected a JSON object like {{"prompt": "...", "seed": 0}}')
             seed = _seed(obj["seed"], where) if obj.get("seed") is not None else None
-            rows.append((_prompt(obj.get("prompt"), where), seed))
+            rows.append(PromptRow(_prompt(obj.get("prompt"), where), seed, _category(obj.get("category"), where)))
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []
@@ -95,7 +110,7 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[tuple[str
             where = f"{path}:{reader.line_num}"
             cell = row.get("seed")
             seed = _seed(cell, where) if cell is not None and cell.strip() else None
-            rows.append((_prompt(row[csv_column] or "", where), seed))
+            rows.append(PromptRow(_prompt(row[csv_column] or "", where), seed, _category(row.get("category"), where)))
     if not rows:
         raise PromptFileError(f"{path}: no prompts found (expected at least one)")
     return rows
@@ -108,10 +123,13 @@ def in_val_split(prompt: str, fraction: float) -> bool:
 
 
 def collate(items: list[Item]) -> dict[str, Any]:
-    return {
+    batch = {
         "prompt": [item["prompt"] for item in items],
         "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
     }
+    if any("category" in item for item in items):
+        batch["category"] = [item.get("category", "") for item in items]
+    return batch
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -177,9 +195,10 @@ class PromptDataModule(L.LightningDataModule):
     def load(self, path: str) -> list[Item]:
         """Read a prompt file and expand it into seeded items (see class docstring)."""
         items = []
-        for index, (prompt, file_seed) in enumerate(read_prompts(path, self.csv_column)):
+        for index, (prompt, file_seed, category) in enumerate(read_prompts(path, self.csv_column)):
             base = self.seed + index if file_seed is None else file_seed
-            items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k} for k in range(self.seeds_per_prompt)]
+            label = {"category": category} if category is not None else {}
+            items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k, **label} for k in range(self.seeds_per_prompt)]
         return items
 
     @override

@@ -62,17 +62,17 @@ class Evaluation(Callback):
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
         self.save_samples = save_samples
-        self.metrics: dict[str, nn.ModuleDict] = {}
+        self.metrics: dict[str, dict[str, nn.ModuleDict]] = {}  # stage -> category ('' = all) -> metrics
         self.samples: list[dict] = []
 
-    def _build(self, pl_module: LightningModule) -> nn.ModuleDict:
+    def _build(self, pl_module: LightningModule, fid: bool) -> nn.ModuleDict:
         metrics = {f"{region}_{name}": kind(region=region)
                    for region in ("outside", "inside", "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
         for head in pl_module.heads:
             metrics[f"reward_base/{head.name}"], metrics[f"reward_tuned/{head.name}"] = MeanMetric(), MeanMetric()
         if self.clip is not None:
             metrics["clip_score_base"], metrics["clip_score_tuned"] = CLIPScore(self.clip), CLIPScore(self.clip)
-        if self.fid_features is not None:
+        if fid and self.fid_features is not None:
             features = self.fid_features if not hasattr(self.fid_features, "image_features") else ImageFeatures(
                 self.fid_features)
             metrics["fid_tuned_vs_base"] = FrechetInceptionDistance(feature=features, normalize=True)
@@ -80,12 +80,23 @@ class Evaluation(Callback):
             metrics[f"judge{i}_base"], metrics[f"judge{i}_tuned"] = judge.clone(), judge.clone()
         return nn.ModuleDict(metrics).to(pl_module.device)
 
-    def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None) -> None:
+    def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None, batch: dict) -> None:
+        """Update the overall metrics and, when the prompt file has categories, each category's (no FID)."""
         if not outputs:
             return
-        if stage not in self.metrics:
-            self.metrics[stage] = self._build(pl_module)
-        metrics, prompts = self.metrics[stage], outputs["prompts"]
+        groups = self.metrics.setdefault(stage, {})
+        categories = batch.get("category") or [""] * len(outputs["prompts"])
+        for group in dict.fromkeys(["", *categories]):
+            if group not in groups:
+                groups[group] = self._build(pl_module, fid=group == "")
+            keep = [i for i, c in enumerate(categories) if c == group or group == ""]
+            subset = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
+                      for k, v in outputs.items() if k != "loss"}
+            self._update_group(groups[group], pl_module, subset)
+
+    @staticmethod
+    def _update_group(metrics: nn.ModuleDict, pl_module: LightningModule, outputs: dict) -> None:
+        prompts = outputs["prompts"]
         base, tuned, mask = outputs["base"].float(), outputs["tuned"].float(), outputs["mask"].float()
         for name, metric in metrics.items():
             if name.endswith(("_psnr", "_ssim")):
@@ -103,14 +114,17 @@ class Evaluation(Callback):
         if stage not in self.metrics:
             return
         values: dict[str, float] = {}
-        for name, metric in self.metrics.pop(stage).items():
-            value = metric.compute()
-            if isinstance(value, dict):  # a judge: its own keys, suffixed with the model
-                values |= {f"{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
-            else:
-                values[name] = float(value)
-        for head in pl_module.heads:
-            values[f"reward_change/{head.name}"] = values[f"reward_tuned/{head.name}"] - values[f"reward_base/{head.name}"]
+        for group, metrics in self.metrics.pop(stage).items():
+            prefix = f"category/{group}/" if group else ""
+            for name, metric in metrics.items():
+                value = metric.compute()
+                if isinstance(value, dict):  # a judge: its own keys, suffixed with the model
+                    values |= {f"{prefix}{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
+                else:
+                    values[prefix + name] = float(value)
+            for head in pl_module.heads:
+                values[f"{prefix}reward_change/{head.name}"] = (values[f"{prefix}reward_tuned/{head.name}"]
+                                                                - values[f"{prefix}reward_base/{head.name}"])
         pl_module.log_dict({f"{stage}_eval/{k}": v for k, v in values.items()}, sync_dist=False)
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
         if stage == "test" and trainer.is_global_zero:
@@ -122,10 +136,26 @@ class Evaluation(Callback):
             (folder / f"{stage}_metrics.md").write_text(
                 "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items())))
 
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Create every group up front, in the same order on every rank (metric syncs must match under DDP)."""
+        split = {"validate": "val", "test": "test"}[stage]
+        items = getattr(getattr(trainer, "datamodule", None), "items", {}).get(split, [])
+        categories = sorted({item["category"] for item in items if item.get("category")})
+        self.metrics[stage] = {group: self._build(pl_module, fid=group == "") for group in ["", *categories]}
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start("validate", trainer, pl_module)
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("test", trainer, pl_module)
+
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:
-            self._update("validate", pl_module, outputs)
+            self._update("validate", pl_module, outputs, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -133,7 +163,7 @@ class Evaluation(Callback):
 
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("test", pl_module, outputs)
+        self._update("test", pl_module, outputs, batch)
         if outputs and len(self.samples) < self.save_samples:
             keep = min(self.save_samples - len(self.samples), len(outputs["prompts"]))
             for i in range(keep):

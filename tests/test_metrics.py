@@ -120,3 +120,17 @@ def test_judge_rates_plug_into_the_evaluation():
     rates.update(torch.zeros(2, 3, 32, 32), ["a red circle top left", "a blue square top right"])  # empty images
     assert {k: float(v) for k, v in rates.compute().items()} == {
         "judge_alignment": 0.0, "judge_defect_rate": 0.0, "judge_unsafe_rate": 0.0}
+
+
+def test_categories_in_the_prompt_file_get_their_own_metrics(config, tmp_path):
+    prompts = tmp_path / "categorised.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "seed": i, "category": c}) + "\n" for i, (p, c) in enumerate(
+        [("a red circle", "simple"), ("a red square", "simple"), ("a blue circle top left", "placed")])))
+    main(["test", "--config", str(config), "--data.test_file", str(prompts),
+          "--trainer.callbacks+=fnf.evaluation.Evaluation", "--trainer.callbacks.output_dir", str(tmp_path / "eval")])
+    values = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    for group in ("simple", "placed"):
+        assert values[f"category/{group}/reward_change/ColorRegion"] == 0.0
+        assert f"category/{group}/outside_psnr" in values
+    mean = (2 * values["category/simple/reward_base/ColorRegion"] + values["category/placed/reward_base/ColorRegion"]) / 3
+    assert values["reward_base/ColorRegion"] == pytest.approx(mean, rel=1e-5)  # the categories partition the set

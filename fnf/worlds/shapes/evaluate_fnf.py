@@ -90,7 +90,7 @@ def main() -> None:
     model = Text2ImageModel.from_pretrained(args.model)
     load_lora(model, args.lora)
     items = read_prompts(args.prompts)
-    prompts, seeds = [p for p, _ in items], [s if s is not None else i for i, (_, s) in enumerate(items)]
+    prompts, seeds = [r.prompt for r in items], [r.seed if r.seed is not None else i for i, r in enumerate(items)]
     sampler_args = SamplerArgs(num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     report = compare(*sample_pair(model, prompts, seeds, sampler_args), prompts, args.dilation)
     text = json.dumps(report, indent=2)

@@ -2,7 +2,7 @@
 
     python -m fnf.worlds.shapes.prompt_sets            # rewrites fnf/worlds/shapes/prompts/*.jsonl
 
-Every line is ``{"prompt": ..., "seed": ...}`` so that x_T is fixed per prompt. Evaluation files never
+Every line is ``{"prompt": ..., "seed": ...}`` so that x_T is fixed per prompt (held-out lines add a category). Evaluation files never
 share a prompt with the fine-tuning file of the same task.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, tempting_prompts
+from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, parse_prompt, tempting_prompts
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
@@ -37,10 +37,16 @@ def prompt_sets(n_train: int = 64, n_eval: int = 200) -> dict[str, list[tuple[st
     }
 
 
+COMPLEXITY = {1: "one object", 2: "two objects", 3: "three objects"}
+
+
 def write(directory: Path = PROMPTS_DIR) -> None:
+    """The held-out set carries a ``category`` (scene complexity), the world's analogue of PartiPrompts'
+    categories: ``fnf test`` on it reports forgetting per category."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, items in prompt_sets().items():
-        lines = [json.dumps({"prompt": prompt, "seed": seed}) for prompt, seed in items]
+        lines = [json.dumps({"prompt": prompt, "seed": seed} | (
+            {"category": COMPLEXITY[len(parse_prompt(prompt))]} if name == "heldout" else {})) for prompt, seed in items]
         (directory / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
