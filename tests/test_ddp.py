@@ -46,12 +46,16 @@ def _fit(tmp_path: Path, model: str, devices: int, batch_size: int) -> dict[str,
                   "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}],
                   "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}},
         "data": {"train_file": str(prompts), "batch_size": batch_size},
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
-                    "default_root_dir": str(run), "enable_progress_bar": False, "logger": False},
+        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": devices, "default_root_dir": str(run),
+                    "enable_progress_bar": False, "logger": False},
     }
+    if devices > 1:  # count the gradient bytes DDP all-reduces (tests/ddp_probe.py)
+        config["trainer"]["strategy"] = "ddp"
+        config["trainer"]["callbacks"] = [{"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(run)}}]
     path = tmp_path / f"devices{devices}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,6 +68,9 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+    lora_bytes = sum(t.numel() * t.element_size() for t in one.values())
+    for rank in (0, 1):  # only LoRA gradients are synchronised, once per step: frozen weights never travel
+        assert int((tmp_path / "devices2" / f"reduced-rank{rank}.txt").read_text()) == 3 * lora_bytes
 
 
 def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
