@@ -52,7 +52,7 @@ def heatmap_to_mask(heatmap: Tensor, args: MaskArgs) -> Tensor:
         side = 2 * args.dilation + 1
         mask = F.max_pool2d(mask, side, stride=1, padding=args.dilation)
     if args.kind == "soft":
-        mask = torch.maximum(mask, _blur(mask, args.feather))
+        mask = torch.maximum(mask, blur(mask, args.feather))
     return mask
 
 
@@ -63,12 +63,15 @@ def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma
         score = head(pixels, prompts).score
         (grad,) = torch.autograd.grad(score.sum(), pixels)  # images are scored independently
     saliency = grad.abs().amax(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
-    if sigma > 0:
-        saliency = _blur(saliency, sigma)
-    peak = saliency.amax(dim=(2, 3), keepdim=True)
-    return torch.where(peak > 0, saliency / peak.clamp_min(torch.finfo(saliency.dtype).tiny), 0.0)
+    return peak_normalised(blur(saliency, sigma) if sigma > 0 else saliency)
 
 
-def _blur(x: Tensor, sigma: float) -> Tensor:
+def peak_normalised(heatmap: Tensor) -> Tensor:
+    """(B, 1, H, W) non-negative map -> divided by its per-image maximum (all-zero maps stay zero)."""
+    peak = heatmap.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, heatmap / peak.clamp_min(torch.finfo(heatmap.dtype).tiny), 0.0)
+
+
+def blur(x: Tensor, sigma: float) -> Tensor:
     radius = max(1, round(3 * sigma))
     return gaussian_blur(x, kernel_size=2 * radius + 1, sigma=sigma)
