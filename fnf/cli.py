@@ -46,6 +46,17 @@ def check_config_files(args: list[str]) -> None:
                                  f"({getattr(error, 'problem', None) or type(error).__name__})") from None
 
 
+JSONARGPARSE_WRAPPING = ("Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid subclass",
+                         "Subclass types expect", "a class path", "a dict ")
+
+
+def cause(error: Exception) -> str:
+    """One line: jsonargparse nests a failed instantiation's real message inside Union / subclass reports."""
+    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(JSONARGPARSE_WRAPPING)]
+    return (causes or lines or [type(error).__name__])[0]
+
+
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
@@ -61,7 +72,7 @@ def main(args: list[str] | None = None) -> None:
                parser_kwargs={"parser_mode": "omegaconf"},
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
-        sys.exit(f"fnf: error: {error}")
+        sys.exit(f"fnf: error: {cause(error)}")
 
 
 if __name__ == "__main__":
