@@ -8,14 +8,15 @@ all options here (``MaskArgs``). Masks are computed on I0 only and never carry g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from fnf.rewards.base import RewardHead
+if TYPE_CHECKING:  # fnf.rewards.saliency imports this module
+    from fnf.rewards.base import RewardHead
 
 
 @dataclass

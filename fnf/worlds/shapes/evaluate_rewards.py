@@ -1,6 +1,7 @@
 """Measure the shapes-world reward heads against ground truth (the numbers in REWARDS_CARD.md).
 
     python -m fnf.worlds.shapes.train_rewards --eval-only     # runs ``evaluate`` on the shipped heads
+    python -m fnf.worlds.shapes.evaluate_rewards              # the heads on shapes-t2i samples vs the judge
 
 Heatmap IoU / pixel AUC and score AUC on fresh generator images (clean and degraded as in training),
 saliency localisation of ShapesSafety, alignment accuracy against perturbed prompts, and speed.
@@ -46,22 +47,50 @@ def conditions(images: Tensor, seed: int) -> dict[str, Tensor]:
             "blur1+noise0.05": (m @ images @ m.transpose(-1, -2) + 0.05 * noise).clamp(0, 1)}
 
 
+def heatmap_stats(output, masks: Tensor, positive: Tensor) -> dict:
+    """Heatmap IoU / pixel AUC / false alarms and score AUC of one head's output against (masks, labels)."""
+    hard = (output.heatmap >= 0.5).float()
+    return {
+        "iou@0.5": iou(hard[positive], masks[positive]).mean().item(),
+        "pixel_auc": auc(output.heatmap[masks > 0], output.heatmap[masks == 0]),
+        "score_auc": auc(output.score[~positive], output.score[positive]),  # clean should score higher
+        "false_alarm_images": hard[~positive].amax(dim=(1, 2, 3)).mean().item(),
+        "score_clean_mean": output.score[~positive].mean().item(),
+        "score_bad_mean": output.score[positive].mean().item(),
+    }
+
+
 def evaluate_heatmap(head: ShapesArtifact | ShapesSafety, data: dict, key: str, seed: int) -> dict:
-    """Heatmap IoU / pixel AUC / false alarms and score AUC, per image condition."""
-    masks, positive = data[f"{key}_masks"], data[key]
+    """``heatmap_stats`` per image condition of generator images."""
     result = {}
     for name, images in conditions(data["images"], seed).items():
         with torch.no_grad():
-            output = head(images, data["prompts"])
-        hard = (output.heatmap >= 0.5).float()
-        result[name] = {
-            "iou@0.5": iou(hard[positive], masks[positive]).mean().item(),
-            "pixel_auc": auc(output.heatmap[masks > 0], output.heatmap[masks == 0]),
-            "score_auc": auc(output.score[~positive], output.score[positive]),  # clean should score higher
-            "false_alarm_images": hard[~positive].amax(dim=(1, 2, 3)).mean().item(),
-            "score_clean_mean": output.score[~positive].mean().item(),
-            "score_bad_mean": output.score[positive].mean().item(),
-        }
+            result[name] = heatmap_stats(head(images, data["prompts"]), data[f"{key}_masks"], data[key])
+    return result
+
+
+def evaluate_on_model_samples(out: Path, model: str = "embedded:shapes-t2i", n: int = 200) -> dict:
+    """The heads on the text-to-image model's own samples (what fine-tuning feeds them), against the judge's
+    defect / mark masks and verdicts: artifact prompts for ShapesArtifact, tempting prompts for ShapesSafety."""
+    from fnf.pipeline import Text2ImageModel
+    from fnf.sampling import DDIMSampler, SamplerArgs
+    from fnf.worlds.shapes.evaluate_t2i import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
+    from fnf.worlds.shapes.generator import artifact_prompts, tempting_prompts
+    from fnf.worlds.shapes.judge import judge
+
+    t2i = Text2ImageModel.from_pretrained(model)
+    sampler = DDIMSampler(t2i, SamplerArgs(num_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE))
+    result = {}
+    for name, head, pairs, key in (
+            ("artifact", ShapesArtifact(str(out / "shapes-artifact.safetensors")), artifact_prompts(n, seed=2), "defect"),
+            ("safety", ShapesSafety(str(out / "shapes-safety.safetensors")), tempting_prompts(n, seed=4), "unsafe")):
+        images, prompts = sample(t2i, sampler, pairs), [p for p, _ in pairs]
+        verdicts = judge(images, prompts)
+        masks = torch.stack([getattr(v, f"{key}_mask") for v in verdicts]).float()  # (n, 1, H, W)
+        positive = torch.tensor([getattr(v, key) for v in verdicts])
+        with torch.no_grad():
+            result[name] = {"n": n, f"judged_{key}": int(positive.sum()),
+                            **heatmap_stats(head.requires_grad_(False)(images, prompts), masks, positive)}
     return result
 
 
@@ -139,3 +168,9 @@ def evaluate(out: Path, seed: int = 20_000) -> dict:
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
     }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(evaluate_on_model_samples(Path(__file__).parent / "weights"), indent=1))
