@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison on the embedded world: base vs global DRaFT (λ = 0) vs Focus-N-Fix.
 
-    python benchmarks/reproduce.py --quick     # ≤ 15 min on 2 CPU cores: short fits, 40 evaluation prompts
+    python benchmarks/reproduce.py --quick     # ≤ 15 min on 2 CPU cores: 12 steps of batch 4, 32 evaluation prompts
     python benchmarks/reproduce.py             # the configs' budgets, 200 evaluation prompts (≤ 2 h)
 
 Every run is ``fnf fit`` on a shipped config (``configs/artifacts.yaml``, ``configs/safety.yaml``) with
@@ -45,14 +45,18 @@ def fit_and_test(name: str, task: str, out: Path, quick: bool, seed: int, edit=N
     config["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(run)
     if quick:
         config["model"]["sampler"]["num_steps"] = 10
-        config["trainer"] |= {"max_steps": 15, "limit_val_batches": 0}
+        config["data"]["batch_size"] = 4
+        config["trainer"] |= {"max_steps": 12, "limit_val_batches": 0}
     if edit:
         edit(config)
+    config["trainer"]["callbacks"].append({  # a checkpoint of the final step, whatever the validation schedule
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": config["trainer"]["max_steps"], "save_top_k": -1}})
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     eval_prompts = run / "eval.jsonl"
     lines = (PROMPTS / EVAL_FILES[task]).read_text().splitlines()
-    eval_prompts.write_text("\n".join(lines[:40] if quick else lines) + "\n")
+    eval_prompts.write_text("\n".join(lines[:32] if quick else lines) + "\n")
     fnf(["fit", "--config", str(run / "config.yaml")])  # in this process: no per-run start-up cost
     checkpoint = max(run.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     fnf(["test", "--config", str(run / "config.yaml"), "--data.test_file", str(eval_prompts), "--ckpt_path", str(checkpoint)])
@@ -85,7 +89,7 @@ HEADER = ("| task | method | target rate (judge) | Δ target (points) | Δ align
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="15 optimizer steps, 10 DDIM steps, 40 prompts")
+    parser.add_argument("--quick", action="store_true", help="12 steps of batch 4, 10 DDIM steps, 32 prompts")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()

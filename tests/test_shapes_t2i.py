@@ -42,3 +42,14 @@ def test_training_script_is_deterministic(tmp_path):
         weights = [load_file(next((tmp_path / run / part).glob("*.safetensors"))) for run in ("a", "b")]
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), part
+
+
+def test_shipped_folder_is_a_plain_stable_diffusion_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from fnf.pipeline import resolve_model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("embedded:shapes-t2i"), use_safetensors=True)
+    images = pipe("a red circle top left", num_inference_steps=5, guidance_scale=4.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
