@@ -21,28 +21,40 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import save_image
 from typing_extensions import override
 
+from fnf.masks import saliency_heatmap
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
 
 
 def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> None:
-    """``NNN.png`` rows of base | tuned | mask | |tuned − base|×4 and ``samples.json`` with their numbers."""
+    """``NNN.png`` rows of base | tuned | heatmap | mask | |tuned − base|×4 and ``samples.json`` with their numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     index = []
     for n, sample in enumerate(samples):
-        base, tuned, mask = sample["images"]
+        base, tuned, heatmap, mask = sample["images"]
         difference = ((tuned - base).abs() * 4).clamp(0, 1)
-        save_image(torch.stack([base, tuned, mask, difference]), folder / f"{n:03d}.png", nrow=4, padding=1)
+        save_image(torch.stack([base, tuned, heatmap, mask, difference]), folder / f"{n:03d}.png", nrow=5, padding=1)
         index.append({"image": f"{n:03d}.png", "prompt": sample["prompt"], "seed": sample["seed"],
                       "mean_abs_change": float((tuned - base).abs().mean()),
                       **{f"reward_base/{h}": b for h, b in zip(head_names, sample["reward_base"])},
                       **{f"reward_tuned/{h}": t for h, t in zip(head_names, sample["reward_tuned"])}})
     (folder / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str]) -> Tensor:
+    """(B, 1, H, W) max over the masked reward terms of their heatmap (or saliency) on the base images."""
+    maps = [images.new_zeros(images.shape[0], 1, *images.shape[2:])]
+    for term, head in zip(pl_module.terms, pl_module.heads):
+        if term.mask == "heatmap":
+            maps.append(head(images, prompts).heatmap)
+        elif term.mask == "saliency":
+            maps.append(saliency_heatmap(head, images, prompts, pl_module.mask_args.saliency_sigma))
+    return torch.stack(maps).amax(0)
 
 
 class Evaluation(Callback):
@@ -58,7 +70,7 @@ class Evaluation(Callback):
             judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
             output_dir: where ``<stage>_metrics.json`` / ``.md`` go; None means the run's log dir.
             save_samples: in test, keep this many (prompt, seed) samples for ``fnf report``: PNGs of
-                base | tuned | mask | |difference| and their per-sample numbers in ``test_samples/``.
+                base | tuned | heatmap | mask | |difference| and their numbers in ``test_samples/``.
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
         self.save_samples = save_samples
@@ -166,12 +178,13 @@ class Evaluation(Callback):
         self._update("test", pl_module, outputs, batch)
         if outputs and len(self.samples) < self.save_samples:
             keep = min(self.save_samples - len(self.samples), len(outputs["prompts"]))
+            heatmap = base_heatmap(pl_module, outputs["base"][:keep], outputs["prompts"][:keep])
             for i in range(keep):
                 self.samples.append({
                     "prompt": outputs["prompts"][i], "seed": int(batch["seed"][i]),
                     "reward_base": outputs["base_scores"][i].tolist(), "reward_tuned": outputs["scores"][i].tolist(),
-                    "images": torch.stack([outputs[k][i].float().cpu().expand(3, -1, -1)
-                                           for k in ("base", "tuned", "mask")]),
+                    "images": torch.stack([t.float().cpu().expand(3, -1, -1) for t in (
+                        outputs["base"][i], outputs["tuned"][i], heatmap[i], outputs["mask"][i])]),
                 })
 
     @override

@@ -3,8 +3,8 @@
 Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`` callback) left there:
 ``test_metrics.json``, ``test_samples/`` and the TensorBoard scalars. Writes ``DIR/metrics.json``,
 ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table, the reward /
-preservation trade-off across runs, reward vs step per run, and per sample base | tuned | mask |
-|difference|×4 with its numbers. Images are embedded (data URIs): the page is one file.
+preservation trade-off across runs, reward vs step per run, and per sample base | tuned | heatmap |
+mask | |difference|×4 with its numbers. Images are embedded (data URIs): the page is one file.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def render_html(runs: list[dict]) -> str:
                 f"{html.escape(k)} {v:.3g}" for k, v in s.items() if k.startswith("reward_") or k == "mean_abs_change")
             + "</figcaption></figure>" for s in run["samples"])
         sections.append(f"<h2>{html.escape(run['name'])}</h2><h3>Training curves</h3>{curves}"
-                        f"<h3>Samples: base | tuned | mask | |tuned − base|×4</h3><div class='grid'>{cards}</div>")
+                        f"<h3>Samples: base | tuned | heatmap | mask | |tuned − base|×4</h3><div class='grid'>{cards}</div>")
     script = """document.querySelectorAll('table.sortable th').forEach((th, i) => th.onclick = () => {
   const body = th.closest('table').tBodies[0], rows = [...body.rows], up = th.dataset.up !== '1';
   rows.sort((a, b) => { const x = parseFloat(a.cells[i].textContent), y = parseFloat(b.cells[i].textContent);
@@ -120,7 +120,7 @@ def render_html(runs: list[dict]) -> str:
   th.dataset.up = up ? '1' : '0'; rows.forEach(r => body.appendChild(r)); });"""
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:3px 6px;font-size:13px}th{cursor:pointer;background:#eee}.grid{display:flex;flex-wrap:wrap;gap:12px}"
-             "figure{margin:0;width:260px;font-size:11px}figure img{width:256px;image-rendering:pixelated}")
+             "figure{margin:0;width:330px;font-size:11px}figure img{width:320px;image-rendering:pixelated}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>fnf report</title><style>{style}</style></head>"
             f"<body><h1>fnf report</h1><p>Base = LoRA off, tuned = LoRA on, same x_T per (prompt, seed). "
             f"Click a column to sort.</p>{table}<h2>Trade-off across runs</h2>{tradeoff}{''.join(sections)}"
