@@ -265,6 +265,11 @@ class FocusNFix(L.LightningModule):
                 "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
 
     @override
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)  # free the LoRA grads now: Lightning would keep them through the next forward
+
+    @override
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.lora_parameters() if p.grad is not None]
         if grads:  # one foreach kernel, no per-parameter device syncs
