@@ -1,15 +1,12 @@
 """Real-model configs (configs/sd15/*.yaml): offline they fail with one clear line; their structure runs on a
-tiny SD1.5-shaped model and a tiny open_clip model built here."""
+tiny SD1.5-shaped model and a tiny open_clip model (conftest)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from fnf.cli import main
 
@@ -21,22 +18,6 @@ def _exit_message(args: list[str]) -> str:
         main(args)
     assert exit_info.value.code != 0
     return str(exit_info.value.code)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("tiny-open-clip")
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                                                            "head_width": 16},
-                            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
-              "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    save_file(open_clip.create_model(f"local-dir:{folder}", load_weights=False).state_dict(),
-              str(folder / "open_clip_model.safetensors"))
-    return f"local-dir:{folder}"
 
 
 def _swap_models(node, model_dir: str, clip: str):
