@@ -61,14 +61,14 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["report"]:  # not a Lightning subcommand: reads what fit / test wrote
+        if argv[:1] == ["report"]:  # not a Lightning subcommand: reads what fit / test wrote
             from fnf.report import main as report
 
-            return report(args[1:])
-        check_config_files(args)
-        FnfCLI(FocusNFix, PromptDataModule, args=args, save_config_kwargs={"overwrite": True},
+            return report(argv[1:])
+        check_config_files(argv)
+        FnfCLI(FocusNFix, PromptDataModule, args=args,  # None: LightningCLI reads sys.argv itself save_config_kwargs={"overwrite": True},
                parser_kwargs={"parser_mode": "omegaconf"},
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
