@@ -68,8 +68,8 @@ def main(args: list[str] | None = None) -> None:
 
             return report(argv[1:])
         check_config_files(argv)
-        FnfCLI(FocusNFix, PromptDataModule, args=args,  # None: LightningCLI reads sys.argv itself save_config_kwargs={"overwrite": True},
-               parser_kwargs={"parser_mode": "omegaconf"},
+        FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
+               save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
         sys.exit(f"fnf: error: {cause(error)}")
