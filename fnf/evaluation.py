@@ -101,7 +101,10 @@ class Evaluation(Callback):
         for group in dict.fromkeys(["", *categories]):
             if group not in groups:
                 groups[group] = self._build(pl_module, fid=group == "")
-            keep = [i for i, c in enumerate(categories) if c == group or group == ""]
+            if group == "":  # the whole batch: no copy
+                self._update_group(groups[group], pl_module, outputs)
+                continue
+            keep = [i for i, c in enumerate(categories) if c == group]
             subset = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
                       for k, v in outputs.items() if k != "loss"}
             self._update_group(groups[group], pl_module, subset)

@@ -21,29 +21,8 @@ def region_weights(mask: Tensor, region: Region) -> Tensor:
     return {"outside": 1 - mask, "inside": mask, "all": torch.ones_like(mask)}[region]
 
 
-class MaskedPSNR(Metric):
-    """PSNR (data range 1) over the pixels of a region, pooled over all images like torchmetrics' PSNR."""
-
-    higher_is_better = True
-
-    def __init__(self, region: Region = "outside", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.region = region
-        self.add_state("squared_error", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, tuned: Tensor, base: Tensor, mask: Tensor) -> None:
-        weights = region_weights(mask, self.region)  # (B, 1, H, W), broadcast over channels
-        self.squared_error += (weights * (tuned - base) ** 2).sum().double()
-        self.weight += weights.sum().double() * tuned.shape[1]
-
-    def compute(self) -> Tensor:
-        mse = self.squared_error / self.weight.clamp_min(1e-12)
-        return (10 * torch.log10(1 / mse.clamp_min(1e-20))).float()  # identical images: 200 dB, not inf
-
-
-class MaskedSSIM(Metric):
-    """Mean of the SSIM map (Gaussian window 11, σ 1.5) weighted by a region of the mask."""
+class _RegionMean(Metric):
+    """Mean of a per-pixel map of (tuned, base) over one region of the mask, pooled over all images."""
 
     higher_is_better = True
 
@@ -53,15 +32,37 @@ class MaskedSSIM(Metric):
         self.add_state("weighted_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
+    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:  # (B, C, H, W)
+        raise NotImplementedError
+
     def update(self, tuned: Tensor, base: Tensor, mask: Tensor) -> None:
-        _, ssim_map = structural_similarity_index_measure(tuned.float(), base.float(), data_range=1.0,
-                                                          return_full_image=True)  # (B, C, H, W)
-        weights = region_weights(mask, self.region)
-        self.weighted_sum += (weights * ssim_map).sum().double()
-        self.weight += weights.sum().double() * ssim_map.shape[1]
+        values = self.pixel_map(tuned.float(), base.float())
+        weights = region_weights(mask, self.region)  # (B, 1, H, W), broadcast over channels
+        self.weighted_sum += (weights * values).sum().double()
+        self.weight += weights.sum().double() * values.shape[1]
+
+    def region_mean(self) -> Tensor:
+        return self.weighted_sum / self.weight.clamp_min(1e-12)
+
+
+class MaskedPSNR(_RegionMean):
+    """PSNR (data range 1) over the pixels of a region, pooled over all images like torchmetrics' PSNR."""
+
+    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
+        return (tuned - base) ** 2
 
     def compute(self) -> Tensor:
-        return (self.weighted_sum / self.weight.clamp_min(1e-12)).float()
+        return (10 * torch.log10(1 / self.region_mean().clamp_min(1e-20))).float()  # identical: 200 dB, not inf
+
+
+class MaskedSSIM(_RegionMean):
+    """Mean of the SSIM map (Gaussian window 11, σ 1.5) weighted by a region of the mask."""
+
+    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
+        return structural_similarity_index_measure(tuned, base, data_range=1.0, return_full_image=True)[1]
+
+    def compute(self) -> Tensor:
+        return self.region_mean().float()
 
 
 class CLIPScore(Metric):
