@@ -74,5 +74,6 @@ def peak_normalised(heatmap: Tensor) -> Tensor:
 
 
 def blur(x: Tensor, sigma: float) -> Tensor:
-    radius = max(1, round(3 * sigma))
+    """Gaussian blur; the kernel is cut at 3σ, and at the image side for images smaller than that."""
+    radius = max(1, min(round(3 * sigma), min(x.shape[-2:]) - 1))
     return gaussian_blur(x, kernel_size=2 * radius + 1, sigma=sigma)

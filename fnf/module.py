@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
-from fnf.pipeline import LoraArgs, Text2ImageModel
+from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import RewardHead, check_reward_output
 from fnf.resume import restore_rng_states, rng_states
@@ -119,7 +119,7 @@ class FocusNFix(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.nonfinite, self.base_cache = nonfinite, base_cache
         self._cache: dict[tuple[str, int], BaseReference] = {}
-        self._uncond: Tensor | None = None
+        self._uncond: TextEmbedding | None = None
         self.strict_loading = False  # checkpoints hold LoRA weights only
 
     # ---- the FNF step ---------------------------------------------------------------------------
@@ -212,11 +212,11 @@ class FocusNFix(L.LightningModule):
     def latent_shape(self) -> tuple[int, int, int]:
         return self.model.latent_shape(self.sampler.resolution)
 
-    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def _encode(self, prompts: list[str]) -> tuple[TextEmbedding, TextEmbedding]:
         with torch.no_grad():
             if self._uncond is None or self._uncond.device != self.device:
-                self._uncond = self.model.encode_prompts([""])
-            return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts), -1, -1)
+                self._uncond = self.model.unconditional()
+            return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
 
     def _finite(self, loss: Tensor, scores: Tensor, base_scores: Tensor) -> bool:
         """One device sync per step; on failure, name the culprit: a reward on I0 (always fatal), on I, or the loss."""
@@ -277,10 +277,10 @@ class FocusNFix(L.LightningModule):
 
     @override
     def train(self, mode: bool = True) -> FocusNFix:
-        """Only the UNet (LoRA dropout) follows ``mode``; text encoder, VAE and reward heads stay in eval."""
+        """Only the UNet (LoRA dropout) follows ``mode``; text encoders, VAE and reward heads stay in eval."""
         super().train(mode)
-        for frozen in (self.model.text_encoder, self.model.vae, self.heads):
-            if frozen is not None:
+        for name, frozen in [*self.model.named_children(), ("heads", self.heads)]:
+            if name != "unet":
                 frozen.eval()
         return self
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from torch import Tensor, nn
@@ -52,6 +53,37 @@ class LoraArgs:
         )
 
 
+@dataclass
+class TextEmbedding:
+    """What the UNet is conditioned on: per-token hidden states and, for SDXL, the pooled prompt embedding."""
+
+    hidden: Tensor
+    """(B, L, D) text-encoder hidden states (SDXL: both encoders' penultimate layers, concatenated)."""
+    pooled: Tensor | None = None
+    """(B, P) SDXL's pooled embedding of its second text encoder; None for SD1.x/2.x."""
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def expand(self, batch: int) -> TextEmbedding:
+        """A batch-1 embedding (the unconditional one) as ``batch`` rows, without copying."""
+        return TextEmbedding(self.hidden.expand(batch, -1, -1),
+                             None if self.pooled is None else self.pooled.expand(batch, -1))
+
+    def repeat(self, n: int) -> TextEmbedding:
+        """(n·B) rows, copy i of row b at i·B + b (DRaFT-LV's stacking)."""
+        return TextEmbedding(self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1))
+
+    @staticmethod
+    def cat(parts: list[TextEmbedding]) -> TextEmbedding:
+        pooled = [p.pooled for p in parts]
+        return TextEmbedding(torch.cat([p.hidden for p in parts]), None if pooled[0] is None else torch.cat(pooled))
+
+
 def resolve_model_path(pretrained: str | os.PathLike) -> str:
     """``embedded:<name>`` -> the shipped folder; anything else is a local folder or a hub id."""
     pretrained = str(pretrained)
@@ -80,26 +112,18 @@ class Text2ImageModel(nn.Module):
         """Load SD1.x/2.x-layout folders (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or hub ids.
 
         Weights are read from safetensors only; the scheduler is converted to DDIM (eta = 0 later).
+        SDXL-layout folders (``text_encoder_2/``) load as ``fnf.sdxl.SDXLModel``.
         """
         path = resolve_model_path(pretrained)
         index = _read_model_index(str(pretrained), path)
         if "text_encoder_2" in index:
-            raise NotImplementedError(f"model.pretrained={pretrained!r} is an SDXL-layout model; SDXL loading lands "
-                                      "with the real-model configs (two text encoders + added time ids)")
-        def load(part: str, kind, **kwargs):
-            try:
-                return kind.from_pretrained(path, subfolder=part, **kwargs)
-            except Exception as error:  # missing / pickle-only / corrupt files: one line naming the part
-                reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-                raise ValueError(f"model.pretrained: cannot load {part}/ from {path} (weights must be "
-                                 f"safetensors): {reason}") from None
+            from fnf.sdxl import SDXLModel  # SDXL's extra conditioning lives in its own file
 
-        unet = load("unet", UNet2DConditionModel, use_safetensors=True)
-        text_encoder = load("text_encoder", CLIPTextModel, use_safetensors=True)
-        tokenizer = load("tokenizer", AutoTokenizer)
-        scheduler = load("scheduler", DDIMScheduler)
-        vae = load("vae", AutoencoderKL, use_safetensors=True) if index.get("vae") else None
-        return cls(unet, text_encoder, tokenizer, scheduler, vae)
+            return SDXLModel.load(path, index)
+        vae = load_part(path, "vae", AutoencoderKL) if index.get("vae") else None
+        return cls(load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
+                   load_part(path, "tokenizer", AutoTokenizer, weights=False),
+                   load_part(path, "scheduler", DDIMScheduler, weights=False), vae)
 
     # ---- LoRA -------------------------------------------------------------------------------
     def add_lora(self, args: LoraArgs) -> None:
@@ -121,16 +145,18 @@ class Text2ImageModel(nn.Module):
             self.unet.enable_adapters()
 
     # ---- text and image space ----------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """(B,) prompts -> (B, L, D) text-encoder hidden states; over-long prompts are truncated."""
-        max_length = self.tokenizer.model_max_length
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt")
-        for prompt, ids in zip(prompts, self.tokenizer(prompts).input_ids):
-            if len(ids) > max_length:
-                warnings.warn(f"prompt truncated to {max_length} tokens: {prompt[:60]!r}...", stacklevel=2)
-        device = self.text_encoder.device
-        return self.text_encoder(tokens.input_ids.to(device))[0]
+    def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
+        """(B,) prompts -> the UNet's conditioning; over-long prompts are truncated (with a warning)."""
+        ids = token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
+        return TextEmbedding(self.text_encoder(ids)[0])
+
+    def unconditional(self) -> TextEmbedding:
+        """The batch-1 conditioning of classifier-free guidance's unconditional branch: the empty prompt."""
+        return self.encode_prompts([""])
+
+    def predict_noise(self, latents: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
+        """ε_θ(x_t, t, c) with whatever adapter state the UNet has."""
+        return self.unet(latents, t, encoder_hidden_states=text.hidden).sample
 
     @property
     def vae_scale_factor(self) -> int:
@@ -153,6 +179,26 @@ class Text2ImageModel(nn.Module):
         if self.vae is not None:
             latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return (latents / 2 + 0.5).clamp(0, 1)
+
+
+def token_ids(tokenizer, prompts: list[str]) -> Tensor:
+    """Padded token ids (B, max_length); prompts over the tokenizer's limit are truncated with a warning."""
+    max_length = tokenizer.model_max_length
+    for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
+        if len(ids) > max_length:
+            warnings.warn(f"prompt truncated to {max_length} tokens: {prompt[:60]!r}...", stacklevel=3)
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def load_part(path: str, part: str, kind, weights: bool = True):
+    """One component folder of a diffusers model (safetensors only); failures become one line naming the part."""
+    try:
+        return kind.from_pretrained(path, subfolder=part, **({"use_safetensors": True} if weights else {}))
+    except Exception as error:  # missing / pickle-only / corrupt files
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"model.pretrained: cannot load {part}/ from {path} (weights must be "
+                         f"safetensors): {reason}") from None
 
 
 def _read_model_index(pretrained: str, path: str) -> dict:

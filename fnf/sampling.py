@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from fnf.pipeline import Text2ImageModel
+from fnf.pipeline import Text2ImageModel, TextEmbedding
 
 GradMode = Literal["none", "full", "last_k", "lv"]
 
@@ -81,8 +81,8 @@ class DDIMSampler:
         """DRaFT-LV returns n samples per prompt, stacked as (n·B, ...); every other mode returns B."""
         return self.args.lv_samples if grad_mode == "lv" else 1
 
-    def __call__(self, noise: Tensor, text: Tensor, uncond: Tensor, grad_mode: GradMode) -> Sample:
-        """noise x_T (B, C, h, w), text and unconditional embeddings (B, L, D) -> Sample."""
+    def __call__(self, noise: Tensor, text: TextEmbedding, uncond: TextEmbedding, grad_mode: GradMode) -> Sample:
+        """noise x_T (B, C, h, w), prompt and unconditional conditioning (B rows each) -> Sample."""
         timesteps = self.scheduler.timesteps
         n_grad = {"none": 0, "lv": 0, "full": len(timesteps), "last_k": self.args.k}[grad_mode]
         latents = noise
@@ -98,24 +98,23 @@ class DDIMSampler:
                 return Sample(latents, self.model.decode(latents))
         return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
 
-    def _lower_variance_step(self, x0: Tensor, t: Tensor, text: Tensor, uncond: Tensor) -> Tensor:
+    def _lower_variance_step(self, x0: Tensor, t: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
         """DRaFT-LV: re-noise x_0 to the last timestep n times and take one differentiable step each."""
         n = self.args.lv_samples
         x0 = x0.repeat(n, 1, 1, 1)  # (n·B, C, h, w), sample i of prompt b at i·B + b
         noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), t.reshape(1))
-        return self._maybe_checkpoint(self._step, noisy, t, text.repeat(n, 1, 1), uncond.repeat(n, 1, 1))
+        return self._maybe_checkpoint(self._step, noisy, t, text.repeat(n), uncond.repeat(n))
 
-    def _step(self, latents: Tensor, t: Tensor, text: Tensor, uncond: Tensor) -> Tensor:
+    def _step(self, latents: Tensor, t: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
         """One DDIM (eta = 0) update x_t -> x_{t-1} with classifier-free guidance."""
         unet_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
         scale = self.args.guidance_scale
         if scale > 1:
-            eps_uncond, eps_text = self.model.unet(
-                torch.cat([unet_in, unet_in]), t, encoder_hidden_states=torch.cat([uncond, text])
-            ).sample.chunk(2)
+            eps_uncond, eps_text = self.model.predict_noise(
+                torch.cat([unet_in, unet_in]), t, TextEmbedding.cat([uncond, text])).chunk(2)
             eps = eps_uncond + scale * (eps_text - eps_uncond)
         else:
-            eps = self.model.unet(unet_in, t, encoder_hidden_states=text).sample
+            eps = self.model.predict_noise(unet_in, t, text)
         return self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
 
     def _maybe_checkpoint(self, fn, *args):

@@ -92,8 +92,8 @@ def test_overlong_prompt_warns_and_truncates(tiny_model_dir):
     model = Text2ImageModel.from_pretrained(tiny_model_dir)
     limit = model.tokenizer.model_max_length
     with pytest.warns(UserWarning, match=f"prompt truncated to {limit} tokens"):
-        hidden = model.encode_prompts(["a red circle " * 40])
-    assert hidden.shape[1] == limit
+        embedding = model.encode_prompts(["a red circle " * 40])
+    assert embedding.hidden.shape[1] == limit
 
 
 def test_all_one_mask_frees_the_whole_image():

@@ -1,4 +1,4 @@
-"""Random-weight, SD1.x-shaped pipelines saved in diffusers format: for tests and benchmarks.
+"""Random-weight, SD1.x- and SDXL-shaped pipelines saved in diffusers format: for tests and benchmarks.
 
 No hub is reachable here, so tests and speed measurements build their own models; they go through
 the same loading code (``Text2ImageModel.from_pretrained``) as a downloaded Stable Diffusion.
@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from fnf.worlds.tokenizer import build_clip_tokenizer
 
@@ -22,28 +23,60 @@ def build_random_sd(directory: str | Path, latent_side: int = 8, block_out_chann
     """Save a random SD1.x-layout pipeline: VAE factor 2, images of side 2·latent_side."""
     directory = Path(directory)
     torch.manual_seed(seed)
+    unet, vae = _unet(latent_side, block_out_channels, text_width), _vae(latent_side)
+    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=_text_encoder(CLIPTextModel, tokenizer, text_width), tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(directory)
+    return directory
+
+
+def build_random_sdxl(directory: str | Path, latent_side: int = 8, block_out_channels: tuple[int, ...] = (32, 64),
+                      text_width: int = 32, seed: int = 0) -> Path:
+    """Save a random SDXL-layout pipeline: two text encoders (the second with a projection), ``text_time``
+    added conditioning (pooled text + 6 size ids), VAE factor 2."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(WORDS, directory / "tokenizer_2")
+    time_dim = 8
+    unet = _unet(latent_side, block_out_channels, 2 * text_width, addition_embed_type="text_time",
+                 addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + text_width)
+    StableDiffusionXLPipeline(
+        vae=_vae(latent_side), text_encoder=_text_encoder(CLIPTextModel, tokenizer, text_width),
+        text_encoder_2=_text_encoder(CLIPTextModelWithProjection, tokenizer_2, text_width), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+    ).save_pretrained(directory)
+    return directory
+
+
+def _unet(latent_side: int, block_out_channels: tuple[int, ...], cross_attention_dim: int, **extra) -> UNet2DConditionModel:
     down = ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=block_out_channels, down_block_types=down, up_block_types=up,
-        cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32, **extra,
     )
-    vae = AutoencoderKL(
+
+
+def _vae(latent_side: int) -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=32, sample_size=2 * latent_side,
     )
-    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+
+
+def _text_encoder(kind, tokenizer, width: int):
+    return kind(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)
-    return directory
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)

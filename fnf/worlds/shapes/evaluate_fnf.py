@@ -33,12 +33,12 @@ def sample_pair(model: Text2ImageModel, prompts: list[str], seeds: list[int], ar
     shape = model.latent_shape(sampler.resolution)
     base, tuned = [], []
     with torch.no_grad():
-        uncond = model.encode_prompts([""])
+        uncond = model.unconditional()
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             text = model.encode_prompts(chunk)
             noise = initial_noise(torch.tensor(seeds[start:start + batch_size]), shape, "cpu")
-            empty = uncond.expand(len(chunk), -1, -1)
+            empty = uncond.expand(len(chunk))
             tuned.append(sampler(noise, text, empty, "none").images)
             with model.adapter_disabled():
                 base.append(sampler(noise, text, empty, "none").images)

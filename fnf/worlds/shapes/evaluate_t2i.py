@@ -45,7 +45,7 @@ def sample(model: Text2ImageModel, sampler: DDIMSampler, pairs: list[tuple[str, 
     for i in range(0, len(pairs), batch):
         prompts, seeds = zip(*pairs[i:i + batch])
         text = model.encode_prompts(list(prompts))
-        uncond = model.encode_prompts([""]).expand(len(prompts), -1, -1)
+        uncond = model.unconditional().expand(len(prompts))
         out = sampler(initial_noise(torch.tensor(seeds), shape, torch.device("cpu")), text, uncond, "none")
         images.append(haar_decode(out.latents / model.vae.config.scaling_factor) if decoder == "haar" else out.images)
     return torch.cat(images)

@@ -1,5 +1,5 @@
-"""Real-model configs (configs/sd15/*.yaml): offline they fail with one clear line; their structure runs on a
-tiny SD1.5-shaped model and a tiny open_clip model (conftest)."""
+"""Real-model configs (configs/sd15/*.yaml, configs/sdxl/*.yaml): offline they fail with one clear line; their
+structure runs on tiny random SD1.5- / SDXL-shaped models and a tiny open_clip model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import pytest
 import yaml
 
 from fnf.cli import main
+from fnf.worlds.random_sd import build_random_sdxl
 
-SD15 = sorted((Path(__file__).parents[1] / "configs" / "sd15").glob("*.yaml"))
+CONFIGS = Path(__file__).parents[1] / "configs"
+REAL = sorted(CONFIGS.glob("sd15/*.yaml")) + sorted(CONFIGS.glob("sdxl/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    return str(build_random_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
 
 
 def _exit_message(args: list[str]) -> str:
@@ -32,16 +39,17 @@ def _swap_models(node, model_dir: str, clip: str):
     return node
 
 
-@pytest.mark.parametrize("config", SD15, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_offline_the_config_fails_with_one_line(config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = _exit_message(["fit", "--config", str(config)])
     assert "\n" not in message and ("not found locally" in message or "cannot load open_clip model" in message)
 
 
-@pytest.mark.parametrize("config", SD15, ids=lambda p: p.stem)
-def test_config_structure_runs_on_tiny_stand_ins(config, tiny_model_dir, tiny_clip, tmp_path):
-    data = _swap_models(yaml.safe_load(config.read_text()), tiny_model_dir, tiny_clip)
+@pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_structure_runs_on_tiny_stand_ins(config, tiny_model_dir, tiny_sdxl_dir, tiny_clip, tmp_path):
+    model_dir = tiny_sdxl_dir if config.parent.name == "sdxl" else tiny_model_dir
+    data = _swap_models(yaml.safe_load(config.read_text()), model_dir, tiny_clip)
     data["model"]["sampler"] |= {"resolution": 16, "num_steps": 3}
     data["trainer"] |= {"precision": "32-true", "default_root_dir": str(tmp_path), "enable_progress_bar": False}
     path = tmp_path / config.name

@@ -1,0 +1,58 @@
+"""SDXL: two text encoders and extra UNet conditioning, built exactly as diffusers' StableDiffusionXLPipeline does.
+
+The token conditioning is both encoders' penultimate hidden states, concatenated; the UNet also receives the
+pooled projection of the second encoder and "time ids" (original size, crop corner, target size). fnf samples
+without crops at the generated size, so the ids are ``(H, W, 0, 0, H, W)``. Everything else (LoRA, sampler,
+FNF step) is shared with SD1.x through ``Text2ImageModel``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, token_ids
+
+
+class SDXLModel(Text2ImageModel):
+    """A frozen SDXL-layout model (``text_encoder_2/``, ``tokenizer_2/``, ``addition_embed_type: text_time``)."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, tokenizer, scheduler: DDIMScheduler,
+                 vae: AutoencoderKL, text_encoder_2: nn.Module, tokenizer_2, zero_unconditional: bool = True) -> None:
+        super().__init__(unet, text_encoder, tokenizer, scheduler, vae)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2.requires_grad_(False).eval(), tokenizer_2
+        self.zero_unconditional = zero_unconditional
+
+    @classmethod
+    def load(cls, path: str, index: dict) -> SDXLModel:
+        """Load the parts of a local SDXL folder (``index`` = its model_index.json)."""
+        return cls(
+            load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
+            load_part(path, "tokenizer", AutoTokenizer, weights=False),
+            load_part(path, "scheduler", DDIMScheduler, weights=False), load_part(path, "vae", AutoencoderKL),
+            load_part(path, "text_encoder_2", CLIPTextModelWithProjection),
+            load_part(path, "tokenizer_2", AutoTokenizer, weights=False),
+            zero_unconditional=index.get("force_zeros_for_empty_prompt", True),
+        )
+
+    def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+        return TextEmbedding(torch.cat(hidden, dim=-1), pooled=output.text_embeds)
+
+    def unconditional(self) -> TextEmbedding:
+        """SDXL base was trained with zeroed embeddings for the empty prompt (``force_zeros_for_empty_prompt``)."""
+        empty = self.encode_prompts([""])
+        if not self.zero_unconditional:
+            return empty
+        return TextEmbedding(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+
+    def predict_noise(self, latents: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=text.hidden.dtype, device=latents.device)
+        conditioning = {"text_embeds": text.pooled, "time_ids": time_ids.expand(len(latents), -1)}
+        return self.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=conditioning).sample
