@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from fnf.rewards import ColorRegion, RewardOutput
+from fnf.rewards import (ColorRegion, OpenCLIPAlignment, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
+                         ShapesSafety)
 from fnf.rewards.base import check_reward_output
 
 IMAGES = torch.rand(2, 3, 8, 8)
@@ -26,3 +29,64 @@ def test_heatmap_shape_is_checked_even_without_values():
 def test_a_valid_output_passes():
     head = ColorRegion()
     assert check_reward_output(head, head(IMAGES, ["a", "b"]), IMAGES).score.shape == (2,)
+
+
+# ---- every built-in head (and the plugin-guide example) keeps the contract ------------------------------------
+REPO = Path(__file__).parents[1]
+
+
+def _heads(request) -> dict:
+    """name -> a zero-argument factory; heads with real weights use them, hub-only ones a tiny random model."""
+    from examples.custom_reward import BlueSky
+
+    def open_clip_head():
+        return OpenCLIPAlignment(model=request.getfixturevalue("tiny_clip"), negative_prompts=["blurry"])
+
+    return {
+        "ColorRegion": ColorRegion,
+        "ShapesArtifact": ShapesArtifact,
+        "ShapesSafety": ShapesSafety,
+        "ShapesAlignment": ShapesAlignment,
+        "OpenCLIPAlignment": open_clip_head,
+        "Saliency(gradient)": lambda: Saliency(ShapesAlignment()),
+        "Saliency(gradcam)": lambda: Saliency(ShapesSafety(), method="gradcam", layer="net.body.7"),
+        "BlueSky (examples/custom_reward.py)": BlueSky,
+    }
+
+
+HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment",
+              "Saliency(gradient)", "Saliency(gradcam)", "BlueSky (examples/custom_reward.py)"]
+CONTRACT_PROMPTS = ["a red circle", "a blue square top left", "a green triangle", "two red squares"]
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_every_head_keeps_the_contract(name, request, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # examples/ imports from the repository root, like a user's package
+    head = _heads(request)[name]().requires_grad_(False).eval()
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, requires_grad=True)
+    first = check_reward_output(head, head(images, CONTRACT_PROMPTS), images)
+    assert first.score.dtype == images.dtype and torch.isfinite(first.score).all()
+    (gradient,) = torch.autograd.grad(first.score.sum(), images)
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0, "the score must reach the pixels"
+    again = head(images, CONTRACT_PROMPTS)  # deterministic
+    assert torch.equal(again.score, first.score)
+    assert (again.heatmap is None) == (first.heatmap is None)
+    if first.heatmap is not None:
+        assert torch.equal(again.heatmap, first.heatmap) and first.heatmap.amax() <= 1 and first.heatmap.amin() >= 0
+    alone = check_reward_output(head, head(images[2:3], CONTRACT_PROMPTS[2:3]), images[2:3])  # batch of 1
+    torch.testing.assert_close(alone.score, first.score[2:3], rtol=1e-4, atol=1e-4)  # images scored independently
+
+
+def test_the_example_head_is_selected_from_yaml_by_class_path(config, monkeypatch, tmp_path):
+    import yaml
+
+    from fnf.cli import main
+
+    monkeypatch.syspath_prepend(str(REPO))
+    data = yaml.safe_load(config.read_text())
+    data["model"]["rewards"] = [{"head": {"class_path": "examples.custom_reward.BlueSky",
+                                          "init_args": {"fraction": 0.5}}, "mask": "heatmap"}]
+    path = tmp_path / "blue_sky.yaml"
+    path.write_text(yaml.safe_dump(data))
+    main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)])
