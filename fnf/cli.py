@@ -46,7 +46,7 @@ def check_config_files(args: list[str]) -> None:
                                  f"({getattr(error, 'problem', None) or type(error).__name__})") from None
 
 
-JSONARGPARSE_WRAPPING = ("Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid subclass",
+JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid subclass",
                          "Subclass types expect", "a class path", "a dict ")
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnf.rewards import (ColorRegion, OpenCLIPAlignment, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
+from fnf.rewards import (ColorRegion, NudeNetSafety, OpenCLIPAlignment, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
                          ShapesSafety)
 from fnf.rewards.base import check_reward_output
 
@@ -39,6 +39,10 @@ def _heads(request) -> dict:
     """name -> a zero-argument factory; heads with real weights use them, hub-only ones a tiny random model."""
     from examples.custom_reward import BlueSky
 
+    def nudenet_head():
+        pytest.importorskip("onnx2torch", reason="optional extra: pip install fnf[nudenet]")
+        return NudeNetSafety()
+
     def open_clip_head():
         return OpenCLIPAlignment(model=request.getfixturevalue("tiny_clip"), negative_prompts=["blurry"])
 
@@ -48,13 +52,14 @@ def _heads(request) -> dict:
         "ShapesSafety": ShapesSafety,
         "ShapesAlignment": ShapesAlignment,
         "OpenCLIPAlignment": open_clip_head,
+        "NudeNetSafety": nudenet_head,
         "Saliency(gradient)": lambda: Saliency(ShapesAlignment()),
         "Saliency(gradcam)": lambda: Saliency(ShapesSafety(), method="gradcam", layer="net.body.7"),
         "BlueSky (examples/custom_reward.py)": BlueSky,
     }
 
 
-HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment",
+HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment", "NudeNetSafety",
               "Saliency(gradient)", "Saliency(gradcam)", "BlueSky (examples/custom_reward.py)"]
 CONTRACT_PROMPTS = ["a red circle", "a blue square top left", "a green triangle", "two red squares"]
 
