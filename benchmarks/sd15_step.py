@@ -2,6 +2,7 @@
 
     python benchmarks/sd15_step.py                        # GPU: bf16-mixed, batch 1 and 4, checkpointing on/off
     python benchmarks/sd15_step.py --small --device cpu   # a tiny model at 32², to check the script on a CPU
+    python benchmarks/sd15_step.py --strategy fsdp --batch 1 --checkpointing per_step   # FSDP (GPU only)
 
 The UNet, VAE and text encoder use Stable Diffusion 1.5's published configurations (860 M + 84 M + 123 M
 parameters) with random weights — no hub here; compute and memory do not depend on the weights' values.
@@ -90,6 +91,18 @@ class StepProbe(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
+def strategy(name: str):
+    """``auto``, or FSDP sharding every UNet transformer / ResNet block; ``use_orig_params`` lets frozen weights and
+    trainable LoRA weights share a flat parameter. torch's FSDP refuses CPU devices, so this runs on GPUs only."""
+    if name == "auto":
+        return "auto"
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(use_orig_params=True, auto_wrap_policy={BasicTransformerBlock, ResnetBlock2D})
+
+
 def measure(model: Path, args, batch: int, checkpointing: str, precision: str) -> dict:
     module = FocusNFix(
         rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(model), lam=0.1,
@@ -101,11 +114,13 @@ def measure(model: Path, args, batch: int, checkpointing: str, precision: str) -
     items = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(n * batch)]
     probe = StepProbe(args.device)
     trainer = L.Trainer(max_steps=n, accelerator=args.device, devices=1, precision=precision, logger=False,
+                        strategy=strategy(args.strategy),
                         enable_checkpointing=False, callbacks=[probe], enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, DataLoader(items, batch_size=batch, collate_fn=collate))
     finite = all(torch.isfinite(p).all() for p in module.model.lora_parameters())
     result = {"batch": batch, "checkpointing": checkpointing, "precision": precision, "finite": finite,
+              "strategy": args.strategy,
               "s_per_step": statistics.median(probe.times[args.warmup:]),
               "images_per_s": batch / statistics.median(probe.times[args.warmup:])}
     if args.device == "cuda":
@@ -125,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--checkpointing", nargs="+", default=["per_step", "off"])
     parser.add_argument("--precision", nargs="+", default=["bf16-mixed"])
+    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp"])
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=64)
@@ -141,11 +157,11 @@ def main() -> None:
         print(f"# {'tiny' if args.small else 'SD1.5-shaped'} model ready in {time.perf_counter() - start:.0f} s; "
               f"device {name}, torch {torch.__version__}, {args.num_steps} DDIM steps, K={args.k}, "
               f"LoRA rank {args.rank}, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
-        print("\n| precision | batch | checkpointing | s/step | images/s | peak GB | growth GB | LoRA finite |\n"
-              "|---|---|---|---|---|---|---|---|", flush=True)
+        print("\n| strategy | precision | batch | checkpointing | s/step | images/s | peak GB | growth GB | LoRA finite |\n"
+              "|---|---|---|---|---|---|---|---|---|", flush=True)
         for precision, batch, checkpointing in itertools.product(args.precision, args.batch, args.checkpointing):
             r = measure(model, args, batch, checkpointing, precision)
-            print(f"| {precision} | {batch} | {checkpointing} | {r['s_per_step']:.3f} | {r['images_per_s']:.2f} | "
+            print(f"| {args.strategy} | {precision} | {batch} | {checkpointing} | {r['s_per_step']:.3f} | {r['images_per_s']:.2f} | "
                   f"{r.get('peak_gb', float('nan')):.2f} | {r.get('growth_gb', float('nan')):.2f} | {r['finite']} |",
                   flush=True)
 
