@@ -1,5 +1,5 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
-(and ``fnf report RUN ...``, see fnf/report.py).
+(and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins
 imported here also resolve by their short class name. A config file can import code, exactly like
@@ -67,6 +67,10 @@ def main(args: list[str] | None = None) -> None:
             from fnf.report import main as report
 
             return report(argv[1:])
+        if argv[:1] == ["rahf-train"]:  # training of the RAHF reward model: its own LightningCLI
+            from fnf.rahf.cli import main as rahf_train
+
+            return rahf_train(argv[1:])
         check_config_files(argv)
         FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},

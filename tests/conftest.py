@@ -65,3 +65,19 @@ def tiny_clip(tmp_path_factory) -> str:
     model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
     return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def tiny_rahf(tmp_path_factory) -> str:
+    """A tiny random RAHF model (16 px, 1 + 1 blocks) as .safetensors, its sizes in the metadata."""
+    import torch
+
+    from fnf.rewards.rahf import RAHF, RAHFConfig, save_rahf
+
+    torch.manual_seed(0)
+    config = RAHFConfig(image_size=16, patch_size=4, vision_width=16, vision_layers=1, vision_heads=2,
+                        context_length=8, width=16, fusion_layers=1, fusion_heads=2, decoder_channels=(4,),
+                        score_channels=4, score_hidden=8)
+    path = tmp_path_factory.mktemp("tiny-rahf") / "rahf.safetensors"
+    save_rahf(RAHF(config), path)
+    return str(path)

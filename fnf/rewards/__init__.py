@@ -4,7 +4,8 @@ from fnf.rewards.base import RewardHead, RewardOutput
 from fnf.rewards.color_region import ColorRegion
 from fnf.rewards.nudenet_safety import NudeNetSafety  # imports nudenet / onnx only when built: optional extra
 from fnf.rewards.open_clip_alignment import OpenCLIPAlignment
+from fnf.rewards.rahf import RAHFHeatmap
 from fnf.rewards.saliency import Saliency
 from fnf.rewards.shapes import ShapesAlignment, ShapesArtifact, ShapesSafety
 
-__all__ = ["ColorRegion", "NudeNetSafety", "OpenCLIPAlignment", "RewardHead", "RewardOutput", "Saliency", "ShapesAlignment", "ShapesArtifact", "ShapesSafety"]
+__all__ = ["ColorRegion", "NudeNetSafety", "OpenCLIPAlignment", "RAHFHeatmap", "RewardHead", "RewardOutput", "Saliency", "ShapesAlignment", "ShapesArtifact", "ShapesSafety"]

@@ -1,0 +1,37 @@
+"""``fnf rahf-train fit|validate|test --config configs/rahf/<name>.yaml``: LightningCLI over RAHF training.
+
+Trains the RAHF model (``fnf.rewards.rahf``) on RichHF-18K-format jsonl files (``fnf.rahf.data``) and writes
+``rahf.safetensors`` for the ``RAHFHeatmap`` reward head. Errors are one line, as in ``fnf`` (``fnf.cli``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from fnf.cli import cause, check_config_files
+from fnf.rahf.data import RichHFDataModule
+from fnf.rahf.module import RAHFTraining
+
+
+class RAHFCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.config.image_size", "data.image_size")  # one resolution for model and data
+
+
+def main(args: list[str] | None = None) -> None:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    argv = sys.argv[1:] if args is None else args
+    try:
+        check_config_files(argv)
+        RAHFCLI(RAHFTraining, RichHFDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
+                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
+                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})
+    except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
+        sys.exit(f"fnf rahf-train: error: {cause(error)}")
+
+
+if __name__ == "__main__":
+    main()
