@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnf.rewards import (ColorRegion, NudeNetSafety, OpenCLIPAlignment, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
+from fnf.rewards import (ColorRegion, NudeNetSafety, OpenCLIPAlignment, RAHFHeatmap, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
                          ShapesSafety)
 from fnf.rewards.base import check_reward_output
 
@@ -53,13 +53,14 @@ def _heads(request) -> dict:
         "ShapesAlignment": ShapesAlignment,
         "OpenCLIPAlignment": open_clip_head,
         "NudeNetSafety": nudenet_head,
+        "RAHFHeatmap": lambda: RAHFHeatmap(request.getfixturevalue("tiny_rahf")),
         "Saliency(gradient)": lambda: Saliency(ShapesAlignment()),
         "Saliency(gradcam)": lambda: Saliency(ShapesSafety(), method="gradcam", layer="net.body.7"),
         "BlueSky (examples/custom_reward.py)": BlueSky,
     }
 
 
-HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment", "NudeNetSafety",
+HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment", "NudeNetSafety", "RAHFHeatmap",
               "Saliency(gradient)", "Saliency(gradcam)", "BlueSky (examples/custom_reward.py)"]
 CONTRACT_PROMPTS = ["a red circle", "a blue square top left", "a green triangle", "two red squares"]
 
