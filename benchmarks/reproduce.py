@@ -1,7 +1,7 @@
 """Reproduce the paper's comparison on the embedded world: base vs global DRaFT (λ = 0) vs Focus-N-Fix.
 
     python benchmarks/reproduce.py --quick     # ≤ 15 min on 2 CPU cores: 12 steps of batch 4, 32 evaluation prompts
-    python benchmarks/reproduce.py             # the configs' budgets, 200 evaluation prompts (≤ 2 h)
+    python benchmarks/reproduce.py             # the configs' budgets, 100 evaluation prompts (≤ 2 h)
 
 Every run is ``fnf fit`` on a shipped config (``configs/artifacts.yaml``, ``configs/safety.yaml``) with
 one thing changed, then ``fnf test`` on the task's evaluation prompts (disjoint from the fine-tuning
@@ -57,7 +57,7 @@ def fit_and_test(name: str, task: str, out: Path, quick: bool, seed: int, edit=N
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     eval_prompts = run / "eval.jsonl"
     lines = (PROMPTS / EVAL_FILES[task]).read_text().splitlines()
-    eval_prompts.write_text("\n".join(lines[:32] if quick else lines) + "\n")
+    eval_prompts.write_text("\n".join(lines[:32] if quick else lines[:100]) + "\n")
     fnf(["fit", "--config", str(run / "config.yaml")])  # in this process: no per-run start-up cost
     checkpoint = max(run.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     fnf(["test", "--config", str(run / "config.yaml"), "--data.test_file", str(eval_prompts), "--ckpt_path", str(checkpoint)])
