@@ -1,0 +1,106 @@
+"""Cost of each reward head's forward + backward relative to one UNet step of an SD1.5-shaped model, in one run.
+
+    python benchmarks/heads.py                 # CPU or GPU, 512² images, batch 1
+    python benchmarks/heads.py --side 256      # a cheaper check
+
+The UNet step is what DRaFT-K differentiates K times per image: one classifier-free-guided call (batch 2,
+64×64×4 latents, SD1.5's published UNet configuration, random weights) forward and backward to its input.
+Each head gets one 512² RGB image with ``requires_grad`` and backpropagates its score to the pixels, as the
+tuned pass does. Heads with hub weights are built at their real architecture with random weights (cost does
+not depend on the values): OpenCLIP ViT-H-14 (the configs' alignment model) and RAHF at the paper's
+ViT-B/16 + T5-base size. NudeNet is the real bundled detector (optional extra; skipped without it).
+Times: median of ``--repeats`` after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fnf.rewards import RewardHead
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: lazy initialisation, allocator growth
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def unet_step(device: str):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                cross_attention_dim=768, attention_head_dim=8).to(device).requires_grad_(False)
+    latents = torch.randn(2, 4, 64, 64, device=device, requires_grad=True)
+    text = torch.randn(2, 77, 768, device=device)
+
+    def step():
+        unet(latents, torch.tensor(500, device=device), encoder_hidden_states=text).sample.sum().backward()
+    return step
+
+
+def heads(folder: Path) -> dict[str, RewardHead]:
+    """name -> head; hub-weight heads at their real architecture with random weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from fnf.rewards import OpenCLIPAlignment, RAHFHeatmap, ShapesAlignment, ShapesArtifact, ShapesSafety
+    from fnf.rewards.rahf import RAHF, RAHFConfig, save_rahf
+
+    clip_dir = folder / "vit-h-14"
+    clip_dir.mkdir()
+    config = open_clip.get_model_config("ViT-H-14")
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    save_file(open_clip.create_model("ViT-H-14").state_dict(), str(clip_dir / "open_clip_model.safetensors"))
+    save_rahf(RAHF(RAHFConfig()), folder / "rahf.safetensors")
+    found = {
+        "OpenCLIPAlignment (ViT-H-14)": OpenCLIPAlignment(model=f"local-dir:{clip_dir}"),
+        "RAHFHeatmap (ViT-B/16 + T5-base size)": RAHFHeatmap(str(folder / "rahf.safetensors")),
+        "ShapesArtifact": ShapesArtifact(), "ShapesSafety": ShapesSafety(), "ShapesAlignment": ShapesAlignment(),
+    }
+    try:
+        from fnf.rewards import NudeNetSafety
+
+        found["NudeNetSafety (320n detector)"] = NudeNetSafety()
+    except ImportError as error:
+        print(f"# skipped NudeNetSafety: {error}")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    unet = median_seconds(unet_step(args.device), args.repeats)
+    print(f"# device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"images {args.side}², batch 1\n\n| head | forward + backward s | × one UNet step |\n|---|---|---|\n"
+          f"| SD1.5-shaped UNet step (CFG, batch 2, 64² latents) | {unet:.3f} | 1.00 |", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, head in heads(Path(tmp)).items():
+            head = head.to(args.device).requires_grad_(False).eval()
+            image = torch.rand(1, 3, args.side, args.side, device=args.device, requires_grad=True)
+
+            def step():
+                head(image, ["a photo of a cat on a sofa"]).score.sum().backward()
+            seconds = median_seconds(step, args.repeats)
+            print(f"| {name} | {seconds:.3f} | {seconds / unet:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
