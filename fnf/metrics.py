@@ -6,6 +6,7 @@ outside the problem mask (should not change), inside it (may change) and over th
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ def region_weights(mask: Tensor, region: Region) -> Tensor:
     return {"outside": 1 - mask, "inside": mask, "all": torch.ones_like(mask)}[region]
 
 
-class _RegionMean(Metric):
+class _RegionMean(Metric, ABC):
     """Mean of a per-pixel map of (tuned, base) over one region of the mask, pooled over all images."""
 
     higher_is_better = True
@@ -32,8 +33,9 @@ class _RegionMean(Metric):
         self.add_state("weighted_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weight", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:  # (B, C, H, W)
-        raise NotImplementedError
+    @abstractmethod
+    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
+        """(B, C, H, W) per-pixel values of (tuned, base) whose region mean this metric reports."""
 
     def update(self, tuned: Tensor, base: Tensor, mask: Tensor) -> None:
         values = self.pixel_map(tuned.float(), base.float())

@@ -24,6 +24,7 @@ class SDXLModel(Text2ImageModel):
         super().__init__(unet, text_encoder, tokenizer, scheduler, vae)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2.requires_grad_(False).eval(), tokenizer_2
         self.zero_unconditional = zero_unconditional
+        self._time_ids: dict[tuple, Tensor] = {}  # per (size, dtype, device): no host-to-device copy per UNet call
 
     @classmethod
     def load(cls, path: str, index: dict) -> SDXLModel:
@@ -53,6 +54,9 @@ class SDXLModel(Text2ImageModel):
 
     def predict_noise(self, latents: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
-        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=text.hidden.dtype, device=latents.device)
+        key = (height, width, text.hidden.dtype, latents.device)
+        if key not in self._time_ids:
+            self._time_ids[key] = torch.tensor([height, width, 0, 0, height, width], dtype=key[2], device=key[3])
+        time_ids = self._time_ids[key]
         conditioning = {"text_embeds": text.pooled, "time_ids": time_ids.expand(len(latents), -1)}
         return self.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=conditioning).sample
