@@ -1,5 +1,6 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
-(and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py).
+(and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
+``fnf rahf-convert ...``, see fnf/rahf/convert.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins
 imported here also resolve by their short class name. A config file can import code, exactly like
@@ -71,6 +72,10 @@ def main(args: list[str] | None = None) -> None:
             from fnf.rahf.cli import main as rahf_train
 
             return rahf_train(argv[1:])
+        if argv[:1] == ["rahf-convert"]:  # the public RAHF reproduction's checkpoint -> .safetensors
+            from fnf.rahf.convert import main as rahf_convert
+
+            return rahf_convert(argv[1:])
         check_config_files(argv)
         FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},

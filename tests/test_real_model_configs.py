@@ -32,17 +32,19 @@ def _exit_message(args: list[str]) -> str:
     return str(exit_info.value.code)
 
 
-def _swap_models(node, model_dir: str, clip: str, rahf: str):
+def _swap_models(node, model_dir: str, clip: str, rahf: str, richhf: tuple[str, str]):
     """Every hub id or user weight file in a config -> the tiny local stand-ins (same structure, same code path)."""
     if isinstance(node, dict):
         if node.get("class_path") == "OpenCLIPAlignment":
             node["init_args"] |= {"model": clip, "pretrained": None}
         if node.get("class_path") == "RAHFHeatmap":
             node["init_args"] |= {"weights": rahf}
+        if node.get("class_path") == "RAHFReproductionHeatmap":
+            node["init_args"] |= {"weights": richhf[0], "tokenizer": richhf[1]}
         return {k: model_dir if k == "pretrained" and isinstance(v, str) and "/" in v and k != "init_args"
-                else _swap_models(v, model_dir, clip, rahf) for k, v in node.items()}
+                else _swap_models(v, model_dir, clip, rahf, richhf) for k, v in node.items()}
     if isinstance(node, list):
-        return [_swap_models(v, model_dir, clip, rahf) for v in node]
+        return [_swap_models(v, model_dir, clip, rahf, richhf) for v in node]
     return node
 
 
@@ -52,14 +54,17 @@ def test_offline_the_config_fails_with_one_line(config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = _exit_message(["fit", "--config", str(config)])
     assert "\n" not in message
-    assert any(what in message for what in ("not found locally", "cannot load open_clip model", "RAHF weights")), message
+    assert any(what in message for what in ("not found locally", "cannot load open_clip model", "RAHF weights",
+                                            "RAHF reproduction weights")), message
 
 
 @pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_config_structure_runs_on_tiny_stand_ins(config, tiny_model_dir, tiny_sdxl_dir, tiny_clip, tiny_rahf, tmp_path):
+def test_config_structure_runs_on_tiny_stand_ins(config, tiny_model_dir, tiny_sdxl_dir, tiny_clip, tiny_rahf,
+                                                 tiny_rahf_reproduction, tmp_path):
     _skip_without_extras(config)
     model_dir = tiny_sdxl_dir if config.parent.name == "sdxl" else tiny_model_dir
-    data = _swap_models(yaml.safe_load(config.read_text()), model_dir, tiny_clip, tiny_rahf)
+    data = _swap_models(yaml.safe_load(config.read_text()), model_dir, tiny_clip, tiny_rahf,
+                        tiny_rahf_reproduction)
     data["model"]["sampler"] |= {"resolution": 16, "num_steps": 3}
     data["trainer"] |= {"precision": "32-true", "default_root_dir": str(tmp_path), "enable_progress_bar": False}
     path = tmp_path / config.name

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnf.rewards import (ColorRegion, NudeNetSafety, OpenCLIPAlignment, RAHFHeatmap, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
+from fnf.rewards import (ColorRegion, NudeNetSafety, OpenCLIPAlignment, RAHFHeatmap, RAHFReproductionHeatmap, RewardOutput, Saliency, ShapesAlignment, ShapesArtifact,
                          ShapesSafety)
 from fnf.rewards.base import check_reward_output
 
@@ -54,6 +54,7 @@ def _heads(request) -> dict:
         "OpenCLIPAlignment": open_clip_head,
         "NudeNetSafety": nudenet_head,
         "RAHFHeatmap": lambda: RAHFHeatmap(request.getfixturevalue("tiny_rahf")),
+        "RAHFReproductionHeatmap": lambda: RAHFReproductionHeatmap(*request.getfixturevalue("tiny_rahf_reproduction")),
         "Saliency(gradient)": lambda: Saliency(ShapesAlignment()),
         "Saliency(gradcam)": lambda: Saliency(ShapesSafety(), method="gradcam", layer="net.body.7"),
         "BlueSky (examples/custom_reward.py)": BlueSky,
@@ -61,7 +62,7 @@ def _heads(request) -> dict:
 
 
 HEAD_NAMES = ["ColorRegion", "ShapesArtifact", "ShapesSafety", "ShapesAlignment", "OpenCLIPAlignment", "NudeNetSafety", "RAHFHeatmap",
-              "Saliency(gradient)", "Saliency(gradcam)", "BlueSky (examples/custom_reward.py)"]
+              "RAHFReproductionHeatmap",              "Saliency(gradient)", "Saliency(gradcam)", "BlueSky (examples/custom_reward.py)"]
 CONTRACT_PROMPTS = ["a red circle", "a blue square top left", "a green triangle", "two red squares"]
 
 

@@ -241,36 +241,56 @@ def tokenize(prompts: list[str], context_length: int) -> Tensor:
     return _tokenizer(context_length)(list(prompts))
 
 
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file; pickle formats are refused; errors name ``what`` and the file."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{what} {path}: {path.suffix} is a pickle format; pass a .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: file not found")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{what} {path}: not a readable .safetensors file ({reason})") from None
+
+
+def check_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Raise one line naming missing / unexpected keys or the first shape mismatch of ``state`` against ``model``."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        raise ValueError(f"{where}: {len(missing)} missing keys [{head(missing)}], "
+                         f"{len(unexpected)} unexpected keys [{head(unexpected)}] (wrong sizes or key names)")
+    for key, value in expected.items():  # model order: the first mismatch is the earliest layer
+        if state[key].shape != value.shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, the config expects "
+                             f"{tuple(value.shape)}")
+
+
 def load_rahf(path: str | Path, config: RAHFConfig | None = None, key_map: dict[str, str] | None = None) -> RAHF:
-    """Build RAHF from a ``.safetensors`` state dict; the one place weights are read.
+    """Build RAHF from a ``.safetensors`` state dict; the one place its weights are read.
 
     Args:
         path: a ``.safetensors`` file. Pickle files (.pt/.pth/.bin/.ckpt) are refused: convert them first.
         config: sizes; None = the JSON stored in the file's metadata under ``fnf.rahf.config`` (fnf.rahf.cli
             writes it). Given both, they must be equal (the error lists the fields that differ).
         key_map: prefix renames applied to the file's keys before loading, ``{"old.prefix.": "new.prefix."}``
-            (first matching prefix wins). This is the hook for state dicts written by other code. Assumed: only
-            the names differ. The public PyTorch reproduction (youweiliang/RichHF) is a pickled HF ViT-L/16-384
-            + t5-base model whose attention layout (separate q/k/v, T5 relative bias) differs from this module,
-            so it needs a tensor conversion, not just renames; no such converter is shipped or tested here.
+            (first matching prefix wins), for state dicts written by other code when only the names differ.
+            The public PyTorch reproduction (youweiliang/RichHF) has another architecture: load it with
+            ``fnf.rewards.rahf_reproduction`` after ``fnf rahf-convert``.
 
     Raises:
         ValueError: pickle file, unreadable file, missing sizes, or keys/shapes that do not match (named).
     """
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"RAHF weights {path}: {path.suffix} is a pickle format; pass a .safetensors file")
-    if not path.is_file():
-        raise FileNotFoundError(f"RAHF weights {path}: file not found")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            stored = (file.metadata() or {}).get(CONFIG_KEY)
-            state = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, OSError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ValueError(f"RAHF weights {path}: not a readable .safetensors file ({reason})") from None
+    state, metadata = read_safetensors(path, "RAHF weights")
+    stored = metadata.get(CONFIG_KEY)
     if stored is not None:
         try:
             stored = RAHFConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(stored).items()})
@@ -293,18 +313,7 @@ def load_rahf(path: str | Path, config: RAHFConfig | None = None, key_map: dict[
             raise ValueError(f"RAHF weights {path}: key_map renames two keys to the same name")
         state = renamed
     model = RAHF(config or stored)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        def head(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-
-        raise ValueError(f"RAHF weights {path}: {len(missing)} missing keys [{head(missing)}], "
-                         f"{len(unexpected)} unexpected keys [{head(unexpected)}]; fix the sizes or key_map")
-    for key, value in expected.items():  # model order: the first mismatch is the earliest layer
-        if state[key].shape != value.shape:
-            raise ValueError(f"RAHF weights {path}: {key} has shape {tuple(state[key].shape)}, the config expects "
-                             f"{tuple(value.shape)}")
+    check_state(model, state, f"RAHF weights {path}")
     model.load_state_dict(state)
     return model
 
