@@ -22,49 +22,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from peak_memory import PeakMemory
+
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
-
-
-class PeakMemory:
-    """Peak memory above the level at ``start()``: CUDA allocator stats, or RSS sampled every 2 ms."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.peak, self._running = device, 0, False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096
-
-    def start(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        self.base, self.peak, self._running = self._rss(), self._rss(), True
-
-        def poll() -> None:
-            while self._running:
-                self.peak = max(self.peak, self._rss())
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> int:
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() - self.base
-        self._running = False
-        self._thread.join()
-        return max(self.peak, self._rss()) - self.base
 
 
 class HandWrittenLoop:
