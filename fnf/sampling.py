@@ -85,12 +85,13 @@ class DDIMSampler:
         """noise x_T (B, C, h, w), prompt and unconditional conditioning (B rows each) -> Sample."""
         timesteps = self.scheduler.timesteps
         n_grad = {"none": 0, "lv": 0, "full": len(timesteps), "last_k": self.args.k}[grad_mode]
+        condition = self._guided(text, uncond)  # built once, used by every UNet call
         latents = noise
         with torch.no_grad():
             for t in timesteps[: len(timesteps) - n_grad]:
-                latents = self._step(latents, t, text, uncond)
+                latents = self._step(latents, t, condition)
         for t in timesteps[len(timesteps) - n_grad:]:
-            latents = self._maybe_checkpoint(self._step, latents, t, text, uncond)
+            latents = self._maybe_checkpoint(self._step, latents, t, condition)
         if grad_mode == "lv":
             latents = self._lower_variance_step(latents.detach(), timesteps[-1], text, uncond)
         if grad_mode == "none":
@@ -98,23 +99,25 @@ class DDIMSampler:
                 return Sample(latents, self.model.decode(latents))
         return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
 
+    def _guided(self, text: TextEmbedding, uncond: TextEmbedding) -> TextEmbedding:
+        """The UNet's conditioning: [unconditional; prompt] rows for classifier-free guidance, else the prompt."""
+        return TextEmbedding.cat([uncond, text]) if self.args.guidance_scale > 1 else text
+
     def _lower_variance_step(self, x0: Tensor, t: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
         """DRaFT-LV: re-noise x_0 to the last timestep n times and take one differentiable step each."""
         n = self.args.lv_samples
         x0 = x0.repeat(n, 1, 1, 1)  # (n·B, C, h, w), sample i of prompt b at i·B + b
         noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), t.reshape(1))
-        return self._maybe_checkpoint(self._step, noisy, t, text.repeat(n), uncond.repeat(n))
+        return self._maybe_checkpoint(self._step, noisy, t, self._guided(text.repeat(n), uncond.repeat(n)))
 
-    def _step(self, latents: Tensor, t: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
-        """One DDIM (eta = 0) update x_t -> x_{t-1} with classifier-free guidance."""
+    def _step(self, latents: Tensor, t: Tensor, condition: TextEmbedding) -> Tensor:
+        """One DDIM (eta = 0) update x_t -> x_{t-1}, classifier-free guided when ``condition`` has both halves."""
         unet_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
-        scale = self.args.guidance_scale
-        if scale > 1:
-            eps_uncond, eps_text = self.model.predict_noise(
-                torch.cat([unet_in, unet_in]), t, TextEmbedding.cat([uncond, text])).chunk(2)
-            eps = eps_uncond + scale * (eps_text - eps_uncond)
+        if self.args.guidance_scale > 1:
+            eps_uncond, eps_text = self.model.predict_noise(torch.cat([unet_in, unet_in]), t, condition).chunk(2)
+            eps = eps_uncond + self.args.guidance_scale * (eps_text - eps_uncond)
         else:
-            eps = self.model.predict_noise(unet_in, t, text)
+            eps = self.model.predict_noise(unet_in, t, condition)
         return self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
 
     def _maybe_checkpoint(self, fn, *args):
