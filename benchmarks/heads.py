@@ -7,8 +7,10 @@ The UNet step is what DRaFT-K differentiates K times per image: one classifier-f
 64×64×4 latents, SD1.5's published UNet configuration, random weights) forward and backward to its input.
 Each head gets one 512² RGB image with ``requires_grad`` and backpropagates its score to the pixels, as the
 tuned pass does. Heads with hub weights are built at their real architecture with random weights (cost does
-not depend on the values): OpenCLIP ViT-H-14 (the configs' alignment model) and RAHF at the paper's
-ViT-B/16 + T5-base size. NudeNet is the real bundled detector (optional extra; skipped without it).
+not depend on the values): OpenCLIP ViT-H-14 (the configs' alignment model), RAHF at the paper's
+ViT-B/16 + T5-base size, and the public RAHF reproduction's checkpoint size (ViT-L/16-384 + t5-base; a
+word-level stand-in tokenizer). NudeNet is the real bundled detector (optional extra; skipped without it).
+``--only NAME`` (a substring of the head names) measures a subset, always against the UNet step.
 Times: median of ``--repeats`` after one warm-up.
 """
 
@@ -20,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,33 +55,48 @@ def unet_step(device: str):
     return step
 
 
-def heads(folder: Path) -> dict[str, RewardHead]:
-    """name -> head; hub-weight heads at their real architecture with random weights."""
-    import open_clip
-    from safetensors.torch import save_file
+def heads(folder: Path) -> dict[str, Callable[[], RewardHead]]:
+    """name -> builder; hub-weight heads at their real architecture with random weights (built when asked)."""
+    from fnf.rewards import (NudeNetSafety, OpenCLIPAlignment, RAHFHeatmap, RAHFReproductionHeatmap, ShapesAlignment,
+                             ShapesArtifact, ShapesSafety)
 
-    from fnf.rewards import OpenCLIPAlignment, RAHFHeatmap, ShapesAlignment, ShapesArtifact, ShapesSafety
-    from fnf.rewards.rahf import RAHF, RAHFConfig, save_rahf
+    def open_clip_vit_h():
+        import open_clip
+        from safetensors.torch import save_file
 
-    clip_dir = folder / "vit-h-14"
-    clip_dir.mkdir()
-    config = open_clip.get_model_config("ViT-H-14")
-    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
-    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
-    save_file(open_clip.create_model("ViT-H-14").state_dict(), str(clip_dir / "open_clip_model.safetensors"))
-    save_rahf(RAHF(RAHFConfig()), folder / "rahf.safetensors")
-    found = {
-        "OpenCLIPAlignment (ViT-H-14)": OpenCLIPAlignment(model=f"local-dir:{clip_dir}"),
-        "RAHFHeatmap (ViT-B/16 + T5-base size)": RAHFHeatmap(str(folder / "rahf.safetensors")),
-        "ShapesArtifact": ShapesArtifact(), "ShapesSafety": ShapesSafety(), "ShapesAlignment": ShapesAlignment(),
+        clip_dir = folder / "vit-h-14"
+        clip_dir.mkdir()
+        config = open_clip.get_model_config("ViT-H-14")
+        preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+        (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+        save_file(open_clip.create_model("ViT-H-14").state_dict(), str(clip_dir / "open_clip_model.safetensors"))
+        return OpenCLIPAlignment(model=f"local-dir:{clip_dir}")
+
+    def rahf_paper():
+        from fnf.rewards.rahf import RAHF, RAHFConfig, save_rahf
+
+        save_rahf(RAHF(RAHFConfig()), folder / "rahf.safetensors")
+        return RAHFHeatmap(str(folder / "rahf.safetensors"))
+
+    def rahf_public_checkpoint():
+        from fnf.rewards.rahf_reproduction import RAHFReproduction, ReproductionConfig, save_reproduction
+        from fnf.worlds.tokenizer import build_t5_like_tokenizer
+
+        vit_large_384 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                             image_size=384, patch_size=16)
+        t5_base = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
+        save_reproduction(RAHFReproduction(ReproductionConfig(vit=vit_large_384, t5=t5_base)),
+                          folder / "richhf.safetensors")
+        build_t5_like_tokenizer("a photo of cat on sofa".split(), folder / "t5-tokenizer")
+        return RAHFReproductionHeatmap(str(folder / "richhf.safetensors"), str(folder / "t5-tokenizer"))
+
+    return {
+        "OpenCLIPAlignment (ViT-H-14)": open_clip_vit_h,
+        "RAHFHeatmap (ViT-B/16 + T5-base size)": rahf_paper,
+        "RAHFReproductionHeatmap (ViT-L/16-384 + t5-base)": rahf_public_checkpoint,
+        "ShapesArtifact": ShapesArtifact, "ShapesSafety": ShapesSafety, "ShapesAlignment": ShapesAlignment,
+        "NudeNetSafety (320n detector)": NudeNetSafety,
     }
-    try:
-        from fnf.rewards import NudeNetSafety
-
-        found["NudeNetSafety (320n detector)"] = NudeNetSafety()
-    except ImportError as error:
-        print(f"# skipped NudeNetSafety: {error}")
-    return found
 
 
 def main() -> None:
@@ -86,14 +104,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="measure only heads whose name contains this")
     args = parser.parse_args()
     unet = median_seconds(unet_step(args.device), args.repeats)
     print(f"# device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"images {args.side}², batch 1\n\n| head | forward + backward s | × one UNet step |\n|---|---|---|\n"
           f"| SD1.5-shaped UNet step (CFG, batch 2, 64² latents) | {unet:.3f} | 1.00 |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, head in heads(Path(tmp)).items():
-            head = head.to(args.device).requires_grad_(False).eval()
+        for name, build in heads(Path(tmp)).items():
+            if args.only not in name:
+                continue
+            try:
+                head = build().to(args.device).requires_grad_(False).eval()
+            except ImportError as error:  # NudeNet: optional extra
+                print(f"# skipped {name}: {error}")
+                continue
             image = torch.rand(1, 3, args.side, args.side, device=args.device, requires_grad=True)
 
             def step():

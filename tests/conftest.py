@@ -87,23 +87,17 @@ def tiny_rahf(tmp_path_factory) -> str:
 def tiny_rahf_reproduction(tmp_path_factory) -> tuple[str, str]:
     """A tiny random RAHF in the public reproduction's layout (.safetensors) and a word-level T5-style tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     from fnf.rewards.rahf_reproduction import RAHFReproduction, ReproductionConfig, save_reproduction
+    from fnf.worlds.tokenizer import build_t5_like_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-rahf-reproduction")
     words = "a an the red green blue circle square triangle two top left bottom right sky".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: i + 3 for i, word in enumerate(words)}  # T5's special ids
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    vocab_size = len(build_t5_like_tokenizer(words, folder / "tokenizer"))
     torch.manual_seed(0)
     config = ReproductionConfig(vit=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, image_size=32, patch_size=16),
-                                t5=dict(vocab_size=len(vocab), d_model=128, d_kv=32, num_heads=4, d_ff=64, num_layers=1),
+                                t5=dict(vocab_size=vocab_size, d_model=128, d_kv=32, num_heads=4, d_ff=64, num_layers=1),
                                 heatmap_stem=(8, 8), heatmap_ups=(8, 4), heatmap_last=4)
     save_reproduction(RAHFReproduction(config), folder / "rahf.safetensors")
     return str(folder / "rahf.safetensors"), str(folder / "tokenizer")

@@ -1,4 +1,4 @@
-"""A real ``CLIPTokenizer`` for a closed vocabulary, built offline from a word list.
+"""Real tokenizers for a closed vocabulary, built offline from a word list (no hub here): CLIP's and a T5-like one.
 
 CLIP's byte-level BPE needs a vocabulary and merges; here every byte character is in the
 vocabulary (so any text still tokenizes) and each listed word gets merges that make it one token.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
@@ -33,5 +33,18 @@ def build_clip_tokenizer(words: list[str], directory: str | Path, model_max_leng
         pieces = tokenizer.tokenize(word)
         if len(pieces) != 1:
             raise ValueError(f"tokenizer vocabulary: {word!r} splits into {pieces}; choose words whose merges agree")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_t5_like_tokenizer(words: list[str], directory: str | Path) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with T5's special ids (pad 0, ``</s>`` 1 appended, unknown 2); ``AutoTokenizer`` loads it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: i + 3 for i, word in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(directory)
     return tokenizer
