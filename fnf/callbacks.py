@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
-from fnf.export import save_lora
+from fnf.export import lora_state_dict, save_lora
 
 
 class ImageGridLogger(Callback):
@@ -51,8 +51,9 @@ class LoraExporter(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora"  # all ranks: a broadcast
+        weights = lora_state_dict(pl_module.model)  # all ranks: gathers the shards under FSDP2
         if trainer.is_global_zero:
-            save_lora(pl_module.model, directory)
+            save_lora(pl_module.model, directory, weights)
 
 
 class PngWriter(BasePredictionWriter):

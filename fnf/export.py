@@ -10,17 +10,30 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from fnf.pipeline import Text2ImageModel
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def save_lora(model: Text2ImageModel, directory: str | os.PathLike) -> Path:
-    """Write ``WEIGHT_NAME`` (diffusers format) atomically into ``directory``."""
+def lora_state_dict(model: Text2ImageModel) -> dict[str, Tensor]:
+    """The UNet's LoRA weights as whole tensors. Under FSDP2 they are ``DTensor`` shards and this gathers them:
+    a collective, so every rank must call it."""
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value
+            for name, value in model.unet.state_dict().items() if "lora_" in name}
+
+
+def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dict[str, Tensor] | None = None) -> Path:
+    """Write ``WEIGHT_NAME`` (diffusers format) atomically into ``directory``.
+
+    ``weights``: ``lora_state_dict(model)``, gathered on every rank when the UNet is sharded; None: read them here.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+    weights = lora_state_dict(model) if weights is None else weights
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, state_dict=weights))
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         StableDiffusionPipeline.save_lora_weights(

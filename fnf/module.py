@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
@@ -257,6 +258,17 @@ class FocusNFix(L.LightningModule):
         return {"prompt": prompts, "seed": seeds.tolist(), "base": base.images.cpu(), "tuned": tuned.images.cpu()}
 
     @override
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the UNet (``fnf.sharding``).
+        Under every other strategy there is no mesh and nothing to do."""
+        if self.device_mesh is None:
+            return
+        if self.device_mesh["tensor_parallel"].size() != 1:  # the data shards follow the global rank (fnf.data)
+            raise ValueError("trainer.strategy.init_args.tensor_parallel_size must be 1: fnf shards the UNet with "
+                             "FSDP2 over data_parallel_size = all processes")
+        self.model.shard(self.device_mesh["data_parallel"])
+
+    @override
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.model.lora_parameters())
         if self.lr_scheduler_factory is None:
@@ -273,7 +285,8 @@ class FocusNFix(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.lora_parameters() if p.grad is not None]
         if grads:  # one foreach kernel, no per-parameter device syncs
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: all shards
 
     @override
     def train(self, mode: bool = True) -> FocusNFix:
@@ -294,7 +307,9 @@ class FocusNFix(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint whose LoRA does not fit this model (loading is non-strict: frozen weights are absent)."""
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        saved = checkpoint.get("state_dict", {})
+        saved = checkpoint.get("state_dict")
+        if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
+            saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
         missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
         if missing or unexpected:
             raise ValueError(f"ckpt_path: the checkpoint's LoRA does not match model.lora (target_modules): "

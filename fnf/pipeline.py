@@ -17,7 +17,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoTokenizer, CLIPTextModel
+
+from fnf.sharding import shard_unet
 
 EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
 """Folder of the models the repository ships; ``embedded:<name>`` resolves to a folder in it."""
@@ -134,6 +137,11 @@ class Text2ImageModel(nn.Module):
         if getattr(self, "_lora_parameters", None) is None:  # fixed once the adapter exists; asked every step
             self._lora_parameters = [p for n, p in self.unet.named_parameters() if "lora_" in n]
         return self._lora_parameters
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2: shard the UNet over ``mesh`` (``fnf.sharding``); its parameters become new ``DTensor`` objects."""
+        shard_unet(self.unet, mesh)
+        self._lora_parameters = None  # the cached list holds the replaced parameters
 
     @contextmanager
     def adapter_disabled(self):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from distributed_fit import fit, free_port  # tests/distributed_fit.py
 from fnf.resume import EpochShuffle
 
 
@@ -26,45 +25,10 @@ def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches
         assert ranks == set(single[step * 4:(step + 1) * 4])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _fit(tmp_path: Path, model: str, devices: int, batch_size: int) -> dict[str, torch.Tensor]:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"a {c} {s} {p}\n" for c in ("red", "blue") for s in ("circle", "square")
-                               for p in ("top left", "bottom right")))  # 8 prompts
-    run = tmp_path / f"devices{devices}"
-    config = {
-        "seed_everything": 3,
-        # λ = 0 and SGD: the unsquared Frobenius penalty's gradient (I − I0)/‖I − I0‖ and Adam's g/(|g| + eps)
-        # are unit-scale directions of near-zero differences in the first steps, so they amplify the 1e-7
-        # float noise of batch-2 vs batch-4 kernels into 1e-4 weight differences; DDP itself is exact.
-        "model": {"pretrained": model, "lam": 0.0, "lora": {"rank": 4}, "sampler": {"num_steps": 3, "k": 2},
-                  "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}],
-                  "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}},
-        "data": {"train_file": str(prompts), "batch_size": batch_size},
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": devices, "default_root_dir": str(run),
-                    "enable_progress_bar": False, "logger": False},
-    }
-    if devices > 1:  # count the gradient bytes DDP all-reduces (tests/ddp_probe.py)
-        config["trainer"]["strategy"] = "ddp"
-        config["trainer"]["callbacks"] = [{"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(run)}}]
-    path = tmp_path / f"devices{devices}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
-    return torch.load(checkpoint, weights_only=True)["state_dict"]
-
-
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    one, two = _fit(tmp_path, tiny_model_dir, 1, 4), _fit(tmp_path, tiny_model_dir, 2, 2)
+    one = fit(tmp_path, tiny_model_dir, "devices1", batch_size=4)
+    two = fit(tmp_path, tiny_model_dir, "devices2", batch_size=2, devices=2, strategy="ddp", callbacks=[  # counts bytes
+        {"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(tmp_path / "devices2")}}])
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
@@ -75,7 +39,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
 
 def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
     """torchmetrics states sum across ranks: ``fnf test`` gives the same table with 1 or 2 processes."""
-    _fit(tmp_path, tiny_model_dir, 1, 4)  # a LoRA that changes the images, so the metrics are not trivial
+    fit(tmp_path, tiny_model_dir, "devices1", batch_size=4)  # a LoRA that changes the images: non-trivial metrics
     checkpoint = next((tmp_path / "devices1" / "checkpoints").glob("*.ckpt"))
     tables = []
     for devices in (1, 2):
@@ -85,7 +49,7 @@ def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
             {"class_path": "fnf.evaluation.Evaluation", "init_args": {"output_dir": str(tmp_path / f"eval{devices}")}}]}
         path = tmp_path / f"test{devices}.yaml"
         path.write_text(yaml.safe_dump(config))
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-m", "fnf.cli", "test", "--config", str(path), "--ckpt_path",
                                str(checkpoint)], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

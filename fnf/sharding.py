@@ -1,0 +1,29 @@
+"""FSDP2 for the UNet: ``fully_shard`` its repeated blocks, then the UNet itself, over a data-parallel mesh.
+
+Used by ``FocusNFix.configure_model`` under Lightning's ``ModelParallelStrategy`` (FSDP2; it runs on CPU with
+gloo as well as on GPUs). Each block's frozen weights and LoRA weights are one all-gather unit; every rank
+keeps about 1/N of each parameter (a dim-0 chunk), which becomes a ``DTensor``. Only the LoRA weights have
+gradients, so only they are reduce-scattered. The text encoders, the VAE and the reward heads are frozen and
+stay whole on every rank.
+"""
+
+from __future__ import annotations
+
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+"""Module types sharded as their own unit (the policy of ``benchmarks/sd15_step.py``'s FSDP1 auto-wrap)."""
+
+
+def shard_unet(unet: nn.Module, mesh: DeviceMesh) -> None:
+    """Shard ``unet`` in place: each ``SHARDED_BLOCKS`` module, then the rest (conv_in/out, time embedding, ...)."""
+    if isinstance(unet, FSDPModule):  # configure_model runs once per fit / validate / test on the same module
+        return
+    for block in unet.modules():
+        if isinstance(block, SHARDED_BLOCKS):
+            fully_shard(block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)

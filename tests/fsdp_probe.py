@@ -1,0 +1,27 @@
+"""Writes, per rank, how the UNet, text encoder and reward heads are held under FSDP2 (imported by ``fnf fit``
+by class_path): parameters that are ``DTensor``s, the numel this rank stores vs the full numel, and which
+checkpoint writer the strategy uses."""
+
+import json
+from pathlib import Path
+
+from lightning import Callback
+from torch.distributed.tensor import DTensor
+
+
+class WriteShardSizes(Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        parts = {"unet": pl_module.model.unet, "text_encoder": pl_module.model.text_encoder, "heads": pl_module.heads}
+        sizes = {}
+        for name, part in parts.items():
+            params, lora = list(part.parameters()), [p for n, p in part.named_parameters() if "lora_" in n]
+            sizes[name] = {"params": len(params), "dtensors": sum(isinstance(p, DTensor) for p in params),
+                           "lora_dtensors": sum(isinstance(p, DTensor) for p in lora),
+                           "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                                              for p in params),
+                           "numel": sum(p.numel() for p in params)}
+        sizes["checkpoint_io"] = type(trainer.strategy.checkpoint_io).__name__
+        Path(self.folder, f"shards-rank{trainer.global_rank}.json").write_text(json.dumps(sizes))
