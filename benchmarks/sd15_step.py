@@ -2,7 +2,8 @@
 
     python benchmarks/sd15_step.py                        # GPU: bf16-mixed, batch 1 and 4, checkpointing on/off
     python benchmarks/sd15_step.py --small --device cpu   # a tiny model at 32², to check the script on a CPU
-    python benchmarks/sd15_step.py --strategy fsdp --batch 1 --checkpointing per_step   # FSDP (GPU only)
+    python benchmarks/sd15_step.py --strategy fsdp --batch 1 --checkpointing per_step   # FSDP1 (GPU only)
+    python benchmarks/sd15_step.py --strategy fsdp2 --batch 1 --checkpointing per_step  # FSDP2 (CPU or GPU)
 
 The UNet, VAE and text encoder use Stable Diffusion 1.5's published configurations (860 M + 84 M + 123 M
 parameters) with random weights — no hub here; compute and memory do not depend on the weights' values.
@@ -27,6 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -92,10 +94,16 @@ class StepProbe(L.Callback):
 
 
 def strategy(name: str):
-    """``auto``, or FSDP sharding every UNet transformer / ResNet block; ``use_orig_params`` lets frozen weights and
-    trainable LoRA weights share a flat parameter. torch's FSDP refuses CPU devices, so this runs on GPUs only."""
+    """``auto``; ``fsdp``: FSDP1 sharding every UNet transformer / ResNet block (``use_orig_params`` lets frozen
+    weights and trainable LoRA weights share a flat parameter; torch's FSDP1 refuses CPU devices, so GPUs only);
+    ``fsdp2``: ModelParallelStrategy, where ``FocusNFix.configure_model`` shards the same blocks (fnf/sharding.py;
+    CPU or GPU; one process here, so a mesh of 1: the code path, not the memory saving)."""
     if name == "auto":
         return "auto"
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=False)
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from lightning.pytorch.strategies import FSDPStrategy
@@ -118,7 +126,8 @@ def measure(model: Path, args, batch: int, checkpointing: str, precision: str) -
                         enable_checkpointing=False, callbacks=[probe], enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, DataLoader(items, batch_size=batch, collate_fn=collate))
-    finite = all(torch.isfinite(p).all() for p in module.model.lora_parameters())
+    finite = all(torch.isfinite(p.full_tensor() if isinstance(p, DTensor) else p).all()
+                 for p in module.model.lora_parameters())
     result = {"batch": batch, "checkpointing": checkpointing, "precision": precision, "finite": finite,
               "strategy": args.strategy,
               "s_per_step": statistics.median(probe.times[args.warmup:]),
@@ -140,7 +149,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--checkpointing", nargs="+", default=["per_step", "off"])
     parser.add_argument("--precision", nargs="+", default=["bf16-mixed"])
-    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp"])
+    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp", "fsdp2"])
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=64)
