@@ -30,7 +30,11 @@ class ImageGridLogger(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if not outputs or trainer.global_step % self.every_n_steps or not isinstance(trainer.logger, TensorBoardLogger):
             return
-        base, tuned, mask = (outputs[k][: self.max_images].float().cpu() for k in ("base", "tuned", "mask"))
+        tuned = outputs["tuned"][: self.max_images].float().cpu()
+        if "base" not in outputs:  # model.train_base: if_needed skipped I0 (plain DRaFT)
+            trainer.logger.experiment.add_image("train/tuned", make_grid(tuned, nrow=len(tuned)), trainer.global_step)
+            return
+        base, mask = (outputs[k][: self.max_images].float().cpu() for k in ("base", "mask"))
         overlay = base * (1 - 0.5 * mask) + 0.5 * mask * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
         difference = ((tuned - base).abs() * 4).clamp(0, 1)
         rows = torch.stack([base, tuned, overlay, difference], dim=1).flatten(0, 1)  # (n, 4, 3, H, W) -> (4n, 3, H, W)

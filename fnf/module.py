@@ -82,6 +82,7 @@ class FocusNFix(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         base_cache: Literal["off", "memory"] = "off",
+        train_base: Literal["always", "if_needed"] = "always",
     ) -> None:
         """Region-aware reward fine-tuning of a text-to-image model's LoRA.
 
@@ -98,6 +99,10 @@ class FocusNFix(L.LightningModule):
             lr_scheduler: optional learning-rate schedule, stepped every optimizer step.
             nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch.
             base_cache: memory: keep I0, masks and base scores per (prompt, seed) after the first visit.
+            train_base: if_needed: training steps skip I0 and its masks when the loss does not use them (λ = 0
+                everywhere and masks.empty != skip): plain DRaFT at DRaFT's cost, without the fidelity,
+                mask-area and reward-gain logs or the base column of image grids. Validation and test always
+                sample I0. always: every step samples I0, so DRaFT runs log how far they drift from it.
         """
         super().__init__()
         if not rewards:
@@ -119,6 +124,8 @@ class FocusNFix(L.LightningModule):
         self.lam, self.mask_mode, self.mask_args = lam, mask_mode, masks
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.nonfinite, self.base_cache = nonfinite, base_cache
+        penalised = lam > 0 or any(t.lam for t in rewards)
+        self.base_in_training = train_base == "always" or penalised or masks.empty == "skip"
         self._cache: dict[tuple[str, int], BaseReference] = {}
         self._uncond: TextEmbedding | None = None
         self.strict_loading = False  # checkpoints hold LoRA weights only
@@ -140,25 +147,32 @@ class FocusNFix(L.LightningModule):
         prompts, seeds = batch["prompt"], batch["seed"]
         text, uncond = self._encode(prompts)
         noise = initial_noise(seeds, self.latent_shape, self.device)  # x_T, one generator per (prompt, seed)
-        base = self._base_reference(prompts, seeds, noise, text, uncond)  # I0, M(I0): no grad, LoRA off
+        base = None  # I0, M(I0): no grad, LoRA off; skipped only where nothing uses it (train_base)
+        if stage != "train" or self.base_in_training:
+            base = self._base_reference(prompts, seeds, noise, text, uncond)
 
         grad_mode = self.sampler.args.grad_mode if stage == "train" else "none"
         tuned = self.sampler(noise, text, uncond, grad_mode)  # I: gradients through the last K steps
         n = self.sampler.samples_per_prompt(grad_mode)  # DRaFT-LV stacks n samples per prompt
-        base, prompts = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1))), prompts * n
+        prompts = prompts * n
+        if base is not None:
+            base = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1)))
 
         scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False).score
                               for head in self.heads], dim=1)  # (B, heads)
         weights = torch.tensor([t.weight for t in self.terms], device=self.device)
-        reward_loss = -(weights * base.active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
-        fidelity, penalty = self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
+        active = base.active if base is not None else 1.0  # the empty-mask policy "skip" needs I0's masks
+        reward_loss = -(weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
+        fidelity, penalty = self._fidelity(tuned, base) if base is not None else (None, 0.0)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
-        if not self._finite(loss, scores, base.scores):
+        if not self._finite(loss, scores, base.scores if base is not None else scores.new_zeros(0, scores.shape[1])):
             return None
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
-        return {"loss": loss, "prompts": prompts, "base": base.images.detach(), "tuned": tuned.images.detach(),
-                "mask": base.masks.amax(1, keepdim=True), "scores": scores.detach(), "base_scores": base.scores}
+        out = {"loss": loss, "prompts": prompts, "tuned": tuned.images.detach(), "scores": scores.detach()}
+        if base is not None:
+            out |= {"base": base.images.detach(), "mask": base.masks.amax(1, keepdim=True), "base_scores": base.scores}
+        return out
 
     def _base_reference(self, prompts, seeds, noise, text, uncond) -> BaseReference:
         keys = [(p, int(s)) for p, s in zip(prompts, seeds)]
@@ -235,12 +249,12 @@ class FocusNFix(L.LightningModule):
         warnings.warn(f"skipping batch at step {self.global_step}: non-finite {what}", stacklevel=2)
         return False
 
-    def _log_step(self, stage, loss, scores, base: BaseReference, fidelity, batch_size) -> None:
-        logs = {f"{stage}/fidelity": fidelity,
-                f"{stage}/mask_area": base.masks.amax(1).mean()}
-        for i, head in enumerate(self.heads):
-            logs[f"{stage}/reward/{head.name}"] = scores[:, i].mean()
-            logs[f"{stage}/reward_gain/{head.name}"] = (scores[:, i] - base.scores[:, i]).mean()
+    def _log_step(self, stage, loss, scores, base: BaseReference | None, fidelity, batch_size) -> None:
+        logs = {f"{stage}/reward/{head.name}": scores[:, i].mean() for i, head in enumerate(self.heads)}
+        if base is not None:
+            logs |= {f"{stage}/fidelity": fidelity, f"{stage}/mask_area": base.masks.amax(1).mean()}
+            logs |= {f"{stage}/reward_gain/{head.name}": (scores[:, i] - base.scores[:, i]).mean()
+                     for i, head in enumerate(self.heads)}
         self.log_dict(logs, batch_size=batch_size, prog_bar=False, sync_dist=stage != "train")
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=stage != "train")
 

@@ -26,3 +26,13 @@ def test_image_grid_logger_writes_base_tuned_mask_difference_rows(tmp_path):
     tag, shape, step = written[0]
     assert step == 10 and shape[0] == 3
     assert shape[1] == 2 * (8 + 2) + 2 and shape[2] == 4 * (8 + 2) + 2  # 2 rows × 4 columns with padding 2
+
+
+def test_image_grid_logger_shows_the_tuned_images_when_the_step_skipped_the_base_pass(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    written = []
+    logger.experiment.add_image = lambda tag, grid, step: written.append((tag, grid.shape, step))
+    outputs = {"tuned": torch.rand(3, 3, 8, 8)}  # model.train_base: if_needed with λ = 0
+    ImageGridLogger(every_n_steps=10, max_images=2).on_train_batch_end(_Trainer(logger, 10), None, outputs, None, 0)
+    (tag, shape, step), = written
+    assert tag == "train/tuned" and step == 10 and shape[1:] == (8 + 4, 2 * (8 + 2) + 2)  # one row of 2 images

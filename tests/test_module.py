@@ -187,3 +187,34 @@ def test_gradient_accumulation_trains_like_the_larger_batch(tiny_model_dir, tmp_
     assert moved > 1e-3  # the comparison below is not between two untrained adapters
     for a, b in zip(large.model.lora_parameters(), accumulated.model.lora_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def _count_base_passes(module: FocusNFix) -> list[int]:
+    calls, disable = [], module.model.adapter_disabled
+
+    def counting():
+        calls.append(1)
+        return disable()
+    module.model.adapter_disabled = counting  # the base pass is the one sampling with the LoRA off
+    return calls
+
+
+def test_plain_draft_can_skip_the_base_pass_and_trains_exactly_the_same(tiny_model_dir, tmp_path):
+    lora, passes = {}, {}
+    for train_base in ("always", "if_needed"):
+        module = _module(tiny_model_dir, 0.0, train_base=train_base)
+        passes[train_base] = _count_base_passes(module)
+        _trainer(tmp_path, steps=3).fit(module, _loader())
+        lora[train_base] = [p.detach().clone() for p in module.model.lora_parameters()]
+    assert len(passes["always"]) == 3 and len(passes["if_needed"]) == 0
+    assert lora["always"][0].abs().sum() > 0
+    for skipped, sampled in zip(lora["if_needed"], lora["always"]):  # the base pass never reached the loss
+        torch.testing.assert_close(skipped, sampled, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("needs_base", [dict(lam=0.1), dict(lam=0.0, masks=MaskArgs(empty="skip"))])
+def test_the_base_pass_stays_where_the_loss_uses_it(tiny_model_dir, tmp_path, needs_base):
+    module = _module(tiny_model_dir, train_base="if_needed", **needs_base)
+    passes = _count_base_passes(module)
+    _trainer(tmp_path, steps=2).fit(module, _loader())
+    assert len(passes) == 2
