@@ -6,7 +6,7 @@
 
 The orchestrator (this file, in fnf's venv) builds the random SD1.x-shaped model of ``benchmarks/speed.py``
 (``build_random_sd``: UNet 32/64/128, text width 64, 16×16×4 latents, 32×32 images) and starts one worker
-process per variant (``benchmarks/peer_worker.py``), each in its own venv, all three alive at once:
+process per variant (``benchmarks/peer_worker.py``), each in its own venv, all alive at once:
 
 - ``alignprop``: trl's ``AlignPropTrainer.step`` (``.venv-peer``: an older trl, the last that ships it);
   reward backpropagation through the last K steps (``truncated_backprop_rand=False``,
@@ -15,6 +15,8 @@ process per variant (``benchmarks/peer_worker.py``), each in its own venv, all t
   every step still samples the base image I0 (LoRA off, no grad) and its heatmap mask before the tuned pass.
 - ``fnf-cached``: the same with ``base_cache="memory"`` and one fixed batch of (prompt, seed) pairs, so after
   the first (warm-up) step I0 comes from the cache: the step is the tuned DRaFT-K pass alone, the work AlignProp does.
+- ``fnf-draft``: ``fnf`` with ``train_base="if_needed"``: at λ = 0 no step samples I0 (a new seed per item, as
+  ``fnf``), so the step is the tuned DRaFT-K pass alone without any cache: fnf's plain-DRaFT setting.
 
 Steps are interleaved: in each round every worker runs one optimizer step while the others wait, and the
 order rotates from round to round (and from repeat to repeat), so drifts in machine load hit all variants
@@ -105,8 +107,8 @@ def peer_model_folder(model: Path, tmp: Path) -> Path:
 
 
 def run_repeat(args, repeat: int, logdir: Path) -> dict:
-    pythons = {"alignprop": args.peer_python, "fnf": args.fnf_python, "fnf-cached": args.fnf_python}
-    models = {"alignprop": args.peer_model, "fnf": args.model, "fnf-cached": args.model}
+    pythons = {v: args.peer_python if v == "alignprop" else args.fnf_python for v in VARIANTS}
+    models = {v: args.peer_model if v == "alignprop" else args.model for v in VARIANTS}
     workers = {v: Worker(v, pythons[v], models[v], args, logdir) for v in args.variants}
     try:
         info = {v: w.read() for v, w in workers.items()}
@@ -170,7 +172,7 @@ def main() -> None:
         print(f"device={args.device} batch={args.batch} steps={args.num_steps} K={args.k} rank={args.rank} "
               f"CFG={args.guidance} latent={args.latent_side}² warmup={args.warmup} timed={args.steps} "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}\nmachine: {machine()}", flush=True)
-        short = {"alignprop": "AlignProp", "fnf": "fnf", "fnf-cached": "fnf cached-I0"}
+        short = {"alignprop": "AlignProp", "fnf": "fnf", "fnf-cached": "fnf cached-I0", "fnf-draft": "fnf no-I0"}
         others = [v for v in args.variants if v != "alignprop"]
         results = []
         for repeat in range(args.repeats):

@@ -1,6 +1,6 @@
 """One variant of benchmarks/peer_alignprop.py in its own process (and venv): steps when told, reports time and memory.
 
-``alignprop`` runs in the peer's venv (.venv-peer: trl's AlignPropTrainer), ``fnf`` and ``fnf-cached`` in fnf's.
+``alignprop`` runs in the peer's venv (.venv-peer: trl's AlignPropTrainer), the ``fnf*`` variants in fnf's.
 Protocol: the worker sends one ``@@ {json}`` line when ready, then per ``step`` line on stdin runs one optimizer
 step and sends its time; ``stop`` gets peak memory growth and the call counts of the last step.
 """
@@ -20,7 +20,7 @@ import torch
 from peak_memory import PeakMemory
 
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
-VARIANTS = ("alignprop", "fnf", "fnf-cached")
+VARIANTS = ("alignprop", "fnf", "fnf-cached", "fnf-draft")
 PROTOCOL = "@@ "  # worker -> orchestrator lines; anything else a library prints goes to the worker's stderr
 
 
@@ -163,7 +163,7 @@ def worker_alignprop(args, channel: Channel) -> None:
         finish(channel, memory, counter)
 
 
-def worker_fnf(args, channel: Channel, cached: bool) -> None:
+def worker_fnf(args, channel: Channel, variant: str) -> None:
     from functools import partial
     from importlib.metadata import version
 
@@ -182,13 +182,14 @@ def worker_fnf(args, channel: Channel, cached: bool) -> None:
         sampler=SamplerArgs(num_steps=args.num_steps, k=args.k, guidance_scale=args.guidance),
         masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank),
         optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1),
-        base_cache="memory" if cached else "off",
+        base_cache="memory" if variant == "fnf-cached" else "off",
+        train_base="if_needed" if variant == "fnf-draft" else "always",
     )
     model = module.model
     counter = CallCounter({"unet": model.unet, "vae_decoder": model.vae.decoder, "text_encoder": model.text_encoder})
     memory = PeakMemory(args.device)
     n = args.warmup + args.steps
-    if cached:  # one fixed batch: I0 and its mask are sampled at the first step, then read from the cache
+    if variant == "fnf-cached":  # one fixed batch: I0 and its mask are sampled at the first step, then read from the cache
         items = [{"prompt": PROMPTS[j % len(PROMPTS)], "seed": j} for j in range(args.batch)] * n
     else:  # as speed.py: a new seed per item, so every step samples I0
         items = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(n * args.batch)]
@@ -236,7 +237,7 @@ def main() -> None:
     if args.variant == "alignprop":
         worker_alignprop(args, channel)
     else:
-        worker_fnf(args, channel, cached=args.variant == "fnf-cached")
+        worker_fnf(args, channel, args.variant)
 
 
 if __name__ == "__main__":
