@@ -163,7 +163,7 @@ class FocusNFix(L.LightningModule):
         weights = torch.tensor([t.weight for t in self.terms], device=self.device)
         active = base.active if base is not None else 1.0  # the empty-mask policy "skip" needs I0's masks
         reward_loss = -(weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
-        fidelity, penalty = self._fidelity(tuned, base) if base is not None else (None, 0.0)  # λ · reg(I, I0, 1 − M)
+        fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
         if not self._finite(loss, scores, base.scores if base is not None else scores.new_zeros(0, scores.shape[1])):
             return None

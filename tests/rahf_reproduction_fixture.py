@@ -11,7 +11,8 @@ transformers version it was written for; nothing of that code is in this reposit
 
     python -m venv /tmp/venv432 && /tmp/venv432/bin/pip install torch==2.14.1 transformers==4.32.0 \\
         tokenizers==0.13.3 "huggingface_hub<0.20" "numpy<2" torchvision==0.29.1 pillow
-    /tmp/venv432/bin/python tests/rahf_reproduction_fixture.py /path/to/RichHF tests/fixtures/rahf_reproduction_tiny.safetensors
+    /tmp/venv432/bin/python tests/rahf_reproduction_fixture.py /path/to/RichHF \\
+        tests/fixtures/rahf_reproduction_tiny.safetensors
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def main(richhf: str, out: str) -> None:
     tensors |= {f"score.{name}": value.contiguous() for name, value in output["scores"].items()}
     import transformers
 
+    made_with = f"transformers {transformers.__version__}, torch {torch.__version__}"
     save_file(tensors, out, metadata={"manifest": json.dumps(manifest), "vit": json.dumps(VIT), "t5": json.dumps(T5),
-                                      "made_with": f"transformers {transformers.__version__}, torch {torch.__version__}"})
+                                      "made_with": made_with})
     print(f"wrote {out}: {len(manifest)} checkpoint tensors; " +
           ", ".join(f"{key} {tuple(value.shape)}" for key, value in tensors.items()))
 

@@ -70,7 +70,8 @@ def infer_config(state: dict[str, Tensor], vit_heads: int | None = None) -> Repr
     heatmaps = tuple(sorted({key.split(".")[1] for key in state if key.startswith("heatmap_predictor.")}))
     scores = tuple(sorted({key.split(".")[1] for key in state if key.startswith("score_predictor.")}))
     head = f"heatmap_predictor.{heatmaps[0]}." if heatmaps else "heatmap_predictor.<name>."
-    ups = tuple(shape(f"{head}deconv_layers.{i}.0.weight")[1] for i in range(count(rf"^{re.escape(head)}deconv_layers\.(\d+)\.")))
+    n_ups = count(rf"^{re.escape(head)}deconv_layers\.(\d+)\.")
+    ups = tuple(shape(f"{head}deconv_layers.{i}.0.weight")[1] for i in range(n_ups))
     return ReproductionConfig(vit=vit, t5=t5, heatmap_stem=(shape(f"{head}conv_layers.0.weight")[0],
                                                             shape(f"{head}conv_layers.3.weight")[0]),
                               heatmap_ups=ups, heatmap_last=shape(f"{head}last_conv1.weight")[0],
@@ -87,7 +88,8 @@ def convert(source: str | Path, target: str | Path, vit_heads: int | None = None
         config = infer_config(state, vit_heads)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
-    model = RAHFReproduction(config)
+    with torch.device("meta"):  # sizes only: the weights come from the checkpoint
+        model = RAHFReproduction(config)
     converted = {key: value for key, value in state.items() if not key.startswith(("vit.", "t5."))}
     for prefix, part, kind, extra in (("vit.", model.vit, ViTModel, {"add_pooling_layer": False}),
                                       ("t5.", model.t5, T5EncoderModel, {})):
@@ -101,7 +103,7 @@ def convert(source: str | Path, target: str | Path, vit_heads: int | None = None
                              f"({problems}); is --vit-heads right?")
         converted |= {prefix + key: value for key, value in loaded.state_dict().items()}
     check_state(model, converted, str(source))
-    model.load_state_dict(converted)
+    model.load_state_dict(converted, assign=True)
     save_reproduction(model, target)
     return model
 

@@ -125,8 +125,9 @@ class RAHFReproduction(nn.Module):
                              f"patch_size {vit.patch_size}, and T5 d_model {width} at least 64 (score heads: D/64)")
         self.grid = vit.image_size // vit.patch_size
         self.visual_token_projection = nn.Linear(vit.hidden_size, width)
-        self.heatmap_predictor = nn.ModuleDict({name: HeatmapPredictor(width, config.heatmap_stem, config.heatmap_ups,
-                                                                       config.heatmap_last) for name in config.heatmaps})
+        heatmap_sizes = (config.heatmap_stem, config.heatmap_ups, config.heatmap_last)
+        self.heatmap_predictor = nn.ModuleDict({name: HeatmapPredictor(width, *heatmap_sizes)
+                                                for name in config.heatmaps})
         self.score_predictor = nn.ModuleDict({name: ScorePredictor(width, self.grid) for name in config.scores})
 
     def features(self, images: Tensor, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -164,9 +165,10 @@ def load_reproduction(path: str | Path) -> RAHFReproduction:
         raise ValueError(f"RAHF reproduction weights {path}: bad {CONFIG_KEY} metadata ({error})") from None
     if "t5.shared.weight" in state:  # one tensor in the model, stored once (save_reproduction)
         state["t5.encoder.embed_tokens.weight"] = state["t5.shared.weight"]
-    model = RAHFReproduction(config)
+    with torch.device("meta"):  # no random init of the ~500M weights the file replaces (8 s at full size)
+        model = RAHFReproduction(config)
     check_state(model, state, f"RAHF reproduction weights {path}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model
 
 

@@ -38,13 +38,14 @@ def build_clip_tokenizer(words: list[str], directory: str | Path, model_max_leng
 
 
 def build_t5_like_tokenizer(words: list[str], directory: str | Path) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with T5's special ids (pad 0, ``</s>`` 1 appended, unknown 2); ``AutoTokenizer`` loads it."""
+    """Word-level tokenizer with T5's special ids (pad 0, ``</s>`` 1 appended, unknown 2), for ``AutoTokenizer``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: i + 3 for i, word in enumerate(dict.fromkeys(words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
     tokenizer.save_pretrained(directory)
     return tokenizer
