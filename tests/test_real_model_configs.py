@@ -51,7 +51,9 @@ def _swap_models(node, model_dir: str, clip: str, rahf: str, richhf: tuple[str, 
 @pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_offline_the_config_fails_with_one_line(config, monkeypatch):
     _skip_without_extras(config)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fnf reads it at call time
+    # huggingface_hub reads it at import, long done here; a user sets it before starting (else ~50 s of retries)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     message = _exit_message(["fit", "--config", str(config)])
     assert "\n" not in message
     assert any(what in message for what in ("not found locally", "cannot load open_clip model", "RAHF weights",

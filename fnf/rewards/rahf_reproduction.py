@@ -120,9 +120,10 @@ class RAHFReproduction(nn.Module):
         self.vit = ViTModel(ViTConfig(**config.vit), add_pooling_layer=False)
         self.t5 = T5EncoderModel(T5Config(**config.t5))
         vit, width = self.vit.config, self.t5.config.d_model
-        if vit.image_size % vit.patch_size or width < 64:
+        if vit.image_size % vit.patch_size or width < 128:  # a norm over 1 channel is ±1: no gradient
             raise ValueError(f"RAHF reproduction sizes: ViT image_size {vit.image_size} must be a multiple of "
-                             f"patch_size {vit.patch_size}, and T5 d_model {width} at least 64 (score heads: D/64)")
+                             f"patch_size {vit.patch_size}, and T5 d_model {width} at least 128 (the score heads "
+                             f"end in D/64 channels)")
         self.grid = vit.image_size // vit.patch_size
         self.visual_token_projection = nn.Linear(vit.hidden_size, width)
         heatmap_sizes = (config.heatmap_stem, config.heatmap_ups, config.heatmap_last)
