@@ -165,7 +165,7 @@ class FocusNFix(L.LightningModule):
         reward_loss = -(weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
-        if not self._finite(loss, scores, base.scores if base is not None else scores.new_zeros(0, scores.shape[1])):
+        if not self._finite(loss, scores, base):
             return None
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
@@ -233,8 +233,9 @@ class FocusNFix(L.LightningModule):
                 self._uncond = self.model.unconditional()
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
 
-    def _finite(self, loss: Tensor, scores: Tensor, base_scores: Tensor) -> bool:
+    def _finite(self, loss: Tensor, scores: Tensor, base: BaseReference | None) -> bool:
         """One device sync per step; on failure, name the culprit: a reward on I0 (always fatal), on I, or the loss."""
+        base_scores = scores.new_zeros(0, scores.shape[1]) if base is None else base.scores  # (B or 0, heads)
         if torch.isfinite(torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten()])).all():
             return True
         names = [head.name for head in self.heads]
