@@ -1,4 +1,4 @@
-"""Prompt files -> batches of ``{"prompt": list[str], "seed": LongTensor}``.
+"""Prompt files -> batches of ``{"prompt": list[str], "seed": list[int]}``.
 
 Every item carries a fixed seed so a prompt is always generated from the same
 initial noise: rewards stay comparable across epochs, runs and checkpoints.
@@ -125,7 +125,7 @@ def in_val_split(prompt: str, fraction: float) -> bool:
 def collate(items: list[Item]) -> dict[str, Any]:
     batch = {
         "prompt": [item["prompt"] for item in items],
-        "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
+        "seed": [item["seed"] for item in items],  # a list, so it stays on the CPU, where x_T is drawn
     }
     if any("category" in item for item in items):
         batch["category"] = [item.get("category", "") for item in items]
@@ -133,7 +133,7 @@ def collate(items: list[Item]) -> dict[str, Any]:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Serves ``{"prompt": list[str], "seed": LongTensor}`` batches read from prompt files.
+    """Serves ``{"prompt": list[str], "seed": list[int]}`` batches read from prompt files.
 
     Files: ``.txt`` (one prompt per line; blank and ``#`` lines skipped), ``.csv``
     (header row, prompt column ``csv_column``, optional ``seed`` column) or

@@ -120,6 +120,7 @@ class FocusNFix(L.LightningModule):
         self.model.latent_shape(self.sampler.resolution)  # fails now, not at the first step, if it does not fit the VAE
         self.terms = rewards
         self.heads = nn.ModuleList([t.head.requires_grad_(False).eval() for t in rewards])
+        self.register_buffer("reward_weights", torch.tensor([t.weight for t in rewards]), persistent=False)  # w_i
         self.regularizer = regularizer if regularizer is not None else PixelFrobenius()
         self.lam, self.mask_mode, self.mask_args = lam, mask_mode, masks
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -147,12 +148,14 @@ class FocusNFix(L.LightningModule):
         prompts, seeds = batch["prompt"], batch["seed"]
         text, uncond = self._encode(prompts)
         noise = initial_noise(seeds, self.latent_shape, self.device)  # x_T, one generator per (prompt, seed)
-        base = None  # I0, M(I0): no grad, LoRA off; skipped only where nothing uses it (train_base)
-        if stage != "train" or self.base_in_training:
-            base = self._base_reference(prompts, seeds, noise, text, uncond)
-
         grad_mode = self.sampler.args.grad_mode if stage == "train" else "none"
-        tuned = self.sampler(noise, text, uncond, grad_mode)  # I: gradients through the last K steps
+        needs_base = stage != "train" or self.base_in_training  # train_base: if_needed skips I0 where unused
+        base = self._cached_base(prompts, seeds) if needs_base else None
+        if needs_base and base is None:  # I0 (no grad, LoRA off) and I from the same x_T, fused where exact
+            base_sample, tuned = self.sampler.with_base(noise, text, uncond, grad_mode)
+            base = self._base_reference(base_sample, prompts, seeds)  # + M(I0) and base scores
+        else:
+            tuned = self.sampler(noise, text, uncond, grad_mode)  # I: gradients through the last K steps
         n = self.sampler.samples_per_prompt(grad_mode)  # DRaFT-LV stacks n samples per prompt
         prompts = prompts * n
         if base is not None:
@@ -160,9 +163,8 @@ class FocusNFix(L.LightningModule):
 
         scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False).score
                               for head in self.heads], dim=1)  # (B, heads)
-        weights = torch.tensor([t.weight for t in self.terms], device=self.device)
         active = base.active if base is not None else 1.0  # the empty-mask policy "skip" needs I0's masks
-        reward_loss = -(weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
+        reward_loss = -(self.reward_weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
         if not self._finite(loss, scores, base):
@@ -174,16 +176,17 @@ class FocusNFix(L.LightningModule):
             out |= {"base": base.images.detach(), "mask": base.masks.amax(1, keepdim=True), "base_scores": base.scores}
         return out
 
-    def _base_reference(self, prompts, seeds, noise, text, uncond) -> BaseReference:
-        keys = [(p, int(s)) for p, s in zip(prompts, seeds)]
+    def _cached_base(self, prompts: list[str], seeds: list[int]) -> BaseReference | None:
+        keys = list(zip(prompts, seeds))
         if self.base_cache == "memory" and all(k in self._cache for k in keys):
             return BaseReference.cat([self._cache[k] for k in keys]).map(lambda t: t.to(self.device))
-        with torch.no_grad(), self.model.adapter_disabled():
-            base = self.sampler(noise, text, uncond, "none")
+        return None
+
+    def _base_reference(self, base: Sample, prompts: list[str], seeds: list[int]) -> BaseReference:
         masks, active, scores = self._localise(base.images, prompts)
         reference = BaseReference(base.latents, base.images, masks, active, scores)
         if self.base_cache == "memory":
-            for i, key in enumerate(keys):
+            for i, key in enumerate(zip(prompts, seeds)):
                 self._cache[key] = reference.map(lambda t: t[i:i + 1].cpu())
         return reference
 
@@ -267,10 +270,8 @@ class FocusNFix(L.LightningModule):
         text, uncond = self._encode(prompts)
         noise = initial_noise(seeds, self.latent_shape, self.device)
         with torch.no_grad():
-            tuned = self.sampler(noise, text, uncond, "none")
-            with self.model.adapter_disabled():
-                base = self.sampler(noise, text, uncond, "none")
-        return {"prompt": prompts, "seed": seeds.tolist(), "base": base.images.cpu(), "tuned": tuned.images.cpu()}
+            base, tuned = self.sampler.with_base(noise, text, uncond, "none")
+        return {"prompt": prompts, "seed": seeds, "base": base.images.cpu(), "tuned": tuned.images.cpu()}
 
     @override
     def configure_model(self) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoTokenizer, CLIPTextModel
 
+from fnf.lora_rows import LoraRowScale
 from fnf.sharding import shard_unet
 
 EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
@@ -107,6 +108,7 @@ class Text2ImageModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.tokenizer, self.scheduler = tokenizer, scheduler
+        self._row_scale = LoraRowScale()
         self.requires_grad_(False)
         self.eval()
 
@@ -151,6 +153,10 @@ class Text2ImageModel(nn.Module):
             yield
         finally:
             self.unet.enable_adapters()
+
+    def lora_row_scale(self, rows: Tensor):
+        """Context: the LoRA delta of UNet batch row n is scaled by ``rows[n]`` (0 gives θ0, 1 gives θ on that row)."""
+        return self._row_scale.applied(self.unet, rows)
 
     # ---- text and image space ----------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:

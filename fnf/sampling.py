@@ -7,10 +7,12 @@ Each step calls diffusers' ``DDIMScheduler.step``; this file only decides where 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -39,6 +41,9 @@ class SamplerArgs:
     """per_step: recompute each differentiable step (and the decode) in backward to save memory."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's native resolution."""
+    fused_base: bool = True
+    """Sample I0 and I together: one UNet call per shared gradient-free step over [base rows; tuned rows] (the
+    LoRA delta zeroed on base rows; exact up to float rounding); false: two separate passes."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -59,7 +64,7 @@ class Sample:
     """(N, 3, H, W) decoded RGB in [0, 1]."""
 
 
-def initial_noise(seeds: Tensor, shape: tuple[int, int, int], device: torch.device) -> Tensor:
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device) -> Tensor:
     """x_T from one CPU generator per (prompt, seed): the same noise whatever the batch composition."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
     return torch.stack(noise).to(device)  # (B, C, h, w)
@@ -70,8 +75,10 @@ class DDIMSampler:
 
     def __init__(self, model: Text2ImageModel, args: SamplerArgs) -> None:
         self.model, self.args = model, args
-        self.scheduler = model.scheduler
+        # Its own scheduler: set_timesteps on the model's shared one would change every other sampler's steps.
+        self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
         self.scheduler.set_timesteps(args.num_steps)
+        self._unet_timesteps: dict[torch.device, Tensor] = {}  # the UNet's t, copied to its device once, not per call
 
     @property
     def resolution(self) -> int:
@@ -83,42 +90,86 @@ class DDIMSampler:
 
     def __call__(self, noise: Tensor, text: TextEmbedding, uncond: TextEmbedding, grad_mode: GradMode) -> Sample:
         """noise x_T (B, C, h, w), prompt and unconditional conditioning (B rows each) -> Sample."""
-        timesteps = self.scheduler.timesteps
-        n_grad = {"none": 0, "lv": 0, "full": len(timesteps), "last_k": self.args.k}[grad_mode]
-        condition = self._guided(text, uncond)  # built once, used by every UNet call
-        latents = noise
+        start = self._no_grad_steps(grad_mode)
+        latents = self._denoise(noise, self._guided(text, uncond), 0, start)
+        return self._finish(latents, start, text, uncond, grad_mode)
+
+    def with_base(self, noise: Tensor, text: TextEmbedding, uncond: TextEmbedding,
+                  grad_mode: GradMode) -> tuple[Sample, Sample]:
+        """(I0, I) from the same x_T: the base model θ0 (LoRA off, no grad) and the tuned model θ (``grad_mode``).
+
+        With ``fused_base``, the steps both chains take without gradients are one UNet call per step over
+        [base rows; tuned rows], the LoRA delta zeroed on the base rows; each chain then finishes alone.
+        """
+        start = self._no_grad_steps(grad_mode)
+        if not self.args.fused_base or start == 0:  # DRaFT (full) has no gradient-free steps to share
+            with self.model.adapter_disabled():
+                base = self(noise, text, uncond, "none")
+            return base, self(noise, text, uncond, grad_mode)
+        both = self._guided(TextEmbedding.cat([text, text]), TextEmbedding.cat([uncond, uncond]))
+        with self.model.lora_row_scale(self._tuned_rows(len(noise), noise.device)):
+            base_latents, tuned_latents = self._denoise(torch.cat([noise, noise]), both, 0, start).chunk(2)
+        with self.model.adapter_disabled():
+            base = self._finish(base_latents, start, text, uncond, "none")
+        return base, self._finish(tuned_latents, start, text, uncond, grad_mode)
+
+    def _no_grad_steps(self, grad_mode: GradMode) -> int:
+        """How many leading steps run without gradients: all but the last K (DRaFT-K), none (DRaFT), all."""
+        steps = len(self.scheduler.timesteps)
+        return steps - {"none": 0, "lv": 0, "full": steps, "last_k": self.args.k}[grad_mode]
+
+    def _tuned_rows(self, batch: int, device: torch.device) -> Tensor:
+        """(rows,) 1 on the tuned rows of a fused UNet batch, 0 on the base rows: [base; tuned], twice with CFG."""
+        groups = 4 if self.args.guidance_scale > 1 else 2
+        return (torch.arange(groups * batch, device=device) // batch % 2).float()  # built on the device: no copy
+
+    def _denoise(self, latents: Tensor, condition: TextEmbedding, start: int, stop: int) -> Tensor:
+        """Steps ``start:stop`` without gradients."""
         with torch.no_grad():
-            for t in timesteps[: len(timesteps) - n_grad]:
-                latents = self._step(latents, t, condition)
-        for t in timesteps[len(timesteps) - n_grad:]:
-            latents = self._maybe_checkpoint(self._step, latents, t, condition)
-        if grad_mode == "lv":
-            latents = self._lower_variance_step(latents.detach(), timesteps[-1], text, uncond)
-        if grad_mode == "none":
-            with torch.no_grad():
-                return Sample(latents, self.model.decode(latents))
-        return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
+            for i in range(start, stop):
+                latents = self._step(latents, i, condition)
+        return latents
+
+    def _finish(self, latents: Tensor, start: int, text: TextEmbedding, uncond: TextEmbedding,
+                grad_mode: GradMode) -> Sample:
+        """Steps ``start:`` (differentiable unless ``grad_mode`` is none), DRaFT-LV's extra step, then decode."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad_mode != "none"):
+            condition = self._guided(text, uncond)
+            for i in range(start, len(self.scheduler.timesteps)):
+                latents = self._maybe_checkpoint(self._step, latents, i, condition)
+            if grad_mode == "lv":
+                latents = self._lower_variance_step(latents.detach(), text, uncond)
+            return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
 
     def _guided(self, text: TextEmbedding, uncond: TextEmbedding) -> TextEmbedding:
         """The UNet's conditioning: [unconditional; prompt] rows for classifier-free guidance, else the prompt."""
         return TextEmbedding.cat([uncond, text]) if self.args.guidance_scale > 1 else text
 
-    def _lower_variance_step(self, x0: Tensor, t: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
+    def _lower_variance_step(self, x0: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
         """DRaFT-LV: re-noise x_0 to the last timestep n times and take one differentiable step each."""
-        n = self.args.lv_samples
+        n, last = self.args.lv_samples, len(self.scheduler.timesteps) - 1
         x0 = x0.repeat(n, 1, 1, 1)  # (n·B, C, h, w), sample i of prompt b at i·B + b
-        noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), t.reshape(1))
-        return self._maybe_checkpoint(self._step, noisy, t, self._guided(text.repeat(n), uncond.repeat(n)))
+        noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), self.scheduler.timesteps[last].reshape(1))
+        return self._maybe_checkpoint(self._step, noisy, last, self._guided(text.repeat(n), uncond.repeat(n)))
 
-    def _step(self, latents: Tensor, t: Tensor, condition: TextEmbedding) -> Tensor:
-        """One DDIM (eta = 0) update x_t -> x_{t-1}, classifier-free guided when ``condition`` has both halves."""
+    def _step(self, latents: Tensor, i: int, condition: TextEmbedding) -> Tensor:
+        """DDIM (eta = 0) step i, x_t -> x_{t-1}, classifier-free guided when ``condition`` has both halves.
+
+        The UNet gets t as a tensor on its device; the scheduler keeps its CPU copy (its arithmetic on t is host
+        work), so no step waits on the device."""
+        t, unet_t = self.scheduler.timesteps[i], self._timesteps_on(latents.device)[i]
         unet_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
         if self.args.guidance_scale > 1:
-            eps_uncond, eps_text = self.model.predict_noise(torch.cat([unet_in, unet_in]), t, condition).chunk(2)
+            eps_uncond, eps_text = self.model.predict_noise(torch.cat([unet_in, unet_in]), unet_t, condition).chunk(2)
             eps = eps_uncond + self.args.guidance_scale * (eps_text - eps_uncond)
         else:
-            eps = self.model.predict_noise(unet_in, t, condition)
+            eps = self.model.predict_noise(unet_in, unet_t, condition)
         return self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+
+    def _timesteps_on(self, device: torch.device) -> Tensor:
+        if device not in self._unet_timesteps:
+            self._unet_timesteps[device] = self.scheduler.timesteps.to(device)
+        return self._unet_timesteps[device]
 
     def _maybe_checkpoint(self, fn, *args):
         if self.args.checkpointing == "per_step" and torch.is_grad_enabled():

@@ -62,7 +62,7 @@ def test_stop_grad_on_unet_input_leaves_only_the_ddim_coefficients(model):
     noise, text, uncond = _inputs(model, ["a red circle"], [4])
     noise.requires_grad_(True)
     sampler(noise, text, uncond, grad_mode="full").latents.sum().backward()
-    scheduler, expected = model.scheduler, torch.tensor(1.0, dtype=torch.float64)
+    scheduler, expected = sampler.scheduler, torch.tensor(1.0, dtype=torch.float64)
     for t in scheduler.timesteps:
         prev = t - scheduler.config.num_train_timesteps // STEPS
         alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
