@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# GPU smoke run and timings (issue 6), one short script for a machine with one CUDA GPU (≤ 5 minutes):
-#  1. DRaFT-K (K=2) step of an SD1.5-shaped model at 512², bf16-mixed, batch 1 and 4, checkpointing on/off;
-#  2. the same step in 16-mixed (GradScaler path), batch 1;
-#  3. fnf vs the hand-written loop on CUDA, where max_memory_allocated is an exact memory probe;
-#  4. the same step under Lightning's FSDPStrategy (FSDP1; 1 GPU; torch's FSDP1 refuses CPU devices, so only here);
-#  5. the same step under ModelParallelStrategy (FSDP2, fnf/sharding.py; 2 CPU processes in tests/test_fsdp.py).
+# GPU measurements of the training step's speed levers (issue 12), one script for a machine with one CUDA GPU
+# (≤ 8 minutes on an H200; each part has its own time limit, in order of importance, so a slow part cannot eat the rest):
+#  1. SD1.5-shaped 512², bf16-mixed, 50 DDIM steps, K=2, batch 1: the step as before the levers, each lever alone,
+#     all levers, and plain DRaFT with all levers (the cost of region awareness = all / draft);
+#  2. batch 4 and 8: before vs all (images/s);
+#  3. torch.profiler of one all-levers step: CPU vs GPU time, top ops;
+#  4. all levers + torch.compile (regional) and + CUDA graphs, batch 1 (first-step time = compile time);
+#  5. the hand-written loop on the same GPU (benchmarks/speed.py), equal work;
+#  6. SDXL-shaped 1024², batch 1, before vs all.
+# Earlier smoke steps (16-mixed, FSDP1, FSDP2) stay available: SMOKE_FSDP=1 bash benchmarks/gpu_smoke.sh
 # Usage: bash benchmarks/gpu_smoke.sh [python]   (fnf importable: installed, or run from the repo root)
-set -euo pipefail
+set -uo pipefail
 PY=${1:-python}
 LOG=${LOG:-/dev/stderr}  # Lightning/diffusers chatter goes here; the tables go to stdout
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped --precision bf16-mixed --batch 1 4 --checkpointing per_step off 2>>"$LOG"
-"$PY" benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped --precision 16-mixed --batch 1 --checkpointing per_step 2>>"$LOG" | tail -1
-"$PY" benchmarks/speed.py --device cuda --quick --ratio-only --latent-side 32 2>>"$LOG"
-"$PY" benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped --strategy fsdp --batch 1 --checkpointing per_step 2>>"$LOG" | tail -1
-"$PY" benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped --strategy fsdp2 --batch 1 --checkpointing per_step 2>>"$LOG" | tail -1
+# DRY=1: a CPU dry run of every part on tiny models (checks the script, not the GPU)
+TINY=${DRY:+--small --device cpu --num-steps 3}
+DEVICE=cuda; STEPS=50; [ -n "${DRY:-}" ] && DEVICE=cpu STEPS=3
+STEP="$PY benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped${DRY:+-tiny} --precision bf16-mixed --checkpointing per_step $TINY"
+part() { local limit=$1; shift; echo -e "\n## $*" | cut -c1-160; timeout "$limit" "$@" 2>>"$LOG" || echo "(part stopped: exit $?)"; }
+[ -n "${DRY:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch, diffusers, peft, lightning; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
+part 170 $STEP --batch 1 --steps 4 --variants before fused frozen layout no_ckpt all draft
+part 110 $STEP --batch 4 8 --steps 3 --variants before all
+part 40 $STEP --batch 1 --steps 1 --variants all --profile 12
+part 100 $STEP --batch 1 --steps 3 --variants all+compile all+graphs
+part 60 "$PY" benchmarks/speed.py --model /tmp/sd15-shaped${DRY:+-tiny} --device $DEVICE --quick --ratio-only \
+  --repeats 1 --num-steps $STEPS --batch 1
+part 120 $STEP --sdxl --model-dir /tmp/sdxl-shaped${DRY:+-tiny} --batch 1 --steps 2 --variants before all
+if [ "${SMOKE_FSDP:-0}" = 1 ]; then
+  part 60 $STEP --strategy fsdp --batch 1 --variants before
+  part 60 $STEP --strategy fsdp2 --batch 1 --variants before
+fi

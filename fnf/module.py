@@ -3,8 +3,9 @@
 The FNF step, for prompts c and initial noise x_T (same x_T for both passes):
 
     I0 = sample(θ0, c, x_T)                 no grad, LoRA disabled (one UNet in memory)
+    I  = sample(θ, c, x_T)                  gradients through the last K steps (DRaFT-K); the steps both
+                                            chains take without grad share one UNet call (fused_base)
     M  = mask(heatmap or saliency of I0)    no grad, per reward head
-    I  = sample(θ, c, x_T)                  gradients through the last K steps (DRaFT-K)
     loss = −Σ_i w_i r_i(I, c) + λ · reg(I, I0, 1 − M)        (paper Fig. 2; λ = 0 is plain DRaFT)
 
 Only LoRA weights train; checkpoints hold only them; inference is the tuned model alone.
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from fnf.compute import ComputeArgs, apply_compute
 from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
@@ -83,6 +85,7 @@ class FocusNFix(L.LightningModule):
         nonfinite: Literal["raise", "skip"] = "raise",
         base_cache: Literal["off", "memory"] = "off",
         train_base: Literal["always", "if_needed"] = "always",
+        compute: ComputeArgs = ComputeArgs(),
     ) -> None:
         """Region-aware reward fine-tuning of a text-to-image model's LoRA.
 
@@ -103,6 +106,7 @@ class FocusNFix(L.LightningModule):
                 everywhere and masks.empty != skip): plain DRaFT at DRaFT's cost, without the fidelity,
                 mask-area and reward-gain logs or the base column of image grids. Validation and test always
                 sample I0. always: every step samples I0, so DRaFT runs log how far they drift from it.
+            compute: speed levers for the frozen model: weights in the compute dtype, memory layout, compilation.
         """
         super().__init__()
         if not rewards:
@@ -113,7 +117,8 @@ class FocusNFix(L.LightningModule):
             raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
         # Plain types only, so checkpoints load with torch.load(weights_only=True); the CLI saves the full config.
         self.save_hyperparameters(dict(pretrained=pretrained, lam=lam, mask_mode=mask_mode, sampler=asdict(sampler),
-                                       masks=asdict(masks), lora=asdict(lora), nonfinite=nonfinite))
+                                       masks=asdict(masks), lora=asdict(lora), nonfinite=nonfinite,
+                                       compute=asdict(compute)))
         self.model = Text2ImageModel.from_pretrained(pretrained)
         self.model.add_lora(lora)
         self.sampler = DDIMSampler(self.model, sampler)
@@ -124,7 +129,7 @@ class FocusNFix(L.LightningModule):
         self.regularizer = regularizer if regularizer is not None else PixelFrobenius()
         self.lam, self.mask_mode, self.mask_args = lam, mask_mode, masks
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.nonfinite, self.base_cache = nonfinite, base_cache
+        self.nonfinite, self.base_cache, self.compute = nonfinite, base_cache, compute
         penalised = lam > 0 or any(t.lam for t in rewards)
         self.base_in_training = train_base == "always" or penalised or masks.empty == "skip"
         self._cache: dict[tuple[str, int], BaseReference] = {}
@@ -272,6 +277,11 @@ class FocusNFix(L.LightningModule):
         with torch.no_grad():
             base, tuned = self.sampler.with_base(noise, text, uncond, "none")
         return {"prompt": prompts, "seed": seeds, "base": base.images.cpu(), "tuned": tuned.images.cpu()}
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Levers that follow the trainer (precision, device, strategy): frozen weights' dtype, layout, compilation."""
+        apply_compute(self.model, self.compute, self.trainer)
 
     @override
     def configure_model(self) -> None:
