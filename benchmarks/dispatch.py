@@ -67,13 +67,15 @@ PROXY_UNET = SD15_UNET | dict(sample_size=8, block_out_channels=(32, 64, 128, 12
 PROXY_VAE = SD15_VAE | dict(block_out_channels=(16, 32, 64, 64), norm_num_groups=16, sample_size=64)
 PROXY_TEXT = SD15_TEXT | dict(hidden_size=64, intermediate_size=256, num_attention_heads=4)
 FNF_VARIANTS = [  # (name, SamplerArgs flags, ComputeArgs kwargs or None for the defaults)
-    ("fnf (before: flags off)", dict(fused_base=False, checkpointing="per_step"), None),
-    ("+ fused base", dict(fused_base=True, checkpointing="per_step"), None),
-    ("+ checkpointing off", dict(fused_base=False, checkpointing="off"), None),
-    ("all default levers on", dict(fused_base=True), None),
-    ("all on + checkpointing off", dict(fused_base=True, checkpointing="off"), None),
+    ("fnf (before: flags off)", dict(fused_base=False, fold_lora=False, checkpointing="per_step"), None),
+    ("+ fused base", dict(fused_base=True, fold_lora=False), None),
+    ("+ folded LoRA", dict(fused_base=False, fold_lora=True), None),
+    ("+ checkpointing off", dict(fused_base=False, fold_lora=False, checkpointing="off"), None),
+    ("all default levers on", dict(), None),
+    ("all on + checkpointing off", dict(checkpointing="off"), None),
 ]
-COMPILE_VARIANT = ("all on + compile", dict(fused_base=True), dict(compile="unet"))
+COMPILE_VARIANTS = [("all on + compile", dict(), dict(compile="unet")),
+                    ("all on + checkpointing off + compile", dict(checkpointing="off"), dict(compile="unet"))]
 BASELINE = FNF_VARIANTS[0][0]
 NOTES: dict[str, None] = {}
 """Skipped or dropped variants, printed under the table (and at once on stderr)."""
@@ -217,7 +219,7 @@ def unet_call_ops(args) -> dict[str, int]:
 
 def run(args, batch: int) -> list[Variant]:
     variants = [hand_written(args, batch)]
-    specs = FNF_VARIANTS + ([COMPILE_VARIANT] if args.compile else [])
+    specs = FNF_VARIANTS + (COMPILE_VARIANTS if args.compile else [])
     variants += [fnf_variant(args, batch, *spec) for spec in specs]
     n = args.warmup + args.steps
     for i in range(n):

@@ -21,7 +21,7 @@ STEP="$PY benchmarks/sd15_step.py --model-dir /tmp/sd15-shaped${DRY:+-tiny} --pr
 part() { local limit=$1; shift; echo -e "\n## $*" | cut -c1-160; timeout "$limit" "$@" 2>>"$LOG" || echo "(part stopped: exit $?)"; }
 [ -n "${DRY:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, diffusers, peft, lightning; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
-part 170 $STEP --batch 1 --steps 4 --variants before fused frozen layout no_ckpt all draft
+part 190 $STEP --batch 1 --steps 4 --variants before fused fold frozen layout no_ckpt all draft
 part 110 $STEP --batch 4 8 --steps 3 --variants before all
 part 40 $STEP --batch 1 --steps 1 --variants all --profile 12
 part 100 $STEP --batch 1 --steps 3 --variants all+compile all+graphs

@@ -9,8 +9,8 @@
 
 Variants (issue 12's levers; ``--checkpointing`` applies where a variant does not set it):
 ``before`` the step as before the levers (two sampling passes, float32 frozen weights, contiguous, no cudnn
-benchmark); ``fused`` one fused base+tuned pass; ``frozen`` frozen weights in the compute dtype; ``layout``
-channels_last + cudnn.benchmark; ``no_ckpt`` checkpointing off; ``all`` every lever (checkpointing off);
+benchmark); ``fused`` one fused base+tuned pass; ``fold`` LoRA folded in gradient-free steps; ``frozen``
+frozen weights in the compute dtype; ``layout`` channels_last + cudnn.benchmark; ``no_ckpt`` checkpointing off; ``all`` every lever (checkpointing off);
 ``all+compile`` / ``all+graphs`` the same with ``compile: unet`` / ``unet+graphs``; ``draft`` all levers with
 λ = 0 and ``train_base: if_needed`` (plain DRaFT, no I0): the reference for the cost of region awareness.
 
@@ -152,10 +152,12 @@ def strategy(name: str):
     return FSDPStrategy(use_orig_params=True, auto_wrap_policy={BasicTransformerBlock, ResnetBlock2D})
 
 
-BEFORE = dict(fused_base=False, frozen_dtype="float32", memory_format="contiguous", benchmark=False)
-ALL = dict(fused_base=True, frozen_dtype="auto", memory_format="channels_last", benchmark=True, checkpointing="off")
+BEFORE = dict(fused_base=False, fold_lora=False, frozen_dtype="float32", memory_format="contiguous", benchmark=False)
+ALL = dict(fused_base=True, fold_lora=True, frozen_dtype="auto", memory_format="channels_last", benchmark=True,
+           checkpointing="off")
 VARIANTS = {
-    "before": BEFORE, "fused": BEFORE | dict(fused_base=True), "frozen": BEFORE | dict(frozen_dtype="auto"),
+    "before": BEFORE, "fused": BEFORE | dict(fused_base=True), "fold": BEFORE | dict(fold_lora=True),
+    "frozen": BEFORE | dict(frozen_dtype="auto"),
     "layout": BEFORE | dict(memory_format="channels_last", benchmark=True), "no_ckpt": BEFORE | dict(checkpointing="off"),
     "all": ALL, "all+compile": ALL | dict(compile="unet"), "all+graphs": ALL | dict(compile="unet+graphs"),
     "draft": ALL | dict(lam=0.0, train_base="if_needed"),
@@ -191,7 +193,7 @@ def measure(model: Path, args, batch: int, checkpointing: str, precision: str, v
     module = FocusNFix(
         rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(model), lam=levers["lam"],
         sampler=SamplerArgs(num_steps=args.num_steps, k=args.k, guidance_scale=7.5, checkpointing=levers["checkpointing"],
-                            fused_base=levers["fused_base"]),
+                            fused_base=levers["fused_base"], fold_lora=levers["fold_lora"]),
         masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank),
         optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1), train_base=levers["train_base"],
         compute=ComputeArgs(frozen_dtype=levers["frozen_dtype"], memory_format=levers["memory_format"],

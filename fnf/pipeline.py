@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoTokenizer, CLIPTextModel
 
-from fnf.lora_rows import LoraRowScale
+from fnf.lora_passes import BaseRowsOff, gradient_free_lora
 from fnf.sharding import shard_unet
 
 EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
@@ -108,7 +108,7 @@ class Text2ImageModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        self._row_scale = LoraRowScale()
+        self._base_rows_off = BaseRowsOff()
         self.requires_grad_(False)
         self.eval()
 
@@ -154,9 +154,10 @@ class Text2ImageModel(nn.Module):
         finally:
             self.unet.enable_adapters()
 
-    def lora_row_scale(self, rows: Tensor):
-        """Context: the LoRA delta of UNet batch row n is scaled by ``rows[n]`` (0 gives θ0, 1 gives θ on that row)."""
-        return self._row_scale.applied(self.unet, rows)
+    def gradient_free_lora(self, pair: bool, fold: bool):
+        """Context for UNet calls without gradients (``fnf.lora_passes``): ``fold`` runs each LoRA Linear as one
+        matmul with W + s·B·A; ``pair`` makes the first half of every batch the base model θ0, the second θ."""
+        return gradient_free_lora(self.unet, self._base_rows_off, pair, fold)
 
     # ---- text and image space ----------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:

@@ -42,8 +42,11 @@ class SamplerArgs:
     resolution: int | None = None
     """Image side in pixels; None uses the model's native resolution."""
     fused_base: bool = True
-    """Sample I0 and I together: one UNet call per shared gradient-free step over [base rows; tuned rows] (the
-    LoRA delta zeroed on base rows; exact up to float rounding); false: two separate passes."""
+    """Sample I0 and I together: one UNet call per gradient-free step both take, base rows in the first half of
+    the batch, tuned rows in the second (exact up to float rounding); false: two separate passes."""
+    fold_lora: bool = True
+    """Gradient-free steps run each LoRA Linear as one matmul with W + s·B·A, folded once per pass (exact up to
+    float rounding); false: peft's LoRA layers in every call."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -91,24 +94,26 @@ class DDIMSampler:
     def __call__(self, noise: Tensor, text: TextEmbedding, uncond: TextEmbedding, grad_mode: GradMode) -> Sample:
         """noise x_T (B, C, h, w), prompt and unconditional conditioning (B rows each) -> Sample."""
         start = self._no_grad_steps(grad_mode)
-        latents = self._denoise(noise, self._guided(text, uncond), 0, start)
+        with self.model.gradient_free_lora(pair=False, fold=self.args.fold_lora):
+            latents = self._denoise(noise, self._guided(text, uncond), 0, start)
         return self._finish(latents, start, text, uncond, grad_mode)
 
     def with_base(self, noise: Tensor, text: TextEmbedding, uncond: TextEmbedding,
                   grad_mode: GradMode) -> tuple[Sample, Sample]:
         """(I0, I) from the same x_T: the base model θ0 (LoRA off, no grad) and the tuned model θ (``grad_mode``).
 
-        With ``fused_base``, the steps both chains take without gradients are one UNet call per step over
-        [base rows; tuned rows], the LoRA delta zeroed on the base rows; each chain then finishes alone.
+        With ``fused_base``, the steps both chains take without gradients are one UNet call per step, the base
+        chain on the first half of the batch and the tuned chain on the second; each chain then finishes alone.
         """
         start = self._no_grad_steps(grad_mode)
         if not self.args.fused_base or start == 0:  # DRaFT (full) has no gradient-free steps to share
             with self.model.adapter_disabled():
                 base = self(noise, text, uncond, "none")
             return base, self(noise, text, uncond, grad_mode)
-        both = self._guided(TextEmbedding.cat([text, text]), TextEmbedding.cat([uncond, uncond]))
-        with self.model.lora_row_scale(self._tuned_rows(len(noise), noise.device)):
-            base_latents, tuned_latents = self._denoise(torch.cat([noise, noise]), both, 0, start).chunk(2)
+        condition = self._guided(text, uncond)
+        with self.model.gradient_free_lora(pair=True, fold=self.args.fold_lora):
+            both = self._denoise(torch.cat([noise, noise]), TextEmbedding.cat([condition, condition]), 0, start, 2)
+        base_latents, tuned_latents = both.chunk(2)
         with self.model.adapter_disabled():
             base = self._finish(base_latents, start, text, uncond, "none")
         return base, self._finish(tuned_latents, start, text, uncond, grad_mode)
@@ -118,16 +123,11 @@ class DDIMSampler:
         steps = len(self.scheduler.timesteps)
         return steps - {"none": 0, "lv": 0, "full": steps, "last_k": self.args.k}[grad_mode]
 
-    def _tuned_rows(self, batch: int, device: torch.device) -> Tensor:
-        """(rows,) 1 on the tuned rows of a fused UNet batch, 0 on the base rows: [base; tuned], twice with CFG."""
-        groups = 4 if self.args.guidance_scale > 1 else 2
-        return (torch.arange(groups * batch, device=device) // batch % 2).float()  # built on the device: no copy
-
-    def _denoise(self, latents: Tensor, condition: TextEmbedding, start: int, stop: int) -> Tensor:
-        """Steps ``start:stop`` without gradients."""
+    def _denoise(self, latents: Tensor, condition: TextEmbedding, start: int, stop: int, chains: int = 1) -> Tensor:
+        """Steps ``start:stop`` without gradients; ``chains`` independent chains stacked in ``latents``."""
         with torch.no_grad():
             for i in range(start, stop):
-                latents = self._step(latents, i, condition)
+                latents = self._step(latents, i, condition, chains)
         return latents
 
     def _finish(self, latents: Tensor, start: int, text: TextEmbedding, uncond: TextEmbedding,
@@ -152,16 +152,20 @@ class DDIMSampler:
         noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), self.scheduler.timesteps[last].reshape(1))
         return self._maybe_checkpoint(self._step, noisy, last, self._guided(text.repeat(n), uncond.repeat(n)))
 
-    def _step(self, latents: Tensor, i: int, condition: TextEmbedding) -> Tensor:
+    def _step(self, latents: Tensor, i: int, condition: TextEmbedding, chains: int = 1) -> Tensor:
         """DDIM (eta = 0) step i, x_t -> x_{t-1}, classifier-free guided when ``condition`` has both halves.
 
-        The UNet gets t as a tensor on its device; the scheduler keeps its CPU copy (its arithmetic on t is host
-        work), so no step waits on the device."""
+        ``latents`` stacks ``chains`` chains of B rows; with guidance each chain's rows go to the UNet twice, as
+        [unconditional; prompt], chain after chain. The UNet gets t as a tensor on its device; the scheduler
+        keeps its CPU copy (its arithmetic on t is host work), so no step waits on the device."""
         t, unet_t = self.scheduler.timesteps[i], self._timesteps_on(latents.device)[i]
         unet_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
         if self.args.guidance_scale > 1:
-            eps_uncond, eps_text = self.model.predict_noise(torch.cat([unet_in, unet_in]), unet_t, condition).chunk(2)
-            eps = eps_uncond + self.args.guidance_scale * (eps_text - eps_uncond)
+            pairs = unet_in.unflatten(0, (chains, 1, -1))  # (chains, 1, B, C, h, w)
+            pairs = pairs.expand(-1, 2, *pairs.shape[2:]).flatten(0, 2)  # (chains·2·B, C, h, w)
+            eps = self.model.predict_noise(pairs, unet_t, condition).unflatten(0, (chains, 2, -1))
+            eps_uncond, eps_text = eps.unbind(1)  # (chains, B, C, h, w) each
+            eps = (eps_uncond + self.args.guidance_scale * (eps_text - eps_uncond)).flatten(0, 1)
         else:
             eps = self.model.predict_noise(unet_in, unet_t, condition)
         return self.scheduler.step(eps, t, latents, eta=0.0).prev_sample

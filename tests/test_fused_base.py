@@ -1,4 +1,5 @@
-"""The fused base pass: I0 and I share one UNet call per gradient-free step, and nothing else changes.
+"""The gradient-free levers: I0 and I share one UNet call per gradient-free step (fused_base) and the LoRA runs
+folded into one weight (fold_lora), and nothing else changes: compared with two passes through peft's layers.
 
 A batch of 2B or 4B rows rounds differently from B rows (BLAS blocking), and guidance 7.5 amplifies that per step:
 in float32 the latents (|x_0| up to ~16 on these random models) agree to 1e-4 with CFG and bit for bit without,
@@ -42,9 +43,14 @@ def _inputs(model):
     return noise, model.encode_prompts(PROMPTS), model.unconditional().expand(len(PROMPTS))
 
 
-def _pair(model, mode, guidance, fused):
-    """(I0, I, LoRA gradient of a loss on I) with the fused or the two-pass sampler."""
-    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K, guidance_scale=guidance, fused_base=fused))
+PLAIN = dict(fused_base=False, fold_lora=False)
+LEVERS = [dict(fused_base=True, fold_lora=True), dict(fused_base=True, fold_lora=False),
+          dict(fused_base=False, fold_lora=True)]
+
+
+def _pair(model, mode, guidance, **levers):
+    """(I0, I, LoRA gradient of a loss on I) with these levers."""
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K, guidance_scale=guidance, **levers))
     torch.manual_seed(1)  # DRaFT-LV's re-noising
     base, tuned = sampler.with_base(*_inputs(model), mode)
     if mode == "none":
@@ -56,11 +62,12 @@ def _pair(model, mode, guidance, fused):
     return base, tuned, grads
 
 
+@pytest.mark.parametrize("levers", LEVERS, ids=["fused+folded", "fused", "folded"])
 @pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("mode", ["none", "last_k", "lv", "full"])
-def test_fused_pass_equals_two_passes(model, mode, guidance):
-    base, tuned, grads = _pair(model, mode, guidance, fused=True)
-    base_ref, tuned_ref, grads_ref = _pair(model, mode, guidance, fused=False)
+def test_levers_equal_two_plain_passes(model, mode, guidance, levers):
+    base, tuned, grads = _pair(model, mode, guidance, **levers)
+    base_ref, tuned_ref, grads_ref = _pair(model, mode, guidance, **PLAIN)
     tol = TOLERANCE[model.unet.dtype]
     for ours, reference in ((base, base_ref), (tuned, tuned_ref)):
         torch.testing.assert_close(ours.latents, reference.latents, rtol=0, atol=tol["latents"])
@@ -72,8 +79,9 @@ def test_fused_pass_equals_two_passes(model, mode, guidance):
         torch.testing.assert_close(grads, grads_ref, rtol=tol["grads"], atol=tol["grads"])
 
 
-def test_fused_base_rows_are_the_adapter_free_model(model):
-    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K))
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "hooks"])
+def test_fused_base_rows_are_the_adapter_free_model(model, fold):
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K, fold_lora=fold))
     base, _ = sampler.with_base(*_inputs(model), "last_k")
     with torch.no_grad(), model.adapter_disabled():
         reference = sampler(*_inputs(model), "none")
@@ -94,8 +102,8 @@ def test_fused_pass_shares_every_gradient_free_step(model):
 
 def test_fused_pass_on_sdxl(tmp_path_factory):
     model = _trained_looking(str(build_random_sdxl(tmp_path_factory.mktemp("sdxl") / "model")), torch.float64)
-    base, tuned, grads = _pair(model, "last_k", 7.5, fused=True)
-    base_ref, tuned_ref, grads_ref = _pair(model, "last_k", 7.5, fused=False)
+    base, tuned, grads = _pair(model, "last_k", 7.5, **LEVERS[0])
+    base_ref, tuned_ref, grads_ref = _pair(model, "last_k", 7.5, **PLAIN)
     torch.testing.assert_close(base.latents, base_ref.latents, rtol=0, atol=1e-10)
     torch.testing.assert_close(tuned.latents, tuned_ref.latents, rtol=0, atol=1e-10)
     torch.testing.assert_close(grads, grads_ref, rtol=1e-10, atol=1e-10)

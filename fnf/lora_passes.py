@@ -1,0 +1,104 @@
+"""How the UNet's LoRA runs in gradient-free sampling steps: folded into one weight, and base/tuned row pairs.
+
+All but the last K steps of each chain run without gradients, and on a GPU their cost is per-call work (op
+dispatch, kernel launches), not arithmetic. Two levers, both exact up to float rounding:
+
+- fold (``SamplerArgs.fold_lora``): each LoRA Linear runs as one matmul with W_θ = W + s·B·A, computed once per
+  pass, instead of peft's base matmul, A, B, scale and add in every call (~14 aten ops -> 4);
+- pair (``SamplerArgs.fused_base``): one UNet call carries the base model θ0 on the first half of the batch and
+  the tuned model θ on the second half. A folded layer multiplies the halves by W and W_θ in one batched matmul;
+  every other LoRA layer (convolutions, FSDP-sharded or dropout-active layers) zeroes its LoRA ``A`` output on
+  the base half through a forward hook. peft's mixed-adapter batches (``adapter_names=``) would index with
+  Python lists in every layer: a device sync each.
+
+A compiled UNet keeps peft's layers (a new forward per pass would recompile); its hooks are installed once.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+
+class BaseRowsOff:
+    """Forward hooks on LoRA ``A`` projections that zero the base half of the batch while ``active``."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def install(self, layers: list[LoraLayer]) -> None:
+        for layer in layers:
+            for down in layer.lora_A.values():
+                if self._zero_base_half not in down._forward_hooks.values():
+                    down.register_forward_hook(self._zero_base_half)
+
+    def _zero_base_half(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
+        if not self.active:
+            return None
+        output[: len(output) // 2] = 0  # no gradients here (gradient_free_lora): in place is safe
+        return output
+
+
+@contextmanager
+def gradient_free_lora(unet: nn.Module, base_rows_off: BaseRowsOff, pair: bool, fold: bool):
+    """Within the block (no gradients), UNet calls run the LoRA folded (``fold``) and, with ``pair``, treat the
+    first half of every batch as the base model θ0 and the second half as the tuned model θ."""
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    folded = [layer for layer in layers if _foldable(layer)] if fold and not _compiled(unet) else []
+    with ExitStack() as stack:
+        for layer in folded:
+            stack.enter_context(_folded(layer, pair))
+        if pair:
+            rest = [layer for layer in layers if not any(layer is f for f in folded)]
+            base_rows_off.install(rest)
+            base_rows_off.active = True
+            stack.callback(setattr, base_rows_off, "active", False)
+        with torch.no_grad():
+            yield
+
+
+def _compiled(unet: nn.Module) -> bool:
+    return getattr(unet, "_fnf_compiled", False)
+
+
+def _foldable(layer: LoraLayer) -> bool:
+    """A plain LoRA Linear with one active adapter whose output in this pass is W x + s·B·A x exactly."""
+    if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
+        return False
+    adapter = layer.active_adapters[0]
+    dropout_off = isinstance(layer.lora_dropout[adapter], nn.Identity) or not layer.training
+    return (adapter in layer.lora_A and adapter not in layer.lora_variant and dropout_off
+            and not isinstance(layer.base_layer.weight, DTensor))
+
+
+@contextmanager
+def _folded(layer: LoraLinear, pair: bool):
+    adapter, base = layer.active_adapters[0], layer.base_layer
+    kind = base.weight.device.type
+    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    dtype = torch.get_autocast_dtype(kind) if autocast else base.weight.dtype  # cast once here, not per call
+    with torch.no_grad():
+        delta = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]  # (out, in)
+        tuned = (base.weight + delta).to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        if pair:  # (2, in, out): [W^T; W_θ^T] for the [θ0 rows; θ rows] halves
+            layer.forward = partial(_pair_forward, torch.stack([base.weight.to(dtype), tuned]).mT, bias)
+        else:
+            layer.forward = partial(F.linear, weight=tuned, bias=bias)
+    try:
+        yield
+    finally:
+        del layer.forward  # back to peft's class forward
+
+
+def _pair_forward(weights: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    halves = x.reshape(2, -1, x.shape[-1])  # (N, ..., in) -> (2, N/2 · ..., in)
+    out = torch.bmm(halves, weights) if bias is None else torch.baddbmm(bias, halves, weights)  # (2, N/2 · ..., out)
+    return out.view(*x.shape[:-1], out.shape[-1])
