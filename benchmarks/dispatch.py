@@ -42,14 +42,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.utils import logging as transformers_logging
 
 from peer_alignprop import machine
-from sd15_step import SD15_TEXT, SD15_UNET, SD15_VAE
+from sd15_step import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd
 from speed import PROMPTS, HandWrittenLoop
 
 from fnf.compute import ComputeArgs
@@ -59,8 +58,6 @@ from fnf.module import FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
 from fnf.rewards import ColorRegion
 from fnf.sampling import SamplerArgs
-from fnf.worlds.random_sd import WORDS
-from fnf.worlds.tokenizer import build_clip_tokenizer
 
 PROXY_UNET = SD15_UNET | dict(sample_size=8, block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
                               norm_num_groups=32)
@@ -88,19 +85,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARN
 
 def build_model(directory: Path) -> Path:
     """Save the SD1.5-topology, narrow proxy pipeline with random (seeded) weights in diffusers format."""
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **PROXY_TEXT)
-    StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**PROXY_UNET), vae=AutoencoderKL(latent_channels=4, **PROXY_VAE),
-        text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)
-    return directory
+    return build_sd(directory, PROXY_UNET, PROXY_VAE, PROXY_TEXT)
 
 
 class OpCounter(TorchDispatchMode):

@@ -98,14 +98,18 @@ def build_sdxl(directory: Path, small: bool) -> Path:
 
 def build_model(directory: Path, small: bool) -> Path:
     """Save an SD1.5-shaped pipeline (or a tiny one) with random weights in diffusers format."""
+    return build_sd(directory, *((SMALL_UNET, SMALL_VAE, SMALL_TEXT) if small else (SD15_UNET, SD15_VAE, SD15_TEXT)))
+
+
+def build_sd(directory: Path, unet: dict, vae: dict, text: dict) -> Path:
+    """Save an SD1.x-layout pipeline with these UNet / VAE / CLIP-text configurations and random (seeded) weights."""
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **(SMALL_TEXT if small else SD15_TEXT))
+                                 pad_token_id=tokenizer.pad_token_id, **text)
     StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**(SMALL_UNET if small else SD15_UNET)),
-        vae=AutoencoderKL(latent_channels=4, **(SMALL_VAE if small else SD15_VAE)),
+        unet=UNet2DConditionModel(**unet), vae=AutoencoderKL(latent_channels=4, **vae),
         text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1),

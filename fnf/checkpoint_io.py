@@ -20,6 +20,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` under the process umask: what ``open`` / ``mkdir`` would give (0o644 / 0o755 under 022).
+    ``tempfile`` creates its files 0600 and folders 0700, which a team sharing a run folder cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed."""
@@ -31,6 +39,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(staging)
         with open(staging, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(staging, umask_mode(0o666))
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):

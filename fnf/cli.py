@@ -9,6 +9,7 @@ any LightningCLI config: only run configs you trust.
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -16,13 +17,17 @@ from pathlib import Path
 import yaml
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
+from fnf.preemption import PreemptionCheckpoint
+from fnf.resume import resume_last
 
 
 class FnfCLI(LightningCLI):
@@ -30,6 +35,15 @@ class FnfCLI(LightningCLI):
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
         parser.add_lightning_class_args(LoraExporter, "lora_export")
         parser.add_lightning_class_args(PngWriter, "predict_writer")
+        # Mid-epoch checkpoints by default: last.ckpt (LoRA, optimizer, loops, RNG) every N optimizer steps.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
+                             "checkpoint.save_top_k": 0})
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder."""
+        if self.config_init["fit"].get("ckpt_path") == "last":
+            self.config_init["fit"]["ckpt_path"] = resume_last(self.trainer)
 
 
 def check_config_files(args: list[str]) -> None:
@@ -79,7 +93,10 @@ def main(args: list[str] | None = None) -> None:
         check_config_files(argv)
         FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
-               trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})  # no torn files
+               trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
+                                 "callbacks": [PreemptionCheckpoint()]})
+    except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it
+        sys.exit(128 + signal.SIGTERM)
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
         sys.exit(f"fnf: error: {cause(error)}")
 

@@ -13,6 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from fnf.checkpoint_io import umask_mode
 from fnf.pipeline import Text2ImageModel
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -40,6 +41,9 @@ def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dic
             staging, unet_lora_layers=layers, safe_serialization=True, weight_name=WEIGHT_NAME,
             unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
         )
+        os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700; safetensors writes its file 0600
+        for written in staging.iterdir():
+            os.chmod(written, umask_mode(0o666))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)  # readers see the old export or the new one, never half of one

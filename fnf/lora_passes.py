@@ -73,9 +73,9 @@ def _foldable(layer: LoraLayer) -> bool:
     if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
         return False
     adapter = layer.active_adapters[0]
-    dropout_off = isinstance(layer.lora_dropout[adapter], nn.Identity) or not layer.training
-    return (adapter in layer.lora_A and adapter not in layer.lora_variant and dropout_off
-            and not isinstance(layer.base_layer.weight, DTensor))
+    if adapter not in layer.lora_A or adapter in layer.lora_variant or isinstance(layer.base_layer.weight, DTensor):
+        return False
+    return isinstance(layer.lora_dropout[adapter], nn.Identity) or not layer.training  # no dropout in this pass
 
 
 @contextmanager

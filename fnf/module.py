@@ -29,7 +29,7 @@ from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import RewardHead, check_reward_output
-from fnf.resume import restore_rng_states, rng_states
+from fnf.resume import check_lora_state, restore_rng_states, rng_states
 from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
 
 
@@ -332,19 +332,9 @@ class FocusNFix(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint whose LoRA does not fit this model (loading is non-strict: frozen weights are absent)."""
-        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         saved = checkpoint.get("state_dict")
         if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
             saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
-        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(f"ckpt_path: the checkpoint's LoRA does not match model.lora (target_modules): "
-                             f"{len(missing)} LoRA weights missing (e.g. {missing[:1]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-        for name, value in saved.items():
-            if value.shape != own[name].shape:
-                raise ValueError(f"ckpt_path: LoRA shape {tuple(value.shape)} in the checkpoint but "
-                                 f"{tuple(own[name].shape)} in the model for {name}; set model.lora.rank to the "
-                                 f"checkpoint's rank")
+        check_lora_state({name: p.shape for name, p in self.named_parameters() if p.requires_grad}, saved)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])

@@ -9,8 +9,11 @@ epoch that were already trained on, and the global RNG states (DRaFT-LV noise, L
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -66,3 +69,33 @@ def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(states["cuda"]))
+
+
+def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose LoRA weights do not fit the model's (names from target_modules, shapes from rank)."""
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"ckpt_path: the checkpoint's LoRA does not match model.lora (target_modules): "
+                         f"{len(missing)} LoRA weights missing (e.g. {missing[:1]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    for name, value in saved.items():
+        if value.shape != own[name]:
+            raise ValueError(f"ckpt_path: LoRA shape {tuple(value.shape)} in the checkpoint but "
+                             f"{tuple(own[name])} in the model for {name}; set model.lora.rank to the "
+                             f"checkpoint's rank")
+
+
+def resume_last(trainer: L.Trainer) -> str:
+    """The newest ``last*.ckpt`` under ``trainer.default_root_dir``. A TensorBoard / CSV logger of the same root
+    continues that run's version folder, so its checkpoints, logs and LoRA export stay together."""
+    root = Path(trainer.default_root_dir)
+    found = sorted(root.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (trainer.default_root_dir); "
+                                "leave out --ckpt_path to start a new run")
+    path, run = found[-1], found[-1].parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+    for logger in trainer.loggers:
+        if hasattr(logger, "_version") and Path(logger.root_dir) == run.parent:
+            logger._version = run.name  # a str version is the folder name itself
+    rank_zero_info(f"fnf: resuming from {path}")
+    return str(path)

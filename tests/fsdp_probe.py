@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lightning import Callback
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -14,6 +15,12 @@ class WriteShardSizes(Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # FSDP2 can leave its root group (conv_in/out, time embedding: no trainable weights, so no post-backward
+        # reshard) unsharded after a gradient-free forward or a state-dict gather, until its next forward;
+        # reshard() frees such transient copies, so what is counted is how the weights are stored.
+        for module in pl_module.model.unet.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         parts = {"unet": pl_module.model.unet, "text_encoder": pl_module.model.text_encoder, "heads": pl_module.heads}
         sizes = {}
         for name, part in parts.items():

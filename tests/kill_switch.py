@@ -7,11 +7,11 @@ from lightning import Callback
 
 
 class KillAtStep(Callback):
-    """Kill -9 when the batch after optimizer step ``step`` starts (that step's checkpoint is already on disk)."""
+    """Send ``signal`` (default kill -9) to this process when the batch after optimizer step ``step`` starts."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step, self.signal = step, signal
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from fnf.checkpoint_io import AtomicCheckpointIO
+from fnf.cli import main
+from fnf.export import WEIGHT_NAME
 from fnf.resume import EpochShuffle, ResumableLoader
 
 TESTS = Path(__file__).parent
@@ -40,13 +43,12 @@ def test_loader_skips_lazily_after_the_epoch_is_set():
     assert len(torch.cat(list(loader))) == 8  # the skip applies once
 
 
-def _config(tmp_path: Path, model: str, run: str, kill_at: int | None) -> Path:
+def _config(tmp_path: Path, model: str, run: str, kill_at: int | None, kill_signal: str = "SIGKILL",
+            every: int = 1) -> Path:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle top left\na blue square bottom right\na green circle\na red square\na blue circle\n")
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}}]
-    if kill_at is not None:
-        callbacks.append({"class_path": "kill_switch.KillAtStep", "init_args": {"step": kill_at}})
+    kill = {"class_path": "kill_switch.KillAtStep", "init_args": {"step": kill_at, "signal": kill_signal}}
+    callbacks = [] if kill_at is None else [kill]
     config = {
         "seed_everything": 7,
         "model": {"pretrained": model, "lam": 0.1, "lora": {"rank": 4, "dropout": 0.1},
@@ -54,7 +56,8 @@ def _config(tmp_path: Path, model: str, run: str, kill_at: int | None) -> Path:
                   "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}]},
         "data": {"train_file": str(prompts), "batch_size": 2},  # 3 batches per epoch
         "trainer": {"max_steps": 7, "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "logger": False, "callbacks": callbacks},
+                    "callbacks": callbacks},  # the default TensorBoard logger: one version folder per run
+        "checkpoint": {"every_n_train_steps": every},
     }
     path = tmp_path / f"{run}-{kill_at}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -67,25 +70,57 @@ def _fnf(*args: str) -> subprocess.CompletedProcess:
 
 
 def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = torch.load(run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 7
     return checkpoint["state_dict"]
 
 
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The README's recipe: the same command plus ``--ckpt_path last``, which continues the run's own folder."""
     straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     killed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4)))  # step 4: epoch 1, batch 1
     assert killed.returncode == -signal.SIGKILL
-    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.tmp"))
+    run = tmp_path / "resumed" / "lightning_logs" / "version_0"
+    assert not list((run / "checkpoints").glob("*.tmp"))
     resumed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None)), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"fnf: resuming from {run / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # logs, checkpoints and LoRA stay together
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     expected, got = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
     assert expected.keys() == got.keys() and len(expected) > 0
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """Preemption: no scheduled checkpoint before step 100, so the one on disk is the SIGTERM one."""
+    straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    preempted = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4, "SIGTERM", every=100)))
+    assert preempted.returncode == 143, preempted.stderr[-2000:]
+    last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # the step running when SIGTERM came, finished
+    assert "fnf: SIGTERM: saved" in preempted.stderr
+    resumed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None, every=100)),
+                   "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = (load_file(tmp_path / run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
+                     for run in ("straight", "resumed"))  # the LoRA each run exports when it ends
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_last_without_a_checkpoint_is_one_line(config, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: --ckpt_path last: no last.ckpt under") and "\n" not in message
+    assert not (tmp_path / "run" / "lightning_logs").exists()  # nothing started, nothing left behind
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
