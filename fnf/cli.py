@@ -27,7 +27,7 @@ from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
 from fnf.preemption import PreemptionCheckpoint
-from fnf.resume import resume_last
+from fnf.resume import claim_version_folder, resume_last
 
 
 class FnfCLI(LightningCLI):
@@ -41,9 +41,12 @@ class FnfCLI(LightningCLI):
                              "checkpoint.save_top_k": 0})
 
     def before_fit(self) -> None:
-        """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder."""
+        """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder;
+        otherwise a version folder of its own, even when other runs start in the same root at the same moment."""
         if self.config_init["fit"].get("ckpt_path") == "last":
             self.config_init["fit"]["ckpt_path"] = resume_last(self.trainer)
+        else:
+            claim_version_folder(self.trainer)
 
 
 def check_config_files(args: list[str]) -> None:

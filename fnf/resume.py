@@ -99,3 +99,25 @@ def resume_last(trainer: L.Trainer) -> str:
             logger._version = run.name  # a str version is the folder name itself
     rank_zero_info(f"fnf: resuming from {path}")
     return str(path)
+
+
+def claim_version_folder(trainer: L.Trainer) -> None:
+    """Give this run a version folder no concurrent run in the same root also takes (sweeps, job arrays).
+
+    TensorBoard / CSV loggers pick ``max(version_N) + 1`` from a listing, so two runs started together get the
+    same folder. Here rank 0 claims ``version_N`` with an exclusive mkdir, stepping N on collision; other ranks
+    write no logs, and checkpoints follow rank 0's folder (Lightning broadcasts it)."""
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        if not hasattr(logger, "_version") or logger._version is not None:  # no versions, or the user chose one
+            continue
+        version = logger.version  # Lightning's guess from the listing
+        Path(logger.root_dir).mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (Path(logger.root_dir) / f"version_{version}").mkdir()
+                break
+            except FileExistsError:
+                version += 1
+        logger._version = version

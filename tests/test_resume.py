@@ -115,6 +115,53 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tiny_model_dir, tm
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_number(tmp_path):
+    """The race itself, made certain: both loggers' listings say version_0 is free (Lightning would give both
+    runs version_0); the exclusive mkdir gives the second run version_1."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from fnf.resume import claim_version_folder
+
+    loggers = [TensorBoardLogger(tmp_path), TensorBoardLogger(tmp_path), CSVLogger(tmp_path / "csv")]
+    for logger in loggers:
+        logger._get_next_version = lambda: 0
+    for logger in loggers:
+        claim_version_folder(SimpleNamespace(global_rank=0, loggers=[logger]))
+    assert [logger.version for logger in loggers] == [0, 1, 0]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_two_fits_started_together_get_their_own_folders(tiny_model_dir, tmp_path):
+    """Same root, same moment (a sweep): two version folders, each run's LoRA equal to the same run alone."""
+    def start(run: str, lam: float) -> subprocess.Popen:
+        config = _config(tmp_path, tiny_model_dir, run, None, every=100)
+        data = yaml.safe_load(config.read_text())
+        data["trainer"] |= {"default_root_dir": str(tmp_path / "shared"), "max_steps": 2}
+        data["model"]["lam"] = lam
+        config.write_text(yaml.safe_dump(data))
+        env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        return subprocess.Popen([sys.executable, "-m", "fnf.cli", "fit", "--config", str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    runs = [start("a", 0.0), start("b", 0.5)]
+    assert all(run.wait(timeout=600) == 0 for run in runs), [run.stderr.read()[-2000:] for run in runs]
+    folders = sorted((tmp_path / "shared" / "lightning_logs").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1"]
+    loras = {yaml.safe_load((f / "config.yaml").read_text())["model"]["lam"]: load_file(f / "lora" / WEIGHT_NAME)
+             for f in folders}
+    assert sorted(loras) == [0.0, 0.5]  # each folder holds one run's config and that run's LoRA
+    for lam in (0.0, 0.5):
+        alone = start(f"alone-{lam}", lam)
+        assert alone.wait(timeout=600) == 0, alone.stderr.read()[-2000:]
+    # the solo runs went to the same root, versions 2 and 3, in that order
+    for version, lam in ((2, 0.0), (3, 0.5)):
+        solo = load_file(tmp_path / "shared" / "lightning_logs" / f"version_{version}" / "lora" / WEIGHT_NAME)
+        for name in solo:
+            torch.testing.assert_close(loras[lam][name], solo[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_resume_last_without_a_checkpoint_is_one_line(config, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--ckpt_path", "last"])
