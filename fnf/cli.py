@@ -40,6 +40,11 @@ class FnfCLI(LightningCLI):
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 0})
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        if config.get("enable_checkpointing") is False:  # the default checkpoint callback would contradict it
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder;
         otherwise a version folder of its own, even when other runs start in the same root at the same moment."""

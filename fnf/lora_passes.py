@@ -56,7 +56,8 @@ def gradient_free_lora(unet: nn.Module, base_rows_off: BaseRowsOff, pair: bool, 
         for layer in folded:
             stack.enter_context(_folded(layer, pair))
         if pair:
-            rest = [layer for layer in layers if not any(layer is f for f in folded)]
+            folded_ids = {id(layer) for layer in folded}
+            rest = [layer for layer in layers if id(layer) not in folded_ids]
             base_rows_off.install(rest)
             base_rows_off.active = True
             stack.callback(setattr, base_rows_off, "active", False)

@@ -70,7 +70,14 @@ class Sample:
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device) -> Tensor:
     """x_T from one CPU generator per (prompt, seed): the same noise whatever the batch composition."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-    return torch.stack(noise).to(device)  # (B, C, h, w)
+    return to_device(torch.stack(noise), device)  # (B, C, h, w)
+
+
+def to_device(cpu: Tensor, device: torch.device | str) -> Tensor:
+    """A host-to-GPU copy the host does not wait for (from pinned memory); a plain copy elsewhere."""
+    if torch.device(device).type == "cuda":
+        return cpu.pin_memory().to(device, non_blocking=True)
+    return cpu.to(device)
 
 
 class DDIMSampler:
@@ -172,7 +179,7 @@ class DDIMSampler:
 
     def _timesteps_on(self, device: torch.device) -> Tensor:
         if device not in self._unet_timesteps:
-            self._unet_timesteps[device] = self.scheduler.timesteps.to(device)
+            self._unet_timesteps[device] = to_device(self.scheduler.timesteps, device)
         return self._unet_timesteps[device]
 
     def _maybe_checkpoint(self, fn, *args):

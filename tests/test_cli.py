@@ -50,3 +50,10 @@ def test_missing_prompt_file_is_named(config, capsys):
 
 def test_invalid_value_names_the_key(config, capsys):
     assert "model.sampler.k" in _fail(["fit", "--config", str(config), "--model.sampler.k", "9"], capsys)
+
+
+def test_checkpointing_can_be_switched_off(config, tmp_path):
+    """The default ``checkpoint:`` callback steps aside for ``--trainer.enable_checkpointing false``."""
+    main(["fit", "--config", str(config), "--trainer.enable_checkpointing", "false"])
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert list((tmp_path / "run").rglob("pytorch_lora_weights.safetensors"))  # the run itself completed
