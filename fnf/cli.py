@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from argparse import ArgumentError
 import warnings
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def check_config_files(args: list[str]) -> None:
     for flag, path in zip(args, args[1:]):
         if flag in ("-c", "--config"):
             try:
-                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except OSError as error:
                 raise FileNotFoundError(f"--config {path}: {error.strerror or error}") from None
             except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -67,6 +68,9 @@ def check_config_files(args: list[str]) -> None:
                 line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
                 raise ValueError(f"--config {path}: not valid YAML{line} "
                                  f"({getattr(error, 'problem', None) or type(error).__name__})") from None
+            if not isinstance(loaded, dict):
+                raise ValueError(f"--config {path}: expected a mapping of sections (model:, data:, trainer:, ...), "
+                                 f"got {'an empty file' if loaded is None else type(loaded).__name__}")
 
 
 JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid subclass",
@@ -78,6 +82,14 @@ def cause(error: Exception) -> str:
     lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
     causes = [line for line in lines if not line.startswith(JSONARGPARSE_WRAPPING)]
     return (causes or lines or [type(error).__name__])[0]
+
+
+def parser_error(error: ArgumentError) -> str:
+    """jsonargparse's nested 'Parser key "k":' report -> 'k.sub: <the innermost reason>' on one line."""
+    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
+    keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
+    reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
+    return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -100,11 +112,13 @@ def main(args: list[str] | None = None) -> None:
             return rahf_convert(argv[1:])
         check_config_files(argv)
         FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
-               save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
+               save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
                                  "callbacks": [PreemptionCheckpoint()]})
     except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it
         sys.exit(128 + signal.SIGTERM)
+    except ArgumentError as error:  # unknown keys, wrong types: jsonargparse's message, without the usage text
+        sys.exit(f"fnf: error: {parser_error(error)}")
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
         sys.exit(f"fnf: error: {cause(error)}")
 

@@ -37,6 +37,28 @@ def test_unknown_key_is_one_clear_error(config, capsys):
     assert "--model.bogus" in _fail(["fit", "--config", str(config), "--model.bogus", "1"], capsys)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--model.lamda", "1"], "unrecognized arguments: --model.lamda 1"),
+    (["--model.lam", "abc"], "model.lam: Expected a <class 'float'>. Got value: abc"),
+    (["--model.sampler.grad_mode", "bogus"], "model.sampler.grad_mode: Expected a typing.Literal"),
+])
+def test_parser_errors_are_one_line_without_the_usage(config, capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *args])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"fnf: error: {expected}") and "\n" not in message, message
+    assert capsys.readouterr().err == ""  # no usage text
+
+
+@pytest.mark.parametrize("text, expected", [("", "got an empty file"), ("- model\n", "got list"),
+                                            ("model:\n  lamda: 1\n", "does not accept option 'model.lamda'")])
+def test_bad_config_files_are_one_line(tmp_path, text, expected):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "bad.yaml")])
+    assert expected in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+
+
 def test_unknown_reward_class_is_named(config, capsys):
     text = config.read_text().replace("ColorRegion", "NoSuchReward")
     config.write_text(text)
