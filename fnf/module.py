@@ -17,7 +17,6 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import RewardHead, check_reward_output
-from fnf.resume import check_lora_state, restore_rng_states, rng_states
+from fnf.resume import LoraOnlyCheckpoints
 from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
 
 
@@ -69,7 +68,7 @@ class BaseReference:
         return Sample(self.latents, self.images)
 
 
-class FocusNFix(L.LightningModule):
+class FocusNFix(LoraOnlyCheckpoints):
     def __init__(
         self,
         rewards: list[RewardTerm],
@@ -323,18 +322,3 @@ class FocusNFix(L.LightningModule):
                 frozen.eval()
         return self
 
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_states"] = rng_states()  # DRaFT-LV noise and LoRA dropout continue exactly on resume
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint whose LoRA does not fit this model (loading is non-strict: frozen weights are absent)."""
-        saved = checkpoint.get("state_dict")
-        if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
-            saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
-        check_lora_state({name: p.shape for name, p in self.named_parameters() if p.requires_grad}, saved)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])

@@ -3,7 +3,9 @@ in the same order, with the same random numbers, as a run that never stopped.
 
 Lightning restores weights, optimizer, schedulers and loop counters; this module adds what it leaves
 to the user: a shuffle order that depends only on (seed, epoch), skipping the batches of the current
-epoch that were already trained on, and the global RNG states (DRaFT-LV noise, LoRA dropout).
+epoch that were already trained on, and the global RNG states (DRaFT-LV noise, LoRA dropout). Around it:
+what a checkpoint holds (LoRA and RNG states only), ``--ckpt_path last`` (the newest last.ckpt, continuing
+its run folder) and a version folder of its own for every new run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -121,3 +124,23 @@ def claim_version_folder(trainer: L.Trainer) -> None:
             except FileExistsError:
                 version += 1
         logger._version = version
+
+
+class LoraOnlyCheckpoints(L.LightningModule):
+    """Checkpoints hold the trainable (LoRA) weights and the global RNG states, nothing frozen; loading refuses a
+    LoRA that does not fit the model (Lightning loads non-strictly here, since the frozen weights are absent)."""
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_states"] = rng_states()  # DRaFT-LV noise and LoRA dropout continue exactly on resume
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("state_dict")
+        if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
+            saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        check_lora_state({name: p.shape for name, p in self.named_parameters() if p.requires_grad}, saved)
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
