@@ -28,7 +28,7 @@ from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.data import PromptDataModule
 from fnf.module import FocusNFix
 from fnf.preemption import PreemptionCheckpoint
-from fnf.resume import claim_version_folder, resume_last
+from fnf.resume import claim_version_folder, export_if_complete, resume_last
 
 
 class FnfCLI(LightningCLI):
@@ -48,11 +48,16 @@ class FnfCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder;
-        otherwise a version folder of its own, even when other runs start in the same root at the same moment."""
-        if self.config_init["fit"].get("ckpt_path") == "last":
-            self.config_init["fit"]["ckpt_path"] = resume_last(self.trainer)
-        else:
+        no ckpt_path: a version folder of its own, even when other runs start in the same root at the same moment;
+        a checkpoint already at max_steps: say so, restore a missing LoRA export, and stop."""
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = self.config_init["fit"]["ckpt_path"] = resume_last(self.trainer)
+        elif ckpt_path is None:
             claim_version_folder(self.trainer)
+        complete = ckpt_path is not None and Path(ckpt_path).is_file()
+        if complete and export_if_complete(self.trainer, self.model, ckpt_path):
+            sys.exit(0)
 
 
 def check_config_files(args: list[str]) -> None:
@@ -112,7 +117,8 @@ def main(args: list[str] | None = None) -> None:
             return rahf_convert(argv[1:])
         check_config_files(argv)
         FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
-               save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+               save_config_kwargs={"overwrite": True},
+               parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # parse errors: one line below
                trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
                                  "callbacks": [PreemptionCheckpoint()]})
     except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it

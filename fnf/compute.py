@@ -24,11 +24,11 @@ FrozenDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 @dataclass
 class ComputeArgs:
-    """Speed levers for the frozen model (see fnf/compute.py); LoRA weights, gradients and optimizer state stay float32."""
+    """Speed levers for the frozen model; LoRA weights, gradients and optimizer state stay float32."""
 
     frozen_dtype: FrozenDtype = "auto"
     """Storage dtype of the frozen UNet, VAE and text-encoder weights. auto: the trainer precision's compute dtype
-    (bf16-mixed -> bfloat16, 16-mixed -> float16, otherwise float32); another low-precision dtype needs that precision."""
+    (bf16-mixed -> bfloat16, 16-mixed -> float16, otherwise float32); a low-precision dtype needs that precision."""
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     """channels_last: UNet and VAE convolutions in NHWC (faster with GPU tensor cores; usually slower on CPUs)."""
     compile: Literal["none", "unet", "unet+graphs"] = "none"
@@ -37,7 +37,7 @@ class ComputeArgs:
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype a Lightning precision computes in: 'bf16-mixed' -> bfloat16, '16-mixed' -> float16, '32-true' -> float32."""
+    """The dtype a Lightning precision computes in: 'bf16-mixed' -> bfloat16, '16-mixed' -> float16, else float32."""
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0], torch.float32)
 
 

@@ -104,6 +104,23 @@ def resume_last(trainer: L.Trainer) -> str:
     return str(path)
 
 
+def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> bool:
+    """True when ``ckpt_path`` is already at ``max_steps``: nothing is left to train. The run's LoRA export is
+    written from the checkpoint if it is missing (a run killed between its last checkpoint and its export)."""
+    from fnf.checkpoint_io import AtomicCheckpointIO  # one-line errors for missing / corrupt files
+    from fnf.export import WEIGHT_NAME, save_lora
+
+    checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+    if trainer.max_steps < 0 or checkpoint.get("global_step", 0) < trainer.max_steps:
+        return False
+    lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
+    if trainer.global_rank == 0 and not (lora / WEIGHT_NAME).is_file():
+        module.load_state_dict(checkpoint["state_dict"], strict=False)  # the LoRA; frozen weights are not in it
+        save_lora(module.model, lora)
+    rank_zero_info(f"fnf: {ckpt_path} is already at max_steps={trainer.max_steps}; nothing to train. LoRA: {lora}")
+    return True
+
+
 def claim_version_folder(trainer: L.Trainer) -> None:
     """Give this run a version folder no concurrent run in the same root also takes (sweeps, job arrays).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,19 @@ def test_two_fits_started_together_get_their_own_folders(tiny_model_dir, tmp_pat
         solo = load_file(tmp_path / "shared" / "lightning_logs" / f"version_{version}" / "lora" / WEIGHT_NAME)
         for name in solo:
             torch.testing.assert_close(loras[lam][name], solo[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(config, tmp_path):
+    main(["fit", "--config", str(config)])
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    exported = load_file(run / "lora" / WEIGHT_NAME)
+    shutil.rmtree(run / "lora")  # as if killed between the last checkpoint and the export
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert not exit_info.value.code  # a complete run is not an error
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]
+    again = load_file(run / "lora" / WEIGHT_NAME)
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 def test_resume_last_without_a_checkpoint_is_one_line(config, tmp_path):
