@@ -17,6 +17,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from fnf.checkpoint_io import AtomicCheckpointIO
+from fnf.export import WEIGHT_NAME, save_lora
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -107,10 +110,7 @@ def resume_last(trainer: L.Trainer) -> str:
 def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> bool:
     """True when ``ckpt_path`` is already at ``max_steps``: nothing is left to train. The run's LoRA export is
     written from the checkpoint if it is missing (a run killed between its last checkpoint and its export)."""
-    from fnf.checkpoint_io import AtomicCheckpointIO  # one-line errors for missing / corrupt files
-    from fnf.export import WEIGHT_NAME, save_lora
-
-    checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+    checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)  # one-line errors for missing / corrupt files
     if trainer.max_steps < 0 or checkpoint.get("global_step", 0) < trainer.max_steps:
         return False
     lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
