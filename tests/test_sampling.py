@@ -101,6 +101,17 @@ def test_base_pass_is_the_base_model_bit_for_bit(model, tiny_model_dir):
         model.add_lora(LoraArgs(rank=4))
 
 
+def test_each_sampler_owns_its_scheduler(model):
+    """set_timesteps on a shared scheduler would give every sampler over the model the last one's steps."""
+    inputs = _inputs(model, ["a red circle"], [6])
+    five = DDIMSampler(model, SamplerArgs(num_steps=STEPS))
+    before = five(*inputs, grad_mode="none").images
+    three = DDIMSampler(model, SamplerArgs(num_steps=3))
+    three(*inputs, grad_mode="none")
+    assert len(five.scheduler.timesteps) == STEPS and len(three.scheduler.timesteps) == 3
+    assert torch.equal(five(*inputs, grad_mode="none").images, before)
+
+
 def test_lv_returns_n_samples_per_prompt(model):
     sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="lv", lv_samples=3))
     images = sampler(*_inputs(model, ["a red circle", "a blue square"], [1, 2]), grad_mode="lv").images
