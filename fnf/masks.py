@@ -67,6 +67,18 @@ def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma
     return peak_normalised(blur(saliency, sigma) if sigma > 0 else saliency)
 
 
+def clear_clean_images(heatmap: Tensor, score: Tensor, clean_score: float | None) -> Tensor:
+    """Zero the (B, 1, H, W) heatmap of every image whose (B,) score is >= clean_score (None: keep all).
+
+    Saliency is peak-normalised, so without this absolute test every image, however good, has a
+    region to change; with it, a clean image's mask is empty and ``MaskArgs.empty`` applies.
+    """
+    if clean_score is None:
+        return heatmap
+    clean = score.detach()[:, None, None, None] >= clean_score  # (B,) -> (B, 1, 1, 1); no host sync
+    return torch.where(clean, torch.zeros_like(heatmap), heatmap)
+
+
 def peak_normalised(heatmap: Tensor) -> Tensor:
     """(B, 1, H, W) non-negative map -> divided by its per-image maximum (all-zero maps stay zero)."""
     peak = heatmap.amax(dim=(2, 3), keepdim=True)
