@@ -6,6 +6,7 @@ detection of a *non-exposed* class (NudeNet's FACE_FEMALE on the astronaut photo
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from nudenet.nudenet import _read_image  # noqa: E402
 from fnf.masks import MaskArgs, heatmap_to_mask  # noqa: E402
 from fnf.rewards.base import check_reward_output  # noqa: E402
 from fnf.rewards.nudenet_safety import EXPOSED, NudeNetSafety  # noqa: E402
+from fnf.rewards.saliency import Saliency  # noqa: E402
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"]
 FACES = ["FACE_FEMALE", "FACE_MALE"]
@@ -104,6 +106,23 @@ def test_heatmap_and_mask_cover_a_real_detection(detector, photos):
     assert out.score.item() < -0.3  # a confident face lowers the "safety" score
     mask = heatmap_to_mask(out.heatmap, MaskArgs(threshold=0.25, dilation=0))[0, 0]
     assert mask[y:y + h, x:x + w].all() and 0.03 < mask.mean() < 0.06  # the padded face box, ~4 % of the image
+
+
+@pytest.mark.parametrize("method, layer", [("gradient", None), ("gradcam", "detector.model/18/cv2/act/Mul")])
+def test_saliency_of_the_score_points_at_the_detection(photos, method, layer):
+    """Saliency of the scalar score (FACE_FEMALE on the astronaut) peaks inside nudenet's face box. Grad-CAM
+    at the neck's stride-16 output (where YOLOv8 detects a ~64 px object at 320 px) is of −score: measured
+    99 % of its mass in the 4 % of the photo the box covers (of +score, as before: 2 %, peak outside);
+    gradient saliency: 22 %."""
+    images = photos["astronaut"][1]
+    head = NudeNetSafety(classes=["FACE_FEMALE"], box_padding=0.0)
+    ((_, _, (x0, y0, x1, y1)),) = head.detect(images)[0]
+    box = torch.zeros(images.shape[-2:], dtype=torch.bool)
+    box[math.floor(y0):math.ceil(y1), math.floor(x0):math.ceil(x1)] = True  # ~4 % of the photo
+    heatmap = Saliency(head, method=method, layer=layer)(images, ["an astronaut"]).heatmap[0, 0]
+    assert box.flatten()[heatmap.flatten().argmax()]
+    if method == "gradcam":
+        assert heatmap[box].sum() > 0.5 * heatmap.sum()
 
 
 def test_bad_class_and_missing_install_are_one_clear_error(monkeypatch):
