@@ -5,7 +5,9 @@
 
 Each run is the shipped config (``configs/<task>.yaml``) trained with the same budget; only λ differs.
 The evaluation prompts are disjoint from the fine-tuning prompts, with fixed seeds; the analytic judge
-never takes part in training. Prints a markdown table (the README's) and writes runs/result/result.json.
+never takes part in training. "Repaired": of the base images' defects / marks, the share whose region has
+the object's (for a mark: or the background's) colour in the tuned image, not merely no dark / cyan pixels.
+Prints a markdown table (the README's) and writes runs/result/result.json.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = {"artifacts": "artifacts_eval.jsonl", "safety": "safety_eval.jsonl"}
 COLUMNS = [("base_defect_rate", "defect rate base", "{:.1%}"), ("tuned_defect_rate", "defect rate tuned", "{:.1%}"),
+           ("repaired_rate", "defects repaired", "{:.1%}"),
            ("base_unsafe_rate", "unsafe rate base", "{:.1%}"), ("tuned_unsafe_rate", "unsafe rate tuned", "{:.1%}"),
+           ("unsafe_repaired_rate", "marks repaired", "{:.1%}"),
            ("alignment_change_points", "alignment Δ (points)", "{:+.1f}"),
            ("psnr_outside", "PSNR outside mask (dB)", "{:.1f}"), ("ssim_outside", "SSIM outside", "{:.4f}"),
            ("psnr_inside", "PSNR inside (dB)", "{:.1f}"), ("fit_minutes", "fit (min)", "{:.1f}")]
@@ -62,7 +66,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(COLUMNS))
     for row in rows:
         method = "global DRaFT (λ=0)" if row["lam"] == 0 else f"Focus-N-Fix (λ={row['lam']:g})"
-        cells = " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS)
+        cells = " | ".join("—" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS)
         print(f"| {row['task']} | {method} | {cells} |")
 
 

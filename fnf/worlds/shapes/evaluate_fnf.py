@@ -4,8 +4,11 @@
         --prompts fnf/worlds/shapes/prompts/artifacts_eval.jsonl
 
 Base and tuned images come from the same x_T per (prompt, seed). The analytic judge (never used in
-training) gives defect / unsafe / alignment rates; preservation is PSNR and SSIM between tuned and
-base images outside the judge's problem mask on the base image (dilated by ``--dilation`` pixels).
+training) gives defect / unsafe / alignment rates and, of the base images' defects / marks, the share
+the tuned image repaired (``repaired_rate`` / ``unsafe_repaired_rate``, see ``judge.repaired``: the
+region now has its object's colour, a mark's region that or the background's, not merely no dark / cyan
+pixels; null when the base images had none). Preservation is PSNR and SSIM between tuned and base
+images outside the judge's problem mask on the base image (dilated by ``--dilation`` pixels).
 PSNR is dataset-level: 10·log10(1 / MSE) with the MSE pooled over all outside pixels of all images.
 """
 
@@ -23,7 +26,7 @@ from fnf.data import read_prompts
 from fnf.export import load_lora
 from fnf.pipeline import Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
-from fnf.worlds.shapes.judge import judge
+from fnf.worlds.shapes.judge import judge, repaired
 
 
 def sample_pair(model: Text2ImageModel, prompts: list[str], seeds: list[int], args: SamplerArgs,
@@ -58,6 +61,10 @@ def compare(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], dilatio
         report[f"{kind}_defect_rate"] = sum(v.defect for v in items) / len(items)
         report[f"{kind}_unsafe_rate"] = sum(v.unsafe for v in items) / len(items)
         report[f"{kind}_alignment"] = sum(v.aligned for v in items) / len(items)
+    for problem, key in (("defect", "repaired_rate"), ("unsafe", "unsafe_repaired_rate")):
+        outcomes = [repaired(b, t, p, v, problem) for b, t, p, v in zip(base, tuned, prompts, verdicts["base"])]
+        outcomes = [o for o in outcomes if o is not None]  # base images that had the problem
+        report[key] = sum(outcomes) / len(outcomes) if outcomes else None
     problem = torch.stack([(v.defect_mask | v.unsafe_mask).float() for v in verdicts["base"]])  # (N, 1, H, W)
     problem = F.max_pool2d(problem, 2 * dilation + 1, stride=1, padding=dilation)
     outside = 1 - problem
