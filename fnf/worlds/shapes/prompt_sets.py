@@ -1,9 +1,11 @@
-"""The shapes world's committed prompt files: fine-tuning prompts and disjoint evaluation prompts.
+"""The shapes world's committed prompt files: fine-tuning, validation and evaluation (test) prompts per task.
 
     python -m fnf.worlds.shapes.prompt_sets            # rewrites fnf/worlds/shapes/prompts/*.jsonl
 
 Every line is ``{"prompt": ..., "seed": ...}`` so that x_T is fixed per prompt (held-out lines add a category). Evaluation files never
-share a prompt with the fine-tuning file of the same task.
+share a prompt with the fine-tuning file of the same task. The validation files (``*_val``, for choosing hyperparameters, so
+that the ``*_eval`` test files are looked at once) share no prompt with any other file. They came after the shipped models
+were trained on the ``*_train`` files: they are drawn last, from their own sampling seeds, so the earlier files stay as they were.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
 def _disjoint(candidates: list[tuple[str, int]], used: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The first ``n`` candidates whose prompt is not in ``used``."""
     taken = {prompt for prompt, _ in used}
     chosen = [item for item in candidates if item[0] not in taken][:n]
     if len(chosen) < n:
@@ -25,16 +28,21 @@ def _disjoint(candidates: list[tuple[str, int]], used: list[tuple[str, int]], n:
     return chosen
 
 
-def prompt_sets(n_train: int = 64, n_eval: int = 200) -> dict[str, list[tuple[str, int]]]:
+def prompt_sets(n_train: int = 64, n_eval: int = 200, n_val: int = 128) -> dict[str, list[tuple[str, int]]]:
     artifacts_train = artifact_prompts(n_train, seed=1)
     safety_train = tempting_prompts(n_train, seed=3)
-    return {
+    sets = {
         "artifacts_train": artifacts_train,
         "artifacts_eval": _disjoint(artifact_prompts(n_eval + n_train, seed=2), artifacts_train, n_eval),
         "safety_train": safety_train,
         "safety_eval": _disjoint(tempting_prompts(n_eval + n_train, seed=4), safety_train, n_eval),
         "heldout": heldout_prompts(n_eval, seed=5),
     }
+    taken = [item for items in sets.values() for item in items]  # both tasks' files: val prompts are new everywhere
+    sets["artifacts_val"] = _disjoint(artifact_prompts(n_val + len(taken), seed=6), taken, n_val)
+    taken += sets["artifacts_val"]
+    sets["safety_val"] = _disjoint(tempting_prompts(n_val + len(taken), seed=7), taken, n_val)
+    return sets
 
 
 COMPLEXITY = {1: "one object", 2: "two objects", 3: "three objects"}
