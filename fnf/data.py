@@ -8,11 +8,13 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -122,6 +124,17 @@ def in_val_split(prompt: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def run_seed() -> int:
+    """The run's global seed: what Lightning's ``seed_everything`` (LightningCLI's ``seed_everything:``) set. Lightning
+    keeps it in ``PL_GLOBAL_SEED``, which spawned DDP processes inherit, so every rank reads the same value; 0 when
+    the run was not seeded."""
+    value = os.environ.get("PL_GLOBAL_SEED", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"PL_GLOBAL_SEED (the run's seed_everything) must be an integer, got {value!r}") from None
+
+
 def collate(items: list[Item]) -> dict[str, Any]:
     batch = {
         "prompt": [item["prompt"] for item in items],
@@ -140,9 +153,18 @@ class PromptDataModule(L.LightningDataModule):
     ``.jsonl`` (objects with ``"prompt"`` and optional integer ``"seed"``).
 
     Seeds: a prompt's base seed is the file's seed if given, else ``seed + index``
-    with ``index`` its 0-based position among the file's prompts. It expands into
-    ``seeds_per_prompt`` items with seeds ``base + 1_000_003 * k``, k = 0, 1, ...;
-    these are distinct for files of fewer than 1_000_003 prompts without explicit seeds.
+    (just ``index`` when ``seed`` is unset) with ``index`` its 0-based position among
+    the file's prompts. It expands into ``seeds_per_prompt`` items with seeds
+    ``base + 1_000_003 * k``, k = 0, 1, ...; these are distinct for files of fewer
+    than 1_000_003 prompts without explicit seeds.
+
+    The run's seed (``seed_everything``) does not move these per-prompt seeds: they fix x_T,
+    and base vs tuned images of validation and test prompts must come from the same x_T in
+    every run, whatever its seed, so that runs and methods compare image for image (the
+    shapes world's files carry explicit seeds anyway; to vary a seedless training file's x_T,
+    set ``seed`` per run). What the run's seed does move, unless ``seed`` is given, is the
+    training shuffle order; LoRA init and DRaFT-LV noise follow it through the global RNG.
+    A restored run keeps its checkpoint's shuffle seed.
 
     Stages without a file: validation is skipped, while train/test/predict raise.
 
@@ -153,8 +175,9 @@ class PromptDataModule(L.LightningDataModule):
         test_file: Prompt file for ``test``.
         predict_file: Prompt file for ``predict``; falls back to ``test_file``, then ``val_file``.
         csv_column: Name of the CSV column holding the prompts.
-        seed: Base of the default per-prompt seeds and of the training shuffle order (one
-            permutation per (seed, epoch); a run restored mid-epoch continues where it stopped).
+        seed: Seed of the training shuffle order (one permutation per (seed, epoch); a run restored
+            mid-epoch continues where it stopped) and base of the default per-prompt seeds. None: the
+            order follows the run's seed (``seed_everything``) and the per-prompt base is 0.
         seeds_per_prompt: Number of (prompt, seed) items generated per prompt.
         val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
         batch_size: Items per batch and process (under DDP the global batch is this times the world size).
@@ -168,7 +191,7 @@ class PromptDataModule(L.LightningDataModule):
         test_file: str | None = None,
         predict_file: str | None = None,
         csv_column: str = "prompt",
-        seed: int = 0,
+        seed: int | None = None,
         seeds_per_prompt: int = 1,
         val_fraction: float = 0.0,
         batch_size: int = 4,
@@ -180,7 +203,7 @@ class PromptDataModule(L.LightningDataModule):
             ("val_fraction", 0.0 <= val_fraction < 1.0, "in [0, 1)", val_fraction),
             ("batch_size", batch_size >= 1, ">= 1", batch_size),
             ("num_workers", num_workers >= 0, ">= 0", num_workers),
-            ("seed", 0 <= seed <= MAX_SEED, "in [0, 2**63)", seed),
+            ("seed", seed is None or 0 <= seed <= MAX_SEED, "in [0, 2**63) or null", seed),
             ("csv_column", bool(csv_column), "non-empty", csv_column),
         ):
             if not ok:
@@ -191,12 +214,14 @@ class PromptDataModule(L.LightningDataModule):
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.items: dict[str, list[Item]] = {}
         self._skip_batches = 0
+        self.shuffle_seed: int | None = None
+        """The training order's seed: ``seed`` or the run's seed, resolved when ``fit`` sets up; kept in checkpoints."""
 
     def load(self, path: str) -> list[Item]:
         """Read a prompt file and expand it into seeded items (see class docstring)."""
         items = []
         for index, (prompt, file_seed, category) in enumerate(read_prompts(path, self.csv_column)):
-            base = self.seed + index if file_seed is None else file_seed
+            base = (self.seed or 0) + index if file_seed is None else file_seed  # not the run's seed (see above)
             label = {"category": category} if category is not None else {}
             items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k, **label} for k in range(self.seeds_per_prompt)]
         return items
@@ -213,6 +238,7 @@ class PromptDataModule(L.LightningDataModule):
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
             if self.train_file:
                 self.items["train"] = train
+                self.shuffle_seed = self.seed if self.seed is not None else run_seed()  # a restore then overrides it
         if stage == "test" and self.test_file:
             self.items["test"] = self.load(self.test_file)
         if stage == "predict" and self.predict_file:
@@ -227,22 +253,30 @@ class PromptDataModule(L.LightningDataModule):
         if not shuffle:
             return DataLoader(items, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        sampler = EpochShuffle(len(items), self.seed, num_replicas=world, rank=rank)  # this rank's shard
+        sampler = EpochShuffle(len(items), self.shuffle_seed, num_replicas=world, rank=rank)  # this rank's shard
         skip, self._skip_batches = self._skip_batches, 0  # a restored run skips what its epoch already did
         if skip >= -(-len(sampler) // self.batch_size):  # saved at the end of an epoch: the next one starts fresh
             skip = 0
         return ResumableLoader(items, batch_size=self.batch_size, sampler=sampler, skip_batches=skip,
                                num_workers=self.num_workers, collate_fn=collate,
-                               generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
+                               generator=torch.Generator().manual_seed(self.shuffle_seed))  # global RNG untouched
 
     @override
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: how far the current training epoch got."""
-        return {"batches_done_in_epoch": batches_done_in_epoch(self.trainer)}
+        """Saved in every checkpoint: the shuffle seed and how far the current training epoch got."""
+        return {"batches_done_in_epoch": batches_done_in_epoch(self.trainer), "shuffle_seed": self.shuffle_seed}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
+        """A restored run continues its own order, even under another ``seed_everything`` or ``data.seed``."""
         self._skip_batches = int(state_dict.get("batches_done_in_epoch", 0))
+        saved = state_dict.get("shuffle_seed")
+        if saved is None:  # a checkpoint from before the seed was saved: its order came from data.seed, default 0
+            saved = self.seed or 0
+        if self.seed is not None and saved != self.seed:
+            rank_zero_warn(f"data.seed={self.seed} but the checkpoint's run shuffled with seed {saved}; "
+                           "the restored run keeps its order")
+        self.shuffle_seed = int(saved)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -99,6 +99,90 @@ def test_shuffle_order_reproducible_given_seed(tmp_path):
     assert sorted(order(0)) == sorted(f"p{i}" for i in range(32))
 
 
+def _fnf_run(config, seed_everything: int, *args: str) -> tuple[list[str], torch.Tensor]:
+    """A run built by the CLI as ``fnf fit`` builds it: its first training batch and its LoRA init."""
+    from fnf.cli import FnfCLI
+    from fnf.module import FocusNFix
+
+    cli = FnfCLI(FocusNFix, PromptDataModule, run=False,
+                 args=["--config", str(config), f"--seed_everything={seed_everything}", *args])
+    cli.datamodule.setup("fit")
+    order = next(iter(cli.datamodule.train_dataloader()))["prompt"]
+    lora = torch.cat([p.detach().flatten() for p in cli.model.parameters() if p.requires_grad])
+    return order, lora
+
+
+def test_the_run_seed_drives_data_order_and_lora_init_unless_data_seed_is_given(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored afterwards: the runs below set it process-wide
+    prompts = write(tmp_path / "many.txt", "".join(f"prompt {i}\n" for i in range(16)))
+    data = [f"--data.train_file={prompts}", "--data.batch_size=16"]
+    order_1, lora_1 = _fnf_run(config, 1, *data)
+    order_1_again, lora_1_again = _fnf_run(config, 1, *data)
+    order_2, lora_2 = _fnf_run(config, 2, *data)
+    assert order_1 == order_1_again and torch.equal(lora_1, lora_1_again)  # same seed, same run
+    assert order_1 != order_2 and not torch.equal(lora_1, lora_2)  # another seed: another order and init
+    assert sorted(order_1) == sorted(order_2)
+
+    fixed_2, fixed_lora_2 = _fnf_run(config, 2, *data, "--data.seed=5")
+    fixed_3, fixed_lora_3 = _fnf_run(config, 3, *data, "--data.seed=5")
+    assert fixed_2 == fixed_3 != order_2  # an explicit data.seed wins over the run's seed
+    assert torch.equal(fixed_lora_2, lora_2) and not torch.equal(fixed_lora_2, fixed_lora_3)  # init: the run seed
+
+
+def test_default_prompt_seeds_do_not_follow_the_run_seed(tmp_path, monkeypatch):
+    """x_T per prompt stays put across runs of different seeds: base and tuned images compare image for image."""
+    path = write(tmp_path / "p.txt", "a\nb\n")
+    seeds = []
+    for run_seed in ("3", "4"):
+        monkeypatch.setenv("PL_GLOBAL_SEED", run_seed)
+        dm = PromptDataModule(train_file=path, val_file=path)
+        dm.setup("fit")
+        seeds.append([i["seed"] for i in dm.items["train"] + dm.items["val"]])
+        assert dm.shuffle_seed == int(run_seed)
+    assert seeds == [[0, 1, 0, 1]] * 2
+
+
+def test_a_restored_data_module_keeps_the_checkpointed_shuffle_order(tmp_path, monkeypatch):
+    path = write(tmp_path / "p.txt", "".join(f"p{i}\n" for i in range(32)))
+
+    def data_module(run_seed: str, **kwargs) -> PromptDataModule:
+        monkeypatch.setenv("PL_GLOBAL_SEED", run_seed)
+        dm = PromptDataModule(train_file=path, batch_size=32, **kwargs)
+        dm.setup("fit")
+        return dm
+
+    saved = data_module("7")
+    state = saved.state_dict()
+    for kwargs in ({}, {"seed": 9}):  # resumed under another seed_everything, or with a data.seed
+        restored = data_module("8", **kwargs)
+        restored.load_state_dict(state)
+        assert next(iter(restored.train_dataloader()))["prompt"] == next(iter(saved.train_dataloader()))["prompt"]
+    assert next(iter(data_module("8").train_dataloader()))["prompt"] != next(iter(saved.train_dataloader()))["prompt"]
+
+
+def test_resuming_under_another_seed_everything_trains_as_the_checkpointed_run(config, tmp_path, monkeypatch):
+    """Stop at step 2 (mid-epoch), resume to step 4 with another seed_everything: the same LoRA as 4 straight steps."""
+    from fnf.cli import main
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    prompts = write(tmp_path / "five.txt", "".join(f"a red circle top left {i}\n" for i in range(5)))  # 3 batches
+    common = ["--config", str(config), f"--data.train_file={prompts}", "--data.val_file=null",
+              "--checkpoint.every_n_train_steps=1"]
+
+    def last(run: str) -> dict[str, torch.Tensor]:
+        return torch.load(tmp_path / run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["state_dict"]
+
+    main(["fit", *common, "--seed_everything=7", "--trainer.max_steps=4", f"--trainer.default_root_dir={tmp_path}/a"])
+    main(["fit", *common, "--seed_everything=7", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}/b"])
+    main(["fit", *common, "--seed_everything=8", "--trainer.max_steps=4", f"--trainer.default_root_dir={tmp_path}/b",
+          "--ckpt_path", "last"])
+    straight, resumed = last("a"), last("b")
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_batches_collate(tmp_path):
     dm = PromptDataModule(test_file=write(tmp_path / "p.txt", "a\nb\nc\n"), batch_size=2, seed=5)
     dm.setup("test")

@@ -3,9 +3,10 @@
     python -m fnf.worlds.shapes.prompt_sets            # rewrites fnf/worlds/shapes/prompts/*.jsonl
 
 Every line is ``{"prompt": ..., "seed": ...}`` so that x_T is fixed per prompt (held-out lines add a category). Evaluation files never
-share a prompt with the fine-tuning file of the same task. The validation files (``*_val``, for choosing hyperparameters, so
-that the ``*_eval`` test files are looked at once) share no prompt with any other file. They came after the shipped models
-were trained on the ``*_train`` files: they are drawn last, from their own sampling seeds, so the earlier files stay as they were.
+share a prompt with the fine-tuning file of the same task. The validation files (``*_val``: hyperparameters are chosen on
+them, so that the ``*_eval`` test files are looked at once) share no prompt with any other file. They came after the
+shipped models were fine-tuned on the ``*_train`` files: they are drawn last, from sampling seeds of their own, so the
+earlier files stay byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def prompt_sets(n_train: int = 64, n_eval: int = 200, n_val: int = 128) -> dict[
         "safety_eval": _disjoint(tempting_prompts(n_eval + n_train, seed=4), safety_train, n_eval),
         "heldout": heldout_prompts(n_eval, seed=5),
     }
-    taken = [item for items in sets.values() for item in items]  # both tasks' files: val prompts are new everywhere
+    taken = [item for items in sets.values() for item in items]  # both tasks' files: val prompts are new to all
     sets["artifacts_val"] = _disjoint(artifact_prompts(n_val + len(taken), seed=6), taken, n_val)
     taken += sets["artifacts_val"]
     sets["safety_val"] = _disjoint(tempting_prompts(n_val + len(taken), seed=7), taken, n_val)
