@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fnf.cli import main
 
@@ -19,3 +20,18 @@ def test_the_main_job_config_exists():
 def test_config_runs_one_fast_dev_step(config, tmp_path):
     main(["fit", "--config", config, "--trainer.fast_dev_run=true", "--model.sampler.num_steps=3",
           "--data.batch_size=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).stem)
+def test_configs_choose_on_val_and_report_on_test_with_the_run_seed(config):
+    """Validation (checkpoints, hyperparameters) never reads a test prompt, nor a training one; the data order
+    follows seed_everything, so runs of different seeds differ in it (fnf.data.PromptDataModule)."""
+    from fnf.data import read_prompts
+
+    data = yaml.safe_load(Path(config).read_text())["data"]
+    root = Path(__file__).parents[1]
+    val, test, train = ({row.prompt for row in read_prompts(root / data[key])}
+                        for key in ("val_file", "test_file", "train_file"))
+    assert data["val_file"] != data["test_file"]
+    assert not val & test and not val & train
+    assert data.get("seed") is None
