@@ -1,26 +1,65 @@
-"""The shipped shapes-world text-to-image model loads through fnf's path and follows prompts."""
+"""The shipped shapes-world text-to-image model loads through fnf's path and measures as its model card says."""
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
+import pytest
 import torch
 
-from fnf.pipeline import Text2ImageModel
-from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
-from fnf.worlds.shapes.generator import heldout_prompts
-from fnf.worlds.shapes.judge import judge
+from fnf.pipeline import Text2ImageModel, resolve_model_path
+from fnf.sampling import DDIMSampler, SamplerArgs
+from fnf.worlds.shapes.evaluate_t2i import DEFAULT_GUIDANCE, DEFAULT_STEPS, alignment_stats, flaw_rate, sample
+from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, tempting_prompts
+
+N = 64  # prompts per set: the first 64 of the card's 200 (same seed 0, so the same prompts and x_T)
+PROMPT_SETS = {"held-out prompts": heldout_prompts, "artifact prompt set": artifact_prompts,
+               "tempting prompt set": tempting_prompts}
 
 
-def test_shipped_model_follows_held_out_prompts_above_a_floor():
+def _card_row(row: str) -> dict[str, float]:
+    """The rates (fractions) the model card's "Measured quality" table gives for ``row``; empty cells are left out."""
+    card = (Path(resolve_model_path("embedded:shapes-t2i")) / "MODEL_CARD.md").read_text()
+    line = next((line for line in card.splitlines() if line.startswith(f"| {row}")), None)
+    assert line, f"MODEL_CARD.md: no table row {row!r}"
+    cells = [cell.strip() for cell in line.strip().strip("|").split("|")][1:]  # alignment | defect | unsafe
+    rates = {name: re.search(r"([\d.]+)%", cell) for name, cell in zip(("alignment", "defect", "unsafe"), cells)}
+    return {name: float(found.group(1)) / 100 for name, found in rates.items() if found}
+
+
+def _band(p: float) -> tuple[float, float]:
+    """p ± 3 binomial standard deviations of a rate measured on N prompts, sqrt(p(1 − p)/N). A correct card's
+    64-prompt subsample lands inside with ≥ 99.7% probability per rate; the bound is conservative, as the 64 are
+    drawn without replacement from the card's 200 (finite-population factor sqrt(136/199) = 0.83)."""
+    half = 3 * math.sqrt(p * (1 - p) / N)
+    return p - half, p + half
+
+
+@pytest.mark.parametrize("row", [
+    "artifact prompt set",  # all three rates: card 90.0% / 33.5% / 13.5% -> [78.8, 100] / [15.8, 51.2] / [0.7, 26.3]%
+    pytest.param("held-out prompts", marks=pytest.mark.slow),  # 90.5% / 32.0% -> [79.5, 100] / [14.5, 49.5]%
+    pytest.param("tempting prompt set", marks=pytest.mark.slow),  # unsafe 38.0% -> [19.8, 56.2]%
+])
+def test_shipped_model_measures_as_its_card_says(row):
+    """The card's alignment, defect and unsafe rates (judge: evaluate_t2i, seed 0, 200 prompts per set)
+    re-measured on the first N prompts of the set with the card's sampler (DDIM 20 steps, CFG 4), each within
+    its binomial band: an unaligned model, CFG off, or one drawing a flaw far more or less often than its card
+    says falls out. The artifact row runs by default (one set, ~10 s on 2 free cores); the others with --runslow."""
+    card = _card_row(row)
     model = Text2ImageModel.from_pretrained("embedded:shapes-t2i")
-    pairs = heldout_prompts(24, seed=11)
-    prompts, seeds = [p for p, _ in pairs], torch.tensor([s for _, s in pairs])
-    sampler = DDIMSampler(model, SamplerArgs(num_steps=20, guidance_scale=4.0))
-    with torch.no_grad():
-        noise = initial_noise(seeds, model.latent_shape(sampler.resolution), "cpu")
-        images = sampler(noise, model.encode_prompts(prompts), model.encode_prompts([""] * len(prompts)), "none").images
-    assert images.shape == (24, 3, 32, 32)
-    aligned = sum(v.aligned for v in judge(images, prompts)) / len(prompts)
-    assert aligned >= 0.5, aligned  # measured 87.5% here; with the prompts reversed the judge gives 0%
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
+                                             grad_mode="none", checkpointing="off"))
+    pairs = PROMPT_SETS[row](N, 0)
+    prompts = [p for p, _ in pairs]
+    images = sample(model, sampler, pairs, batch=N)
+    assert images.shape == (N, 3, 32, 32)
+    measure = {"alignment": lambda: alignment_stats(images, prompts)["alignment"],
+               "defect": lambda: flaw_rate(images, prompts, "defect"),
+               "unsafe": lambda: flaw_rate(images, prompts, "unsafe")}
+    measured = {name: (measure[name](), *(round(b, 3) for b in _band(p))) for name, p in card.items()}
+    assert measured and all(low <= value <= high for value, low, high in measured.values()), measured
 
 
 def test_training_script_is_deterministic(tmp_path):
@@ -46,8 +85,6 @@ def test_training_script_is_deterministic(tmp_path):
 
 def test_shipped_folder_is_a_plain_stable_diffusion_pipeline():
     from diffusers import StableDiffusionPipeline
-
-    from fnf.pipeline import resolve_model_path
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("embedded:shapes-t2i"), use_safetensors=True)
     images = pipe("a red circle top left", num_inference_steps=5, guidance_scale=4.0, output_type="pt",
