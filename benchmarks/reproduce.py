@@ -1,18 +1,27 @@
 """Reproduce the paper's comparison on the embedded world: base vs global DRaFT (λ = 0) vs Focus-N-Fix.
 
-    python benchmarks/reproduce.py --quick     # ≤ 15 min on 2 CPU cores: 12 steps of batch 4, 32 evaluation prompts
-    python benchmarks/reproduce.py             # the configs' budgets, 100 evaluation prompts (≤ 2 h)
+    python benchmarks/reproduce.py --quick     # 12 steps of batch 4, 10 DDIM steps, 32 validation / 32 test prompts
+    python benchmarks/reproduce.py             # the configs' budgets, 128 validation / 100 test prompts
 
-Every run is ``fnf fit`` on a shipped config (``configs/artifacts.yaml``, ``configs/safety.yaml``) with
-one thing changed, then ``fnf test`` on the task's evaluation prompts (disjoint from the fine-tuning
-prompts, fixed seeds) with the configs' Evaluation callback: reward changes, CLIP score, FID of tuned
-vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never used in training).
-Tables (markdown, printed and written to ``<out>/tables.md``):
+Every run is ``fnf fit`` on a shipped config (``configs/artifacts.yaml``, ``configs/safety.yaml``) with the settings
+under study changed, then ``fnf test`` with the configs' Evaluation callback: reward changes, CLIP score, FID of tuned
+vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never used in training). The protocol:
 
-1. the main table: both tasks × {base, DRaFT, FNF} × 3 seeds, mean ± std;
-2. a λ sweep on the artifact task (seed 0; 0 and the config's λ are the main table's runs);
-3. a mask-source ablation on the safety task (seed 0): the ShapesSafety heatmap vs gradient saliency of
-   its score, each with two dilation radii.
+1. Selection, on validation prompts only (``<task>_val.jsonl``, run seed = the first seed): a coordinate search from
+   the config's values, over λ in LAMS, then the mask threshold in THRESHOLDS, then the dilation in DILATIONS, each
+   line through the best point so far. Criterion (``choose``): among the candidates whose judge alignment drops by at
+   most ``--max-alignment-drop`` points and whose PSNR outside the mask is at least ``--min-psnr-outside`` dB, the
+   lowest judge target rate (defect / unsafe), ties to the higher PSNR; if none meets both bars, the highest PSNR.
+2. Test, once: the evaluation prompts (``<task>_eval.jsonl``, disjoint from the training and validation prompts)
+   for global DRaFT (λ = 0) and for Focus-N-Fix with the chosen values, each with every seed. A seed varies the LoRA
+   init, the training order and the DRaFT-LV noise (``seed_everything``, with ``data.seed`` null); x_T per
+   evaluation prompt is fixed by the files, so base numbers have no spread.
+
+Evaluation always measures against the shipped config's mask of the base image (threshold, dilation, source), so
+"outside the mask" is the same region for every candidate: the fixed yardstick the comparison needs.
+Tables (markdown, printed and written to ``<out>/tables.md``): the test table (both tasks × {base, DRaFT, FNF} ×
+seeds, mean ± std), the selection on validation prompts (every candidate, the chosen one marked; the λ sweep is its
+first line), and the mask source on the safety task (ShapesSafety heatmap vs gradient saliency, validation prompts).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -28,39 +39,141 @@ from fnf.cli import main as fnf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "fnf" / "worlds" / "shapes" / "prompts"
-EVAL_FILES = {"artifacts": "artifacts_eval.jsonl", "safety": "safety_eval.jsonl"}
+PROMPT_FILES = {"val": "{task}_val.jsonl", "test": "{task}_eval.jsonl"}
+PROMPT_COUNT = {("val", True): 32, ("val", False): None, ("test", True): 32, ("test", False): 100}  # None: all
 TARGET = {"artifacts": "judge_defect_rate", "safety": "judge_unsafe_rate"}
 HEAD = {"artifacts": "ShapesArtifact", "safety": "ShapesSafety"}
+LAMS = (0.1, 0.25, 0.5, 1.0)
+THRESHOLDS = (0.3, 0.5, 0.7)
+DILATIONS = (0, 2, 4)
+MASK_SOURCE_TASK = "safety"  # the task whose head has both a heatmap and a scalar score for saliency
 
 
-def fit_and_test(name: str, task: str, out: Path, quick: bool, seed: int, edit=None) -> dict:
-    """One fit + test; returns test_metrics.json. ``edit(config)`` changes the config dict in place."""
-    run = out / name
-    metrics_file = run / "test_metrics.json"
-    if metrics_file.is_file():  # resumable: finished runs are kept
-        return json.loads(metrics_file.read_text())
+@dataclass(frozen=True)
+class Settings:
+    """What the selection varies. λ = 0 is global DRaFT: the mask then plays no part in training."""
+
+    lam: float
+    threshold: float
+    dilation: int
+    mask: str
+
+    @classmethod
+    def shipped(cls, task: str) -> Settings:
+        model = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())["model"]
+        return cls(model["lam"], model["masks"]["threshold"], model["masks"]["dilation"], model["rewards"][0]["mask"])
+
+    @property
+    def name(self) -> str:
+        return "draft" if self.lam == 0 else f"lam{self.lam:g}-t{self.threshold:g}-d{self.dilation}-{self.mask}"
+
+    @property
+    def label(self) -> str:
+        return (f"λ = {self.lam:g}, threshold {self.threshold:g}, dilation {self.dilation}, {self.mask}"
+                if self.lam else "global DRaFT (λ = 0)")
+
+    def apply(self, config: dict) -> None:
+        model, term = config["model"], config["model"]["rewards"][0]
+        model["lam"] = self.lam
+        model["masks"] |= {"threshold": self.threshold, "dilation": self.dilation}
+        if term["mask"] != self.mask:  # ShapesSafety: the predicted heatmap, or none (saliency of its score)
+            term["mask"] = self.mask
+            term["head"]["init_args"]["heatmap"] = "predicted" if self.mask == "heatmap" else "none"
+
+
+@dataclass(frozen=True)
+class Bars:
+    """What a candidate must keep (validation prompts): prompt alignment, and the image outside the mask."""
+
+    max_alignment_drop: float = 2.0
+    """Points of judge alignment, base minus tuned."""
+    min_psnr_outside: float = 35.0
+    """dB, tuned vs base outside the shipped mask: changes there are hard to see at 35 dB and above."""
+
+    def met(self, metrics: dict) -> bool:
+        drop = 100 * (metrics["judge_alignment_base"] - metrics["judge_alignment_tuned"])
+        return drop <= self.max_alignment_drop and metrics["outside_psnr"] >= self.min_psnr_outside
+
+
+def choose(task: str, trials: dict[Settings, dict], bars: Bars) -> Settings:
+    """The selection criterion (module docstring), on validation metrics."""
+    met = [s for s in trials if bars.met(trials[s])]
+    if not met:
+        return max(trials, key=lambda s: trials[s]["outside_psnr"])
+    return min(met, key=lambda s: (trials[s][f"{TARGET[task]}_tuned"], -trials[s]["outside_psnr"]))
+
+
+def search(task: str, start: Settings, validate: Callable[[Settings], dict],
+           bars: Bars) -> tuple[Settings, dict[Settings, dict]]:
+    """Coordinate search: λ, then threshold, then dilation, each over its grid and the current value."""
+    trials: dict[Settings, dict] = {}
+    best = start
+    for field, grid in (("lam", LAMS), ("threshold", THRESHOLDS), ("dilation", DILATIONS)):
+        line = [replace(best, **{field: value}) for value in sorted({*grid, getattr(best, field)})]
+        for candidate in line:
+            if candidate not in trials:
+                trials[candidate] = validate(candidate)
+        best = choose(task, {s: trials[s] for s in line}, bars)
+    return best, trials
+
+
+def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars) -> dict:
+    """Select on validation prompts with the first seed, then test DRaFT and the chosen settings once per seed."""
+    shipped = Settings.shipped(task)
+    chosen, trials = search(task, shipped, lambda s: score(s, seeds[0], "val"), bars)
+    other = {"heatmap": "saliency", "saliency": "heatmap"}[chosen.mask]
+    sources = {s: score(s, seeds[0], "val") for s in (chosen, replace(chosen, mask=other))} \
+        if task == MASK_SOURCE_TASK else {}
+    draft = replace(shipped, lam=0.0)
+    return {"chosen": chosen, "trials": trials, "sources": sources,
+            "draft": [score(draft, seed, "test") for seed in seeds],
+            "fnf": [score(chosen, seed, "test") for seed in seeds]}
+
+
+def run_config(task: str, root: Path, quick: bool, seed: int) -> dict:
+    """The shipped config, writing under ``root``; validation during fit is off (the tables come from ``fnf test``)."""
     config = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())
     config["seed_everything"] = seed
-    # the tables come from ``fnf test``; validation during fit would only cost time
-    config["trainer"] |= {"default_root_dir": str(run), "enable_progress_bar": False, "limit_val_batches": 0}
-    config["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(run)
+    config["data"]["seed"] = None  # the training order follows the run's seed
+    config["trainer"] |= {"default_root_dir": str(root), "enable_progress_bar": False, "limit_val_batches": 0}
+    config["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(root)
     if quick:
         config["model"]["sampler"]["num_steps"] = 10
         config["data"]["batch_size"] = 4
         config["trainer"]["max_steps"] = 12
-    if edit:
-        edit(config)
+    return config
+
+
+def fit(task: str, settings: Settings, seed: int, out: Path, quick: bool) -> Path:
+    """``fnf fit`` once per (task, settings, seed); a finished run is kept (the script resumes where it stopped)."""
+    run = out / f"{task}-{settings.name}-seed{seed}"
+    if (run / "checkpoint.txt").is_file():
+        return run
+    config = run_config(task, run, quick, seed)
+    settings.apply(config)
     config["trainer"]["callbacks"].append({  # a checkpoint of the final step, whatever the validation schedule
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"every_n_train_steps": config["trainer"]["max_steps"], "save_top_k": -1}})
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    eval_prompts = run / "eval.jsonl"
-    lines = (PROMPTS / EVAL_FILES[task]).read_text().splitlines()
-    eval_prompts.write_text("\n".join(lines[:32] if quick else lines[:100]) + "\n")
     fnf(["fit", "--config", str(run / "config.yaml")])  # in this process: no per-run start-up cost
-    checkpoint = max(run.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    fnf(["test", "--config", str(run / "config.yaml"), "--data.test_file", str(eval_prompts), "--ckpt_path", str(checkpoint)])
+    (run / "checkpoint.txt").write_text(str(max(run.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)))
+    return run
+
+
+def evaluate(task: str, run: Path, split: str, quick: bool, seed: int) -> dict:
+    """``fnf test`` of a fitted run on the split's prompts, against the shipped config's masks; the metrics."""
+    metrics_file = run / f"{split}_metrics.json"
+    if metrics_file.is_file():
+        return json.loads(metrics_file.read_text())
+    config = run_config(task, run / split, quick, seed)
+    lines = (PROMPTS / PROMPT_FILES[split].format(task=task)).read_text().splitlines()
+    prompts = run / f"{split}.jsonl"
+    prompts.write_text("\n".join(lines[:PROMPT_COUNT[split, quick]]) + "\n")
+    config["data"]["test_file"] = str(prompts)
+    (run / f"{split}.yaml").write_text(yaml.safe_dump(config))
+    fnf(["test", "--config", str(run / f"{split}.yaml"), "--ckpt_path", (run / "checkpoint.txt").read_text()])
+    metrics_file.write_text((run / split / "test_metrics.json").read_text())
     return json.loads(metrics_file.read_text())
 
 
@@ -88,50 +201,46 @@ HEADER = ("| task | method | target rate (judge) | Δ target (points) | Δ align
           "Δ reward | PSNR outside (dB) | SSIM outside | FID tuned vs base |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
+    over = ", ".join(map(str, seeds))
+    text = [f"## Test prompts: base vs global DRaFT vs Focus-N-Fix (mean ± std over seeds {over})\n\n"
+            "Focus-N-Fix with the values chosen on the validation prompts; the test prompts evaluated once per run.\n",
+            HEADER]
+    for task, result in results.items():
+        text += [row("base", task, result["fnf"], base=True), row("global DRaFT (λ = 0)", task, result["draft"]),
+                 row(f"Focus-N-Fix ({result['chosen'].label})", task, result["fnf"])]
+    text += [f"\n## Selection on validation prompts (seed {seeds[0]})\n\nBars: alignment drop ≤ "
+             f"{bars.max_alignment_drop:g} points, PSNR outside ≥ {bars.min_psnr_outside:g} dB; among those, the "
+             "lowest target rate (ties: higher PSNR). Search: λ, then threshold, then dilation.\n", HEADER]
+    for task, result in results.items():
+        for settings, metrics in result["trials"].items():
+            mark = " — **chosen**" if settings == result["chosen"] else "" if bars.met(metrics) else " (misses a bar)"
+            text.append(row(settings.label + mark, task, [metrics]))
+    for task, result in results.items():
+        if result["sources"]:
+            text += [f"\n## Mask source ({task}, validation prompts, seed {seeds[0]})\n", HEADER]
+            text += [row(settings.label, task, [metrics]) for settings, metrics in result["sources"].items()]
+    return "\n".join(text) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="12 steps of batch 4, 10 DDIM steps, 32 prompts")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-alignment-drop", type=float, default=Bars.max_alignment_drop)
+    parser.add_argument("--min-psnr-outside", type=float, default=Bars.min_psnr_outside)
     args = parser.parse_args()
     out = args.out or ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce")
-    tables = ["## Base vs global DRaFT vs Focus-N-Fix (mean ± std over seeds "
-              f"{', '.join(map(str, args.seeds))})\n", HEADER]
-    lam = {task: yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())["model"]["lam"] for task in TARGET}
-    results: dict = {}
+    bars = Bars(args.max_alignment_drop, args.min_psnr_outside)
+    results = {}
     for task in TARGET:
-        for method, value in (("draft", 0.0), ("fnf", lam[task])):
-            results[task, method] = [
-                fit_and_test(f"{task}-{method}-seed{seed}", task, out, args.quick, seed,
-                             lambda c, v=value: c["model"].__setitem__("lam", v)) for seed in args.seeds]
-            print(f"done: {task} {method}", flush=True)
-        tables += [row("base", task, results[task, "fnf"], base=True),
-                   row("global DRaFT (λ = 0)", task, results[task, "draft"]),
-                   row(f"Focus-N-Fix (λ = {lam[task]:g})", task, results[task, "fnf"])]
+        def score(settings: Settings, seed: int, split: str, task: str = task) -> dict:
+            return evaluate(task, fit(task, settings, seed, out, args.quick), split, args.quick, seed)
 
-    seed = args.seeds[0]
-    tables += [f"\n## λ sweep (artifact task, seed {seed})\n", HEADER]
-    for value in sorted({0.0, lam["artifacts"], 0.5, 1.0}):
-        name = {0.0: "draft", lam["artifacts"]: "fnf"}.get(value, f"lam{value:g}")  # reuse the main table's runs
-        runs = [fit_and_test(f"artifacts-{name}-seed{seed}", "artifacts", out, args.quick, seed,
-                             lambda c, v=value: c["model"].__setitem__("lam", v))]
-        tables.append(row(f"λ = {value:g}", "artifacts", runs))
-
-    tables += [f"\n## Mask source (safety task, seed {seed})\n", HEADER]
-    shipped = yaml.safe_load((ROOT / "configs" / "safety.yaml").read_text())["model"]
-    for source in ("heatmap", "saliency"):
-        for dilation in (0, 2):
-            def edit(config, source=source, dilation=dilation):
-                term = config["model"]["rewards"][0]
-                term["mask"] = source
-                term["head"]["init_args"]["heatmap"] = "predicted" if source == "heatmap" else "none"
-                config["model"]["masks"]["dilation"] = dilation
-
-            is_shipped = shipped["rewards"][0]["mask"] == source and shipped["masks"]["dilation"] == dilation
-            name = "fnf" if is_shipped else f"{source}-d{dilation}"
-            runs = [fit_and_test(f"safety-{name}-seed{seed}", "safety", out, args.quick, seed, edit)]
-            tables.append(row(f"{source}, dilation {dilation}", "safety", runs))
-    text = "\n".join(tables) + "\n"
+        results[task] = protocol(task, args.seeds, score, bars)
+        print(f"done: {task}, chosen on validation prompts: {results[task]['chosen'].label}", flush=True)
+    text = tables(results, args.seeds, bars)
     (out / "tables.md").write_text(text)
     print(text)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,61 @@ def test_validation_and_test_prompts_carry_their_own_seeds(name):
     rows = read_prompts(PROMPTS_DIR / f"{name}.jsonl")
     assert all(row.seed is not None for row in rows)
     assert 64 <= len(rows) and len({row.prompt for row in rows}) == len(rows)
+
+
+# --- benchmarks/reproduce.py: hyperparameters chosen on the validation prompts, the test prompts used once ----------
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metrics(target: float, alignment_drop: float, psnr: float) -> dict:
+    """Evaluation metrics of one run as the Evaluation callback names them (artifact task)."""
+    return {"judge_defect_rate_tuned": target, "judge_alignment_base": 0.9,
+            "judge_alignment_tuned": 0.9 - alignment_drop / 100, "outside_psnr": psnr}
+
+
+def test_choose_takes_the_lowest_target_rate_within_the_bars():
+    reproduce = _reproduce()
+    S, bars = reproduce.Settings, reproduce.Bars(max_alignment_drop=2.0, min_psnr_outside=35.0)
+    trials = {S(0.1, 0.5, 2, "heatmap"): _metrics(0.00, 5.0, 40.0),  # forgets: out
+              S(0.2, 0.5, 2, "heatmap"): _metrics(0.01, 0.0, 30.0),  # repaints the rest: out
+              S(0.5, 0.5, 2, "heatmap"): _metrics(0.05, 1.0, 36.0),
+              S(1.0, 0.5, 2, "heatmap"): _metrics(0.05, 0.0, 41.0),  # same rate, better kept: chosen
+              S(2.0, 0.5, 2, "heatmap"): _metrics(0.20, 0.0, 45.0)}
+    assert reproduce.choose("artifacts", trials, bars) == S(1.0, 0.5, 2, "heatmap")
+    nothing_meets = {s: m | {"outside_psnr": m["outside_psnr"] - 20} for s, m in trials.items()}
+    assert reproduce.choose("artifacts", nothing_meets, bars) == S(2.0, 0.5, 2, "heatmap")  # the most conservative
+
+
+def test_protocol_selects_on_validation_prompts_then_tests_once_per_seed():
+    """Synthetic metrics (a function of the settings) stand in for runs: what is checked is which prompts decide.
+    The test prompts here would favour λ = 0.1; the choice must follow the validation prompts only."""
+    reproduce = _reproduce()
+    calls = []
+
+    def score(settings, seed, split):
+        calls.append((settings, seed, split))
+        lam, threshold, dilation = settings.lam, settings.threshold, settings.dilation
+        if split == "test":
+            return _metrics(0.0 if lam == 0.1 else 0.5, 0.0, 50.0 if lam == 0.1 else 36.0)
+        return _metrics(lam / 10 - dilation / 100, 0.0, 30 + 10 * lam + 5 * threshold - dilation)
+
+    result = reproduce.protocol("artifacts", [3, 4, 5], score, reproduce.Bars(2.0, 35.0))
+    shipped = reproduce.Settings.shipped("artifacts")
+    # λ line (threshold 0.5, dilation 2): PSNR 30.5 + 10 λ meets 35 dB from λ = 0.5, the lowest rate there;
+    # threshold line: equal rates, PSNR grows with the threshold; dilation line: 4 misses the bar, 2 beats 0
+    assert result["chosen"] == reproduce.replace(shipped, lam=0.5, threshold=0.7, dilation=2)
+    splits = [split for _, _, split in calls]
+    assert splits == sorted(splits, key=["val", "test"].index)  # every validation run before the first test
+    assert {seed for _, seed, split in calls if split == "val"} == {3}
+    tests = [(settings, seed) for settings, seed, split in calls if split == "test"]
+    expected = [(reproduce.replace(shipped, lam=0.0), seed) for seed in (3, 4, 5)]
+    expected += [(result["chosen"], seed) for seed in (3, 4, 5)]
+    assert sorted(tests, key=str) == sorted(expected, key=str)  # DRaFT and the chosen FNF, each seed once
+    lines = {(s.threshold, s.dilation) for s in result["trials"] if s.lam != 0.5}
+    assert lines == {(shipped.threshold, shipped.dilation)}  # the λ line ran at the shipped mask settings
