@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from fnf.checkpoint_io import check_writable
 from fnf.export import lora_state_dict, save_lora
 
 
@@ -52,9 +53,17 @@ class LoraExporter(Callback):
         """
         self.dirpath = dirpath
 
+    def directory(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")  # all ranks: a broadcast
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # an unwritable folder found now, not after the run
+            check_writable(self.directory(trainer), "lora_export.dirpath")
+
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora"  # all ranks: a broadcast
+        directory = self.directory(trainer)
         weights = lora_state_dict(pl_module.model)  # all ranks: gathers the shards under FSDP2
         if trainer.is_global_zero:
             save_lora(pl_module.model, directory, weights)
@@ -74,6 +83,7 @@ class PngWriter(BasePredictionWriter):
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_writable(self.output_dir, "predict_writer.output_dir")
         for kind in ("tuned", "base"):
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
         (self.output_dir / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run

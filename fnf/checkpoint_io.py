@@ -8,8 +8,12 @@ Loading uses ``weights_only=True``: fnf checkpoints hold tensors and plain types
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,38 @@ def umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+FULL_DISK_BYTES = 1 << 20  # a failed write with less free space than this is reported as a full disk
+
+
+def disk_full(path: str | os.PathLike) -> OSError | None:
+    """The error to raise when a write to ``path`` failed because its file system is full, else None.
+
+    torch.save and safetensors lose the errno (torch: "unexpected pos 704 vs 598"), so it is read back from
+    the file system itself: call this while the partial file still holds the space it took."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return None if free >= FULL_DISK_BYTES else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> None:
+    """Fail before training, not after it, when ``folder`` (named by config ``key``) cannot be created or written:
+    a trial folder is made and removed in its nearest existing ancestor (permission bits do not stop root)."""
+    ancestor = Path(folder).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(ancestor))
+        os.rmdir(tempfile.mkdtemp(prefix=".fnf-write-check.", dir=ancestor))
+    except OSError as error:
+        raise OSError(f"{key}: cannot write to {folder} ({error.strerror} in {ancestor})") from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed."""
@@ -41,6 +77,11 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(written.fileno())
         os.chmod(staging, umask_mode(0o666))
         os.replace(staging, path)
+    except Exception as error:
+        full = disk_full(path)
+        if full is None:
+            raise
+        raise full from error
     finally:
         if os.path.exists(staging):
             os.remove(staging)
@@ -54,10 +95,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"ckpt_path: {path} is a folder; expected a .ckpt file (or last / auto)")
         if not Path(path).is_file():
             raise FileNotFoundError(f"ckpt_path: checkpoint {path} not found")
         try:
-            return pl_load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # truncated / corrupt / pickled objects beyond tensors and plain types
-            raise ValueError(f"ckpt_path: cannot load {path} as an fnf checkpoint "
-                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+            checkpoint = pl_load(path, map_location=map_location, weights_only=True)
+        except Exception as error:
+            if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch file, refused
+                raise ValueError(f"ckpt_path: {path} holds objects other than tensors and plain types, so it is not "
+                                 "an fnf checkpoint (fnf loads checkpoints with weights_only=True)") from None
+            raise ValueError(f"ckpt_path: cannot read {path} as a checkpoint: truncated or not a torch checkpoint "
+                             f"({type(error).__name__})") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"ckpt_path: {path} is a torch file but not a Lightning checkpoint (no state_dict)")
+        return checkpoint

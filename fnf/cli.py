@@ -9,29 +9,35 @@ any LightningCLI config: only run configs you trust.
 
 from __future__ import annotations
 
-import signal
 import sys
-from argparse import ArgumentError
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
-
-import yaml
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
+from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.data import PromptDataModule
+from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
-from fnf.preemption import PreemptionCheckpoint
-from fnf.resume import claim_version_folder, export_if_complete, resume_last
+from fnf.preemption import PreemptionCheckpoint, exit_code
+from fnf.regularizers import Regularizer
+from fnf.rewards.base import RewardHead
+from fnf.resume import (check_settings, claim_version_folder, continue_run_folder, export_if_complete, find_last,
+                        remove_if_unstarted)
 
 
 class FnfCLI(LightningCLI):
+    searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+    claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
         parser.add_lightning_class_args(LoraExporter, "lora_export")
@@ -41,60 +47,71 @@ class FnfCLI(LightningCLI):
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 0})
 
+    def parse_arguments(self, parser, args) -> None:
+        """Unknown keys get a close-match suggestion from the subcommand's own keys."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            argv = sys.argv[1:] if args is None else args
+            subcommands = parser._subcommands_action._name_parser_map
+            known = list(subcommands[argv[0]].get_defaults().keys()) if argv[:1] and argv[0] in subcommands else []
+            raise ValueError(parser_error(error, known)) from None
+
+    def _parse_ckpt_path(self) -> None:
+        """``ckpt_path``: ``last`` (the newest last.ckpt under trainer.default_root_dir, required) or ``auto`` (the
+        same, else a new run) resolved to a file, loaded with one-line errors, and its model settings compared with
+        the config's (Lightning would overwrite the config with the checkpoint's settings without a word)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or config.get("ckpt_path") is None:
+            return
+        if config.ckpt_path in ("last", "auto"):
+            root = config.trainer.default_root_dir or "."
+            config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit")
+            self.searched_ckpt = config.ckpt_path is not None
+            if config.ckpt_path is None:
+                return
+        if Path(config.ckpt_path).is_dir():  # a distributed (DCP) checkpoint folder: the strategy reads it
+            return
+        saved = AtomicCheckpointIO().load_checkpoint(config.ckpt_path).get("hyper_parameters", {})
+        changed = check_settings(config.model.as_dict(), saved, config.ckpt_path, resuming=subcommand == "fit")
+        if changed:
+            rank_zero_info(f"fnf: {subcommand} with settings that differ from the checkpoint's: {', '.join(changed)}")
+
+    def instantiate_classes(self) -> None:
+        """A reward head or regularizer that fails to construct is named (its errors rarely say which it is)."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            component = constructing(error, (RewardHead, Regularizer))
+            if component is None:
+                raise
+            raise ValueError(f"{component.__module__}.{component.__qualname__}: {one_line(error)}") from error
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # the default checkpoint callback would contradict it
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_if_unstarted(self.claimed)
+            raise
+
     def before_fit(self) -> None:
-        """``--ckpt_path last``: the newest last.ckpt under ``trainer.default_root_dir``, continuing its run folder;
-        no ckpt_path: a version folder of its own, even when other runs start in the same root at the same moment;
-        a checkpoint already at max_steps: say so, restore a missing LoRA export, and stop."""
+        """A found checkpoint continues its run folder; a new run gets a version folder of its own, even when other
+        runs start in the same root at the same moment; a checkpoint already at max_steps: say so, restore a
+        missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
-        if ckpt_path == "last":
-            ckpt_path = self.config_init["fit"]["ckpt_path"] = resume_last(self.trainer)
-        elif ckpt_path is None:
-            claim_version_folder(self.trainer)
-        complete = ckpt_path is not None and Path(ckpt_path).is_file()
-        if complete and export_if_complete(self.trainer, self.model, ckpt_path):
+        if ckpt_path is None:
+            self.claimed = claim_version_folder(self.trainer)
+        elif self.searched_ckpt:
+            continue_run_folder(self.trainer, ckpt_path)
+        single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
+        if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
-
-
-def check_config_files(args: list[str]) -> None:
-    """Name the file when a ``--config`` is missing or not YAML (jsonargparse reports neither by file name)."""
-    for flag, path in zip(args, args[1:]):
-        if flag in ("-c", "--config"):
-            try:
-                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            except OSError as error:
-                raise FileNotFoundError(f"--config {path}: {error.strerror or error}") from None
-            except (yaml.YAMLError, UnicodeDecodeError) as error:
-                where = getattr(error, "problem_mark", None)
-                line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-                raise ValueError(f"--config {path}: not valid YAML{line} "
-                                 f"({getattr(error, 'problem', None) or type(error).__name__})") from None
-            if not isinstance(loaded, dict):
-                raise ValueError(f"--config {path}: expected a mapping of sections (model:, data:, trainer:, ...), "
-                                 f"got {'an empty file' if loaded is None else type(loaded).__name__}")
-
-
-JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid subclass",
-                         "Subclass types expect", "a class path", "a dict ")
-
-
-def cause(error: Exception) -> str:
-    """One line: jsonargparse nests a failed instantiation's real message inside Union / subclass reports."""
-    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if not line.startswith(JSONARGPARSE_WRAPPING)]
-    return (causes or lines or [type(error).__name__])[0]
-
-
-def parser_error(error: ArgumentError) -> str:
-    """jsonargparse's nested 'Parser key "k":' report -> 'k.sub: <the innermost reason>' on one line."""
-    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
-    keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
-    reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
-    return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -102,7 +119,7 @@ def main(args: list[str] | None = None) -> None:
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     argv = sys.argv[1:] if args is None else args
-    try:
+    with one_line_errors():
         if argv[:1] == ["report"]:  # not a Lightning subcommand: reads what fit / test wrote
             from fnf.report import main as report
 
@@ -116,17 +133,15 @@ def main(args: list[str] | None = None) -> None:
 
             return rahf_convert(argv[1:])
         check_config_files(argv)
-        FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
-               save_config_kwargs={"overwrite": True},
-               parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # parse errors: one line below
-               trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
-                                 "callbacks": [PreemptionCheckpoint()]})
-    except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it
-        sys.exit(128 + signal.SIGTERM)
-    except ArgumentError as error:  # unknown keys, wrong types: jsonargparse's message, without the usage text
-        sys.exit(f"fnf: error: {parser_error(error)}")
-    except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
-        sys.exit(f"fnf: error: {cause(error)}")
+        preemption = PreemptionCheckpoint()
+        try:
+            FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
+                   save_config_kwargs={"overwrite": True},
+                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # parse errors: one line
+                   trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
+                                     "callbacks": [preemption]})
+        except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it
+            sys.exit(exit_code(preemption.signal))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from fnf.checkpoint_io import umask_mode
+from fnf.checkpoint_io import disk_full, umask_mode
 from fnf.pipeline import Text2ImageModel
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -47,6 +47,11 @@ def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dic
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)  # readers see the old export or the new one, never half of one
+    except Exception as error:
+        full = disk_full(directory / WEIGHT_NAME)
+        if full is None:
+            raise
+        raise full from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -13,6 +13,7 @@ Only LoRA weights train; checkpoints hold only them; inference is the tuned mode
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -25,25 +26,12 @@ from typing_extensions import override
 
 from fnf.compute import ComputeArgs, apply_compute
 from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
+from fnf.objective import RewardTerm, check_objective
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
-from fnf.rewards.base import RewardHead, check_reward_output
+from fnf.rewards.base import check_reward_output
 from fnf.resume import LoraOnlyCheckpoints
 from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
-
-
-@dataclass
-class RewardTerm:
-    """One reward r_i in the objective and the way it localises problems."""
-
-    head: RewardHead
-    """The reward head (any importable RewardHead subclass, by class_path)."""
-    weight: float = 1.0
-    """w_i: weight of this reward in the loss."""
-    mask: Literal["heatmap", "saliency", "none"] = "heatmap"
-    """Where M comes from: the head's heatmap, gradient saliency of its score, or nowhere (reward only)."""
-    lam: float | None = None
-    """mask_mode=per_head: this head's λ (None: model.lam)."""
 
 
 @dataclass
@@ -110,10 +98,7 @@ class FocusNFix(LoraOnlyCheckpoints):
         super().__init__()
         if not rewards:
             raise ValueError("model.rewards: at least one reward term is required")
-        if lam < 0 or any(t.lam is not None and t.lam < 0 for t in rewards):
-            raise ValueError(f"model.lam and model.rewards[*].lam must be >= 0, got {lam}")
-        if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
-            raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
+        check_objective(rewards, lam, mask_mode)
         # Plain types only, so checkpoints load with torch.load(weights_only=True); the CLI saves the full config.
         self.save_hyperparameters(dict(pretrained=pretrained, lam=lam, mask_mode=mask_mode, sampler=asdict(sampler),
                                        masks=asdict(masks), lora=asdict(lora), nonfinite=nonfinite,
@@ -296,6 +281,9 @@ class FocusNFix(LoraOnlyCheckpoints):
     @override
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.model.lora_parameters())
+        for group in optimizer.param_groups:
+            if not 0 <= group.get("lr", 0) < math.inf:  # torch accepts inf
+                raise ValueError(f"model.optimizer.init_args.lr must be a finite number >= 0, got {group['lr']}")
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -11,6 +11,7 @@ its run folder) and a version folder of its own for every new run.
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from fnf.checkpoint_io import AtomicCheckpointIO
+from fnf.checkpoint_io import AtomicCheckpointIO, check_writable
 from fnf.export import WEIGHT_NAME, save_lora
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -91,20 +92,55 @@ def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor])
                              f"checkpoint's rank")
 
 
-def resume_last(trainer: L.Trainer) -> str:
-    """The newest ``last*.ckpt`` under ``trainer.default_root_dir``. A TensorBoard / CSV logger of the same root
-    continues that run's version folder, so its checkpoints, logs and LoRA export stay together."""
-    root = Path(trainer.default_root_dir)
-    found = sorted(root.rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
-    if not found:
+def find_last(root: str | Path, required: bool) -> str | None:
+    """The newest ``last*.ckpt`` under ``root`` (``trainer.default_root_dir``); None when there is none and the
+    caller may start a new run instead (``--ckpt_path auto``)."""
+    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if found:
+        return str(found[-1])
+    if required:
         raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (trainer.default_root_dir); "
-                                "leave out --ckpt_path to start a new run")
-    path, run = found[-1], found[-1].parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+                                "leave out --ckpt_path (or use --ckpt_path auto) to start a new run")
+    rank_zero_info(f"fnf: no last.ckpt under {root}; starting a new run")
+    return None
+
+
+def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> None:
+    """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
+    logs and LoRA export stay together."""
+    run = Path(ckpt_path).parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
     for logger in trainer.loggers:
         if hasattr(logger, "_version") and Path(logger.root_dir) == run.parent:
             logger._version = run.name  # a str version is the folder name itself
-    rank_zero_info(f"fnf: resuming from {path}")
-    return str(path)
+    rank_zero_info(f"fnf: resuming from {ckpt_path}")
+
+
+MAY_DIFFER_ON_RESUME = ("pretrained", "compute.")  # where the base model lives, speed levers: not the run's recipe
+
+
+def check_settings(config: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:
+    """Compare the model settings of the config (``model.*``) with those a checkpoint was trained with.
+
+    LoRA settings must match (they fix the shapes of the weights); a resumed fit must match in everything but
+    MAY_DIFFER_ON_RESUME, so a run is one recipe. Returns the other differences (evaluation may change them)."""
+    ours, theirs = _flatten(config), _flatten(saved)
+    differences = [key for key in theirs if key in ours and ours[key] != theirs[key]]
+    for key in differences:
+        if key.startswith("lora.") or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
+            action = "set it to the checkpoint's value" + ("" if key.startswith("lora.") else
+                                                           " or start a new run (leave out --ckpt_path)")
+            raise ValueError(f"model.{key}: {ours[key]!r} in the config but {theirs[key]!r} in {ckpt_path}; {action}")
+    return [f"model.{key}={ours[key]!r} (trained with {theirs[key]!r})" for key in differences]
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> bool:
@@ -121,17 +157,19 @@ def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
     return True
 
 
-def claim_version_folder(trainer: L.Trainer) -> None:
+def claim_version_folder(trainer: L.Trainer) -> Path | None:
     """Give this run a version folder no concurrent run in the same root also takes (sweeps, job arrays).
 
     TensorBoard / CSV loggers pick ``max(version_N) + 1`` from a listing, so two runs started together get the
     same folder. Here rank 0 claims ``version_N`` with an exclusive mkdir, stepping N on collision; other ranks
-    write no logs, and checkpoints follow rank 0's folder (Lightning broadcasts it)."""
+    write no logs, and checkpoints follow rank 0's folder (Lightning broadcasts it). Returns the claimed folder."""
+    claimed = None
     if trainer.global_rank != 0:
-        return
+        return claimed
     for logger in trainer.loggers:
         if not hasattr(logger, "_version") or logger._version is not None:  # no versions, or the user chose one
             continue
+        check_writable(logger.root_dir, "trainer.default_root_dir (or the logger's save_dir)")
         version = logger.version  # Lightning's guess from the listing
         Path(logger.root_dir).mkdir(parents=True, exist_ok=True)
         while True:
@@ -141,6 +179,14 @@ def claim_version_folder(trainer: L.Trainer) -> None:
             except FileExistsError:
                 version += 1
         logger._version = version
+        claimed = claimed or Path(logger.root_dir) / f"version_{version}"
+    return claimed
+
+
+def remove_if_unstarted(folder: Path | None) -> None:
+    """A run that failed before writing a checkpoint leaves no stub version folder (config, empty event files)."""
+    if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class LoraOnlyCheckpoints(L.LightningModule):

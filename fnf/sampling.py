@@ -55,8 +55,11 @@ class SamplerArgs:
             raise ValueError(f"model.sampler.k must be in [1, num_steps={self.num_steps}], got {self.k}")
         if self.lv_samples < 1:
             raise ValueError(f"model.sampler.lv_samples must be >= 1, got {self.lv_samples}")
-        if self.guidance_scale < 1:
-            raise ValueError(f"model.sampler.guidance_scale must be >= 1, got {self.guidance_scale}")
+        if not 1 <= self.guidance_scale < float("inf"):
+            raise ValueError(f"model.sampler.guidance_scale must be a finite number >= 1, got {self.guidance_scale}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"model.sampler.resolution must be a positive number of pixels or null (the model's "
+                             f"native size), got {self.resolution}")
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_unknown_key_is_one_clear_error(config, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model.lamda", "1"], "unrecognized arguments: --model.lamda 1"),
+    (["--model.lamda", "1"], "--model.lamda: unknown key; did you mean --model.lam?"),
     (["--model.lam", "abc"], "model.lam: Expected a <class 'float'>. Got value: abc"),
     (["--model.sampler.grad_mode", "bogus"], "model.sampler.grad_mode: Expected a typing.Literal"),
 ])
@@ -51,7 +51,7 @@ def test_parser_errors_are_one_line_without_the_usage(config, capsys, args, expe
 
 
 @pytest.mark.parametrize("text, expected", [("", "got an empty file"), ("- model\n", "got list"),
-                                            ("model:\n  lamda: 1\n", "does not accept option 'model.lamda'")])
+                                            ("model:\n  lamda: 1\n", "model.lamda: unknown key; did you mean model.lam?")])
 def test_bad_config_files_are_one_line(tmp_path, text, expected):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(SystemExit) as exit_info:

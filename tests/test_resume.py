@@ -186,7 +186,7 @@ def test_resume_last_without_a_checkpoint_is_one_line(config, tmp_path):
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    io.save_checkpoint({"state_dict": {}, "step": torch.tensor(1)}, path)
 
     def disk_full(obj, target):
         Path(target).write_bytes(b"half a checkpoint")
@@ -194,7 +194,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        io.save_checkpoint({"step": torch.tensor(2)}, path)
+        io.save_checkpoint({"state_dict": {}, "step": torch.tensor(2)}, path)
     assert io.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging file left behind
 
@@ -202,7 +202,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     path = tmp_path / "broken.ckpt"
     path.write_bytes(b"\x80\x02 not a checkpoint")
-    with pytest.raises(ValueError, match="ckpt_path: cannot load .*broken.ckpt"):
+    with pytest.raises(ValueError, match="ckpt_path: cannot read .*broken.ckpt as a checkpoint: truncated or not a torch checkpoint"):
         AtomicCheckpointIO().load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="ckpt_path: checkpoint .*missing.ckpt not found"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")

@@ -11,7 +11,7 @@ import sys
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from fnf.cli import cause, check_config_files
+from fnf.errors import check_config_files, one_line_errors
 from fnf.rahf.data import RichHFDataModule
 from fnf.rahf.module import RAHFTraining
 
@@ -24,13 +24,11 @@ class RAHFCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = sys.argv[1:] if args is None else args
-    try:
+    with one_line_errors("fnf rahf-train"):
         check_config_files(argv)
         RAHFCLI(RAHFTraining, RichHFDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                 save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"},
                 trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})
-    except (ValueError, OSError, FloatingPointError) as error:  # OSError: missing / unwritable paths, full disk
-        sys.exit(f"fnf rahf-train: error: {cause(error)}")
 
 
 if __name__ == "__main__":

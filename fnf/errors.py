@@ -1,0 +1,102 @@
+"""Bad input ends in one line on stderr: ``fnf: error: <key or file>: <what is expected>``, exit code 1.
+
+Every command (``fnf fit|validate|test|predict``, ``fnf rahf-train``) runs inside ``one_line_errors``. Errors
+fnf raises on purpose (ValueError, OSError, TypeError, FloatingPointError) already name the key or file; others
+(a bug, a library failing deep inside) get their type and a hint. ``FNF_DEBUG=1`` lets every error through with
+its full traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import sys
+from argparse import ArgumentError
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+DEBUG_VARIABLE = "FNF_DEBUG"
+EXPECTED = (ValueError, OSError, TypeError, FloatingPointError)  # raised with a message written for the user
+JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a",
+                         "Given value", "Not a valid subclass", "Subclass types expect", "a class path", "a dict ")
+
+
+def check_config_files(args: list[str]) -> None:
+    """Name the file when a ``--config`` is missing or not YAML (jsonargparse reports neither by file name)."""
+    for flag, path in zip(args, args[1:]):
+        if flag in ("-c", "--config"):
+            try:
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except OSError as error:
+                raise FileNotFoundError(f"--config {path}: {error.strerror or error}") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                where = getattr(error, "problem_mark", None)
+                line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                raise ValueError(f"--config {path}: not valid YAML{line} "
+                                 f"({getattr(error, 'problem', None) or type(error).__name__})") from None
+            if not isinstance(loaded, dict):
+                raise ValueError(f"--config {path}: expected a mapping of sections (model:, data:, trainer:, ...), "
+                                 f"got {'an empty file' if loaded is None else type(loaded).__name__}")
+
+
+def cause(error: BaseException) -> str:
+    """One line: jsonargparse nests a failed instantiation's real message inside Union / subclass reports."""
+    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(JSONARGPARSE_WRAPPING)]
+    return (causes or lines or [type(error).__name__])[0]
+
+
+def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
+    """jsonargparse's nested 'Parser key "k":' report -> 'k.sub: <the innermost reason>' on one line; an unknown
+    key gets the closest known ones as a suggestion."""
+    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "does not accept option '" in line:  # a key in a config file
+            return unknown(line.split("option '", 1)[1].split("'", 1)[0], known_keys)
+        if line.startswith("unrecognized arguments:"):  # a --flag on the command line
+            flags = [word for word in line.split()[2:] if word.startswith("--")]
+            if flags:
+                return unknown(flags[0].split("=")[0], [f"--{key}" for key in known_keys])
+    keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
+    reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
+    return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+
+
+def constructing(error: BaseException, kinds: tuple[type, ...]) -> type | None:
+    """The outermost object of one of ``kinds`` whose ``__init__`` was running when ``error`` was raised (the
+    component a config named), read from the traceback; None if there is none."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__init__" and isinstance(tb.tb_frame.f_locals.get("self"), kinds):
+            return type(tb.tb_frame.f_locals["self"])
+        tb = tb.tb_next
+    return None
+
+
+def unknown(key: str, known_keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, known_keys, n=2, cutoff=0.75)
+    return f"{key}: unknown key" + (f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+def one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on device: {error.filename or '(the file being written)'}"
+    if isinstance(error, ArgumentError):
+        return parser_error(error)
+    if isinstance(error, EXPECTED):
+        return cause(error)
+    return f"{type(error).__name__}: {cause(error)} (set {DEBUG_VARIABLE}=1 for the full traceback)"
+
+
+@contextmanager
+def one_line_errors(program: str = "fnf"):
+    """Turn any exception into ``<program>: error: <one line>`` and exit code 1 (``FNF_DEBUG=1``: re-raise)."""
+    try:
+        yield
+    except Exception as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        sys.exit(f"{program}: error: {one_line(error)}")

@@ -1,0 +1,42 @@
+"""What FocusNFix maximises: Σ_i w_i r_i(I, c) − λ · reg(I, I0, 1 − M), and the checks that keep it meaningful."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fnf.rewards.base import RewardHead
+
+
+@dataclass
+class RewardTerm:
+    """One reward r_i in the objective and the way it localises problems."""
+
+    head: RewardHead
+    """The reward head (any importable RewardHead subclass, by class_path)."""
+    weight: float = 1.0
+    """w_i: weight of this reward in the loss."""
+    mask: Literal["heatmap", "saliency", "none"] = "heatmap"
+    """Where M comes from: the head's heatmap, gradient saliency of its score, or nowhere (reward only)."""
+    lam: float | None = None
+    """mask_mode=per_head: this head's λ (None: model.lam)."""
+
+
+def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
+    """Refuse objectives that would train on nonsense: no reward, non-finite or negative weights, a per-head λ
+    that ``union`` would ignore, ``per_head`` without any mask."""
+    if not rewards:
+        raise ValueError("model.rewards: at least one reward term is required")
+    if not 0 <= lam < math.inf:
+        raise ValueError(f"model.lam must be a finite number >= 0, got {lam}")
+    for i, term in enumerate(rewards):
+        if not math.isfinite(term.weight):
+            raise ValueError(f"model.rewards[{i}].weight must be a finite number, got {term.weight}")
+        if term.lam is not None and not 0 <= term.lam < math.inf:
+            raise ValueError(f"model.rewards[{i}].lam must be a finite number >= 0 or null, got {term.lam}")
+        if term.lam is not None and mask_mode == "union":
+            raise ValueError(f"model.rewards[{i}].lam is only used with model.mask_mode=per_head (union applies "
+                             f"model.lam to the one union mask); remove it or set mask_mode: per_head")
+    if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
+        raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
