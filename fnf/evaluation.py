@@ -27,7 +27,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import save_image
 from typing_extensions import override
 
-from fnf.masks import saliency_heatmap
+from fnf.masks import clear_clean_images, saliency_heatmap
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
 
 
@@ -53,7 +53,8 @@ def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str])
         if term.mask == "heatmap":
             maps.append(head(images, prompts).heatmap)
         elif term.mask == "saliency":
-            maps.append(saliency_heatmap(head, images, prompts, pl_module.mask_args.saliency_sigma))
+            heatmap = saliency_heatmap(head, images, prompts, pl_module.mask_args.saliency_sigma)
+            maps.append(clear_clean_images(heatmap, head(images, prompts).score, term.clean_score))
     return torch.stack(maps).amax(0)
 
 

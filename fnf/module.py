@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from fnf.compute import ComputeArgs, apply_compute
-from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
+from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
 from fnf.objective import RewardTerm, check_objective
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
@@ -192,6 +192,7 @@ class FocusNFix(LoraOnlyCheckpoints):
                 heatmap = out.heatmap
             elif term.mask == "saliency":
                 heatmap = saliency_heatmap(head, images, prompts, self.mask_args.saliency_sigma)
+                heatmap = clear_clean_images(heatmap, out.score, term.clean_score)
             else:
                 heatmap = None
             mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)

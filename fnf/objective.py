@@ -21,6 +21,9 @@ class RewardTerm:
     """Where M comes from: the head's heatmap, gradient saliency of its score, or nowhere (reward only)."""
     lam: float | None = None
     """mask_mode=per_head: this head's λ (None: model.lam)."""
+    clean_score: float | None = None
+    """mask: saliency: a base score at or above this (in the head's units) means nothing to fix: the mask is
+    empty and masks.empty applies (saliency is peak-normalised, so otherwise every image gets a region)."""
 
 
 def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
@@ -35,6 +38,8 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
             raise ValueError(f"model.rewards[{i}].weight must be a finite number, got {term.weight}")
         if term.lam is not None and not 0 <= term.lam < math.inf:
             raise ValueError(f"model.rewards[{i}].lam must be a finite number >= 0 or null, got {term.lam}")
+        if term.clean_score is not None and not math.isfinite(term.clean_score):
+            raise ValueError(f"model.rewards[{i}].clean_score must be a finite number or null, got {term.clean_score}")
         if term.lam is not None and mask_mode == "union":
             raise ValueError(f"model.rewards[{i}].lam is only used with model.mask_mode=per_head (union applies "
                              f"model.lam to the one union mask); remove it or set mask_mode: per_head")

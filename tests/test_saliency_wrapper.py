@@ -82,10 +82,14 @@ def test_clean_images_get_an_all_zero_heatmap(scenes, method, layer):
 
 
 @pytest.mark.parametrize("policy", ["keep", "skip", "global"])
-def test_the_empty_mask_policy_applies_to_clean_images(tiny_model_dir, scenes, policy):
+@pytest.mark.parametrize("via", ["Saliency head", "mask: saliency"])
+def test_the_empty_mask_policy_applies_to_clean_images(tiny_model_dir, scenes, policy, via):
     """Through FocusNFix's mask building: clean rows get an empty mask, then model.masks.empty decides."""
-    head = Saliency(ShapesSafety(heatmap="none"), clean_score=SAFE_ENOUGH)
-    module = FocusNFix(rewards=[RewardTerm(head, mask="heatmap")], pretrained=tiny_model_dir,
+    if via == "Saliency head":
+        term = RewardTerm(Saliency(ShapesSafety(heatmap="none"), clean_score=SAFE_ENOUGH), mask="heatmap")
+    else:
+        term = RewardTerm(ShapesSafety(heatmap="none"), mask="saliency", clean_score=SAFE_ENOUGH)
+    module = FocusNFix(rewards=[term], pretrained=tiny_model_dir,
                        sampler=SamplerArgs(num_steps=2), masks=MaskArgs(empty=policy))
     (clean, _, clean_prompts), (unsafe, marks, unsafe_prompts) = scenes["clean"][:4], scenes["unsafe"]
     masks, active, _ = module._localise(torch.cat([clean[:4], unsafe]), clean_prompts[:4] + unsafe_prompts)
