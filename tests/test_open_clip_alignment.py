@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -30,14 +29,79 @@ def test_negative_prompts_subtract_their_mean_similarity(tiny_clip):
     torch.testing.assert_close(probed(images, prompts).score, plain(images, prompts).score - 100 * 0.5 * negatives)
 
 
-def test_saliency_mask_and_clip_score_use_it(tiny_clip):
+def _uint8_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """(n, 3, size, size) in [0, 1], multiples of 1/255: exact through a PIL round trip."""
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed)) / 255
+
+
+def test_clip_score_is_the_reference_formula_on_open_clips_own_pipeline(tiny_clip):
+    """CLIPScore (Hessel et al. 2021; torchmetrics' definition) = mean over pairs of 100 · max(cos(E_I, E_C), 0),
+    computed here by hand on open_clip's own path: its PIL preprocessing transform, its tokenizer, raw
+    embeddings, cos = a·b / (‖a‖‖b‖). Images at the model's 32 px, so no resize method is involved."""
+    import open_clip
+    from PIL import Image
+
+    images = _uint8_images(4, 32, seed=0)
+    prompts = ["a red circle", "a blue square", "a green triangle", "two yellow diamonds"]
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip)
+    pixels = torch.stack([preprocess(Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()))
+                          for image in images])
+    with torch.no_grad():
+        a, b = model.encode_image(pixels), model.encode_text(open_clip.get_tokenizer(tiny_clip)(prompts))
+    cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
     head = OpenCLIPAlignment(tiny_clip)
-    images = torch.rand(2, 3, 32, 32)
-    saliency = saliency_heatmap(head, images, ["a", "b"], sigma=1.0)
-    assert saliency.shape == (2, 1, 32, 32) and saliency.amax() == 1
+    torch.testing.assert_close(head(images, prompts).score, 100 * cosine, rtol=1e-5, atol=1e-4)
     metric = CLIPScore(head)
-    metric.update(images, ["a", "b"])
-    assert 0 <= metric.compute() <= 100
+    metric.update(images[:2], prompts[:2])  # states accumulate over updates
+    metric.update(images[2:], prompts[2:])
+    torch.testing.assert_close(metric.compute(), (100 * cosine.clamp_min(0)).mean(), rtol=1e-5, atol=1e-4)
+
+
+class _EverySecondPromptReversed(torch.nn.Module):
+    """The tiny model with the 2nd, 4th, ... prompt's text embedding negated (cos -> −cos), so a batch holds
+    pairs on both sides of CLIPScore's max(·, 0)."""
+
+    def __init__(self, head: OpenCLIPAlignment) -> None:
+        super().__init__()
+        self.head = head
+
+    def image_features(self, images):
+        return self.head.image_features(images)
+
+    def text_features(self, prompts):
+        signs = torch.tensor([1.0, -1.0]).repeat(len(prompts))[: len(prompts), None]  # (B, 1)
+        return signs * self.head.text_features(prompts)
+
+
+def test_clip_score_counts_negative_cosines_as_zero(tiny_clip):
+    head = OpenCLIPAlignment(tiny_clip)
+    images, prompts = _uint8_images(4, 32, seed=1), ["a red circle", "a blue square", "a green circle", "a square"]
+    cosine = head(images, prompts).score / 100
+    assert (cosine > 0).all()  # the random tiny model's: reversed, every second pair is negative
+    metric = CLIPScore(_EverySecondPromptReversed(head))
+    metric.update(images, prompts)
+    torch.testing.assert_close(metric.compute(), 100 * cosine[::2].sum() / 4, rtol=1e-5, atol=1e-4)
+
+
+def test_saliency_marks_the_pixels_whose_change_moves_the_score(tiny_clip):
+    """The saliency mask (σ = 0) against central differences of the head itself, pixel by pixel and channel by
+    channel: max over channels of |Δscore / Δpixel|, peak-normalised per image. 16 px images (upsampled to 32
+    inside the head), two images so that one image's map cannot come from the other's gradient."""
+    head = OpenCLIPAlignment(tiny_clip)
+    images, prompts = _uint8_images(2, 16, seed=2), ["a red circle", "a blue square"]
+    saliency = saliency_heatmap(head, images, prompts, sigma=0.0)
+    step = 1e-2  # error O(step²) + float32 rounding of ~50-point scores / step: ~2e-3 on the map, tolerance 1e-2
+    nudges = torch.eye(3 * 16 * 16).reshape(-1, 3, 16, 16) * step  # one pixel-channel per row
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts):
+            many = [prompt] * len(nudges)
+            slope = (head(image + nudges, many).score - head(image - nudges, many).score) / (2 * step)
+            sensitivity = slope.reshape(3, 16, 16).abs().amax(0)  # (3, 16, 16) -> (16, 16)
+            expected.append(sensitivity / sensitivity.max())
+    torch.testing.assert_close(saliency[:, 0], torch.stack(expected), rtol=0, atol=1e-2)
+    assert not torch.allclose(saliency[0], saliency[1], atol=0.1)  # two different maps
 
 
 @pytest.mark.parametrize("model, pretrained, match", [
