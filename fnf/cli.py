@@ -101,14 +101,14 @@ class FnfCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
-        """A found checkpoint continues its run folder; a new run gets a version folder of its own, even when other
-        runs start in the same root at the same moment; a checkpoint already at max_steps: say so, restore a
-        missing LoRA export, and stop."""
+        """A found checkpoint (last / auto) continues its run folder; any other run gets a version folder of its own,
+        even when other runs start in the same root at the same moment; a checkpoint already at max_steps: say so,
+        restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
-        if ckpt_path is None:
-            self.claimed = claim_version_folder(self.trainer)
-        elif self.searched_ckpt:
+        if self.searched_ckpt:
             continue_run_folder(self.trainer, ckpt_path)
+        else:
+            self.claimed = claim_version_folder(self.trainer)
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)

@@ -281,7 +281,10 @@ class FocusNFix(LoraOnlyCheckpoints):
 
     @override
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.lora_parameters())
+        try:
+            optimizer = self.optimizer_factory(self.model.lora_parameters())
+        except ValueError as error:  # torch's "Invalid learning rate: -1.0" names no key
+            raise ValueError(f"model.optimizer.init_args: {error}") from None
         for group in optimizer.param_groups:
             if not 0 <= group.get("lr", 0) < math.inf:  # torch accepts inf
                 raise ValueError(f"model.optimizer.init_args.lr must be a finite number >= 0, got {group['lr']}")

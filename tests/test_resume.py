@@ -97,17 +97,21 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_sigterm_saves_the_step_exits_143_and_resumes_exactly(tiny_model_dir, tmp_path):
-    """Preemption: no scheduled checkpoint before step 100, so the one on disk is the SIGTERM one."""
+@pytest.mark.parametrize("signal_name, code, resume", [("SIGTERM", 143, "last"), ("SIGUSR1", 138, "auto")])
+def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly(tiny_model_dir, tmp_path,
+                                                                                  signal_name, code, resume):
+    """SIGTERM (a cluster reclaiming the node) and SIGUSR1 (SLURM's time-limit warning); no scheduled checkpoint
+    before step 100, so the one on disk is the preemption one. ``auto`` is what a requeued job script runs."""
     straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    preempted = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4, "SIGTERM", every=100)))
-    assert preempted.returncode == 143, preempted.stderr[-2000:]
+    preempted = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4, signal_name, every=100)),
+                     "--ckpt_path", "auto")  # nothing to resume yet: a new run
+    assert preempted.returncode == code, preempted.stderr[-2000:]
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 5  # the step running when SIGTERM came, finished
-    assert "fnf: SIGTERM: saved" in preempted.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # the step running when the signal came, finished
+    assert f"fnf: {signal_name}: saved" in preempted.stderr
     resumed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None, every=100)),
-                   "--ckpt_path", "last")
+                   "--ckpt_path", resume)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = (load_file(tmp_path / run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
                      for run in ("straight", "resumed"))  # the LoRA each run exports when it ends

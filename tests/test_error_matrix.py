@@ -1,0 +1,280 @@
+"""Every bad input a user can give ``fnf fit``: exit code 1, one line on stderr naming the key or file and what is
+expected, no traceback, and nothing left behind (no new version folder, no half-written file, no export folder).
+
+Runs in-process (``fnf.cli.main``), so most cases fail in milliseconds; the others load a tiny random model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fnf.cli import main
+
+TESTS = Path(__file__).parent
+
+
+def _set(key: str, value):
+    """An edit that sets a dotted config key (list items by index, as in ``model.rewards.0.weight``)."""
+    def edit(config: dict, tmp: Path) -> None:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[int(last) if isinstance(node, list) else last] = value
+    return edit
+
+
+def _head(class_path: str, mask: str = "heatmap"):
+    return _set("model.rewards", [{"head": {"class_path": class_path}, "mask": mask}])
+
+
+def _file(key: str, content: str | bytes | None, name: str = "input"):
+    """An edit that points ``key`` at a file holding ``content`` (None: a path that does not exist)."""
+    def edit(config: dict, tmp: Path) -> None:
+        path = tmp / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        _set(key, str(path))(config, tmp)
+    return edit
+
+
+def _under_a_file(key: str):
+    """A folder below a regular file: unwritable even for root (who ignores permission bits)."""
+    def edit(config: dict, tmp: Path) -> None:
+        (tmp / "a-file").write_text("not a folder")
+        _set(key, str(tmp / "a-file" / "out"))(config, tmp)
+    return edit
+
+
+def _checkpoint(write):
+    """An edit that resumes from a file ``write`` makes."""
+    def edit(config: dict, tmp: Path) -> None:
+        path = tmp / "given.ckpt"
+        write(path)
+        config["_extra"] = ["--ckpt_path", str(path)]
+    return edit
+
+
+def _torch_save(obj):
+    return lambda path: torch.save(obj, path)
+
+
+class NotATensor:
+    pass
+
+
+NAN, INF = math.nan, math.inf
+CASES = {  # name: (edit, extra command-line arguments, expected part of the one line)
+    # the parser: keys, types, class paths
+    "unknown key in the config": (_set("model.lamda", 0.1), [], "model.lamda: unknown key; did you mean model.lam?"),
+    "unknown flag": (None, ["--model.lamda", "1"], "--model.lamda: unknown key; did you mean --model.lam?"),
+    "unknown section": (_set("modle", {"lam": 1}), [], "modle.lam: unknown key; did you mean model.lam?"),
+    "unknown trainer key": (_set("trainer.max_step", 3), [], "trainer.max_step: unknown key; did you mean "
+                                                             "trainer.max_steps"),
+    "wrong type": (_set("model.lam", "abc"), [], "model.lam: Expected a <class 'float'>. Got value: abc"),
+    "wrong type on the command line": (None, ["--trainer.max_steps", "ten"], "trainer.max_steps: Expected a <class "
+                                                                               "'int'>"),
+    "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
+    "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head:"),
+    "unknown regularizer class": (_set("model.regularizer", {"class_path": "NoSuchRegularizer"}), [],
+                                  "model.regularizer:"),
+    "unknown precision": (_set("trainer.precision", "17"), [], "trainer.precision:"),
+    # the objective
+    "lam nan": (_set("model.lam", NAN), [], "model.lam must be a finite number >= 0, got nan"),
+    "lam inf": (_set("model.lam", INF), [], "model.lam must be a finite number >= 0, got inf"),
+    "lam negative": (_set("model.lam", -0.5), [], "model.lam must be a finite number >= 0, got -0.5"),
+    "reward weight nan": (_set("model.rewards.0.weight", NAN), [], "model.rewards[0].weight must be a finite number"),
+    "reward weight inf": (_set("model.rewards.0.weight", -INF), [], "model.rewards[0].weight must be a finite"),
+    "per-head lam under union": (_set("model.rewards.0.lam", 0.5), [], "model.rewards[0].lam is only used with "
+                                                                       "model.mask_mode=per_head"),
+    "per-head lam nan": (_set("model.rewards.0.lam", NAN), ["--model.mask_mode", "per_head"],
+                         "model.rewards[0].lam must be a finite number >= 0 or null, got nan"),
+    "clean_score nan": (_set("model.rewards.0.clean_score", NAN), [], "model.rewards[0].clean_score must be a finite number or null, got nan"),
+    "no reward": (_set("model.rewards", []), [], "model.rewards: at least one reward term is required"),
+    "per_head without masks": (_head("ColorRegion", mask="none"), ["--model.mask_mode", "per_head"],
+                               "model.mask_mode=per_head needs at least one reward with mask"),
+    # the sampler and the LoRA
+    "resolution negative": (_set("model.sampler.resolution", -8), [], "model.sampler.resolution must be a positive"),
+    "resolution zero": (_set("model.sampler.resolution", 0), [], "model.sampler.resolution must be a positive"),
+    "resolution off the VAE grid": (_set("model.sampler.resolution", 15), [], "model.sampler.resolution=15 must be "
+                                                                              "divisible by the VAE factor 2"),
+    "no sampling steps": (_set("model.sampler.num_steps", 0), [], "model.sampler.num_steps must be >= 1"),
+    "k beyond the steps": (_set("model.sampler.k", 9), [], "model.sampler.k must be in [1, num_steps=3], got 9"),
+    "guidance below 1": (_set("model.sampler.guidance_scale", 0.5), [], "model.sampler.guidance_scale must be"),
+    "guidance inf": (_set("model.sampler.guidance_scale", INF), [], "model.sampler.guidance_scale must be a finite"),
+    "LoRA rank 0": (_set("model.lora.rank", 0), [], "model.lora.rank must be >= 1, got 0"),
+    "CUDA graphs on a CPU": (_set("model.compute.compile", "unet+graphs"), [],
+                             "model.compute.compile=unet+graphs needs a CUDA device"),
+    "pretrained model missing": (_set("model.pretrained", "/no/such/model"), [], "model.pretrained:"),
+    # reward heads that break the contract
+    "head raises in __init__": (_head("bad_heads.RaisesInInit"), [],
+                                "bad_heads.RaisesInInit: RuntimeError: driver exploded (set FNF_DEBUG=1"),
+    "head returns a tensor": (_head("bad_heads.ReturnsATensor"), [],
+                              "reward head ReturnsATensor: forward must return RewardOutput, got Tensor"),
+    "heatmap mask without a heatmap": (_head("bad_heads.ScoreOnly"), [], "reward head ScoreOnly returns no heatmap"),
+    # the optimizer
+    "lr nan": (_set("model.optimizer", {"class_path": "torch.optim.AdamW", "init_args": {"lr": NAN}}), [],
+               "model.optimizer.init_args: Invalid learning rate: nan"),
+    "lr inf": (_set("model.optimizer", {"class_path": "torch.optim.AdamW", "init_args": {"lr": INF}}), [],
+               "model.optimizer.init_args.lr must be a finite number >= 0, got inf"),
+    "lr negative": (_set("model.optimizer", {"class_path": "torch.optim.AdamW", "init_args": {"lr": -1.0}}), [],
+                    "model.optimizer.init_args: Invalid learning rate: -1.0"),
+    # data
+    "prompt file missing": (_file("data.train_file", None, "missing.txt"), [], "missing.txt"),
+    "prompt file empty": (_file("data.train_file", "", "empty.txt"), [], "empty.txt"),
+    "prompt file with a broken JSON line": (_file("data.train_file", '{"prompt": "a"}\n{"prompt": \n', "p.jsonl"), [],
+                                            "p.jsonl"),
+    "batch size 0": (_set("data.batch_size", 0), [], "data.batch_size must be >= 1, got 0"),
+    # output folders, checked before the first step
+    "unwritable LoRA export folder": (_under_a_file("lora_export.dirpath"), [], "lora_export.dirpath: cannot write to"),
+    "unwritable log folder": (_under_a_file("trainer.default_root_dir"), [], "trainer.default_root_dir"),
+    # checkpoints
+    "checkpoint missing": (None, ["--ckpt_path", "/no/such.ckpt"], "ckpt_path: checkpoint /no/such.ckpt not found"),
+    "checkpoint is random bytes": (_checkpoint(lambda p: p.write_bytes(os.urandom(4096))), [],
+                                   "as a checkpoint: truncated or not a torch checkpoint"),
+    "checkpoint truncated": (_checkpoint(lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 64)), [],
+                             "as a checkpoint: truncated or not a torch checkpoint"),
+    "checkpoint is a folder": (None, ["--ckpt_path", "/"], "ckpt_path: / is a folder"),
+    "checkpoint pickles objects": (_checkpoint(_torch_save({"state_dict": {}, "x": NotATensor()})), [],
+                                   "holds objects other than tensors and plain types"),
+    "checkpoint is a bare tensor": (_checkpoint(_torch_save(torch.zeros(2))), [], "not a Lightning checkpoint"),
+    "resume without any checkpoint": (None, ["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt under"),
+}
+
+
+def _base_config(model: str, tmp: Path) -> dict:
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a red circle top left\na blue square bottom right\n")
+    return {"model": {"pretrained": model, "lam": 0.1, "sampler": {"num_steps": 3, "k": 1}, "lora": {"rank": 4},
+                      "rewards": [{"head": {"class_path": "ColorRegion"}, "mask": "heatmap"}]},
+            "data": {"train_file": str(prompts), "batch_size": 2},
+            "trainer": {"max_steps": 2, "default_root_dir": str(tmp / "run"), "enable_progress_bar": False,
+                        "enable_model_summary": False, "logger": True}}
+
+
+def _fail(config: dict, tmp: Path, extra: list[str], capsys) -> str:
+    """Run ``fnf fit``; expect exit code 1 with one line and no traceback; return the line."""
+    extra = [*config.pop("_extra", []), *extra]
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), *extra])
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: ") and "\n" not in message, message  # sys.exit(str): exit code 1
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+def _leftovers(tmp: Path) -> list[str]:
+    """What a failed run may not leave: version folders, staging files, exported LoRA folders."""
+    return sorted(str(p.relative_to(tmp)) for pattern in ("run/**/version_*", "**/*.tmp", "**/lora", "**/out")
+                  for p in tmp.glob(pattern))
+
+
+@pytest.fixture(autouse=True)
+def _heads_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))  # bad_heads.* by class_path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing(name, tiny_model_dir, tmp_path, capsys):
+    edit, extra, expected = CASES[name]
+    config = _base_config(tiny_model_dir, tmp_path)
+    if edit is not None:
+        edit(config, tmp_path)
+    message = _fail(config, tmp_path, extra, capsys)
+    assert expected in message, message
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_matrix_covers_at_least_40_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished 2-step run (rank-4 LoRA, lam 0.1) to resume with contradicting settings."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = _base_config(tiny_model_dir, tmp)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(tmp / "config.yaml")])
+    return tmp, config
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model.lora.rank", "16"], "model.lora.rank: 16 in the config but 4 in "),
+    (["--model.lora.target_modules", "[to_q]"], "model.lora.target_modules: ['to_q'] in the config but"),
+    (["--model.lam", "0.5"], "model.lam: 0.5 in the config but 0.1 in "),
+    (["--model.sampler.num_steps", "4"], "model.sampler.num_steps: 4 in the config but 3 in "),
+])
+def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(trained, extra, expected, capsys):
+    """Lightning would silently replace the config's model settings by the checkpoint's; fnf refuses instead."""
+    tmp, config = trained
+    config = copy.deepcopy(config)
+    config["trainer"]["max_steps"] = 4
+    folders = sorted((tmp / "run" / "lightning_logs").iterdir())
+    message = _fail(config, tmp, ["--ckpt_path", "last", *extra], capsys)
+    assert expected in message and "last.ckpt" in message, message
+    assert sorted((tmp / "run" / "lightning_logs").iterdir()) == folders
+
+
+def test_evaluating_with_other_sampler_settings_says_so_but_lora_settings_must_match(trained, caplog):
+    tmp, config = trained
+    path = tmp / "eval.yaml"
+    path.write_text(yaml.safe_dump({**config, "data": {**config["data"], "test_file": config["data"]["train_file"]}}))
+    with caplog.at_level(logging.INFO):
+        main(["test", "--config", str(path), "--ckpt_path", "last", "--model.sampler.num_steps", "2"])
+    assert "test with settings that differ from the checkpoint's: model.sampler.num_steps=2 (trained with 3)" in \
+        caplog.text
+    with pytest.raises(SystemExit, match="model.lora.rank: 8 in the config but 4 in "):
+        main(["test", "--config", str(path), "--ckpt_path", "last", "--model.lora.rank", "8"])
+
+
+def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path):
+    config = _base_config(tiny_model_dir, tmp_path)
+    config["model"]["lam"] = -1.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "fnf.cli", "fit", "--config", str(tmp_path / "config.yaml")]
+    quiet = subprocess.run(command, capture_output=True, text=True)
+    loud = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FNF_DEBUG": "1"})
+    assert quiet.returncode == 1 and quiet.stderr.strip().splitlines()[-1].startswith("fnf: error: model.lam")
+    assert "Traceback" not in quiet.stderr
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert "ValueError: model.lam must be a finite number >= 0" in loud.stderr
+
+
+def _mount_tiny_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir()
+    return shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
+    """A checkpoint written to a file system with no room left: 'no space left on device: PATH', not torch's
+    'unexpected pos'; the previous files stay intact and no staging file is left."""
+    disk = tmp_path / "disk"
+    if not _mount_tiny_tmpfs(disk, "256k"):
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        config = _base_config(tiny_model_dir, tmp_path)
+        config["trainer"]["default_root_dir"] = str(disk)
+        config["checkpoint"] = {"every_n_train_steps": 1}
+        (disk / "filler").write_bytes(b"\0" * (256 * 1024 - 64 * 1024))  # 64 KiB left: logs fit, a checkpoint not
+        message = _fail(config, tmp_path, [], capsys)
+        assert message.startswith("fnf: error: no space left on device: ") and "last.ckpt" in message, message
+        assert not list(disk.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
