@@ -26,12 +26,20 @@ def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """Equal up to float32 rounding: batch-2 and batch-4 kernels sum in different orders (relative error ~1e-7 per
+    op), which the sampling chain and backward pass grow to ~1e-5 of B (measured 1.1e-5); the bound 1e-3·‖B‖
+    leaves 100x room, while gradients summed instead of averaged (2x), a rank's half of the batch lost, or a 10%
+    error in the update all fail it (an absolute 1e-5 on weights of 1e-4 let a 10% error pass)."""
     one = fit(tmp_path, tiny_model_dir, "devices1", batch_size=4)
     two = fit(tmp_path, tiny_model_dir, "devices2", batch_size=2, devices=2, strategy="ddp", callbacks=[  # counts bytes
         {"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(tmp_path / "devices2")}}])
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+        if "lora_B" in name:  # B starts at zero: B is the update, ~1e-4 after 3 steps
+            error = (two[name] - one[name]).norm() / one[name].norm()
+            assert one[name].norm() > 0 and error <= 1e-3, f"{name}: ‖B_ddp − B_single‖ = {error:.1e} ‖B_single‖"
+        else:  # A moves by weight decay (identical) plus a gradient step ∝ B, ~1e-7 ‖A‖: below float32's resolution
+            torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0, msg=name)
     lora_bytes = sum(t.numel() * t.element_size() for t in one.values())
     for rank in (0, 1):  # only LoRA gradients are synchronised, once per step: frozen weights never travel
         assert int((tmp_path / "devices2" / f"reduced-rank{rank}.txt").read_text()) == 3 * lora_bytes
