@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -11,10 +12,15 @@ from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
 
 
-def test_exported_lora_reproduces_fnf_images_in_plain_diffusers(tiny_model_dir, tmp_path):
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize("targets", [ATTENTION, ATTENTION + ["conv1", "conv2"]], ids=["attention", "attention+resnet-conv"])
+def test_exported_lora_reproduces_fnf_images_in_plain_diffusers(tiny_model_dir, tmp_path, targets):
+    """The shapes configs also put LoRA on the ResNet convolutions (configs/artifacts.yaml: conv1, conv2)."""
     torch.manual_seed(0)
     model = Text2ImageModel.from_pretrained(tiny_model_dir)
-    model.add_lora(LoraArgs(rank=4, alpha=8))
+    model.add_lora(LoraArgs(rank=4, alpha=8, target_modules=targets))
     with torch.no_grad():
         for p in model.lora_parameters():
             p.add_(0.1 * torch.randn_like(p))  # a "trained" LoRA that visibly changes images
