@@ -37,8 +37,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     for name in one:
         if "lora_B" in name:  # B starts at zero: B is the update, ~1e-4 after 3 steps
             error = (two[name] - one[name]).norm() / one[name].norm()
-            assert one[name].norm() > 0 and error <= 1e-3, f"{name}: ‖B_ddp − B_single‖ = {error:.1e} ‖B_single‖"
-        else:  # A moves by weight decay (identical) plus a gradient step ∝ B, ~1e-7 ‖A‖: below float32's resolution
+            assert one[name].norm() > 0 and error <= 1e-3, f"{name}: ‖B_ddp − B_single‖ = {error:.1e}·‖B_single‖"
+        else:  # A moves by weight decay (identical in both) and a gradient step ∝ B of ~1e-7·‖A‖: float32 resolution
             torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0, msg=name)
     lora_bytes = sum(t.numel() * t.element_size() for t in one.values())
     for rank in (0, 1):  # only LoRA gradients are synchronised, once per step: frozen weights never travel

@@ -15,7 +15,8 @@ from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-@pytest.mark.parametrize("targets", [ATTENTION, ATTENTION + ["conv1", "conv2"]], ids=["attention", "attention+resnet-conv"])
+@pytest.mark.parametrize("targets", [ATTENTION, ATTENTION + ["conv1", "conv2"]],
+                         ids=["attention", "attention+resnet-conv"])
 def test_exported_lora_reproduces_fnf_images_in_plain_diffusers(tiny_model_dir, tmp_path, targets):
     """The shapes configs also put LoRA on the ResNet convolutions (configs/artifacts.yaml: conv1, conv2)."""
     torch.manual_seed(0)
