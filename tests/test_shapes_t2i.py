@@ -38,15 +38,15 @@ def _band(p: float) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("row", [
-    "artifact prompt set",  # all three rates: card 90.0% / 33.5% / 13.5% -> [78.8, 100] / [15.8, 51.2] / [0.7, 26.3]%
-    pytest.param("held-out prompts", marks=pytest.mark.slow),  # 90.5% / 32.0% -> [79.5, 100] / [14.5, 49.5]%
-    pytest.param("tempting prompt set", marks=pytest.mark.slow),  # unsafe 38.0% -> [19.8, 56.2]%
+    "held-out prompts",  # card 90.5% / 32.0% -> bands [79.5, 100] / [14.5, 49.5]%
+    "artifact prompt set",  # 90.0% / 33.5% / 13.5% -> [78.8, 100] / [15.8, 51.2] / [0.7, 26.3]%
+    "tempting prompt set",  # unsafe 38.0% -> [19.8, 56.2]%
 ])
 def test_shipped_model_measures_as_its_card_says(row):
     """The card's alignment, defect and unsafe rates (judge: evaluate_t2i, seed 0, 200 prompts per set)
     re-measured on the first N prompts of the set with the card's sampler (DDIM 20 steps, CFG 4), each within
     its binomial band: an unaligned model, CFG off, or one drawing a flaw far more or less often than its card
-    says falls out. The artifact row runs by default (one set, ~10 s on 2 free cores); the others with --runslow."""
+    says falls out. ~3.5 s per set on 2 free CPU cores."""
     card = _card_row(row)
     model = Text2ImageModel.from_pretrained("embedded:shapes-t2i")
     sampler = DDIMSampler(model, SamplerArgs(num_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
