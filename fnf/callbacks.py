@@ -58,8 +58,10 @@ class LoraExporter(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:  # an unwritable folder found now, not after the run
-            check_writable(self.directory(trainer), "lora_export.dirpath")
+        if stage == "fit":  # an unwritable folder found now, not after the run
+            directory = self.directory(trainer)  # every rank: trainer.log_dir is a collective
+            if trainer.is_global_zero:
+                check_writable(directory, "lora_export.dirpath")
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

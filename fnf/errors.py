@@ -81,7 +81,17 @@ def unknown(key: str, known_keys: list[str]) -> str:
     return f"{key}: unknown key" + (f"; did you mean {' or '.join(close)}?" if close else "")
 
 
+def peer_lost(error: BaseException) -> str | None:
+    """What a collective reported when another process of the run died (kill -9, out of memory, a lost node)."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not any(word in text for word in ("gloo", "NCCL", "ProcessGroup")):
+        return None
+    return text.split("] ", 1)[-1].split(". ")[0]  # "[.../pair.cc:545] Read error [addr]: Connection reset by peer. ..."
+
+
 def one_line(error: BaseException) -> str:
+    if (lost := peer_lost(error)) is not None:
+        return f"a training process stopped ({lost}); see the other processes' output, then resume with --ckpt_path last"
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"no space left on device: {error.filename or '(the file being written)'}"
     if isinstance(error, ArgumentError):

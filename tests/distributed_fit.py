@@ -23,6 +23,15 @@ def fit(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str,
     """3 steps of ``fnf fit`` on 8 prompts, logged to ``tmp_path/name``; ``trainer`` keys (devices, strategy,
     callbacks, ...) extend the trainer config, ``args`` are extra command-line arguments. Returns the LoRA weights
     of the final checkpoint (of a checkpoint, if a callback writes several)."""
+    done = launch(tmp_path, model, name, batch_size, args, **trainer)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = next((tmp_path / name / "checkpoints").glob("*.ckpt"))
+    return torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+def launch(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str, ...] = (),
+           timeout: float = 600, **trainer) -> subprocess.CompletedProcess:
+    """``fnf fit`` as ``fit`` runs it (``trainer`` may override max_steps), whatever its outcome."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a {c} {s} {p}\n" for c in ("red", "blue") for s in ("circle", "square")
                                for p in ("top left", "bottom right")))  # 8 prompts
@@ -43,8 +52,5 @@ def fit(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str,
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # probe callbacks
-    done = subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(path), *args], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
-    return torch.load(checkpoint, weights_only=True)["state_dict"]
+    return subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(path), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)

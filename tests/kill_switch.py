@@ -7,11 +7,12 @@ from lightning import Callback
 
 
 class KillAtStep(Callback):
-    """Send ``signal`` (default kill -9) to this process when the batch after optimizer step ``step`` starts."""
+    """Send ``signal`` (default kill -9) to this process when the batch after optimizer step ``step`` starts
+    (only in the process of global rank ``rank``, if given)."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
-        self.step, self.signal = step, signal
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None) -> None:
+        self.step, self.signal, self.rank = step, signal, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal))

@@ -1,0 +1,36 @@
+"""A DDP rank dies mid-run (kill -9, CPU / gloo): the survivor stops with one clear line in bounded time instead of
+hanging in a collective, and ``--ckpt_path last`` finishes the run exactly as if nothing had happened."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distributed_fit import launch  # tests/distributed_fit.py
+
+DDP = dict(devices=2, strategy="ddp", max_steps=5)
+EVERY_STEP = ("--checkpoint.every_n_train_steps", "1")
+
+
+def test_a_killed_rank_stops_the_run_with_one_line_and_last_resumes_exactly(tiny_model_dir, tmp_path):
+    straight = launch(tmp_path, tiny_model_dir, "straight", 2, EVERY_STEP, **DDP)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    kill_rank_1 = {"class_path": "kill_switch.KillAtStep", "init_args": {"step": 3, "rank": 1}}
+    started = time.monotonic()
+    crashed = launch(tmp_path, tiny_model_dir, "resumed", 2, EVERY_STEP, timeout=300, callbacks=[kill_rank_1], **DDP)
+    assert time.monotonic() - started < 300  # (launch raises TimeoutExpired on a hang)
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    last_line = crashed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("fnf: error: a training process stopped") and "--ckpt_path last" in last_line, \
+        crashed.stderr[-3000:]
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    resumed = launch(tmp_path, tiny_model_dir, "resumed", 2, (*EVERY_STEP, "--ckpt_path", "last"), **DDP)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+                     for run in ("straight", "resumed"))
+    assert expected["global_step"] == got["global_step"] == 5
+    for name, value in expected["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], value, rtol=0, atol=1e-7, msg=name)
