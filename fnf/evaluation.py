@@ -7,8 +7,13 @@ compares the two models on identical starting noise:
 * FID between the tuned and the base images (how far the image distribution moved), with a
   configurable feature extractor (``fid_features``; the embedded world uses ShapesAlignment's tower);
 * CLIP score of base and tuned images against their prompts (``clip``);
-* preservation: PSNR and SSIM of tuned vs base outside the problem mask, inside it, whole image;
-* any ``judges`` (torchmetrics metrics with ``update(images, prompts)``), for base and tuned.
+* preservation: PSNR and SSIM of tuned vs base outside the problem mask, inside it, whole image. Two masks:
+  ``outside_*`` / ``inside_*`` use the run's own training mask (its heads, threshold, dilation), so runs with
+  different mask settings are scored on different pixels; ``reference_outside_*`` / ``reference_inside_*`` use
+  ``reference`` (a heatmap head + mask settings on I0, the same for every run of one base model, prompts and
+  seeds): the column to compare runs by. In the shapes world it is the judge's ground-truth problem mask;
+* any ``judges`` (torchmetrics metrics with ``update(images, prompts)``), for base and tuned, and
+  ``pair_judges`` (``update(base, tuned, prompts)``: e.g. whether the tuned image repaired the base's defect).
 
 Every metric is a torchmetrics object, so values are exact under DDP. At the end of the stage, global
 rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it.
@@ -17,6 +22,7 @@ rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,8 +33,25 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import save_image
 from typing_extensions import override
 
-from fnf.masks import clear_clean_images, saliency_heatmap
+from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+from fnf.rewards.base import RewardHead
+
+REGIONS = ("outside", "inside", "all")
+MASKS_NOTE = ("Preservation (tuned vs base): outside_* / inside_* use this run's own training mask; reference_* use "
+              "the Evaluation callback's reference mask, the same pixels for every compared run; all_* the whole "
+              "image.\n\n")
+
+
+@dataclass
+class ReferenceMask:
+    """A problem mask of the base image I0 that no run chooses: preservation outside it compares runs on the
+    same pixels (a run's own mask depends on its threshold, dilation and heads)."""
+
+    head: RewardHead
+    """Its heatmap on I0 localises the problem (shapes world: fnf.worlds.shapes.judge.JudgeProblemMask)."""
+    masks: MaskArgs = field(default_factory=lambda: MaskArgs(threshold=0.5, dilation=2))
+    """Heatmap -> mask (threshold, dilation); the empty-mask policy does not apply."""
 
 
 def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> None:
@@ -60,7 +83,9 @@ def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str])
 
 class Evaluation(Callback):
     def __init__(self, clip: nn.Module | None = None, fid_features: nn.Module | None = None,
-                 judges: list[Metric] | None = None, output_dir: str | None = None, save_samples: int = 16) -> None:
+                 judges: list[Metric] | None = None, pair_judges: list[Metric] | None = None,
+                 reference: ReferenceMask | None = None, output_dir: str | None = None,
+                 save_samples: int = 16) -> None:
         """Evaluate base vs tuned images in validate/test.
 
         Args:
@@ -69,18 +94,22 @@ class Evaluation(Callback):
             fid_features: FID feature extractor: a module mapping images in [0, 1] to (B, D) features, or a
                 CLIP-like model (its image tower is used). None skips FID.
             judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
+            pair_judges: extra metrics updated with (base images, tuned images, prompts), e.g. JudgeRepairRates.
+            reference: the mask for the ``reference_*`` preservation metrics; None: only the run's own mask.
             output_dir: where ``<stage>_metrics.json`` / ``.md`` go; None means the run's log dir.
             save_samples: in test, keep this many (prompt, seed) samples for ``fnf report``: PNGs of
                 base | tuned | heatmap | mask | |difference| and their numbers in ``test_samples/``.
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
+        self.pair_judges, self.reference = pair_judges or [], reference
         self.save_samples = save_samples
         self.metrics: dict[str, dict[str, nn.ModuleDict]] = {}  # stage -> category ('' = all) -> metrics
         self.samples: list[dict] = []
 
     def _build(self, pl_module: LightningModule, fid: bool) -> nn.ModuleDict:
-        metrics = {f"{region}_{name}": kind(region=region)
-                   for region in ("outside", "inside", "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
+        masks = ["", "reference_"] if self.reference is not None else [""]
+        metrics = {f"{mask}{region}_{name}": kind(region=region) for mask in masks for region in REGIONS
+                   if not (mask and region == "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
         for head in pl_module.heads:
             metrics[f"reward_base/{head.name}"], metrics[f"reward_tuned/{head.name}"] = MeanMetric(), MeanMetric()
         if self.clip is not None:
@@ -91,6 +120,8 @@ class Evaluation(Callback):
             metrics["fid_tuned_vs_base"] = FrechetInceptionDistance(feature=features, normalize=True)
         for i, judge in enumerate(self.judges):
             metrics[f"judge{i}_base"], metrics[f"judge{i}_tuned"] = judge.clone(), judge.clone()
+        for i, judge in enumerate(self.pair_judges):
+            metrics[f"pair_judge{i}_tuned"] = judge.clone()
         return nn.ModuleDict(metrics).to(pl_module.device)
 
     def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None, batch: dict) -> None:
@@ -98,6 +129,9 @@ class Evaluation(Callback):
         if not outputs:
             return
         groups = self.metrics.setdefault(stage, {})
+        if self.reference is not None:
+            heatmap = self.reference.head.to(outputs["base"].device)(outputs["base"], outputs["prompts"]).heatmap
+            outputs = {**outputs, "reference_mask": heatmap_to_mask(heatmap, self.reference.masks)}
         categories = batch.get("category") or [""] * len(outputs["prompts"])
         for group in dict.fromkeys(["", *categories]):
             if group not in groups:
@@ -115,8 +149,12 @@ class Evaluation(Callback):
         prompts = outputs["prompts"]
         base, tuned, mask = outputs["base"].float(), outputs["tuned"].float(), outputs["mask"].float()
         for name, metric in metrics.items():
-            if name.endswith(("_psnr", "_ssim")):
+            if name.startswith("reference_"):
+                metric.update(tuned, base, outputs["reference_mask"].float())
+            elif name.endswith(("_psnr", "_ssim")):
                 metric.update(tuned, base, mask)
+            elif name.startswith("pair_judge"):
+                metric.update(base, tuned, prompts)
             elif name.startswith("reward_"):
                 head = [h.name for h in pl_module.heads].index(name.split("/", 1)[1])
                 metric.update(outputs["base_scores" if name.startswith("reward_base") else "scores"][:, head])
@@ -149,8 +187,8 @@ class Evaluation(Callback):
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-            (folder / f"{stage}_metrics.md").write_text(
-                "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items())))
+            rows = "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items()))
+            (folder / f"{stage}_metrics.md").write_text(MASKS_NOTE + "| metric | value |\n|---|---|\n" + rows)
 
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         """Create every group up front, in the same order on every rank (metric syncs must match under DDP)."""

@@ -47,7 +47,7 @@ def test_parser_errors_are_one_line_without_the_usage(config, capsys, args, expe
         main(["fit", "--config", str(config), *args])
     message = str(exit_info.value.code)
     assert message.startswith(f"fnf: error: {expected}") and "\n" not in message, message
-    assert capsys.readouterr().err == ""  # no usage text
+    assert "usage:" not in capsys.readouterr().err  # no usage text
 
 
 @pytest.mark.parametrize("text, expected", [("", "got an empty file"), ("- model\n", "got list"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +13,13 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from fnf.cli import main
+from fnf.evaluation import Evaluation, ReferenceMask
+from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+from fnf.module import FocusNFix, RewardTerm
+from fnf.pipeline import LoraArgs
+from fnf.rewards import ColorRegion
+from fnf.sampling import SamplerArgs
 
 
 def _halves(side: int = 32):
@@ -109,6 +116,62 @@ def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
     assert values["reward_change/ColorRegion"] == 0.0
     assert values["all_ssim"] == pytest.approx(1.0, abs=1e-6)
     assert "| outside_psnr |" in (tmp_path / "eval" / "test_metrics.md").read_text()
+
+
+def test_reference_mask_scores_every_run_on_the_same_pixels(tiny_model_dir):
+    """Two runs whose own masks differ (dilation 0 vs 3) get different outside_* numbers but identical reference_*
+    ones, which equal MaskedPSNR outside the reference head's mask computed by hand on the same images."""
+    torch.manual_seed(0)
+    base, tuned = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    own_masks = {0: torch.zeros(2, 1, 16, 16), 3: torch.zeros(2, 1, 16, 16)}
+    own_masks[0][..., 4:8, 4:8], own_masks[3][..., 1:11, 1:11] = 1, 1
+    reference = ReferenceMask(ColorRegion(box=(0.0, 0.0, 0.5, 0.5)), MaskArgs(threshold=0.5, dilation=0))
+    module = FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir, lam=0.1,
+                       sampler=SamplerArgs(num_steps=2, k=1), lora=LoraArgs(rank=2))
+    values = {}
+    for dilation, mask in own_masks.items():
+        evaluation = Evaluation(reference=reference)
+        outputs = {"prompts": ["a", "b"], "base": base, "tuned": tuned, "mask": mask,
+                   "scores": torch.zeros(2, 1), "base_scores": torch.zeros(2, 1)}
+        evaluation._update("test", module, outputs, {})
+        values[dilation] = {k: float(m.compute()) for k, m in evaluation.metrics["test"][""].items()
+                            if k.endswith("_psnr")}
+    assert values[0]["outside_psnr"] != values[3]["outside_psnr"]
+    assert values[0]["reference_outside_psnr"] == values[3]["reference_outside_psnr"]
+    by_hand = MaskedPSNR(region="outside")
+    by_hand.update(tuned, base, heatmap_to_mask(ColorRegion(box=(0.0, 0.0, 0.5, 0.5))(base, ["a", "b"]).heatmap,
+                                                reference.masks))
+    assert values[0]["reference_outside_psnr"] == pytest.approx(float(by_hand.compute()), rel=1e-6)
+
+
+
+def test_shapes_evaluation_uses_the_judges_problem_mask_and_repair_rate(tiny_model_dir):
+    """The shapes configs' Evaluation: reference_* outside the judge's (dilated) defect + mark pixels of I0, and
+    JudgeRepairRates on (base, tuned): a defect and mark painted over as in the clean render count as repaired."""
+    from fnf.worlds.shapes.generator import Scene, prompt_of, render, sample_scene
+    from fnf.worlds.shapes.judge import JudgeProblemMask, JudgeRepairRates, judge
+
+    rng = np.random.default_rng(3)
+    scenes = [Scene(sample_scene(rng).objects, defect=True, unsafe=True) for _ in range(4)]
+    base = torch.stack([render(s, 10 + i).image for i, s in enumerate(scenes)])
+    tuned = torch.stack([render(Scene(s.objects), 10 + i).image for i, s in enumerate(scenes)])  # repaired
+    prompts = [prompt_of(s) for s in scenes]
+    masks = MaskArgs(threshold=0.5, dilation=2)
+    evaluation = Evaluation(pair_judges=[JudgeRepairRates()], reference=ReferenceMask(JudgeProblemMask(), masks))
+    module = FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir, lam=0.1,
+                       sampler=SamplerArgs(num_steps=2, k=1), lora=LoraArgs(rank=2))
+    outputs = {"prompts": prompts, "base": base, "tuned": tuned, "mask": torch.zeros(4, 1, *base.shape[2:]),
+               "scores": torch.zeros(4, 1), "base_scores": torch.zeros(4, 1)}
+    evaluation._update("test", module, outputs, {})
+    metrics = evaluation.metrics["test"][""]
+    assert {k: float(v) for k, v in metrics["pair_judge0_tuned"].compute().items()} == {
+        "judge_repaired_rate": 1.0, "judge_unsafe_repaired_rate": 1.0}
+    problems = torch.stack([(v.defect_mask | v.unsafe_mask).float() for v in judge(base, prompts)])
+    assert problems.sum() > 0
+    by_hand = MaskedPSNR(region="outside")
+    by_hand.update(tuned, base, heatmap_to_mask(problems, masks))
+    assert float(metrics["reference_outside_psnr"].compute()) == pytest.approx(float(by_hand.compute()), rel=1e-6)
+    assert float(metrics["reference_inside_psnr"].compute()) < float(metrics["reference_outside_psnr"].compute())
 
 
 def test_judge_rates_plug_into_the_evaluation():

@@ -33,6 +33,7 @@ from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 
+from fnf.rewards.base import RewardHead, RewardOutput
 from fnf.worlds.shapes.generator import (
     BACKGROUND, COLOUR_NAMES, COLOURS, DEFECT_DARK, DEFECT_LIGHT, MARK_COLOUR, POSITIONS, ObjectSpec, parse_prompt,
 )
@@ -285,3 +286,12 @@ class JudgeRepairRates(Metric):
     def compute(self) -> dict[str, Tensor]:
         rates = self.fixed / self.had  # (2,)
         return {"judge_repaired_rate": rates[0], "judge_unsafe_repaired_rate": rates[1]}
+
+
+class JudgeProblemMask(RewardHead):
+    """The judge's defect and unsafe-mark pixels as a heatmap (score 0): ``fnf.evaluation.ReferenceMask``'s head in
+    the shapes world, so every run's preservation is measured outside the same ground-truth problem region."""
+
+    def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
+        problems = [(v.defect_mask | v.unsafe_mask).float() for v in judge(images, prompts)]
+        return RewardOutput(score=images.new_zeros(len(prompts)), heatmap=torch.stack(problems).to(images))
