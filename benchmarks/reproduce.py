@@ -17,8 +17,10 @@ vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never use
    init, the training order and the DRaFT-LV noise (``seed_everything``, with ``data.seed`` null); x_T per
    evaluation prompt is fixed by the files, so base numbers have no spread.
 
-Evaluation always measures against the shipped config's mask of the base image (threshold, dilation, source), so
-"outside the mask" is the same region for every candidate: the fixed yardstick the comparison needs.
+Preservation is measured outside the judge's ground-truth problem mask of the base image (defect and mark pixels,
+dilated 2 px: the configs' ``Evaluation(reference=...)``, ``reference_outside_*``), the same pixels for every run and
+candidate; PSNR outside the shipped config's own training mask (``outside_psnr``: every candidate is evaluated with
+the shipped threshold, dilation and source) is kept in its own, labelled column.
 Tables (markdown, printed and written to ``<out>/tables.md``): the test table (both tasks × {base, DRaFT, FNF} ×
 seeds, mean ± std), the selection on validation prompts (every candidate, the chosen one marked; the λ sweep is its
 first line), and the mask source on the safety task (ShapesSafety heatmap vs gradient saliency, validation prompts).
@@ -46,6 +48,7 @@ HEAD = {"artifacts": "ShapesArtifact", "safety": "ShapesSafety"}
 LAMS = (0.1, 0.25, 0.5, 1.0)
 THRESHOLDS = (0.3, 0.5, 0.7)
 DILATIONS = (0, 2, 4)
+PRESERVATION = "reference_outside_psnr"  # dB, tuned vs base outside the judge's problem mask of I0
 MASK_SOURCE_TASK = "safety"  # the task whose head has both a heatmap and a scalar score for saliency
 
 
@@ -92,15 +95,15 @@ class Bars:
 
     def met(self, metrics: dict) -> bool:
         drop = 100 * (metrics["judge_alignment_base"] - metrics["judge_alignment_tuned"])
-        return drop <= self.max_alignment_drop and metrics["outside_psnr"] >= self.min_psnr_outside
+        return drop <= self.max_alignment_drop and metrics[PRESERVATION] >= self.min_psnr_outside
 
 
 def choose(task: str, trials: dict[Settings, dict], bars: Bars) -> Settings:
     """The selection criterion (module docstring), on validation metrics."""
     met = [s for s in trials if bars.met(trials[s])]
     if not met:
-        return max(trials, key=lambda s: trials[s]["outside_psnr"])
-    return min(met, key=lambda s: (trials[s][f"{TARGET[task]}_tuned"], -trials[s]["outside_psnr"]))
+        return max(trials, key=lambda s: trials[s][PRESERVATION])
+    return min(met, key=lambda s: (trials[s][f"{TARGET[task]}_tuned"], -trials[s][PRESERVATION]))
 
 
 def search(task: str, start: Settings, validate: Callable[[Settings], dict],
@@ -190,15 +193,17 @@ def row(label: str, task: str, runs: list[dict], base: bool = False) -> str:
     alignment = [0.0 if base else r["judge_alignment_tuned"] - r["judge_alignment_base"] for r in runs]
     clip = [0.0 if base else r["clip_score_tuned"] - r["clip_score_base"] for r in runs]
     reward = [0.0 if base else r[f"reward_change/{HEAD[task]}"] for r in runs]
-    preservation = "— | — | —" if base else (f"{cell([r['outside_psnr'] for r in runs])} | "
-                                             f"{cell([r['outside_ssim'] for r in runs], digits=3)} | "
-                                             f"{cell([r['fid_tuned_vs_base'] for r in runs], digits=3)}")
+    preservation = "— | — | — | —" if base else (f"{cell([r[PRESERVATION] for r in runs])} | "
+                                                 f"{cell([r['reference_outside_ssim'] for r in runs], digits=3)} | "
+                                                 f"{cell([r['outside_psnr'] for r in runs])} | "
+                                                 f"{cell([r['fid_tuned_vs_base'] for r in runs], digits=3)}")
     return (f"| {task} | {label} | {cell(target, 100)}% | {cell(change, 100):s} | {cell(alignment, 100)} | "
             f"{cell(clip, digits=2)} | {cell(reward, digits=3)} | {preservation} |")
 
 
 HEADER = ("| task | method | target rate (judge) | Δ target (points) | Δ alignment (points) | Δ CLIP score | "
-          "Δ reward | PSNR outside (dB) | SSIM outside | FID tuned vs base |\n|---|---|---|---|---|---|---|---|---|---|")
+          "Δ reward | PSNR outside judge mask (dB) | SSIM outside judge mask | PSNR outside shipped mask (dB) | "
+          "FID tuned vs base |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
@@ -210,7 +215,8 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
         text += [row("base", task, result["fnf"], base=True), row("global DRaFT (λ = 0)", task, result["draft"]),
                  row(f"Focus-N-Fix ({result['chosen'].label})", task, result["fnf"])]
     text += [f"\n## Selection on validation prompts (seed {seeds[0]})\n\nBars: alignment drop ≤ "
-             f"{bars.max_alignment_drop:g} points, PSNR outside ≥ {bars.min_psnr_outside:g} dB; among those, the "
+             f"{bars.max_alignment_drop:g} points, PSNR outside the judge mask ≥ {bars.min_psnr_outside:g} dB; among "
+             "those, the "
              "lowest target rate (ties: higher PSNR). Search: λ, then threshold, then dilation.\n", HEADER]
     for task, result in results.items():
         for settings, metrics in result["trials"].items():

@@ -73,7 +73,7 @@ def _reproduce():
 def _metrics(target: float, alignment_drop: float, psnr: float) -> dict:
     """Evaluation metrics of one run as the Evaluation callback names them (artifact task)."""
     return {"judge_defect_rate_tuned": target, "judge_alignment_base": 0.9,
-            "judge_alignment_tuned": 0.9 - alignment_drop / 100, "outside_psnr": psnr}
+            "judge_alignment_tuned": 0.9 - alignment_drop / 100, "reference_outside_psnr": psnr}
 
 
 def test_choose_takes_the_lowest_target_rate_within_the_bars():
@@ -85,7 +85,7 @@ def test_choose_takes_the_lowest_target_rate_within_the_bars():
               S(1.0, 0.5, 2, "heatmap"): _metrics(0.05, 0.0, 41.0),  # same rate, better kept: chosen
               S(2.0, 0.5, 2, "heatmap"): _metrics(0.20, 0.0, 45.0)}
     assert reproduce.choose("artifacts", trials, bars) == S(1.0, 0.5, 2, "heatmap")
-    nothing_meets = {s: m | {"outside_psnr": m["outside_psnr"] - 20} for s, m in trials.items()}
+    nothing_meets = {s: m | {"reference_outside_psnr": m["reference_outside_psnr"] - 20} for s, m in trials.items()}
     assert reproduce.choose("artifacts", nothing_meets, bars) == S(2.0, 0.5, 2, "heatmap")  # the most conservative
 
 
