@@ -2,9 +2,10 @@
 
 Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`` callback) left there:
 ``test_metrics.json``, ``test_samples/`` and the TensorBoard scalars. Writes ``DIR/metrics.json``,
-``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table, the reward /
-preservation trade-off across runs, reward vs step per run, and per sample base | tuned | heatmap |
-mask | |difference|×4 with its numbers. Images are embedded (data URIs): the page is one file.
+``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table with grouped, wrapping
+headers (fits a 1400-px window), the reward / preservation trade-off across runs with the base model at the
+origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4 with its
+numbers. Images are embedded (data URIs): the page is one file.
 """
 
 from __future__ import annotations
@@ -12,10 +13,38 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import itertools
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-SUMMARY_KEYS = ("outside_psnr", "outside_ssim", "inside_psnr", "all_psnr", "fid_tuned_vs_base")
+from fnf.svg_chart import chart, compact
+
+REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment and judges, base → tuned",
+                                "Preservation, tuned vs base")
+PRESERVATION_COLUMNS = {  # key -> header; ↑ / ↓: higher / lower is better (inside the mask, change is wanted)
+    "outside_psnr": "PSNR out, dB ↑", "reference_outside_psnr": "PSNR out (ref.), dB ↑",
+    "outside_ssim": "SSIM out ↑",
+    "inside_psnr": "PSNR in, dB", "all_psnr": "PSNR all, dB", "fid_tuned_vs_base": "FID ↓"}
+# One table up to this many characters: Chromium lays the shapes world's tables out at ~5.6 px a character
+# at their narrowest, so ~1120 px of the ~1320 px a 1400-px window leaves between the page margins.
+TABLE_CHARACTERS = 200
+LEGEND = ("Base = LoRA off, tuned = LoRA on, same x_T per (prompt, seed). out / in: outside / inside the run's "
+          "own training mask; ref.: outside the Evaluation callback's reference mask (the same pixels for every "
+          "run); all: the whole image. PSNR 200 dB and SSIM 1 = identical to the base image; FID of tuned vs base "
+          "images. ↑ / ↓: higher / lower is better. 3 significant digits; hover a cell for the full value and a "
+          "header for the metric key; click a header to sort.")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One summary column: one metric, or a (base, tuned) pair shown as ``base → tuned`` and sorted by tuned."""
+
+    group: str
+    label: str
+    keys: tuple[str, ...]
 
 
 def _newest(run: Path, pattern: str) -> Path | None:
@@ -32,8 +61,8 @@ def load_run(run: Path) -> dict:
     samples = json.loads(samples_file.read_text()) if samples_file.is_file() else []
     for sample in samples:
         sample["png"] = base64.b64encode((samples_file.parent / sample["image"]).read_bytes()).decode()
-    return {"name": run.name, "metrics": json.loads(metrics_file.read_text()), "samples": samples,
-            "curves": training_curves(run)}
+    return {"name": run.name, "folder": str(run), "metrics": json.loads(metrics_file.read_text()),
+            "samples": samples, "curves": training_curves(run)}
 
 
 def training_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -50,93 +79,168 @@ def training_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points) for tag, points in curves.items()}
 
 
-def summary_row(run: dict) -> dict[str, float]:
-    metrics = run["metrics"]
-    row = {k: v for k, v in metrics.items() if k.startswith(("reward_change/", "judge_"))}
-    if "clip_score_tuned" in metrics:
-        row["clip_score_change"] = metrics["clip_score_tuned"] - metrics["clip_score_base"]
-    return row | {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+def summary_columns(metrics: list[dict[str, float]]) -> list[Column]:
+    """Reward changes per head, judges and CLIP score as base → tuned, then preservation (category/* left out)."""
+    keys = set().union(*metrics)
+    columns = [Column(REWARD, k.split("/", 1)[1], (k,)) for k in sorted(keys) if k.startswith("reward_change/")]
+    pairs = sorted({k.rsplit("_", 1)[0] for k in keys
+                    if k.startswith(("judge_", "clip_score_")) and k.endswith(("_base", "_tuned"))})
+    columns += [Column(JUDGES, "CLIP score" if name == "clip_score" else name.removeprefix("judge_").replace("_", " "),
+                       tuple(k for k in (f"{name}_base", f"{name}_tuned") if k in keys)) for name in pairs]
+    return columns + [Column(PRESERVATION, label, (k,)) for k, label in PRESERVATION_COLUMNS.items() if k in keys]
 
 
-def svg_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, dots: bool = False) -> str:
-    """A small line (or dot) chart as inline SVG: no plotting library needed."""
-    points = [p for values in series.values() for p in values]
-    if not points:
-        return "<p>(no data)</p>"
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    plot, height, pad, legend = 340, 220, 40, 150
-    width = plot + legend
+def _cell(metrics: dict[str, float], column: Column) -> str:
+    values = [metrics.get(k) for k in column.keys]
+    if values[-1] is None:
+        return "<td></td>"
+    text = " → ".join("–" if v is None else compact(v) for v in values)
+    full = ", ".join(f"{k} = {v!r}" for k, v in zip(column.keys, values))
+    return f"<td data-value='{values[-1]!r}' title='{html.escape(full)}'>{html.escape(text)}</td>"
 
-    def at(x: float, y: float) -> str:
-        return f"{pad + (x - x0) / (x1 - x0) * (plot - 2 * pad):.1f},{height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad):.1f}"
 
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="plot">',
-             f'<rect x="{pad}" y="{pad}" width="{plot - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#999"/>',
-             f'<text x="{plot / 2}" y="{height - 8}" text-anchor="middle" font-size="12">{html.escape(x_label)}</text>',
-             f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" text-anchor="middle" font-size="12">{html.escape(y_label[:40])}</text>',
-             f'<text x="{pad + 2}" y="{pad - 4}" font-size="10">{y1:.3g}</text>',
-             f'<text x="{pad + 2}" y="{height - pad - 4}" font-size="10">{y0:.3g}</text>',
-             f'<text x="{pad}" y="{height - pad + 12}" font-size="10">{x0:.3g}</text>',
-             f'<text x="{plot - pad}" y="{height - pad + 12}" font-size="10" text-anchor="end">{x1:.3g}</text>']
-    for i, (name, values) in enumerate(series.items()):
-        colour = colours[i % len(colours)]
-        if dots:
-            parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="4" fill="{colour}">'
-                      f'<title>{html.escape(name)}</title></circle>' for x, y in values]
-        else:
-            parts.append(f'<polyline fill="none" stroke="{colour}" points="{" ".join(at(x, y) for x, y in values)}"/>')
-        parts.append(f'<text x="{plot - pad + 6}" y="{pad + 14 * i + 10}" font-size="10" fill="{colour}">{html.escape(name[-30:])}</text>')
-    return "".join(parts) + "</svg>"
+def _header(column: Column, index: int) -> str:
+    """A short header that may wrap between words and inside CamelCase names (``Shapes<wbr>Artifact``)."""
+    label = re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "<wbr>", html.escape(column.label))
+    return f"<th data-col='{index}' title='{html.escape(' / '.join(column.keys))}'>{label}</th>"
+
+
+def _table(runs: list[dict], columns: list[Column]) -> str:
+    groups = "".join(f"<th colspan='{len(list(members))}' class='group'>{html.escape(group)}</th>"
+                     for group, members in itertools.groupby(columns, key=lambda c: c.group))
+    rows = "".join(f"<tr><td class='run' data-value='{html.escape(run['name'])}'>{html.escape(run['name'])}</td>"
+                   + "".join(_cell(run["metrics"], c) for c in columns) + "</tr>" for run in runs)
+    return (f"<div class='table'><table class='sortable'><thead><tr><th rowspan='2' data-col='0'>run</th>{groups}"
+            f"</tr><tr>{''.join(_header(c, i) for i, c in enumerate(columns, start=1))}</tr></thead>"
+            f"<tbody>{rows}</tbody></table></div>")
+
+
+def _width_in_characters(runs: list[dict], columns: list[Column]) -> int:
+    """Narrowest width of the one-table layout, counted in characters: each column's longest cell or header
+    word, plus padding."""
+    widest = [max([len(word) for word in c.label.split()] + [len(" → ".join(compact(run["metrics"][k])
+                   for k in c.keys if k in run["metrics"])) for run in runs]) + 2 for c in columns]
+    return sum(widest) + min(max(len(run["name"]) for run in runs), 14) + 2
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Runs as rows under grouped, wrapping headers, then the legend. Too many columns for a 1400-px window
+    (more than ``TABLE_CHARACTERS`` characters wide): one table per group, stacked."""
+    columns = summary_columns([run["metrics"] for run in runs])
+    if _width_in_characters(runs, columns) <= TABLE_CHARACTERS:
+        tables = _table(runs, columns)
+    else:
+        tables = "".join(_table(runs, list(members)) for _, members in itertools.groupby(columns, lambda c: c.group))
+    return f"{tables}<p class='legend'>{html.escape(LEGEND)}</p>"
+
+
+def rms_change(psnr: float) -> float:
+    """Root-mean-square pixel change in 0–255 levels from a PSNR of data range 1 (200 dB, identical: ~0)."""
+    return 255 * 10 ** (-psnr / 20)
+
+
+def _tradeoff_chart(runs: list[dict], head: str, psnr_key: str, mask: str) -> str:
+    change = f"reward_change/{head}"
+    plotted = {run["name"]: [(run["metrics"][change], rms_change(run["metrics"][psnr_key]))] for run in runs
+               if all(math.isfinite(run["metrics"].get(key, math.nan)) for key in (change, psnr_key))}
+    left_out = [run["name"] for run in runs if run["name"] not in plotted]
+    note = f"<br>not plotted (no finite {change} or {psnr_key}): {html.escape(', '.join(left_out))}" if left_out else ""
+    return chart(plotted, f"{head} reward change, tuned − base (score)", f"RMS change outside {mask} (0–255)",
+                 lines=False, origin="base model (LoRA off): no change", note=note)
+
+
+def tradeoff_charts(runs: list[dict]) -> str:
+    """Per reward head: reward change vs pixel change outside the mask, one dot per run, base at (0, 0). The
+    reference mask when every run has it (the same pixels for all), else each run's own mask."""
+    heads = sorted({k.split("/", 1)[1] for run in runs for k in run["metrics"] if k.startswith("reward_change/")})
+    if not heads:
+        return "<p class='empty'>No trade-off plot: no run's test_metrics.json has reward_change/* values.</p>"
+    reference = all("reference_outside_psnr" in run["metrics"] for run in runs)
+    psnr_key, mask = ("reference_outside_psnr", "ref. mask") if reference else ("outside_psnr", "mask")
+    return (f"<p class='note'>One dot per run; the base model is the origin (no reward change, identical image). "
+            f"Right: the reward improved; up: pixels outside the {'reference ' * reference}mask changed (RMS in "
+            f"0–255 levels = 255·10^(−PSNR/20), from {psnr_key}). Best: far right and low.</p><div class='grid'>"
+            + "".join(_tradeoff_chart(runs, head, psnr_key, mask) for head in heads) + "</div>")
+
+
+def _sample_numbers(sample: dict) -> str:
+    """``mean |tuned − base| 3.6e-4; ColorRegion -0.296 → -0.296; ...`` (reward of the base → tuned image)."""
+    heads = [k.removeprefix("reward_base/") for k in sample if k.startswith("reward_base/")]
+    numbers = [f"mean |tuned − base| {compact(sample['mean_abs_change'])}"] if "mean_abs_change" in sample else []
+    numbers += [f"{head} {compact(sample[f'reward_base/{head}'])} → {compact(sample[f'reward_tuned/{head}'])}"
+                for head in heads if f"reward_tuned/{head}" in sample]
+    return html.escape("; ".join(numbers))
+
+
+def _curve_title(tag: str) -> str:
+    return "fidelity term" if tag == "train/fidelity" else f"{tag.removeprefix('train/reward/')} reward (score)"
+
+
+def run_section(run: dict) -> str:
+    """Training curves and samples of one run; an empty part says why it is empty."""
+    if run["curves"]:
+        curves = "<div class='grid'>" + "".join(
+            chart({tag.removeprefix("train/"): points}, "optimizer step", _curve_title(tag), whole_x=True)
+            for tag, points in run["curves"].items()) + "</div>"
+    else:
+        curves = ("<p class='empty'>No training logs in this run (test-only, or fit without the TensorBoard "
+                  "logger): no train/reward/* or train/fidelity scalars in its event files.</p>")
+    cards = "".join(
+        f"<figure><img src='data:image/png;base64,{s['png']}' alt='{html.escape(s['prompt'])}'>"
+        f"<figcaption>{html.escape(s['prompt'])} (seed {s['seed']})<br>{_sample_numbers(s)}</figcaption></figure>"
+        for s in run["samples"])
+    samples = (f"<div class='grid'>{cards}</div>" if cards else "<p class='empty'>No samples in this run: no "
+               "test_samples/ beside its test_metrics.json (set the Evaluation callback's save_samples for fnf test)."
+               "</p>")
+    return (f"<h2>{html.escape(run['name'])}</h2><p class='source'>{html.escape(run['folder'])}</p>"
+            f"<h3>Training curves</h3>{curves}"
+            f"<h3>Samples: base | tuned | heatmap | mask | |tuned − base|×4</h3>{samples}")
+
+
+SCRIPT = """document.querySelectorAll('table.sortable th[data-col]').forEach(th => th.onclick = () => {
+  const body = th.closest('table').tBodies[0], col = +th.dataset.col, up = th.dataset.up !== '1';
+  const key = row => row.cells[col].dataset.value ?? '';
+  [...body.rows].sort((a, b) => { const x = parseFloat(key(a)), y = parseFloat(key(b));
+    if (isNaN(x) || isNaN(y)) return (isNaN(x) - isNaN(y)) || key(a).localeCompare(key(b)) * (up ? 1 : -1);
+    return (x - y) * (up ? 1 : -1); }).forEach(row => body.appendChild(row));
+  th.dataset.up = up ? '1' : '0'; });"""
+STYLE = """body{font-family:sans-serif;margin:1.5em 2em;max-width:1600px}
+table{border-collapse:collapse;font-size:12px;font-variant-numeric:tabular-nums}
+td,th{border:1px solid #ccc;padding:3px 5px}
+th{background:#eee;cursor:pointer;font-weight:600;vertical-align:bottom;max-width:8em;white-space:normal}
+th.group{background:#ddd;cursor:default;max-width:none;text-align:center}
+td{text-align:right;white-space:nowrap}
+td.run{text-align:left;white-space:normal;overflow-wrap:anywhere;min-width:8em;max-width:14em}
+div.table{max-width:100%;overflow-x:auto;margin-bottom:8px}
+p.legend,p.source,p.note{color:#444;font-size:13px;max-width:1200px}p.empty{color:#666;font-style:italic}
+.grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:330px;font-size:11px}
+figure img{width:320px;image-rendering:pixelated}figure.chart{width:auto}
+figcaption.legend{font-size:12px;max-width:420px}figcaption.legend span{display:inline-block;margin-right:12px}
+figcaption.legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}
+figcaption.legend i.origin{border:1.5px solid #000;border-radius:0;width:7px;height:7px;transform:rotate(45deg)}"""
 
 
 def render_html(runs: list[dict]) -> str:
-    rows = {run["name"]: summary_row(run) for run in runs}
-    columns = sorted({k for row in rows.values() for k in row})
-    table = ("<table class='sortable'><thead><tr><th>run</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-             + "</tr></thead><tbody>" + "".join(
-                 f"<tr><td>{html.escape(name)}</td>" + "".join(
-                     f"<td>{row[c]:.4g}</td>" if c in row else "<td></td>" for c in columns) + "</tr>"
-                 for name, row in rows.items()) + "</tbody></table>")
-    reward_key = next((c for c in columns if c.startswith("reward_change/")), None)
-    tradeoff = svg_plot({name: [(row.get(reward_key, 0.0), row.get("outside_psnr", 0.0))] for name, row in rows.items()},
-                        f"{reward_key} (higher: target fixed)", "PSNR outside the mask, dB", dots=True) if reward_key else ""
-    sections = []
-    for run in runs:
-        curves = "<div class='grid'>" + "".join(svg_plot({tag.removeprefix("train/"): points}, "step", tag.removeprefix("train/"))
-                                                for tag, points in run["curves"].items()) + "</div>"
-        cards = "".join(
-            f"<figure><img src='data:image/png;base64,{s['png']}' alt='{html.escape(s['prompt'])}'>"
-            f"<figcaption>{html.escape(s['prompt'])} (seed {s['seed']})<br>" + ", ".join(
-                f"{html.escape(k)} {v:.3g}" for k, v in s.items() if k.startswith("reward_") or k == "mean_abs_change")
-            + "</figcaption></figure>" for s in run["samples"])
-        sections.append(f"<h2>{html.escape(run['name'])}</h2><h3>Training curves</h3>{curves}"
-                        f"<h3>Samples: base | tuned | heatmap | mask | |tuned − base|×4</h3><div class='grid'>{cards}</div>")
-    script = """document.querySelectorAll('table.sortable th').forEach((th, i) => th.onclick = () => {
-  const body = th.closest('table').tBodies[0], rows = [...body.rows], up = th.dataset.up !== '1';
-  rows.sort((a, b) => { const x = parseFloat(a.cells[i].textContent), y = parseFloat(b.cells[i].textContent);
-    return (isNaN(x) || isNaN(y) ? a.cells[i].textContent.localeCompare(b.cells[i].textContent) : x - y) * (up ? 1 : -1); });
-  th.dataset.up = up ? '1' : '0'; rows.forEach(r => body.appendChild(r)); });"""
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:3px 6px;font-size:13px}th{cursor:pointer;background:#eee}.grid{display:flex;flex-wrap:wrap;gap:12px}"
-             "figure{margin:0;width:330px;font-size:11px}figure img{width:320px;image-rendering:pixelated}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>fnf report</title><style>{style}</style></head>"
-            f"<body><h1>fnf report</h1><p>Base = LoRA off, tuned = LoRA on, same x_T per (prompt, seed). "
-            f"Click a column to sort.</p>{table}<h2>Trade-off across runs</h2>{tradeoff}{''.join(sections)}"
-            f"<script>{script}</script></body></html>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>fnf report</title><style>{STYLE}</style>"
+            f"</head><body><h1>fnf report</h1>{summary_table(runs)}<h2>Trade-off across runs</h2>"
+            f"{tradeoff_charts(runs)}{''.join(run_section(run) for run in runs)}"
+            f"<script>{SCRIPT}</script></body></html>")
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
+    if len({run["name"] for run in runs}) < len(runs):  # same folder name in different places: use the paths
+        for run in runs:
+            run["name"] = run["folder"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({r["name"]: r["metrics"] for r in runs}, indent=2, sort_keys=True) + "\n")
-    rows = {r["name"]: summary_row(r) for r in runs}
-    columns = sorted({k for row in rows.values() for k in row})
+    metrics = {run["name"]: run["metrics"] for run in runs}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    columns = summary_columns([run["metrics"] for run in runs])
     (out / "metrics.md").write_text(
-        "| run | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n" + "".join(
-            f"| {name} | " + " | ".join(f"{row[c]:.4g}" if c in row else "" for c in columns) + " |\n"
-            for name, row in rows.items()))
+        "| run | " + " | ".join(" → ".join(c.keys) for c in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+        + "".join(f"| {run['name']} | " + " | ".join(
+            " → ".join(f"{run['metrics'][k]:.4g}" if k in run["metrics"] else "" for k in c.keys) for c in columns)
+            + " |\n" for run in runs))
     (out / "index.html").write_text(render_html(runs))
     return out / "index.html"
 

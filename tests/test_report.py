@@ -1,32 +1,162 @@
-"""``fnf report``: a self-contained HTML page from real tiny runs (fit, then test with the Evaluation callback)."""
+"""``fnf report``: a self-contained HTML page from real tiny runs (fit, then test with the Evaluation callback),
+laid out to read in a 1400-px window: grouped summary table, trade-off plot with the base model at its origin,
+empty sections that say why."""
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import re
+from pathlib import Path
 
+import pytest
+import yaml
+
+import fnf.report
 from fnf.cli import main
+from fnf.report import load_run, rms_change, summary_table
+from fnf.svg_chart import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, axis_range, compact, tick_labels, ticks
+
+SCREENSHOT = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.py"
+PROMPTS = ("a red circle top left\na blue square bottom right\na green triangle top right\n"
+           "a purple diamond bottom left\n")
 
 
-def _run(config, tmp_path, name: str, lam: float):
-    run = tmp_path / name
-    common = ["--config", str(config), "--trainer.default_root_dir", str(run), "--model.lam", str(lam)]
-    main(["fit", *common, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"])
-    checkpoint = next(run.rglob("*.ckpt"))
-    main(["test", *common, "--data.test_file", str(tmp_path / "prompts.txt"), "--ckpt_path", str(checkpoint),
-          "--trainer.callbacks+=fnf.evaluation.Evaluation", "--trainer.callbacks.save_samples", "3"])
-    return run
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, tmp_path_factory) -> Path:
+    """Three tiny runs of the shapes world's heads and judges (the reviewed report's metric set): FNF (λ 0.5)
+    and DRaFT (λ 0), each fit 3 steps then tested, and a test-only run of the base model; then their report."""
+    folder = tmp_path_factory.mktemp("report")
+    (folder / "prompts.txt").write_text(PROMPTS)
+    evaluation = {"class_path": "fnf.evaluation.Evaluation", "init_args": {
+        "clip": {"class_path": "ShapesAlignment"}, "fid_features": {"class_path": "ShapesAlignment"},
+        "judges": [{"class_path": "fnf.worlds.shapes.judge.JudgeRates"}],
+        "pair_judges": [{"class_path": "fnf.worlds.shapes.judge.JudgeRepairRates"}],
+        "reference": {"head": {"class_path": "fnf.worlds.shapes.judge.JudgeProblemMask"}}, "save_samples": 3}}
+    config = {
+        "model": {"pretrained": tiny_model_dir, "sampler": {"num_steps": 3, "k": 1}, "lora": {"rank": 4},
+                  "rewards": [{"head": {"class_path": name}, "mask": "heatmap"}
+                              for name in ("ColorRegion", "ShapesArtifact", "ShapesSafety")]},
+        "data": {"train_file": str(folder / "prompts.txt"), "val_file": str(folder / "prompts.txt"),
+                 "test_file": str(folder / "prompts.txt"), "batch_size": 2},
+        "trainer": {"max_steps": 3, "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
+                    "callbacks": [evaluation]},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = []
+    for name, lam in (("fnf", 0.5), ("draft", 0.0), ("base-test-only", None)):
+        run = folder / name
+        common = ["--config", str(folder / "config.yaml"), "--trainer.default_root_dir", str(run)]
+        if lam is not None:
+            main(["fit", *common, "--model.lam", str(lam)])
+            common += ["--ckpt_path", str(next(run.rglob("*.ckpt")))]
+        main(["test", *common])
+        runs.append(str(run))
+    main(["report", *runs, "--out", str(folder / "report")])
+    return folder / "report"
 
 
-def test_report_page_embeds_every_image_it_shows(config, tmp_path):
-    runs = [_run(config, tmp_path, "fnf", 0.5), _run(config, tmp_path, "draft", 0.0)]
-    main(["report", *map(str, runs), "--out", str(tmp_path / "report")])
-    page = (tmp_path / "report" / "index.html").read_text()
+def _section(page: str, run: str) -> str:
+    return page.split(f"<h2>{run}</h2>", 1)[1].split("<h2>", 1)[0]
+
+
+def test_report_page_embeds_every_image_it_shows(report):
+    page = (report / "index.html").read_text()
     images = re.findall(r"<img src='data:image/png;base64,([^']+)'", page)
-    assert len(images) == 2 * 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert len(images) == 3 * 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "src='http" not in page and "src=\"http" not in page  # nothing external
-    assert page.count("<polyline") >= 2 and "<circle" in page  # reward curves and the trade-off scatter
-    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"fnf", "draft"} and "outside_psnr" in metrics["fnf"]
-    assert "| fnf |" in (tmp_path / "report" / "metrics.md").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) == {"fnf", "draft", "base-test-only"} and "outside_psnr" in metrics["fnf"]
+    assert "| fnf |" in (report / "metrics.md").read_text()
+
+
+def test_summary_table_has_grouped_short_wrapping_headers_and_a_legend(report):
+    page = (report / "index.html").read_text()
+    groups = re.findall(r"<th colspan='\d+' class='group'>([^<]+)</th>", page)
+    assert {g.split(",")[0] for g in groups} == {"Reward change", "Alignment and judges", "Preservation"}
+    headers = re.findall(r"<th data-col='\d+' title='([^']*)'>(.*?)</th>", page)
+    assert len(headers) >= 15
+    for keys, label in headers:  # short labels (the metric key is the tooltip), breakable between words
+        assert max(len(word) for word in label.replace("<wbr>", " ").split()) <= 12 and "_" not in label, label
+    cells = re.findall(r"<td data-value='[^']*' title='[^']*'>([^<]*)</td>", page)
+    assert cells and max(len(number) for cell in cells for number in cell.split(" → ")) <= 8  # compact numbers
+    defect = json.loads((report / "metrics.json").read_text())["fnf"]["judge_defect_rate_base"]
+    assert f"judge_defect_rate_base = {defect!r}" in page  # the full value on hover
+    assert "<p class='legend'>" in page and "PSNR 200 dB and SSIM 1 = identical" in page
+    assert re.search(r"th\{[^}]*white-space:normal", page)  # header text wraps
+
+
+def test_too_many_columns_for_one_table_become_one_table_per_group(report, monkeypatch):
+    runs = [load_run(report.parent / name) for name in ("fnf", "draft", "base-test-only")]
+    one = summary_table(runs)
+    monkeypatch.setattr(fnf.report, "TABLE_CHARACTERS", 50)
+    split = summary_table(runs)
+    assert one.count("<table") == 1 and split.count("<table") == 3 and split.count("<td class='run'") == 3 * 3
+    column_keys = r"<th data-col='\d+' title='([^']*)'"
+    assert sorted(re.findall(column_keys, one)) == sorted(re.findall(column_keys, split))  # every column once
+
+
+def test_tradeoff_plot_puts_the_base_model_at_the_origin_inside_the_frame(report):
+    page = (report / "index.html").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    charts = page.split("<h2>Trade-off across runs</h2>", 1)[1].split("<h2>", 1)[0]
+    figures = re.findall(r"<figure class='chart'>(.*?)</figure>", charts, re.S)
+    assert len(figures) == 3  # one per reward head
+    for figure, head in zip(figures, ("ColorRegion", "ShapesArtifact", "ShapesSafety")):
+        assert f"{head} reward change, tuned − base (score)" in figure  # axis titles with units
+        assert "RMS change outside ref. mask (0–255)" in figure
+        points = [(metrics[run][f"reward_change/{head}"], rms_change(metrics[run]["reference_outside_psnr"]))
+                  for run in ("fnf", "draft", "base-test-only")]
+        (x0, x1), (y0, y1) = axis_range([x for x, _ in points] + [0.0]), axis_range([y for _, y in points] + [0.0])
+        assert x0 < 0 < x1 and y0 < 0 < y1  # the origin with a margin, on no edge
+        dots = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5"', figure)]
+        assert len(dots) == 3
+        for (x, y), (cx, cy) in zip(points, dots):  # each run where its numbers say, strictly inside the frame
+            assert cx == pytest.approx(LEFT + (x - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT), abs=0.06)
+            assert cy == pytest.approx(TOP + (y1 - y) / (y1 - y0) * (HEIGHT - TOP - BOTTOM), abs=0.06)
+            assert LEFT < cx < WIDTH - RIGHT and TOP < cy < HEIGHT - BOTTOM
+        base = re.search(r'<rect x="[\d.]+" y="[\d.]+" width="12" height="12" fill="none" stroke="#000" '
+                         r'stroke-width="1.5" transform="rotate\(45 ([\d.]+) ([\d.]+)\)">', figure)
+        assert (float(base[1]), float(base[2])) == pytest.approx(dots[2], abs=0.06)  # base run sits on the origin
+        legend = figure.split("<figcaption class='legend'>", 1)[1]
+        assert all(name in legend for name in ("fnf", "draft", "base-test-only", "base model (LoRA off)"))
+        tick_labels = re.findall(r'text-anchor="(?:middle|end)">([^<]+)</text>', figure)
+        assert "0" in tick_labels and len(tick_labels) >= 6
+
+
+def test_empty_sections_say_why(report):
+    page = (report / "index.html").read_text()
+    test_only = _section(page, "base-test-only")
+    assert "No training logs in this run (test-only" in test_only and "<svg" not in test_only
+    trained = _section(page, "fnf")
+    assert "No training logs" not in trained and trained.count("<svg") == 4  # 3 reward curves and the fidelity
+
+
+def test_chart_helpers_give_round_ticks_and_compact_numbers():
+    assert ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert ticks(-0.08, 1.08) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert ticks(-0.2, 3.2, whole=True) == [0, 1, 2, 3]
+    assert axis_range([2.0, 2.0]) == pytest.approx((-0.32, 4.32))  # one value: a span around it
+    assert tick_labels(ticks(-0.28818, -0.28654)) == ["-0.2880", "-0.2875", "-0.2870"]  # 3 digits would repeat
+    assert tick_labels([-1e-5, 0.0, 1e-5, 2e-5]) == ["-1e-5", "0", "1e-5", "2e-5"]
+    assert [compact(v) for v in (7.590651e-05, 66.3458, 0.9999939, 1.0, -0.4375, 123456.0)] == [
+        "7.59e-5", "66.3", "0.999994", "1", "-0.438", "1.23e5"]
+
+
+def _browser_module():
+    spec = importlib.util.spec_from_file_location("report_screenshot", SCREENSHOT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_fits_a_1400px_window_in_headless_chromium(report):
+    browser = _browser_module()
+    if browser.find_browser() is None:
+        pytest.skip("no headless Chromium / Chrome on PATH (Debian: apt-get install chromium)")
+    measured = browser.measure(report / "index.html", width=1400, height=900)
+    assert measured["viewport"] <= 1400 and measured["tables"] >= 1 and measured["header_cells"] >= 15
+    assert browser.overflows(measured) == [], measured  # no sideways scroll; tables, charts, images inside
+    png = browser.screenshot(report / "index.html", report / "screenshot_1400x900.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
