@@ -90,13 +90,19 @@ def summary_columns(metrics: list[dict[str, float]]) -> list[Column]:
     return columns + [Column(PRESERVATION, label, (k,)) for k, label in PRESERVATION_COLUMNS.items() if k in keys]
 
 
+def _cell_text(metrics: dict[str, float], column: Column) -> str:
+    if column.keys[-1] not in metrics:
+        return ""
+    return " → ".join(compact(metrics[k]) if k in metrics else "–" for k in column.keys)
+
+
 def _cell(metrics: dict[str, float], column: Column) -> str:
-    values = [metrics.get(k) for k in column.keys]
-    if values[-1] is None:
+    """Compact text; the full values as a tooltip; the (tuned) value to sort by."""
+    if column.keys[-1] not in metrics:
         return "<td></td>"
-    text = " → ".join("–" if v is None else compact(v) for v in values)
-    full = ", ".join(f"{k} = {v!r}" for k, v in zip(column.keys, values))
-    return f"<td data-value='{values[-1]!r}' title='{html.escape(full)}'>{html.escape(text)}</td>"
+    full = ", ".join(f"{k} = {metrics[k]!r}" for k in column.keys if k in metrics)
+    return (f"<td data-value='{metrics[column.keys[-1]]!r}' title='{html.escape(full)}'>"
+            f"{html.escape(_cell_text(metrics, column))}</td>")
 
 
 def _header(column: Column, index: int) -> str:
@@ -116,11 +122,13 @@ def _table(runs: list[dict], columns: list[Column]) -> str:
 
 
 def _width_in_characters(runs: list[dict], columns: list[Column]) -> int:
-    """Narrowest width of the one-table layout, counted in characters: each column's longest cell or header
-    word, plus padding."""
-    widest = [max([len(word) for word in c.label.split()] + [len(" → ".join(compact(run["metrics"][k])
-                   for k in c.keys if k in run["metrics"])) for run in runs]) + 2 for c in columns]
-    return sum(widest) + min(max(len(run["name"]) for run in runs), 14) + 2
+    """Narrowest width of the one-table layout, counted in characters: per column its longest cell or header
+    word, plus padding; the run names wrap after 14."""
+    def narrowest(column: Column) -> int:
+        return max([len(word) for word in column.label.split()]
+                   + [len(_cell_text(run["metrics"], column)) for run in runs]) + 2
+
+    return sum(map(narrowest, columns)) + min(max(len(run["name"]) for run in runs), 14) + 2
 
 
 def summary_table(runs: list[dict]) -> str:
@@ -134,6 +142,15 @@ def summary_table(runs: list[dict]) -> str:
     return f"{tables}<p class='legend'>{html.escape(LEGEND)}</p>"
 
 
+def summary_markdown(runs: list[dict]) -> str:
+    """The summary table as Markdown: full metric keys as headers, 4 significant digits."""
+    columns = summary_columns([run["metrics"] for run in runs])
+    header = "| run | " + " | ".join(" → ".join(c.keys) for c in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    return header + "".join(f"| {run['name']} | " + " | ".join(
+        " → ".join(f"{run['metrics'][k]:.4g}" for k in c.keys if k in run["metrics"]) for c in columns) + " |\n"
+        for run in runs)
+
+
 def rms_change(psnr: float) -> float:
     """Root-mean-square pixel change in 0–255 levels from a PSNR of data range 1 (200 dB, identical: ~0)."""
     return 255 * 10 ** (-psnr / 20)
@@ -144,7 +161,7 @@ def _tradeoff_chart(runs: list[dict], head: str, psnr_key: str, mask: str) -> st
     plotted = {run["name"]: [(run["metrics"][change], rms_change(run["metrics"][psnr_key]))] for run in runs
                if all(math.isfinite(run["metrics"].get(key, math.nan)) for key in (change, psnr_key))}
     left_out = [run["name"] for run in runs if run["name"] not in plotted]
-    note = f"<br>not plotted (no finite {change} or {psnr_key}): {html.escape(', '.join(left_out))}" if left_out else ""
+    note = f"<br>not plotted (no finite {change} or {psnr_key}): {html.escape(', '.join(left_out))}" * bool(left_out)
     return chart(plotted, f"{head} reward change, tuned − base (score)", f"RMS change outside {mask} (0–255)",
                  lines=False, origin="base model (LoRA off): no change", note=note)
 
@@ -235,12 +252,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {run["name"]: run["metrics"] for run in runs}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    columns = summary_columns([run["metrics"] for run in runs])
-    (out / "metrics.md").write_text(
-        "| run | " + " | ".join(" → ".join(c.keys) for c in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-        + "".join(f"| {run['name']} | " + " | ".join(
-            " → ".join(f"{run['metrics'][k]:.4g}" if k in run["metrics"] else "" for k in c.keys) for c in columns)
-            + " |\n" for run in runs))
+    (out / "metrics.md").write_text(summary_markdown(runs))
     (out / "index.html").write_text(render_html(runs))
     return out / "index.html"
 

@@ -68,9 +68,13 @@ def chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
           origin: str | None = None, note: str = "", whole_x: bool = False) -> str:
     """A line (or, ``lines=False``, dot) chart of named series with a legend (and ``note`` after it);
     ``origin`` names a marker at (0, 0) (e.g. the base model), which the axis ranges then include;
-    ``whole_x``: x counts something (steps), so no fractional ticks. One unnamed-origin series: no legend,
-    the axis title says it."""
+    ``whole_x``: x counts something (steps), so no fractional ticks. A lone series without an origin gets no
+    legend (the axis title names it). Non-finite points are left out."""
+    series = {name: [(x, y) for x, y in values if math.isfinite(x) and math.isfinite(y)]
+              for name, values in series.items()}
     points = [p for values in series.values() for p in values] + ([(0.0, 0.0)] if origin is not None else [])
+    if not points:
+        return "<p class='empty'>(no finite values)</p>"
     (x0, x1), (y0, y1) = axis_range([x for x, _ in points]), axis_range([y for _, y in points])
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
@@ -95,7 +99,7 @@ def chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
                      f'stroke-dasharray="4 3"/><line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(0):.1f}" '
                      f'y2="{py(0):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
     parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle" '
-                 f'font-size="{_title_size(x_label, WIDTH)}">{html.escape(x_label)}</text>'
+                 f'font-size="{_title_size(x_label, plot_w + 2 * RIGHT)}">{html.escape(x_label)}</text>'
                  f'<text x="12" y="{TOP + plot_h / 2}" text-anchor="middle" font-size="{_title_size(y_label, plot_h)}" '
                  f'transform="rotate(-90 12 {TOP + plot_h / 2})">{html.escape(y_label)}</text>')
     legend = []

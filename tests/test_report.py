@@ -15,8 +15,8 @@ import yaml
 
 import fnf.report
 from fnf.cli import main
-from fnf.report import load_run, rms_change, summary_table
-from fnf.svg_chart import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, axis_range, compact, tick_labels, ticks
+from fnf.report import load_run, rms_change, run_section, summary_table
+from fnf.svg_chart import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, axis_range, chart, compact, tick_labels, ticks
 
 SCREENSHOT = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.py"
 PROMPTS = ("a red circle top left\na blue square bottom right\na green triangle top right\n"
@@ -26,7 +26,7 @@ PROMPTS = ("a red circle top left\na blue square bottom right\na green triangle 
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tmp_path_factory) -> Path:
     """Three tiny runs of the shapes world's heads and judges (the reviewed report's metric set): FNF (λ 0.5)
-    and DRaFT (λ 0), each fit 3 steps then tested, and a test-only run of the base model; then their report."""
+    and DRaFT (λ 0), each fit 2 steps then tested, and a test-only run of the base model; then their report."""
     folder = tmp_path_factory.mktemp("report")
     (folder / "prompts.txt").write_text(PROMPTS)
     evaluation = {"class_path": "fnf.evaluation.Evaluation", "init_args": {
@@ -40,7 +40,7 @@ def report(tiny_model_dir, tmp_path_factory) -> Path:
                               for name in ("ColorRegion", "ShapesArtifact", "ShapesSafety")]},
         "data": {"train_file": str(folder / "prompts.txt"), "val_file": str(folder / "prompts.txt"),
                  "test_file": str(folder / "prompts.txt"), "batch_size": 2},
-        "trainer": {"max_steps": 3, "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
+        "trainer": {"max_steps": 2, "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
                     "callbacks": [evaluation]},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -125,12 +125,18 @@ def test_tradeoff_plot_puts_the_base_model_at_the_origin_inside_the_frame(report
         assert "0" in tick_labels and len(tick_labels) >= 6
 
 
-def test_empty_sections_say_why(report):
+def test_empty_sections_say_why(report, tmp_path):
     page = (report / "index.html").read_text()
     test_only = _section(page, "base-test-only")
     assert "No training logs in this run (test-only" in test_only and "<svg" not in test_only
     trained = _section(page, "fnf")
     assert "No training logs" not in trained and trained.count("<svg") == 4  # 3 reward curves and the fidelity
+    metrics_only = tmp_path / "metrics-only"  # a run folder with test_metrics.json and nothing else
+    metrics_only.mkdir()
+    metrics = next((report.parent / "fnf").rglob("test_metrics.json"))
+    (metrics_only / "test_metrics.json").write_bytes(metrics.read_bytes())
+    section = run_section(load_run(metrics_only))
+    assert "No training logs in this run" in section and "No samples in this run" in section and "<img" not in section
 
 
 def test_chart_helpers_give_round_ticks_and_compact_numbers():
@@ -142,6 +148,15 @@ def test_chart_helpers_give_round_ticks_and_compact_numbers():
     assert tick_labels([-1e-5, 0.0, 1e-5, 2e-5]) == ["-1e-5", "0", "1e-5", "2e-5"]
     assert [compact(v) for v in (7.590651e-05, 66.3458, 0.9999939, 1.0, -0.4375, 123456.0)] == [
         "7.59e-5", "66.3", "0.999994", "1", "-0.438", "1.23e5"]
+
+
+def test_the_origin_marker_is_inside_the_frame_when_no_run_is_near_it():
+    figure = chart({"a": [(1.0, 2.0)], "b": [(3.0, 5.0)]}, "x (unit)", "y (unit)", lines=False, origin="base model")
+    base = re.search(r'transform="rotate\(45 (-?[\d.]+) (-?[\d.]+)\)"', figure)
+    assert LEFT < float(base[1]) < WIDTH - RIGHT and TOP < float(base[2]) < HEIGHT - BOTTOM
+    dots = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', figure)]
+    assert dots[0][0] > float(base[1]) and dots[0][1] < float(base[2])  # right of and above the origin
+    assert "base model" in figure.split("<figcaption class='legend'>", 1)[1]
 
 
 def _browser_module():
