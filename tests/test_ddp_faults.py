@@ -9,7 +9,10 @@ import torch
 
 from distributed_fit import launch  # tests/distributed_fit.py
 
-DDP = dict(devices=2, strategy="ddp", max_steps=5)
+# A collective timeout bounds the wait for a rank that hangs without dying (torch's default: 30 minutes); a rank
+# that dies is noticed at once (its connections close), as this test shows.
+DDP = dict(devices=2, max_steps=5, strategy={"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                                             "init_args": {"timeout": "0:02:00"}})
 EVERY_STEP = ("--checkpoint.every_n_train_steps", "1")
 
 
