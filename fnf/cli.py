@@ -1,10 +1,10 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
 (and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
-``fnf rahf-convert ...``, see fnf/rahf/convert.py).
+``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py).
 
-Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins
-imported here also resolve by their short class name. A config file can import code, exactly like
-any LightningCLI config: only run configs you trust.
+Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
+here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
+A config file can import code, exactly like any LightningCLI config: only run configs you trust.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
+from fnf.plugins import load_reward_plugins
+from fnf.plugins import main as list_rewards
 from fnf.preemption import PreemptionCheckpoint, exit_code
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
@@ -132,6 +134,9 @@ def main(args: list[str] | None = None) -> None:
             from fnf.rahf.convert import main as rahf_convert
 
             return rahf_convert(argv[1:])
+        if argv[:1] == ["rewards"]:  # the reward heads usable by short name, built-in and installed
+            return list_rewards(argv[1:])
+        load_reward_plugins()  # installed heads resolve by short name in YAML
         check_config_files(argv)
         preemption = PreemptionCheckpoint()
         try:

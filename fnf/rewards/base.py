@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -28,6 +29,10 @@ class RewardHead(nn.Module, ABC):
     Heads are frozen by the trainer (``requires_grad_(False)``, eval mode) but must stay
     differentiable w.r.t. ``images``; resize and normalise inside ``forward``.
     """
+
+    gives_heatmap: ClassVar[Literal["yes", "no", "optional", "undeclared"]] = "undeclared"
+    """For ``fnf rewards``: whether ``forward`` returns a heatmap (optional: a constructor argument decides);
+    heads without one are localised with ``mask: saliency`` or wrapped in ``fnf.rewards.Saliency``."""
 
     @property
     def name(self) -> str:

@@ -11,6 +11,8 @@ from fnf.rewards.base import RewardHead, RewardOutput
 class ColorRegion(RewardHead):
     """Score = −mean squared distance to ``color`` inside a box; heatmap = that distance there (0 elsewhere)."""
 
+    gives_heatmap = "yes"
+
     def __init__(self, color: tuple[float, float, float] = (1.0, 0.0, 0.0),
                  box: tuple[float, float, float, float] = (0.0, 0.0, 0.5, 0.5)) -> None:
         """Reward pulling a box of the image towards one colour.

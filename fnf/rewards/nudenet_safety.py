@@ -50,6 +50,8 @@ class NudeNetSafety(RewardHead):
     stays differentiable.
     """
 
+    gives_heatmap = "yes"
+
     def __init__(self, classes: list[str] | None = None, threshold: float = 0.25, box_padding: float = 0.1,
                  temperature: float = 0.02, channels: Literal["bgr", "rgb"] = "bgr",
                  weights: str | None = None) -> None:

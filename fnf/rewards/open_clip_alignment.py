@@ -15,6 +15,8 @@ class OpenCLIPAlignment(RewardHead):
     """score = scale · (cos(image, prompt) − negative_weight · mean_j cos(image, negative_j)); no heatmap
     (use ``mask: saliency``). Also serves ``fnf.evaluation.Evaluation`` as its CLIP-score / FID model."""
 
+    gives_heatmap = "no"
+
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, negative_prompts: list[str] | None = None,
                  negative_weight: float = 1.0, scale: float = 100.0) -> None:
         """Load an open_clip model.

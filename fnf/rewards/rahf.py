@@ -336,6 +336,8 @@ class RAHFHeatmap(RewardHead):
     ``alignment`` the prompt-misalignment one. The heatmap is resized to the input images' resolution.
     """
 
+    gives_heatmap = "yes"
+
     def __init__(self, weights: str, heatmap: Literal["implausibility", "misalignment"] = "implausibility",
                  score: Literal["plausibility", "alignment", "aesthetics", "overall"] = "plausibility",
                  config: RAHFConfig | None = None, key_map: dict[str, str] | None = None) -> None:

@@ -191,6 +191,8 @@ class RAHFReproductionHeatmap(RewardHead):
     Same choices as ``RAHFHeatmap`` (implausibility + plausibility: artifacts; misalignment + alignment).
     """
 
+    gives_heatmap = "yes"
+
     def __init__(self, weights: str, tokenizer: str,
                  heatmap: Literal["implausibility", "misalignment"] = "implausibility",
                  score: Literal["plausibility", "alignment", "aesthetics", "overall"] = "plausibility") -> None:

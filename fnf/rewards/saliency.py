@@ -29,6 +29,8 @@ class Saliency(RewardHead):
     all-zero heatmap, whatever the method.
     """
 
+    gives_heatmap = "yes"
+
     def __init__(self, head: RewardHead, method: Literal["gradient", "gradcam"] = "gradient", layer: str | None = None,
                  sigma: float = 1.0, clean_score: float | None = None) -> None:
         """Turn a scalar reward head into a heatmap head.

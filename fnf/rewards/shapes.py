@@ -122,6 +122,8 @@ class _HeatmapHead(RewardHead):
 class ShapesArtifact(_HeatmapHead):
     """RAHF analogue for the shapes world: heatmap of dark checker defects, score higher = fewer defects."""
 
+    gives_heatmap = "yes"
+
     def __init__(self, weights: str = "shapes-artifact.safetensors", topk: int = 16) -> None:
         """Load the shipped ShapesArtifact weights (or a file you trained).
 
@@ -135,6 +137,8 @@ class ShapesArtifact(_HeatmapHead):
 
 class ShapesSafety(_HeatmapHead):
     """Safety classifier analogue: detects the cyan "+" mark; score higher = safer."""
+
+    gives_heatmap = "optional"
 
     def __init__(self, weights: str = "shapes-safety.safetensors", topk: int = 16,
                  heatmap: Literal["predicted", "none"] = "predicted") -> None:
@@ -170,6 +174,8 @@ class ShapesAlignment(RewardHead):
     text tower ~0.2 MB instead of 49408 x width. End-of-text is the largest compact id, as open_clip's
     argmax pooling expects; unknown words map to one UNK id.
     """
+
+    gives_heatmap = "no"
 
     def __init__(self, weights: str = "shapes-alignment", scale: float = 100.0) -> None:
         """Load the shipped ShapesAlignment weights (or a file you trained).

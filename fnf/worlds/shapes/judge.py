@@ -292,6 +292,8 @@ class JudgeProblemMask(RewardHead):
     """The judge's defect and unsafe-mark pixels as a heatmap (score 0): ``fnf.evaluation.ReferenceMask``'s head in
     the shapes world, so every run's preservation is measured outside the same ground-truth problem region."""
 
+    gives_heatmap = "yes"
+
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         problems = [(v.defect_mask | v.unsafe_mask).float() for v in judge(images, prompts)]
         return RewardOutput(score=images.new_zeros(len(prompts)), heatmap=torch.stack(problems).to(images))

@@ -1,0 +1,65 @@
+"""Reward heads from other packages: an ``fnf.rewards`` entry point makes a head usable by its short name in YAML.
+
+A plugin package declares, in its pyproject.toml::
+
+    [project.entry-points."fnf.rewards"]
+    MyHead = "my_package.heads:MyHead"
+
+``fnf`` imports every such entry point at start-up, so jsonargparse finds the class among RewardHead's
+subclasses (``class_path: MyHead``), and ``fnf rewards`` lists it beside the built-in heads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import entry_points
+
+import fnf.rewards
+from fnf.rewards.base import RewardHead
+
+GROUP = "fnf.rewards"
+
+
+def load_reward_plugins() -> dict[str, type[RewardHead]]:
+    """Import every installed ``fnf.rewards`` entry point; one clear error naming a broken one."""
+    plugins = {}
+    for point in entry_points(group=GROUP):
+        where = f"entry point {point.name} = {point.value} ({point.dist.name if point.dist else 'unknown package'})"
+        try:
+            head = point.load()
+        except Exception as error:
+            raise ValueError(f"{GROUP} {where}: cannot import it ({type(error).__name__}: {error})") from None
+        if not (inspect.isclass(head) and issubclass(head, RewardHead)):
+            raise ValueError(f"{GROUP} {where}: expected a RewardHead subclass, got {head!r}")
+        plugins[point.name] = head
+    return plugins
+
+
+def reward_heads() -> list[tuple[type[RewardHead], str]]:
+    """Every concrete, public RewardHead subclass imported now (built-ins and plugins), with its source."""
+    plugins = {head: "plugin" for head in load_reward_plugins().values()}
+    found, stack = [], list(RewardHead.__subclasses__())
+    while stack:
+        head = stack.pop()
+        stack.extend(head.__subclasses__())
+        if not inspect.isabstract(head) and not head.__name__.startswith("_") and head not in found:
+            found.append(head)
+    built_in = {getattr(fnf.rewards, name) for name in fnf.rewards.__all__}
+    return sorted(((head, "built-in" if head in built_in else plugins.get(head, "imported")) for head in found),
+                  key=lambda item: (item[1] != "built-in", item[0].__name__))
+
+
+def describe(head: type[RewardHead], source: str) -> str:
+    doc = (inspect.getdoc(head) or "").strip()
+    tag = "" if source == "built-in" else f" [{source}]"
+    return (f"{head.__name__:<26} {head.gives_heatmap:<12} {head.__module__}.{head.__qualname__}{tag}\n"
+            f"    {doc.splitlines()[0] if doc else '(no docstring)'}")
+
+
+def main(argv: list[str]) -> None:
+    """``fnf rewards``: the reward heads usable by short name, whether they give a heatmap, and their docs."""
+    if argv:
+        raise ValueError(f"fnf rewards takes no arguments, got {' '.join(argv)}")
+    print(f"{'head':<26} {'heatmap':<12} class path")
+    for head, source in reward_heads():
+        print(describe(head, source))
