@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from distributed_fit import launch  # tests/distributed_fit.py
@@ -16,6 +17,7 @@ DDP = dict(devices=2, max_steps=5, strategy={"class_path": "lightning.pytorch.st
 EVERY_STEP = ("--checkpoint.every_n_train_steps", "1")
 
 
+@pytest.mark.slow  # ~60 s: three 2-process fits
 def test_a_killed_rank_stops_the_run_with_one_line_and_last_resumes_exactly(tiny_model_dir, tmp_path):
     straight = launch(tmp_path, tiny_model_dir, "straight", 2, EVERY_STEP, **DDP)
     assert straight.returncode == 0, straight.stderr[-3000:]
