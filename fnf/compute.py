@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from peft.tuners.tuners_utils import BaseTunerLayer
+from typing_extensions import override
 
 from fnf.pipeline import Text2ImageModel
 
@@ -77,3 +78,12 @@ def apply_compute(model: Text2ImageModel, args: ComputeArgs, trainer: L.Trainer)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         unet.compile_repeated_blocks(mode="reduce-overhead" if args.compile == "unet+graphs" else None)
         unet._fnf_compiled = True
+
+
+class ComputeLevers(L.LightningModule):
+    """A LightningModule whose ``self.model`` (a Text2ImageModel) follows ``self.compute`` (ComputeArgs)."""
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Levers that follow the trainer (precision, device, strategy): frozen weights' dtype, layout, compilation."""
+        apply_compute(self.model, self.compute, self.trainer)

@@ -3,8 +3,8 @@
 The FNF step, for prompts c and initial noise x_T (same x_T for both passes):
 
     I0 = sample(θ0, c, x_T)                 no grad, LoRA disabled (one UNet in memory)
-    I  = sample(θ, c, x_T)                  gradients through the last K steps (DRaFT-K); the steps both
-                                            chains take without grad share one UNet call (fused_base)
+    I  = sample(θ, c, x_T)                  gradients through the last K steps (DRaFT-K); steps without grad
+                                            share one UNet call with I0's (fused_base)
     M  = mask(heatmap or saliency of I0)    no grad, per reward head
     loss = −Σ_i w_i r_i(I, c) + λ · reg(I, I0, 1 − M)        (paper Fig. 2; λ = 0 is plain DRaFT)
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from fnf.compute import ComputeArgs, apply_compute
+from fnf.compute import ComputeArgs, ComputeLevers
 from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
 from fnf.objective import RewardTerm, check_objective
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
@@ -32,6 +32,7 @@ from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import check_reward_output
 from fnf.resume import LoraOnlyCheckpoints
 from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
+from fnf.sharding import ShardedUnet
 
 
 @dataclass
@@ -56,7 +57,7 @@ class BaseReference:
         return Sample(self.latents, self.images)
 
 
-class FocusNFix(LoraOnlyCheckpoints):
+class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
     def __init__(
         self,
         rewards: list[RewardTerm],
@@ -264,30 +265,13 @@ class FocusNFix(LoraOnlyCheckpoints):
         return {"prompt": prompts, "seed": seeds, "base": base.images.cpu(), "tuned": tuned.images.cpu()}
 
     @override
-    def setup(self, stage: str) -> None:
-        """Levers that follow the trainer (precision, device, strategy): frozen weights' dtype, layout, compilation."""
-        apply_compute(self.model, self.compute, self.trainer)
-
-    @override
-    def configure_model(self) -> None:
-        """FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the UNet (``fnf.sharding``).
-        Under every other strategy there is no mesh and nothing to do."""
-        if self.device_mesh is None:
-            return
-        if self.device_mesh["tensor_parallel"].size() != 1:  # the data shards follow the global rank (fnf.data)
-            raise ValueError("trainer.strategy.init_args.tensor_parallel_size must be 1: fnf shards the UNet with "
-                             "FSDP2 over data_parallel_size = all processes")
-        self.model.shard(self.device_mesh["data_parallel"])
-
-    @override
     def configure_optimizers(self):
         try:
             optimizer = self.optimizer_factory(self.model.lora_parameters())
         except ValueError as error:  # torch's "Invalid learning rate: -1.0" names no key
             raise ValueError(f"model.optimizer.init_args: {error}") from None
-        for group in optimizer.param_groups:
-            if not 0 <= group.get("lr", 0) < math.inf:  # torch accepts inf
-                raise ValueError(f"model.optimizer.init_args.lr must be a finite number >= 0, got {group['lr']}")
+        if any(math.isinf(group.get("lr", 0)) for group in optimizer.param_groups):  # torch refuses nan and < 0 only
+            raise ValueError("model.optimizer.init_args.lr must be a finite number >= 0, got inf")
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -9,11 +9,13 @@ stay whole on every rank.
 
 from __future__ import annotations
 
+import lightning as L
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from typing_extensions import override
 
 SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
 """Module types sharded as their own unit (the policy of ``benchmarks/sd15_step.py``'s FSDP1 auto-wrap)."""
@@ -27,3 +29,18 @@ def shard_unet(unet: nn.Module, mesh: DeviceMesh) -> None:
         if isinstance(block, SHARDED_BLOCKS):
             fully_shard(block, mesh=mesh)
     fully_shard(unet, mesh=mesh)
+
+
+class ShardedUnet(L.LightningModule):
+    """A LightningModule whose ``self.model`` (a Text2ImageModel) gets its UNet sharded under FSDP2."""
+
+    @override
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the UNet. Under every other
+        strategy there is no mesh and nothing to do."""
+        if self.device_mesh is None:
+            return
+        if self.device_mesh["tensor_parallel"].size() != 1:  # the data shards follow the global rank (fnf.data)
+            raise ValueError("trainer.strategy.init_args.tensor_parallel_size must be 1: fnf shards the UNet with "
+                             "FSDP2 over data_parallel_size = all processes")
+        self.model.shard(self.device_mesh["data_parallel"])
