@@ -32,6 +32,14 @@ def umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (the folder a write there would land in)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 FULL_DISK_BYTES = 1 << 20  # a failed write with less free space than this is reported as a full disk
 
 
@@ -40,11 +48,8 @@ def disk_full(path: str | os.PathLike) -> OSError | None:
 
     torch.save and safetensors lose the errno (torch: "unexpected pos 704 vs 598"), so it is read back from
     the file system itself: call this while the partial file still holds the space it took."""
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(nearest_existing(Path(path).parent)).free
     except OSError:
         return None
     return None if free >= FULL_DISK_BYTES else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -53,9 +58,7 @@ def disk_full(path: str | os.PathLike) -> OSError | None:
 def check_writable(folder: str | os.PathLike, key: str) -> None:
     """Fail before training, not after it, when ``folder`` (named by config ``key``) cannot be created or written:
     a trial folder is made and removed in its nearest existing ancestor (permission bits do not stop root)."""
-    ancestor = Path(folder).absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(Path(folder))
     try:
         if not ancestor.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(ancestor))
