@@ -31,6 +31,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,6 +224,22 @@ def pretrain_text(text_encoder: CLIPTextModel, probe: PhraseProbe, tokenizer, ar
             log(f"text step {step} probe loss {loss.item():.4f}")
 
 
+def warmup_cosine(total_steps: int, warmup: int = 200) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warm-up, cosine decay to 10%."""
+    def lr_at(s: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * s / max(total_steps, 1)))
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    return lr_at
+
+
+def flaw_weight(batch: dict, defect_weight: float, unsafe_weight: float) -> Tensor:
+    """Per-latent loss weight (B, 1, 16, 16): rare, small flaws are learned late and drawn faintly (the judge then
+    misses them), so their latents count ``defect_weight`` / ``unsafe_weight`` times."""
+    return (1 + (defect_weight - 1) * F.max_pool2d(batch["defect_masks"], 2)
+            + (unsafe_weight - 1) * F.max_pool2d(batch["unsafe_masks"], 2))
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -236,12 +253,7 @@ def train_unet(unet, text_encoder, probe: PhraseProbe, tokenizer, scheduler: DDI
     Returns EMA copies of (unet, text_encoder) and the number of steps done (fewer if the time cap hit)."""
     params = list(unet.parameters()) + list(text_encoder.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    warmup = 200
-    def lr_at(s: int) -> float:  # linear warm-up, cosine decay to 10%
-        cosine = 0.5 * (1 + math.cos(math.pi * s / max(args.unet_steps, 1)))
-        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.unet_steps))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     alphas = scheduler.alphas_cumprod  # (T,)
     gen = torch.Generator().manual_seed(args.seed)
@@ -263,9 +275,7 @@ def train_unet(unet, text_encoder, probe: PhraseProbe, tokenizer, scheduler: DDI
         target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
         ids = tokenize(tokenizer, prompts)
         hidden = text_encoder(ids)[0]  # (B, L, D)
-        # Rare, small flaws are learned late and drawn faintly (the judge then misses them): upweight them.
-        weight = (1 + (args.defect_weight - 1) * F.max_pool2d(batch["defect_masks"], 2)
-                  + (args.unsafe_weight - 1) * F.max_pool2d(batch["unsafe_masks"], 2))  # (B, 1, 16, 16)
+        weight = flaw_weight(batch, args.defect_weight, args.unsafe_weight)  # (B, 1, 16, 16)
         loss = (weight * (unet(noisy, t, encoder_hidden_states=hidden).sample - target).square()).mean()
         probe_loss = probe.loss(hidden, ids, prompts)
         opt.zero_grad(set_to_none=True)
