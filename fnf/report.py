@@ -20,7 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fnf.svg_chart import chart, compact
+from matplotlib.figure import Figure
+
+from fnf.charts import line_chart, scatter_with_origin, to_svg
 
 REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment and judges, base → tuned",
                                 "Preservation, tuned vs base")
@@ -38,6 +40,9 @@ LEGEND = ("Base = LoRA off, tuned = LoRA on, same x_T per (prompt, seed). out / 
           "header for the metric key; click a header to sort.")
 
 
+BASE_MODEL = "base model (LoRA off): no change"
+
+
 @dataclass(frozen=True)
 class Column:
     """One summary column: one metric, or a (base, tuned) pair shown as ``base → tuned`` and sorted by tuned."""
@@ -45,6 +50,19 @@ class Column:
     group: str
     label: str
     keys: tuple[str, ...]
+
+
+def compact(value: float) -> str:
+    """3 significant digits, short exponents (``7.59e-5``); a value near 1 keeps the digits that tell it from 1."""
+    if not math.isfinite(value) or value == 0:
+        return "0" if value == 0 else str(value)
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    text = f"{value:.3g}"
+    if float(text) == 1 and value != 1:  # SSIM 0.99999 is not 1
+        text = f"{value:.6f}".rstrip("0")
+    return text
 
 
 def _newest(run: Path, pattern: str) -> Path | None:
@@ -156,14 +174,26 @@ def rms_change(psnr: float) -> float:
     return 255 * 10 ** (-psnr / 20)
 
 
+def _finite(metrics: dict[str, float], *keys: str) -> bool:
+    return all(math.isfinite(metrics.get(key, math.nan)) for key in keys)
+
+
+def tradeoff_figure(runs: list[dict], head: str, psnr_key: str, mask: str) -> Figure:
+    """Reward change of ``head`` vs RMS pixel change outside the mask: one dot per run with finite numbers, the
+    base model at the origin."""
+    change = f"reward_change/{head}"
+    plotted = {run["name"]: (run["metrics"][change], rms_change(run["metrics"][psnr_key])) for run in runs
+               if _finite(run["metrics"], change, psnr_key)}
+    return scatter_with_origin(plotted, f"{head} reward change, tuned − base (score)",
+                               f"RMS change outside {mask} (0–255 levels)", origin=BASE_MODEL)
+
+
 def _tradeoff_chart(runs: list[dict], head: str, psnr_key: str, mask: str) -> str:
     change = f"reward_change/{head}"
-    plotted = {run["name"]: [(run["metrics"][change], rms_change(run["metrics"][psnr_key]))] for run in runs
-               if all(math.isfinite(run["metrics"].get(key, math.nan)) for key in (change, psnr_key))}
-    left_out = [run["name"] for run in runs if run["name"] not in plotted]
-    note = f"<br>not plotted (no finite {change} or {psnr_key}): {html.escape(', '.join(left_out))}" * bool(left_out)
-    return chart(plotted, f"{head} reward change, tuned − base (score)", f"RMS change outside {mask} (0–255)",
-                 lines=False, origin="base model (LoRA off): no change", note=note)
+    left_out = [run["name"] for run in runs if not _finite(run["metrics"], change, psnr_key)]
+    note = f"not plotted (no finite {change} or {psnr_key}): {', '.join(left_out)}" if left_out else ""
+    return (f"<figure class='chart'>{to_svg(tradeoff_figure(runs, head, psnr_key, mask), f'tradeoff {head}')}"
+            f"<figcaption class='note'>{html.escape(note)}</figcaption></figure>")
 
 
 def tradeoff_charts(runs: list[dict]) -> str:
@@ -193,12 +223,16 @@ def _curve_title(tag: str) -> str:
     return "fidelity term" if tag == "train/fidelity" else f"{tag.removeprefix('train/reward/')} reward (score)"
 
 
+def _curve_chart(run_name: str, tag: str, points: list[tuple[int, float]]) -> str:
+    figure = line_chart({tag: points}, "optimizer step", _curve_title(tag), whole_x=True)
+    return f"<figure class='chart'>{to_svg(figure, f'{run_name} {tag}')}</figure>"
+
+
 def run_section(run: dict) -> str:
     """Training curves and samples of one run; an empty part says why it is empty."""
     if run["curves"]:
-        curves = "<div class='grid'>" + "".join(
-            chart({tag.removeprefix("train/"): points}, "optimizer step", _curve_title(tag), whole_x=True)
-            for tag, points in run["curves"].items()) + "</div>"
+        curves = "<div class='grid'>" + "".join(_curve_chart(run["name"], tag, points)
+                                                for tag, points in run["curves"].items()) + "</div>"
     else:
         curves = ("<p class='empty'>No training logs in this run (test-only, or fit without the TensorBoard "
                   "logger): no train/reward/* or train/fidelity scalars in its event files.</p>")
@@ -232,9 +266,7 @@ div.table{max-width:100%;overflow-x:auto;margin-bottom:8px}
 p.legend,p.source,p.note{color:#444;font-size:13px;max-width:1200px}p.empty{color:#666;font-style:italic}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:330px;font-size:11px}
 figure img{width:320px;image-rendering:pixelated}figure.chart{width:auto}
-figcaption.legend{font-size:12px;max-width:420px}figcaption.legend span{display:inline-block;margin-right:12px}
-figcaption.legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}
-figcaption.legend i.origin{border:1.5px solid #000;border-radius:0;width:7px;height:7px;transform:rotate(45deg)}"""
+figcaption.note{color:#444;font-size:12px;max-width:420px}"""
 
 
 def render_html(runs: list[dict]) -> str:

@@ -15,10 +15,11 @@ import yaml
 
 import fnf.report
 from fnf.cli import main
-from fnf.report import load_run, rms_change, run_section, summary_table
-from fnf.svg_chart import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, axis_range, chart, compact, tick_labels, ticks
+from fnf.charts import line_chart, scatter_with_origin
+from fnf.report import BASE_MODEL, compact, load_run, rms_change, run_section, summary_table, tradeoff_figure
 
 SCREENSHOT = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.py"
+RUNS, HEADS = ("fnf", "draft", "base-test-only"), ("ColorRegion", "ShapesArtifact", "ShapesSafety")
 PROMPTS = ("a red circle top left\na blue square bottom right\na green triangle top right\n"
            "a purple diamond bottom left\n")
 
@@ -100,29 +101,24 @@ def test_too_many_columns_for_one_table_become_one_table_per_group(report, monke
 def test_tradeoff_plot_puts_the_base_model_at_the_origin_inside_the_frame(report):
     page = (report / "index.html").read_text()
     metrics = json.loads((report / "metrics.json").read_text())
+    runs = [load_run(report.parent / name) for name in RUNS]
     charts = page.split("<h2>Trade-off across runs</h2>", 1)[1].split("<h2>", 1)[0]
     figures = re.findall(r"<figure class='chart'>(.*?)</figure>", charts, re.S)
     assert len(figures) == 3  # one per reward head
-    for figure, head in zip(figures, ("ColorRegion", "ShapesArtifact", "ShapesSafety")):
-        assert f"{head} reward change, tuned − base (score)" in figure  # axis titles with units
-        assert "RMS change outside ref. mask (0–255)" in figure
+    for figure, head in zip(figures, HEADS):
+        axes = tradeoff_figure(runs, head, "reference_outside_psnr", "ref. mask").axes[0]
+        titles = (f"{head} reward change, tuned − base (score)", "RMS change outside ref. mask (0–255 levels)")
+        assert (axes.get_xlabel(), axes.get_ylabel()) == titles and all(t in figure for t in titles)  # units; text
         points = [(metrics[run][f"reward_change/{head}"], rms_change(metrics[run]["reference_outside_psnr"]))
-                  for run in ("fnf", "draft", "base-test-only")]
-        (x0, x1), (y0, y1) = axis_range([x for x, _ in points] + [0.0]), axis_range([y for _, y in points] + [0.0])
-        assert x0 < 0 < x1 and y0 < 0 < y1  # the origin with a margin, on no edge
-        dots = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5"', figure)]
-        assert len(dots) == 3
-        for (x, y), (cx, cy) in zip(points, dots):  # each run where its numbers say, strictly inside the frame
-            assert cx == pytest.approx(LEFT + (x - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT), abs=0.06)
-            assert cy == pytest.approx(TOP + (y1 - y) / (y1 - y0) * (HEIGHT - TOP - BOTTOM), abs=0.06)
-            assert LEFT < cx < WIDTH - RIGHT and TOP < cy < HEIGHT - BOTTOM
-        base = re.search(r'<rect x="[\d.]+" y="[\d.]+" width="12" height="12" fill="none" stroke="#000" '
-                         r'stroke-width="1.5" transform="rotate\(45 ([\d.]+) ([\d.]+)\)">', figure)
-        assert (float(base[1]), float(base[2])) == pytest.approx(dots[2], abs=0.06)  # base run sits on the origin
-        legend = figure.split("<figcaption class='legend'>", 1)[1]
-        assert all(name in legend for name in ("fnf", "draft", "base-test-only", "base model (LoRA off)"))
-        tick_labels = re.findall(r'text-anchor="(?:middle|end)">([^<]+)</text>', figure)
-        assert "0" in tick_labels and len(tick_labels) >= 6
+                  for run in RUNS] + [(0.0, 0.0)]  # the runs, then the base model's marker
+        dots = [tuple(collection.get_offsets()[0]) for collection in axes.collections]
+        assert [v for dot in dots for v in dot] == pytest.approx([v for point in points for v in point])
+        assert dots[2] == pytest.approx((0.0, 0.0), abs=1e-6)  # the base run sits on the origin
+        (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
+        assert all(x0 < x < x1 and y0 < y < y1 for x, y in dots)  # every point strictly inside the frame
+        legend = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert legend == [*RUNS, BASE_MODEL] and all(name in figure for name in legend)
+        assert len(re.findall(r"<text\b", figure)) >= 6 + 2 + 4  # ticks, axis titles and the legend, as text
 
 
 def test_empty_sections_say_why(report, tmp_path):
@@ -139,24 +135,25 @@ def test_empty_sections_say_why(report, tmp_path):
     assert "No training logs in this run" in section and "No samples in this run" in section and "<img" not in section
 
 
-def test_chart_helpers_give_round_ticks_and_compact_numbers():
-    assert ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert ticks(-0.08, 1.08) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert ticks(-0.2, 3.2, whole=True) == [0, 1, 2, 3]
-    assert axis_range([2.0, 2.0]) == pytest.approx((-0.32, 4.32))  # one value: a span around it
-    assert tick_labels(ticks(-0.28818, -0.28654)) == ["-0.2880", "-0.2875", "-0.2870"]  # 3 digits would repeat
-    assert tick_labels([-1e-5, 0.0, 1e-5, 2e-5]) == ["-1e-5", "0", "1e-5", "2e-5"]
+def test_compact_numbers():
     assert [compact(v) for v in (7.590651e-05, 66.3458, 0.9999939, 1.0, -0.4375, 123456.0)] == [
         "7.59e-5", "66.3", "0.999994", "1", "-0.438", "1.23e5"]
 
 
 def test_the_origin_marker_is_inside_the_frame_when_no_run_is_near_it():
-    figure = chart({"a": [(1.0, 2.0)], "b": [(3.0, 5.0)]}, "x (unit)", "y (unit)", lines=False, origin="base model")
-    base = re.search(r'transform="rotate\(45 (-?[\d.]+) (-?[\d.]+)\)"', figure)
-    assert LEFT < float(base[1]) < WIDTH - RIGHT and TOP < float(base[2]) < HEIGHT - BOTTOM
-    dots = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', figure)]
-    assert dots[0][0] > float(base[1]) and dots[0][1] < float(base[2])  # right of and above the origin
-    assert "base model" in figure.split("<figcaption class='legend'>", 1)[1]
+    axes = scatter_with_origin({"a": (1.0, 2.0), "b": (3.0, 5.0)}, "x (unit)", "y (unit)", "base model").axes[0]
+    (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
+    assert x0 < 0 < 3 < x1 and y0 < 0 < 5 < y1  # the origin and every run, with a margin
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["a", "b", "base model"]
+
+
+def test_step_curves_get_whole_step_ticks_and_drop_non_finite_points():
+    axes = line_chart({"loss": [(0, 1.0), (1, float("nan")), (2, 0.5), (3, 0.25)]}, "optimizer step", "loss",
+                      whole_x=True).axes[0]
+    assert [x for x, _ in axes.lines[0].get_xydata()] == [0, 2, 3]
+    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+    assert len(ticks) >= 2 and all(t == int(t) for t in ticks)
+    assert axes.get_legend() is None  # one series: the axis title names it
 
 
 def _browser_module():
