@@ -1,6 +1,7 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
 (and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
-``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py).
+``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py;
+``fnf preview --config ...``, see fnf/preview.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
 here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
@@ -126,6 +127,10 @@ def main(args: list[str] | None = None) -> None:
             from fnf.report import main as report
 
             return report(argv[1:])
+        if argv[:1] == ["preview"]:  # the masks training would use, on base images, before training
+            from fnf.preview import main as preview
+
+            return preview(argv[1:])
         if argv[:1] == ["rahf-train"]:  # training of the RAHF reward model: its own LightningCLI
             from fnf.rahf.cli import main as rahf_train
 
