@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from fnf.resume import EpochShuffle, ResumableLoader, batches_done_in_epoch
+from fnf.scan_file import FILTERED_OUT, ScanFilter
 
 SEED_STRIDE = 1_000_003  # prime gap between the seeds of one prompt's copies
 MAX_SEED = 2**63 - 1  # seeds must fit a LongTensor
@@ -182,6 +183,9 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
         batch_size: Items per batch and process (under DDP the global batch is this times the world size).
         num_workers: DataLoader worker processes (0 = load in the main process).
+        filter: Train only on the items a ``fnf scan`` of ``train_file`` found the base model failing on
+            (``{scan: scan.jsonl, head: ShapesArtifact, score_below: 0.0}``); the others are dropped or
+            validated (``filtered_out``). Applied after the ``val_fraction`` split. None: train on every item.
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         batch_size: int = 4,
         num_workers: int = 0,
+        filter: ScanFilter | None = None,
     ) -> None:
         super().__init__()
         for key, ok, rule, value in (
@@ -212,6 +217,7 @@ class PromptDataModule(L.LightningDataModule):
         self.predict_file = predict_file or test_file or val_file
         self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
+        self.filter = filter
         self.items: dict[str, list[Item]] = {}
         self._skip_batches = 0
         self.shuffle_seed: int | None = None
@@ -237,6 +243,10 @@ class PromptDataModule(L.LightningDataModule):
                 self.items["val"] = [i for i in train if in_val_split(i["prompt"], self.val_fraction)]
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
             if self.train_file:
+                if self.filter is not None:  # only the items whose base image the scan found wrong
+                    train, rest = self.filter.split(train)
+                    if self.filter.filtered_out == "validate":  # forgetting on what the base model got right
+                        self.items["val"] = self.items.get("val", []) + [i | {"category": FILTERED_OUT} for i in rest]
                 self.items["train"] = train
                 self.shuffle_seed = self.seed if self.seed is not None else run_seed()  # a restore then overrides it
         if stage == "test" and self.test_file:

@@ -258,3 +258,29 @@ def test_non_utf8_reports_line(tmp_path):
     dm = PromptDataModule(train_file=str(path))
     with pytest.raises(PromptFileError, match=r"p\.txt:3: not valid UTF-8"):
         dm.setup("fit")
+
+
+def test_scan_filter_selects_items_after_the_val_split_and_validates_the_rest(tmp_path):
+    """data.filter on a hand-written scan file: per (prompt, seed) item, after the val_fraction hold-out."""
+    from fnf.scan_file import FILTERED_OUT, ScanFilter
+
+    train = write(tmp_path / "p.txt", "".join(f"prompt {i}\n" for i in range(12)))
+    all_items = PromptDataModule(seeds_per_prompt=2).load(train)
+    scores = {(i["prompt"], i["seed"]): n / len(all_items) - 0.5 for n, i in enumerate(all_items)}  # -0.5 .. 0.46
+    rows = [{"prompt": p, "seed": s, "scores": {"A": v, "B": 0.0}, "mask_area": {"A": max(0.0, -v), "B": None},
+             "union_mask_area": max(0.0, -v)} for (p, s), v in scores.items()]
+    scan = write(tmp_path / "scan.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    dm = PromptDataModule(train_file=train, seeds_per_prompt=2, val_fraction=0.25,
+                          filter=ScanFilter(scan, head="A", score_below=-0.1, filtered_out="validate"))
+    dm.setup("fit")
+    held_out = [i for i in dm.items["val"] if "category" not in i]  # the val_fraction split, filter or not
+    kept = [i for i in all_items if i not in held_out and scores[(i["prompt"], i["seed"])] < -0.1]
+    assert dm.items["train"] == kept and 0 < len(kept) < len(all_items) - len(held_out)
+    assert [{k: v for k, v in i.items() if k != "category"} for i in dm.items["val"] if i.get("category")] == [
+        i for i in all_items if i not in held_out and i not in kept]
+    assert {i.get("category") for i in dm.items["val"]} == {None, FILTERED_OUT}
+    union = PromptDataModule(train_file=train, seeds_per_prompt=2, filter=ScanFilter(scan, mask_area_above=0.3))
+    union.setup("fit")
+    assert union.items["train"] == [i for i in all_items if -scores[(i["prompt"], i["seed"])] > 0.3]
+    with pytest.raises(ValueError, match=r"^data.filter.mask_area_above: head B has no mask in .* \(mask: none\)"):
+        PromptDataModule(train_file=train, seeds_per_prompt=2, filter=ScanFilter(scan, "B", mask_area_above=0.0)).setup("fit")

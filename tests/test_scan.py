@@ -1,0 +1,203 @@
+"""``fnf scan`` and ``data.filter``: one row per (prompt, seed) with the base image's scores and mask areas, resumable,
+batch- and process-count-independent; the filter trains on exactly the items that meet its criteria."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_fit import free_port  # tests/distributed_fit.py
+from fnf.cli import main
+from fnf.data import PromptDataModule
+from fnf.masks import MaskArgs, heatmap_to_mask
+from fnf.pipeline import LoraArgs, Text2ImageModel
+from fnf.rewards.shapes import ShapesArtifact
+from fnf.sampling import SamplerArgs
+from fnf.scan_file import FILTERED_OUT, ScanFilter, append_rows, read_rows
+from fnf.worlds.shapes.evaluate_fnf import sample_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "fnf/worlds/shapes/prompts/artifacts_train.jsonl"
+STEPS = 2  # DDIM steps: enough for the shapes model to paint a defect on some base images
+
+
+def scan_args(prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["scan", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file", str(prompts),
+            "--out", str(out), f"--model.sampler.num_steps={STEPS}", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.parent / 'root'}", *extra]
+
+
+def scan(prompts: Path, out: Path, *extra: str) -> list[dict]:
+    main(scan_args(prompts, out, *extra))
+    return read_rows(out)
+
+
+def fail(args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: ") and "\n" not in message, message
+    return message
+
+
+def assert_same_rows(rows: list[dict], expected: list[dict]) -> None:
+    """Same items in the same order; values equal up to float32 rounding (batch-size-dependent kernels)."""
+    assert [(r["prompt"], r["seed"]) for r in rows] == [(r["prompt"], r["seed"]) for r in expected]
+    for row, reference in zip(rows, expected):
+        assert row["scores"] == pytest.approx(reference["scores"], rel=1e-4, abs=1e-6)
+        assert row["mask_area"] == reference["mask_area"] and row["union_mask_area"] == reference["union_mask_area"]
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """4 prompts x 2 seeds of the artifacts training file, scanned in batches of 3 (the last batch is partial)."""
+    folder = tmp_path_factory.mktemp("scan")
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:4]))
+    out = folder / "scan.jsonl"
+    return prompts, out, scan(prompts, out, "--data.seeds_per_prompt=2", "--batch_size=3")
+
+
+def test_one_row_per_item_with_the_base_images_scores_and_mask_areas(scanned):
+    prompts, _, rows = scanned
+    items = PromptDataModule(seeds_per_prompt=2).load(str(prompts))
+    assert [(r["prompt"], r["seed"]) for r in rows] == [(i["prompt"], i["seed"]) for i in items] and len(rows) == 8
+    assert all(math.isfinite(r["scores"]["ShapesArtifact"]) for r in rows)
+    # Independently: the judge's sampling loop (not FocusNFix) for I0 from each item's x_T, the head, the config's mask.
+    model = Text2ImageModel.from_pretrained("embedded:shapes-t2i")
+    model.add_lora(LoraArgs(rank=4))
+    base, _ = sample_pair(model, [r["prompt"] for r in rows], [r["seed"] for r in rows],
+                          SamplerArgs(num_steps=STEPS, guidance_scale=4.0))
+    with torch.no_grad():
+        output = ShapesArtifact()(base, [r["prompt"] for r in rows])
+    areas = heatmap_to_mask(output.heatmap, MaskArgs(threshold=0.5, dilation=2)).mean(dim=(1, 2, 3))
+    assert [r["scores"]["ShapesArtifact"] for r in rows] == pytest.approx(output.score.tolist(), rel=1e-4, abs=1e-6)
+    assert [r["mask_area"]["ShapesArtifact"] for r in rows] == pytest.approx(areas.tolist(), abs=1e-6)
+    assert [r["union_mask_area"] for r in rows] == [r["mask_area"]["ShapesArtifact"] for r in rows]  # one head
+    assert 0 < sum(a > 0 for a in areas) < len(rows)  # flawed and clean base images: the filter tests mean something
+
+
+def test_rows_do_not_depend_on_the_batch_size(scanned, tmp_path):
+    prompts, _, rows = scanned
+    assert_same_rows(scan(prompts, tmp_path / "one.jsonl", "--data.seeds_per_prompt=2", "--batch_size=1"), rows)
+
+
+def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path, capsys):
+    prompts, out, rows = scanned
+    text = out.read_text()
+    lines = text.splitlines(keepends=True)
+    torn = tmp_path / "scan.jsonl"
+    torn.write_text("".join(lines[:3]) + lines[3][:25])  # a scan stopped while writing its 4th row
+    with pytest.raises(ValueError, match="last line is incomplete"):
+        read_rows(torn)  # the filter refuses it
+    capsys.readouterr()
+    resumed = scan(prompts, torn, "--data.seeds_per_prompt=2", "--batch_size=3")
+    assert "(3 scanned before)" in capsys.readouterr().out
+    assert torn.read_text().startswith("".join(lines[:3]))  # kept, not scanned again
+    assert_same_rows(resumed, rows)
+    again = torn.read_text()
+    scan(prompts, torn, "--data.seeds_per_prompt=2")  # complete: nothing to do
+    assert torn.read_text() == again
+
+
+def test_filter_trains_on_exactly_the_items_meeting_the_criteria(scanned):
+    prompts, out, rows = scanned
+    failing = [(r["prompt"], r["seed"]) for r in rows if r["mask_area"]["ShapesArtifact"] > 0]
+    low = [(r["prompt"], r["seed"]) for r in rows if r["scores"]["ShapesArtifact"] < -0.2]
+    both = [key for key in failing if key in low]
+    for criteria, expected in (({"mask_area_above": 0.0}, failing), ({"head": "ShapesArtifact", "score_below": -0.2}, low),
+                               ({"head": "ShapesArtifact", "score_below": -0.2, "mask_area_above": 0.0}, both)):
+        data = PromptDataModule(train_file=str(prompts), seeds_per_prompt=2, filter=ScanFilter(str(out), **criteria))
+        data.setup("fit")
+        assert [(i["prompt"], i["seed"]) for i in data.items["train"]] == expected and expected, criteria
+        assert "val" not in data.items  # filtered_out: drop
+    data = PromptDataModule(train_file=str(prompts), val_file=str(prompts), seeds_per_prompt=2,
+                            filter=ScanFilter(str(out), mask_area_above=0.0, filtered_out="validate"))
+    data.setup("fit")
+    rest = [i for i in data.items["val"] if i.get("category") == FILTERED_OUT]
+    assert len(data.items["val"]) == 8 + len(rest) and {(i["prompt"], i["seed"]) for i in rest} == {
+        (r["prompt"], r["seed"]) for r in rows} - set(failing)
+
+
+def test_filter_is_a_config_key_of_fit(scanned, tmp_path, capsys):
+    prompts, out, _ = scanned
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.filter.scan", str(out),
+              "--data.filter.mask_area_above", "0.01", "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"scan: {out}" in printed and "mask_area_above: 0.01" in printed and "filtered_out: drop" in printed
+
+
+@pytest.mark.parametrize("criteria, expected", [
+    ({"head": "ShapesSafety", "score_below": 0.0}, "data.filter.head: no head 'ShapesSafety' in"),
+    ({"score_below": 0.0}, "data.filter.head: score_below reads the score of one reward head"),
+    ({}, "data.filter: set score_below and/or mask_area_above"),
+    ({"mask_area_above": 1.5}, "data.filter.mask_area_above must be a fraction of the pixels in [0, 1), got 1.5"),
+    ({"mask_area_above": 0.99}, "data.filter: none of the 8 training items meets the criteria"),
+])
+def test_bad_filters_are_one_line_naming_the_key(scanned, criteria, expected):
+    prompts, out, _ = scanned
+    with pytest.raises(ValueError) as error:
+        data = PromptDataModule(train_file=str(prompts), seeds_per_prompt=2, filter=ScanFilter(str(out), **criteria))
+        data.setup("fit")
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_filter_needs_the_scan_of_this_train_file(scanned, tmp_path, config):
+    prompts, out, _ = scanned
+    three_seeds = PromptDataModule(train_file=str(prompts), seeds_per_prompt=3, filter=ScanFilter(str(out), mask_area_above=0.0))
+    with pytest.raises(ValueError, match=r"data.filter.scan: .* has no row for 4 of the 12 training items"):
+        three_seeds.setup("fit")
+    missing = tmp_path / "missing.jsonl"  # through the CLI: one line naming the key
+    message = fail(["fit", "--config", str(config), "--data.filter.scan", str(missing), "--data.filter.mask_area_above=0"])
+    assert f"data.filter.scan: {missing}: scan file not found" in message
+
+
+def test_bad_scan_input_is_one_line(scanned, tmp_path):
+    prompts, out, _ = scanned
+    message = fail(scan_args(tmp_path / "none.jsonl", tmp_path / "s.jsonl"))
+    assert "none.jsonl: prompt file not found" in message
+    assert "--out: the scan file to write is required" in fail(["scan", "--config", str(ROOT / "configs/artifacts.yaml")])
+    assert "--batch_size must be >= 1, got 0" in fail(scan_args(prompts, tmp_path / "s.jsonl", "--batch_size=0"))
+    assert "--model.lamda: unknown key; did you mean --model.lam?" in fail(scan_args(prompts, tmp_path / "s.jsonl",
+                                                                                   "--model.lamda=1"))
+    other_heads = tmp_path / "other.jsonl"
+    other_heads.write_text(out.read_text().replace('"ShapesArtifact"', '"ShapesSafety"'))
+    assert "its rows score the heads ShapesSafety, this config's are ShapesArtifact" in fail(
+        scan_args(prompts, other_heads, "--data.seeds_per_prompt=3"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a red circle"}\n')
+    assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
+
+
+@pytest.mark.slow  # two processes load the model and join a gloo group: ~50 s on the shared 2-core CPU
+def test_two_processes_scan_each_item_once_with_the_single_process_rows(scanned, tmp_path):
+    prompts, _, rows = scanned
+    shutil.copy(prompts, tmp_path / "prompts.jsonl")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    args = scan_args(tmp_path / "prompts.jsonl", tmp_path / "ddp.jsonl", "--data.seeds_per_prompt=2", "--batch_size=3",
+                     "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu")
+    done = subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = sorted(read_rows(tmp_path / "ddp.jsonl"), key=lambda r: [(x["prompt"], x["seed"]) for x in rows].index(
+        (r["prompt"], r["seed"])))  # rows land in the order the processes finish them
+    assert_same_rows(two, rows)
+    assert len({json.dumps([r["prompt"], r["seed"]]) for r in two}) == len(two) == 8
+
+
+def test_a_row_appended_after_a_torn_line_cuts_it_off(tmp_path):
+    """A process killed while writing leaves a torn line; the next append (another process) must not glue onto it."""
+    row = {"prompt": "a red circle", "seed": 1, "scores": {"H": 0.5}, "mask_area": {"H": 0.0}, "union_mask_area": 0.0}
+    out = tmp_path / "scan.jsonl"
+    append_rows(out, [row])
+    out.write_bytes(out.read_bytes() + b'{"prompt": "a blue squ')
+    append_rows(out, [row | {"seed": 3}])
+    assert [r["seed"] for r in read_rows(out)] == [1, 3]  # the torn item has no row: a resumed scan redoes it
