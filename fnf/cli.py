@@ -1,7 +1,7 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
 (and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
 ``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py;
-``fnf preview --config ...``, see fnf/preview.py).
+``fnf preview --config ...``, see fnf/preview.py; ``fnf scan --config ... --out F``, see fnf/scan.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
 here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
@@ -131,6 +131,10 @@ def main(args: list[str] | None = None) -> None:
             from fnf.preview import main as preview
 
             return preview(argv[1:])
+        if argv[:1] == ["scan"]:  # base-model scores and mask areas per prompt, for data.filter
+            from fnf.scan import main as scan
+
+            return scan(argv[1:])
         if argv[:1] == ["rahf-train"]:  # training of the RAHF reward model: its own LightningCLI
             from fnf.rahf.cli import main as rahf_train
 
