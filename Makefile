@@ -7,7 +7,7 @@ VENV := .venv
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,nudenet]'
+	$(VENV)/bin/pip install -q -e '.[test,nudenet,loggers]'
 	touch $@
 
 .PHONY: demo test

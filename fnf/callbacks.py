@@ -1,4 +1,4 @@
-"""What a run leaves behind: TensorBoard image grids, the exported LoRA, PNGs from ``fnf predict``."""
+"""What a run leaves behind: image grids in every configured logger, the exported LoRA, PNGs from ``fnf predict``."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ from pathlib import Path
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from fnf.checkpoint_io import check_writable
 from fnf.export import lora_state_dict, save_lora
+from fnf.image_logging import log_image
 
 
 class ImageGridLogger(Callback):
-    """Every ``every_n_steps`` training steps: rows of base | tuned | mask overlay | |difference| ×4."""
+    """Every ``every_n_steps`` training steps: rows of base | tuned | mask overlay | |difference| ×4, to every
+    logger of the run (TensorBoard, W&B, MLflow; PNG files beside the metrics for CSV and other loggers)."""
 
     def __init__(self, every_n_steps: int = 50, max_images: int = 4) -> None:
-        """Log image grids to TensorBoard during fit.
+        """Log image grids to the run's loggers during fit.
 
         Args:
             every_n_steps: log every this many optimizer steps.
@@ -29,17 +30,17 @@ class ImageGridLogger(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        if not outputs or trainer.global_step % self.every_n_steps or not isinstance(trainer.logger, TensorBoardLogger):
+        if not outputs or trainer.global_step % self.every_n_steps or not trainer.loggers:
             return
         tuned = outputs["tuned"][: self.max_images].float().cpu()
         if "base" not in outputs:  # model.train_base: if_needed skipped I0 (plain DRaFT)
-            trainer.logger.experiment.add_image("train/tuned", make_grid(tuned, nrow=len(tuned)), trainer.global_step)
+            log_image(trainer, "train/tuned", make_grid(tuned, nrow=len(tuned)), trainer.global_step)
             return
         base, mask = (outputs[k][: self.max_images].float().cpu() for k in ("base", "mask"))
         overlay = base * (1 - 0.5 * mask) + 0.5 * mask * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
         difference = ((tuned - base).abs() * 4).clamp(0, 1)
         rows = torch.stack([base, tuned, overlay, difference], dim=1).flatten(0, 1)  # (n, 4, 3, H, W) -> (4n, 3, H, W)
-        trainer.logger.experiment.add_image("train/base|tuned|mask|diff", make_grid(rows, nrow=4), trainer.global_step)
+        log_image(trainer, "train/base|tuned|mask|diff", make_grid(rows, nrow=4), trainer.global_step)
 
 
 class LoraExporter(Callback):

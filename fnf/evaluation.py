@@ -16,7 +16,8 @@ compares the two models on identical starting noise:
   ``pair_judges`` (``update(base, tuned, prompts)``: e.g. whether the tuned image repaired the base's defect).
 
 Every metric is a torchmetrics object, so values are exact under DDP. At the end of the stage, global
-rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it.
+rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it, and logs the table (and in
+test the sample rows) to every logger of the run (fnf/image_logging.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from fnf.image_logging import log_image, log_table
 from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
 from fnf.rewards.base import RewardHead
@@ -54,14 +56,20 @@ class ReferenceMask:
     """Heatmap -> mask (threshold, dilation); the empty-mask policy does not apply."""
 
 
+def sample_row(sample: dict) -> Tensor:
+    """(3, H + 2, 5W + 6): base | tuned | heatmap | mask | |tuned − base|×4 with 1-pixel padding."""
+    base, tuned, heatmap, mask = sample["images"]
+    difference = ((tuned - base).abs() * 4).clamp(0, 1)
+    return make_grid(torch.stack([base, tuned, heatmap, mask, difference]), nrow=5, padding=1)
+
+
 def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> None:
-    """``NNN.png`` rows of base | tuned | heatmap | mask | |tuned − base|×4 and ``samples.json`` with their numbers."""
+    """``NNN.png`` rows (``sample_row``) and ``samples.json`` with their numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     index = []
     for n, sample in enumerate(samples):
-        base, tuned, heatmap, mask = sample["images"]
-        difference = ((tuned - base).abs() * 4).clamp(0, 1)
-        save_image(torch.stack([base, tuned, heatmap, mask, difference]), folder / f"{n:03d}.png", nrow=5, padding=1)
+        base, tuned = sample["images"][:2]
+        save_image(sample_row(sample), folder / f"{n:03d}.png")
         index.append({"image": f"{n:03d}.png", "prompt": sample["prompt"], "seed": sample["seed"],
                       "mean_abs_change": float((tuned - base).abs().mean()),
                       **{f"reward_base/{h}": b for h, b in zip(head_names, sample["reward_base"])},
@@ -183,12 +191,16 @@ class Evaluation(Callback):
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
         if stage == "test" and trainer.is_global_zero:
             write_samples(self.samples, [h.name for h in pl_module.heads], folder / "test_samples")
+            for n, sample in enumerate(self.samples):  # and to the run's loggers (W&B, MLflow, ...)
+                log_image(trainer, f"test_samples/{n:03d}", sample_row(sample), trainer.global_step)
         self.samples = []
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
             rows = "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items()))
             (folder / f"{stage}_metrics.md").write_text(MASKS_NOTE + "| metric | value |\n|---|---|\n" + rows)
+            log_table(trainer, f"{stage}_metrics", ["metric", "value"], [[k, v] for k, v in sorted(values.items())],
+                      trainer.global_step)
 
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         """Create every group up front, in the same order on every rank (metric syncs must match under DDP)."""

@@ -1,4 +1,4 @@
-"""Run outputs: TensorBoard image grids during fit."""
+"""Run outputs: TensorBoard image grids during fit (every other logger: tests/test_loggers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fnf.callbacks import ImageGridLogger
 
 class _Trainer:
     def __init__(self, logger, step):
-        self.logger, self.global_step = logger, step
+        self.loggers, self.global_step, self.is_global_zero = [logger], step, True
 
 
 def test_image_grid_logger_writes_base_tuned_mask_difference_rows(tmp_path):
