@@ -116,7 +116,7 @@ def render_html(preview: Preview, numbers: dict) -> str:
                 f"empty masks: masks.empty = {args.empty}, so in training {EMPTY_POLICY[args.empty]}.")
     without = [h for h, s in zip(preview.heads, preview.sources) if s == "none"]
     note = f" Heads without a mask (reward only): {', '.join(without)}." if without else ""
-    table = (f"<table><tr><th>head</th><th>mask from</th><th>threshold</th><th>mean area, %</th>"
+    table = (f"<table><tr><th>head</th><th>mask from</th><th>threshold</th><th>mean area, % (empty: 0)</th>"
              f"<th>median area, %</th><th>empty masks</th></tr>{rows}</table>" if groups else
              "<p class='note'>No head has a mask (every reward term has mask: none).</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>fnf preview</title><style>{STYLE}</style>"
