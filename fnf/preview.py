@@ -116,9 +116,11 @@ def preview_items(model: FocusNFix, items: list[dict], thresholds: list[float], 
                       torch.stack([m for m, _, _ in per_threshold]), torch.stack([e for _, e, _ in per_threshold]),
                       per_threshold[0][2]))
     prompts, seeds, images, heatmaps, masks, empty, scores = zip(*parts)
-    return Preview(sum(prompts, []), sum(seeds, []), *(torch.cat(t, dim=d).float().cpu() for t, d in (
-        (images, 0), (heatmaps, 0), (masks, 1), (empty, 1), (scores, 0))), thresholds,
-                   [head.name for head in model.heads], [term.mask for term in model.terms], model.mask_args)
+    return Preview(prompts=sum(prompts, []), seeds=sum(seeds, []), images=torch.cat(images).float().cpu(),
+                   heatmaps=torch.cat(heatmaps).float().cpu(), masks=torch.cat(masks, dim=1).float().cpu(),
+                   empty=torch.cat(empty, dim=1).cpu(), scores=torch.cat(scores).float().cpu(), thresholds=thresholds,
+                   heads=[head.name for head in model.heads], sources=[term.mask for term in model.terms],
+                   mask_args=model.mask_args)
 
 
 def _area_stats(areas: Tensor, empty: Tensor, bins: int = 12) -> dict:

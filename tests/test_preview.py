@@ -92,6 +92,7 @@ def test_the_empty_fraction_reported_is_the_count_of_empty_masks(artifacts):
         is_empty = (preview.masks[k, :, 0].amax(dim=(1, 2)) == 0).tolist()  # per item, from the masks themselves
         empty_masks = sum(is_empty)
         assert stats["empty_per_item"] == is_empty == [a == 0 for a in stats["area_percent"]]
+        assert all(isinstance(flag, bool) for flag in stats["empty_per_item"])
         assert stats["empty"] == empty_masks >= len(CLEAN) and stats["empty_fraction"] == empty_masks / 4
         assert f"threshold {t}: {empty_masks} of 4 empty" in html
 
