@@ -78,7 +78,7 @@ def fit_run(tmp_path_factory) -> Path:
         try:
             _fit(folder, *loggers)
         finally:
-            if "wandb" in sys.modules:
+            if sys.modules.get("wandb") is not None:
                 sys.modules["wandb"].finish()  # a later W&B logger starts its own run
     return folder
 
