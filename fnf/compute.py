@@ -55,7 +55,7 @@ def frozen_dtype(args: ComputeArgs, precision: str) -> torch.dtype:
 
 def apply_compute(model: Text2ImageModel, args: ComputeArgs, trainer: L.Trainer) -> None:
     """Cast the frozen weights of ``model`` (not its trainable LoRA), set the memory layout, compile its UNet."""
-    unet, dtype = model.unet, frozen_dtype(args, trainer.precision)
+    unet, dtype = model.denoiser, frozen_dtype(args, trainer.precision)
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:

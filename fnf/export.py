@@ -1,4 +1,5 @@
-"""The trained LoRA on disk, in diffusers' format: a plain pipeline loads it with ``load_lora_weights``."""
+"""The trained LoRA on disk, in diffusers' format: the family's plain pipeline (StableDiffusionPipeline,
+StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) loads it with ``load_lora_weights``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
@@ -20,10 +20,10 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def lora_state_dict(model: Text2ImageModel) -> dict[str, Tensor]:
-    """The UNet's LoRA weights as whole tensors. Under FSDP2 they are ``DTensor`` shards and this gathers them:
+    """The denoiser's LoRA weights as whole tensors. Under FSDP2 they are ``DTensor`` shards and this gathers them:
     a collective, so every rank must call it."""
     return {name: value.full_tensor() if isinstance(value, DTensor) else value
-            for name, value in model.unet.state_dict().items() if "lora_" in name}
+            for name, value in model.denoiser.state_dict().items() if "lora_" in name}
 
 
 def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dict[str, Tensor] | None = None) -> Path:
@@ -34,13 +34,16 @@ def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dic
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     weights = lora_state_dict(model) if weights is None else weights
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, state_dict=weights))
+    layers = get_peft_model_state_dict(model.denoiser, state_dict=weights)
+    name = model.denoiser_name  # unet_lora_layers / transformer_lora_layers, as the family's pipeline expects
+    if name == "unet":  # UNet LoRA files use diffusers' key names; transformer ones keep peft's (as diffusers' scripts)
+        layers = convert_state_dict_to_diffusers(layers)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            staging, unet_lora_layers=layers, safe_serialization=True, weight_name=WEIGHT_NAME,
-            unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
-        )
+        model.lora_pipeline.save_lora_weights(
+            staging, safe_serialization=True, weight_name=WEIGHT_NAME, **{
+                f"{name}_lora_layers": layers,
+                f"{name}_lora_adapter_metadata": model.denoiser.peft_config["default"].to_dict()})
         os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700; safetensors writes its file 0600
         for written in staging.iterdir():
             os.chmod(written, umask_mode(0o666))
@@ -58,12 +61,12 @@ def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dic
 
 
 def load_lora(model: Text2ImageModel, directory: str | os.PathLike) -> None:
-    """Attach a LoRA written by ``save_lora`` (or any diffusers SD LoRA) to the model's UNet."""
+    """Attach a LoRA written by ``save_lora`` (or any diffusers LoRA of the model's family) to its denoiser."""
     if not (Path(directory) / WEIGHT_NAME).is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHT_NAME} (expected a folder written by fnf fit)")
     try:
-        model.unet.load_lora_adapter(str(directory), prefix="unet", adapter_name="default", weight_name=WEIGHT_NAME,
-                                     use_safetensors=True)
+        model.denoiser.load_lora_adapter(str(directory), prefix=model.denoiser_name, adapter_name="default",
+                                         weight_name=WEIGHT_NAME, use_safetensors=True)
     except Exception as error:  # corrupt file, another model's LoRA (shapes), adapter clash: one line
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ValueError(f"{Path(directory) / WEIGHT_NAME}: cannot load this LoRA: {reason}") from None

@@ -31,7 +31,7 @@ from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import check_reward_output
 from fnf.resume import LoraOnlyCheckpoints
-from fnf.sampling import DDIMSampler, Sample, SamplerArgs, initial_noise
+from fnf.sampling import Sample, SamplerArgs, initial_noise, make_sampler
 from fnf.sharding import ShardedUnet
 
 
@@ -83,9 +83,9 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
             regularizer: fidelity term outside the mask (default PixelFrobenius, the paper's).
             lam: λ, weight of the fidelity term; 0 gives plain DRaFT (global fine-tuning).
             mask_mode: union: one mask M = max_i M_i; per_head: Σ_i λ_i reg(I, I0, 1 − M_i).
-            sampler: DDIM sampling and gradient path (DRaFT, DRaFT-K, DRaFT-LV).
+            sampler: sampling (DDIM or flow-matching Euler) and gradient path (DRaFT, DRaFT-K, DRaFT-LV).
             masks: heatmap/saliency -> mask post-processing and the empty-mask policy.
-            lora: LoRA on the UNet.
+            lora: LoRA on the denoiser (UNet or transformer).
             optimizer: optimizer over the LoRA parameters.
             lr_scheduler: optional learning-rate schedule, stepped every optimizer step.
             nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch.
@@ -106,7 +106,7 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
                                        compute=asdict(compute)))
         self.model = Text2ImageModel.from_pretrained(pretrained)
         self.model.add_lora(lora)
-        self.sampler = DDIMSampler(self.model, sampler)
+        self.sampler = make_sampler(self.model, sampler)
         self.model.latent_shape(self.sampler.resolution)  # fails now, not at the first step, if it does not fit the VAE
         self.terms = rewards
         self.heads = nn.ModuleList([t.head.requires_grad_(False).eval() for t in rewards])

@@ -1,7 +1,8 @@
-"""Load a diffusers text-to-image model, freeze it and put a peft LoRA on its UNet.
+"""Load a diffusers text-to-image model, freeze it and put a peft LoRA on its denoiser (UNet or transformer).
 
-One UNet serves both passes of the FNF step: the base image I0 is sampled with the adapter
-disabled (``adapter_disabled()``), so no second copy of the model is kept in memory.
+One denoiser serves both passes of the FNF step: the base image I0 is sampled with the adapter
+disabled (``adapter_disabled()``), so no second copy of the model is kept in memory. Families (SD1.x/2.x here;
+SDXL, SD3 and FLUX.1 in their own files) differ only in how they load, condition and call the denoiser.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -29,14 +31,15 @@ EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
 
 @dataclass
 class LoraArgs:
-    """LoRA on the UNet (peft); the paper uses rank 64 on the attention projections."""
+    """LoRA on the denoiser (peft); the paper uses rank 64 on the attention projections."""
 
     rank: int = 64
     """LoRA rank r."""
     alpha: float | None = None
     """LoRA alpha (scale = alpha / rank); None means alpha = rank."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that get a LoRA (attention projections by default)."""
+    """Denoiser module names that get a LoRA (attention projections by default; SD3 / FLUX also have the text
+    stream's add_q_proj, add_k_proj, add_v_proj, to_add_out)."""
     dropout: float = 0.0
     """Dropout on the LoRA branch."""
 
@@ -59,12 +62,13 @@ class LoraArgs:
 
 @dataclass
 class TextEmbedding:
-    """What the UNet is conditioned on: per-token hidden states and, for SDXL, the pooled prompt embedding."""
+    """What the denoiser is conditioned on: per-token hidden states and, for SDXL / SD3 / FLUX, a pooled embedding."""
 
     hidden: Tensor
-    """(B, L, D) text-encoder hidden states (SDXL: both encoders' penultimate layers, concatenated)."""
+    """(B, L, D) text-encoder hidden states (SDXL: both encoders' penultimate layers, concatenated; SD3: CLIP and
+    T5 tokens; FLUX: T5 tokens)."""
     pooled: Tensor | None = None
-    """(B, P) SDXL's pooled embedding of its second text encoder; None for SD1.x/2.x."""
+    """(B, P) pooled prompt embedding (SDXL, SD3, FLUX); None for SD1.x/2.x."""
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -103,10 +107,20 @@ def resolve_model_path(pretrained: str | os.PathLike) -> str:
 class Text2ImageModel(nn.Module):
     """The frozen parts of a latent (or pixel-space, ``vae=None``) text-to-image diffusion model."""
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, tokenizer, scheduler: DDIMScheduler,
+    denoiser_name: ClassVar[str] = "unet"
+    """The denoiser's attribute: diffusers' component name, so checkpoint keys (``model.unet.*``) and LoRA exports
+    (``unet.*`` / ``transformer.*``) use the names diffusers uses."""
+    lora_pipeline: ClassVar[type] = StableDiffusionPipeline
+    """The diffusers pipeline whose ``save_lora_weights`` / ``load_lora_weights`` read this family's LoRA files."""
+    guidance: Literal["cfg", "embedded", "none"] = "cfg"
+    """How ``sampler.guidance_scale`` acts: classifier-free guidance, a guidance input of the denoiser (FLUX.1-dev),
+    or not at all (FLUX.1-schnell)."""
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
                  vae: AutoencoderKL | None = None) -> None:
         super().__init__()
-        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        setattr(self, self.denoiser_name, denoiser)
+        self.text_encoder, self.vae = text_encoder, vae
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self._base_rows_off = BaseRowsOff()
         self.requires_grad_(False)
@@ -117,10 +131,21 @@ class Text2ImageModel(nn.Module):
         """Load SD1.x/2.x-layout folders (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or hub ids.
 
         Weights are read from safetensors only; the scheduler is converted to DDIM (eta = 0 later).
-        SDXL-layout folders (``text_encoder_2/``) load as ``fnf.sdxl.SDXLModel``.
+        SDXL-layout folders (``text_encoder_2/``) load as ``fnf.sdxl.SDXLModel``; folders with a ``transformer/``
+        as ``fnf.sd3.SD3Model`` (SD3Transformer2DModel) or ``fnf.flux.FluxModel`` (FluxTransformer2DModel).
         """
         path = resolve_model_path(pretrained)
         index = _read_model_index(str(pretrained), path)
+        if "transformer" in index:  # rectified-flow transformers: their conditioning lives in their own files
+            from fnf.flux import FluxModel
+            from fnf.sd3 import SD3Model
+
+            families = {"SD3Transformer2DModel": SD3Model, "FluxTransformer2DModel": FluxModel}
+            kind = (index["transformer"] or [None, None])[-1]
+            if kind not in families:
+                raise ValueError(f"model.pretrained: {pretrained}: transformer {kind!r} is not supported; "
+                                 f"supported: {sorted(families)}")
+            return families[kind].load(path, index)
         if "text_encoder_2" in index:
             from fnf.sdxl import SDXLModel  # SDXL's extra conditioning lives in its own file
 
@@ -130,38 +155,43 @@ class Text2ImageModel(nn.Module):
                    load_part(path, "tokenizer", AutoTokenizer, weights=False),
                    load_part(path, "scheduler", DDIMScheduler, weights=False), vae)
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network the sampler calls every step (UNet or transformer); the LoRA lives on it."""
+        return getattr(self, self.denoiser_name)
+
     # ---- LoRA -------------------------------------------------------------------------------
     def add_lora(self, args: LoraArgs) -> None:
-        self.unet.add_adapter(args.to_peft())
+        self.denoiser.add_adapter(args.to_peft())
         self.lora_args, self._lora_parameters = args, None
 
     def lora_parameters(self) -> list[nn.Parameter]:
         if getattr(self, "_lora_parameters", None) is None:  # fixed once the adapter exists; asked every step
-            self._lora_parameters = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+            self._lora_parameters = [p for n, p in self.denoiser.named_parameters() if "lora_" in n]
         return self._lora_parameters
 
     def shard(self, mesh: DeviceMesh) -> None:
-        """FSDP2: shard the UNet over ``mesh`` (``fnf.sharding``); its parameters become new ``DTensor`` objects."""
-        shard_unet(self.unet, mesh)
+        """FSDP2: shard the denoiser over ``mesh`` (``fnf.sharding``); its parameters become new ``DTensor`` objects."""
+        shard_unet(self.denoiser, mesh)
         self._lora_parameters = None  # the cached list holds the replaced parameters
 
     @contextmanager
     def adapter_disabled(self):
-        """The base model θ0: the same UNet with its LoRA switched off."""
-        self.unet.disable_adapters()
+        """The base model θ0: the same denoiser with its LoRA switched off."""
+        self.denoiser.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def gradient_free_lora(self, pair: bool, fold: bool):
-        """Context for UNet calls without gradients (``fnf.lora_passes``): ``fold`` runs each LoRA Linear as one
+        """Context for denoiser calls without gradients (``fnf.lora_passes``): ``fold`` runs each LoRA Linear as one
         matmul with W + s·B·A; ``pair`` makes the first half of every batch the base model θ0, the second θ."""
-        return gradient_free_lora(self.unet, self._base_rows_off, pair, fold)
+        return gradient_free_lora(self.denoiser, self._base_rows_off, pair, fold)
 
     # ---- text and image space ----------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
-        """(B,) prompts -> the UNet's conditioning; over-long prompts are truncated (with a warning)."""
+        """(B,) prompts -> the denoiser's conditioning; over-long prompts are truncated (with a warning)."""
         ids = token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
         return TextEmbedding(self.text_encoder(ids)[0])
 
@@ -169,8 +199,10 @@ class Text2ImageModel(nn.Module):
         """The batch-1 conditioning of classifier-free guidance's unconditional branch: the empty prompt."""
         return self.encode_prompts([""])
 
-    def predict_noise(self, latents: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
-        """ε_θ(x_t, t, c) with whatever adapter state the UNet has."""
+    def predict(self, latents: Tensor, t: Tensor, text: TextEmbedding, guidance: float | None = None) -> Tensor:
+        """The denoiser's output at (x_t, t, c) with whatever adapter state it has: ε or v (the scheduler's
+        ``prediction_type``) for UNets, the velocity for flow transformers. ``guidance``: only for
+        ``guidance == "embedded"`` models; ``t``: the scheduler's timestep, a tensor on the denoiser's device."""
         return self.unet(latents, t, encoder_hidden_states=text.hidden).sample
 
     @property
@@ -180,25 +212,33 @@ class Text2ImageModel(nn.Module):
     @property
     def resolution(self) -> int:
         """Native image side in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this (the transformers' patch size)."""
+        return self.denoiser.config.get("patch_size", 1) if self.denoiser_name == "transformer" else 1
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        if resolution % self.vae_scale_factor:
-            raise ValueError(f"model.sampler.resolution={resolution} must be divisible by the VAE factor "
-                             f"{self.vae_scale_factor}")
+        factor = self.vae_scale_factor * self.latent_multiple
+        if resolution % factor:
+            raise ValueError(f"model.sampler.resolution={resolution} must be divisible by {factor} (the VAE factor "
+                             f"{self.vae_scale_factor} × the patch size {self.latent_multiple})")
         side = resolution // self.vae_scale_factor
-        return (self.unet.config.in_channels, side, side)
+        return (self.denoiser.config.in_channels, side, side)
 
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) RGB in [0, 1] (what reward heads see)."""
         if self.vae is not None:
-            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            shift = self.vae.config.get("shift_factor") or 0.0  # SD3 / FLUX VAEs centre their latents
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
         return (latents / 2 + 0.5).clamp(0, 1)
 
 
-def token_ids(tokenizer, prompts: list[str]) -> Tensor:
-    """Padded token ids (B, max_length); prompts over the tokenizer's limit are truncated with a warning."""
-    max_length = tokenizer.model_max_length
+def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> Tensor:
+    """Padded token ids (B, max_length); prompts over the limit (default: the tokenizer's) are truncated with a
+    warning."""
+    max_length = max_length or tokenizer.model_max_length
     for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
         if len(ids) > max_length:
             warnings.warn(f"prompt truncated to {max_length} tokens: {prompt[:60]!r}...", stacklevel=3)

@@ -1,8 +1,10 @@
-"""Differentiable DDIM sampling (eta = 0) with classifier-free guidance: DRaFT, DRaFT-K, DRaFT-LV.
+"""Differentiable deterministic sampling with guidance: DRaFT, DRaFT-K, DRaFT-LV.
 
-Deterministic DDIM matters for Focus-N-Fix: with the same prompt and the same x_T, the base and the
-tuned pass differ only by the LoRA's effect, so ``I - I0`` measures exactly what fine-tuning changed.
-Each step calls diffusers' ``DDIMScheduler.step``; this file only decides where gradients flow.
+Determinism matters for Focus-N-Fix: with the same prompt and the same x_T, the base and the tuned pass differ
+only by the LoRA's effect, so ``I - I0`` measures exactly what fine-tuning changed. Two update rules share one
+chain (``Sampler``): DDIM with eta = 0 (``DDIMSampler``, UNet models: diffusers' ``DDIMScheduler.step``) and the
+flow-matching Euler ODE (``FlowMatchSampler``, SD3 / FLUX: the scheduler's own sigmas and shift). The chain
+decides where gradients flow; the subclasses only say how one step moves x_t.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -26,9 +28,10 @@ class SamplerArgs:
     """How images are sampled and which sampling steps carry gradients (Clark et al., DRaFT, 2024)."""
 
     num_steps: int = 50
-    """DDIM steps (eta = 0)."""
+    """Sampling steps (DDIM with eta = 0, or flow-matching Euler)."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale; 1 disables the unconditional pass."""
+    """Classifier-free guidance scale (1 disables the unconditional pass); FLUX.1-dev: its embedded guidance;
+    FLUX.1-schnell takes none (1)."""
     grad_mode: GradMode = "last_k"
     """Gradient path in training: full (DRaFT), last_k (DRaFT-K), lv (DRaFT-LV), none."""
     k: int = 2
@@ -36,13 +39,13 @@ class SamplerArgs:
     lv_samples: int = 2
     """DRaFT-LV: re-noised samples n per prompt (each one differentiable final step)."""
     unet_input: Literal["pass_grad", "stop_grad"] = "pass_grad"
-    """stop_grad: gradients skip the UNet's input x_t and flow only through the DDIM update, as DRaFT allows."""
+    """stop_grad: gradients skip the denoiser's input x_t and flow only through the update, as DRaFT allows."""
     checkpointing: Literal["per_step", "off"] = "per_step"
     """per_step: recompute each differentiable step (and the decode) in backward to save memory."""
     resolution: int | None = None
     """Image side in pixels; None uses the model's native resolution."""
     fused_base: bool = True
-    """Sample I0 and I together: one UNet call per gradient-free step both take, base rows in the first half of
+    """Sample I0 and I together: one denoiser call per gradient-free step both take, base rows in the first half of
     the batch, tuned rows in the second (exact up to float rounding); false: two separate passes."""
     fold_lora: bool = True
     """Gradient-free steps run each LoRA Linear as one matmul with W + s·B·A, folded once per pass (exact up to
@@ -83,15 +86,37 @@ def to_device(cpu: Tensor, device: torch.device | str) -> Tensor:
     return cpu.to(device)
 
 
-class DDIMSampler:
-    """Runs the denoising chain of ``model`` (with whatever adapter state it currently has)."""
+def make_sampler(model: Text2ImageModel, args: SamplerArgs) -> Sampler:
+    """The sampler the model's scheduler family calls for: flow-matching Euler or DDIM."""
+    if isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchSampler(model, args)
+    return DDIMSampler(model, args)
+
+
+class Sampler:
+    """Runs the denoising chain of ``model`` (with whatever adapter state it currently has).
+
+    Subclasses set ``self.timesteps`` (the denoiser's t per step, on the CPU) and define one step's update
+    (``_update``) and DRaFT-LV's re-noising (``_renoise``)."""
+
+    timesteps: Tensor
 
     def __init__(self, model: Text2ImageModel, args: SamplerArgs) -> None:
         self.model, self.args = model, args
-        # Its own scheduler: set_timesteps on the model's shared one would change every other sampler's steps.
-        self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
-        self.scheduler.set_timesteps(args.num_steps)
-        self._unet_timesteps: dict[torch.device, Tensor] = {}  # the UNet's t, copied to its device once, not per call
+        self.classifier_free = args.guidance_scale > 1 and model.guidance == "cfg"
+        self.embedded_guidance = args.guidance_scale if model.guidance == "embedded" else None
+        if model.guidance == "none" and args.guidance_scale != 1:
+            raise ValueError(f"model.sampler.guidance_scale={args.guidance_scale}: this model takes no guidance "
+                             "(a guidance-distilled model without a guidance input, e.g. FLUX.1-schnell); set 1")
+        self._unet_timesteps: dict[torch.device, Tensor] = {}  # the denoiser's t, copied to its device once
+
+    def _update(self, output: Tensor, i: int, latents: Tensor) -> Tensor:
+        """x_{t_i} -> x_{t_{i+1}} given the denoiser's (guided) output at step i."""
+        raise NotImplementedError
+
+    def _renoise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
+        """x_0 noised to step i's noise level (DRaFT-LV)."""
+        raise NotImplementedError
 
     @property
     def resolution(self) -> int:
@@ -130,7 +155,7 @@ class DDIMSampler:
 
     def _no_grad_steps(self, grad_mode: GradMode) -> int:
         """How many leading steps run without gradients: all but the last K (DRaFT-K), none (DRaFT), all."""
-        steps = len(self.scheduler.timesteps)
+        steps = len(self.timesteps)
         return steps - {"none": 0, "lv": 0, "full": steps, "last_k": self.args.k}[grad_mode]
 
     def _denoise(self, latents: Tensor, condition: TextEmbedding, start: int, stop: int, chains: int = 1) -> Tensor:
@@ -145,47 +170,87 @@ class DDIMSampler:
         """Steps ``start:`` (differentiable unless ``grad_mode`` is none), DRaFT-LV's extra step, then decode."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and grad_mode != "none"):
             condition = self._guided(text, uncond)
-            for i in range(start, len(self.scheduler.timesteps)):
+            for i in range(start, len(self.timesteps)):
                 latents = self._maybe_checkpoint(self._step, latents, i, condition)
             if grad_mode == "lv":
                 latents = self._lower_variance_step(latents.detach(), text, uncond)
             return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
 
     def _guided(self, text: TextEmbedding, uncond: TextEmbedding) -> TextEmbedding:
-        """The UNet's conditioning: [unconditional; prompt] rows for classifier-free guidance, else the prompt."""
-        return TextEmbedding.cat([uncond, text]) if self.args.guidance_scale > 1 else text
+        """The denoiser's conditioning: [unconditional; prompt] rows for classifier-free guidance, else the prompt."""
+        return TextEmbedding.cat([uncond, text]) if self.classifier_free else text
 
     def _lower_variance_step(self, x0: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
         """DRaFT-LV: re-noise x_0 to the last timestep n times and take one differentiable step each."""
-        n, last = self.args.lv_samples, len(self.scheduler.timesteps) - 1
+        n, last = self.args.lv_samples, len(self.timesteps) - 1
         x0 = x0.repeat(n, 1, 1, 1)  # (n·B, C, h, w), sample i of prompt b at i·B + b
-        noisy = self.scheduler.add_noise(x0, torch.randn_like(x0), self.scheduler.timesteps[last].reshape(1))
+        noisy = self._renoise(x0, torch.randn_like(x0), last)
         return self._maybe_checkpoint(self._step, noisy, last, self._guided(text.repeat(n), uncond.repeat(n)))
 
     def _step(self, latents: Tensor, i: int, condition: TextEmbedding, chains: int = 1) -> Tensor:
-        """DDIM (eta = 0) step i, x_t -> x_{t-1}, classifier-free guided when ``condition`` has both halves.
+        """Step i, classifier-free guided when ``condition`` has both halves.
 
-        ``latents`` stacks ``chains`` chains of B rows; with guidance each chain's rows go to the UNet twice, as
-        [unconditional; prompt], chain after chain. The UNet gets t as a tensor on its device; the scheduler
+        ``latents`` stacks ``chains`` chains of B rows; with guidance each chain's rows go to the denoiser twice, as
+        [unconditional; prompt], chain after chain. The denoiser gets t as a tensor on its device; the scheduler
         keeps its CPU copy (its arithmetic on t is host work), so no step waits on the device."""
-        t, unet_t = self.scheduler.timesteps[i], self._timesteps_on(latents.device)[i]
-        unet_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
-        if self.args.guidance_scale > 1:
-            pairs = unet_in.unflatten(0, (chains, 1, -1))  # (chains, 1, B, C, h, w)
+        t = self._timesteps_on(latents.device)[i]
+        model_in = latents.detach() if self.args.unet_input == "stop_grad" else latents
+        if self.classifier_free:
+            pairs = model_in.unflatten(0, (chains, 1, -1))  # (chains, 1, B, C, h, w)
             pairs = pairs.expand(-1, 2, *pairs.shape[2:]).flatten(0, 2)  # (chains·2·B, C, h, w)
-            eps = self.model.predict_noise(pairs, unet_t, condition).unflatten(0, (chains, 2, -1))
-            eps_uncond, eps_text = eps.unbind(1)  # (chains, B, C, h, w) each
-            eps = (eps_uncond + self.args.guidance_scale * (eps_text - eps_uncond)).flatten(0, 1)
+            out = self.model.predict(pairs, t, condition).unflatten(0, (chains, 2, -1))
+            out_uncond, out_text = out.unbind(1)  # (chains, B, C, h, w) each
+            out = (out_uncond + self.args.guidance_scale * (out_text - out_uncond)).flatten(0, 1)
         else:
-            eps = self.model.predict_noise(unet_in, unet_t, condition)
-        return self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+            out = self.model.predict(model_in, t, condition, self.embedded_guidance)
+        return self._update(out, i, latents)
 
     def _timesteps_on(self, device: torch.device) -> Tensor:
         if device not in self._unet_timesteps:
-            self._unet_timesteps[device] = to_device(self.scheduler.timesteps, device)
+            self._unet_timesteps[device] = to_device(self.timesteps, device)
         return self._unet_timesteps[device]
 
     def _maybe_checkpoint(self, fn, *args):
         if self.args.checkpointing == "per_step" and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+
+class DDIMSampler(Sampler):
+    """DDIM with eta = 0 (UNet models): diffusers' ``DDIMScheduler.step``, ε or v prediction as configured."""
+
+    def __init__(self, model: Text2ImageModel, args: SamplerArgs) -> None:
+        super().__init__(model, args)
+        # Its own scheduler: set_timesteps on the model's shared one would change every other sampler's steps.
+        self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        self.scheduler.set_timesteps(args.num_steps)
+        self.timesteps = self.scheduler.timesteps
+
+    def _update(self, output: Tensor, i: int, latents: Tensor) -> Tensor:
+        return self.scheduler.step(output, self.timesteps[i], latents, eta=0.0).prev_sample
+
+    def _renoise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
+        return self.scheduler.add_noise(x0, noise, self.timesteps[i].reshape(1))
+
+
+class FlowMatchSampler(Sampler):
+    """The rectified-flow ODE x_σ = (1 − σ)·x_0 + σ·ε solved with Euler steps (SD3, FLUX.1).
+
+    The sigmas come from the model's ``FlowMatchEulerDiscreteScheduler`` exactly as its diffusers pipeline sets
+    them (shift, resolution-dependent shift); the step is the scheduler's deterministic Euler update
+    x_{σ'} = x_σ + (σ' − σ)·v, written here because the scheduler's ``step`` counts calls (a step index it
+    advances), which per-step checkpointing, DRaFT-LV and the fused base pass would replay out of order."""
+
+    def __init__(self, model: Text2ImageModel, args: SamplerArgs) -> None:
+        super().__init__(model, args)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
+        latent_shape = model.latent_shape(args.resolution or model.resolution)
+        self.scheduler.set_timesteps(args.num_steps, **model.flow_schedule(args.num_steps, latent_shape))
+        self.timesteps = self.scheduler.timesteps  # σ·1000, what SD3 / FLUX transformers are given
+        self.sigmas = self.scheduler.sigmas.tolist()  # N + 1 values ending at 0, Python floats: no device work
+
+    def _update(self, output: Tensor, i: int, latents: Tensor) -> Tensor:
+        return latents + (self.sigmas[i + 1] - self.sigmas[i]) * output
+
+    def _renoise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
+        return (1 - self.sigmas[i]) * x0 + self.sigmas[i] * noise

@@ -9,7 +9,7 @@ FNF step) is shared with SD1.x through ``Text2ImageModel``.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -18,6 +18,8 @@ from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, token_ids
 
 class SDXLModel(Text2ImageModel):
     """A frozen SDXL-layout model (``text_encoder_2/``, ``tokenizer_2/``, ``addition_embed_type: text_time``)."""
+
+    lora_pipeline = StableDiffusionXLPipeline
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module, tokenizer, scheduler: DDIMScheduler,
                  vae: AutoencoderKL, text_encoder_2: nn.Module, tokenizer_2, zero_unconditional: bool = True) -> None:
@@ -52,7 +54,7 @@ class SDXLModel(Text2ImageModel):
             return empty
         return TextEmbedding(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
 
-    def predict_noise(self, latents: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
+    def predict(self, latents: Tensor, t: Tensor, text: TextEmbedding, guidance: float | None = None) -> Tensor:
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         key = (height, width, text.hidden.dtype, latents.device)
         if key not in self._time_ids:

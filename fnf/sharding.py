@@ -1,4 +1,4 @@
-"""FSDP2 for the UNet: ``fully_shard`` its repeated blocks, then the UNet itself, over a data-parallel mesh.
+"""FSDP2 for the denoiser: ``fully_shard`` its repeated blocks, then the whole, over a data-parallel mesh.
 
 Used by ``FocusNFix.configure_model`` under Lightning's ``ModelParallelStrategy`` (FSDP2; it runs on CPU with
 gloo as well as on GPUs). Each block's frozen weights and LoRA weights are one all-gather unit; every rank
@@ -10,15 +10,18 @@ stay whole on every rank.
 from __future__ import annotations
 
 import lightning as L
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from typing_extensions import override
 
-SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
-"""Module types sharded as their own unit (the policy of ``benchmarks/sd15_step.py``'s FSDP1 auto-wrap)."""
+SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D, JointTransformerBlock, FluxTransformerBlock,
+                  FluxSingleTransformerBlock)
+"""Module types sharded as their own unit: the UNets' (the policy of ``benchmarks/sd15_step.py``'s FSDP1 auto-wrap),
+SD3's MMDiT blocks and FLUX's double- and single-stream blocks."""
 
 
 def shard_unet(unet: nn.Module, mesh: DeviceMesh) -> None:

@@ -37,8 +37,10 @@ def build_clip_tokenizer(words: list[str], directory: str | Path, model_max_leng
     return tokenizer
 
 
-def build_t5_like_tokenizer(words: list[str], directory: str | Path) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with T5's special ids (pad 0, ``</s>`` 1 appended, unknown 2), for ``AutoTokenizer``."""
+def build_t5_like_tokenizer(words: list[str], directory: str | Path,
+                            model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with T5's special ids (pad 0, ``</s>`` 1 appended, unknown 2), for ``AutoTokenizer``;
+    ``model_max_length`` None: no limit of its own."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: i + 3 for i, word in enumerate(dict.fromkeys(words))}
@@ -46,6 +48,7 @@ def build_t5_like_tokenizer(words: list[str], directory: str | Path) -> PreTrain
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>")
+                                        unk_token="<unk>", **({} if model_max_length is None else
+                                                              {"model_max_length": model_max_length}))
     tokenizer.save_pretrained(directory)
     return tokenizer

@@ -25,14 +25,14 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from fnf.data import read_prompts
 from fnf.export import load_lora
 from fnf.pipeline import Text2ImageModel
-from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
+from fnf.sampling import SamplerArgs, initial_noise, make_sampler
 from fnf.worlds.shapes.judge import judge, repaired
 
 
 def sample_pair(model: Text2ImageModel, prompts: list[str], seeds: list[int], args: SamplerArgs,
                 batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, tuned) images (N, 3, H, W) from the same x_T; the model must carry the LoRA."""
-    sampler = DDIMSampler(model, args)
+    sampler = make_sampler(model, args)
     shape = model.latent_shape(sampler.resolution)
     base, tuned = [], []
     with torch.no_grad():
