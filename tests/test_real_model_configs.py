@@ -1,5 +1,5 @@
-"""Real-model configs (configs/sd15/*.yaml, configs/sdxl/*.yaml): offline they fail with one clear line; their
-structure runs on tiny random SD1.5- / SDXL-shaped models and a tiny open_clip model."""
+"""Real-model configs (configs/{sd15,sdxl,sd3,flux}/*.yaml): offline they fail with one clear line; their structure
+runs on tiny random SD1.5- / SDXL- / SD3- / FLUX.1-dev-shaped models and a tiny open_clip model."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import pytest
 import yaml
 
 from fnf.cli import main
-from fnf.worlds.random_sd import build_random_sdxl
+from fnf.worlds.random_sd import build_random_flux, build_random_sd3, build_random_sdxl
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-REAL = sorted(CONFIGS.glob("sd15/*.yaml")) + sorted(CONFIGS.glob("sdxl/*.yaml"))
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+REAL = [config for family in FAMILIES for config in sorted(CONFIGS.glob(f"{family}/*.yaml"))]
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory) -> str:
-    return str(build_random_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
+def tiny_family_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    builders = {"sdxl": build_random_sdxl, "sd3": build_random_sd3, "flux": build_random_flux}
+    return {"sd15": tiny_model_dir} | {family: str(build(tmp_path_factory.mktemp(f"tiny-{family}") / "model"))
+                                       for family, build in builders.items()}
 
 
 def _skip_without_extras(config: Path) -> None:
@@ -61,10 +64,10 @@ def test_offline_the_config_fails_with_one_line(config, monkeypatch):
 
 
 @pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_config_structure_runs_on_tiny_stand_ins(config, tiny_model_dir, tiny_sdxl_dir, tiny_clip, tiny_rahf,
-                                                 tiny_rahf_reproduction, tmp_path):
+def test_config_structure_runs_on_tiny_stand_ins(config, tiny_family_dirs, tiny_clip, tiny_rahf, tiny_rahf_reproduction,
+                                                 tmp_path):
     _skip_without_extras(config)
-    model_dir = tiny_sdxl_dir if config.parent.name == "sdxl" else tiny_model_dir
+    model_dir = tiny_family_dirs[config.parent.name]
     data = _swap_models(yaml.safe_load(config.read_text()), model_dir, tiny_clip, tiny_rahf,
                         tiny_rahf_reproduction)
     data["model"]["sampler"] |= {"resolution": 16, "num_steps": 3}
