@@ -35,7 +35,7 @@ from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from fnf.image_logging import log_image, log_table
-from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
+from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
 from fnf.rewards.base import RewardHead
 
@@ -79,14 +79,9 @@ def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> N
 
 def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str]) -> Tensor:
     """(B, 1, H, W) max over the masked reward terms of their heatmap (or saliency) on the base images."""
-    maps = [images.new_zeros(images.shape[0], 1, *images.shape[2:])]
-    for term, head in zip(pl_module.terms, pl_module.heads):
-        if term.mask == "heatmap":
-            maps.append(head(images, prompts).heatmap)
-        elif term.mask == "saliency":
-            heatmap = saliency_heatmap(head, images, prompts, pl_module.mask_args.saliency_sigma)
-            maps.append(clear_clean_images(heatmap, head(images, prompts).score, term.clean_score))
-    return torch.stack(maps).amax(0)
+    heatmaps, _ = pl_module.problem_heatmaps(images, prompts)
+    zeros = images.new_zeros(images.shape[0], 1, *images.shape[2:])
+    return torch.stack([zeros] + [h for h in heatmaps if h is not None]).amax(0)
 
 
 class Evaluation(Callback):

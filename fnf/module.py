@@ -182,8 +182,22 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
 
     def _localise(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Masks M_i(I0), active flags and base scores for every head (the paper's heatmap/saliency path)."""
-        masks, active, scores = [], [], []
+        heatmaps, scores = self.problem_heatmaps(images, prompts)
+        masks, active = [], []
         no_mask = images.new_zeros(images.shape[0], 1, *images.shape[2:])
+        for heatmap in heatmaps:
+            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)
+            empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
+            if self.mask_args.empty == "global":
+                mask = torch.where(empty[:, None, None, None], 1.0, mask)
+            masks.append(mask)
+            active.append(~empty if self.mask_args.empty == "skip" else torch.ones_like(empty))
+        return torch.cat(masks, dim=1), torch.stack(active, 1).float(), scores
+
+    def problem_heatmaps(self, images: Tensor, prompts: list[str]) -> tuple[list[Tensor | None], Tensor]:
+        """Per reward term, the map its mask thresholds (head heatmap or score saliency; None for mask: none), and
+        the scores (B, heads): what ``_localise``, evaluation and ``fnf preview`` all localise with."""
+        heatmaps, scores = [], []
         for term, head in zip(self.terms, self.heads):
             with torch.no_grad():
                 out = check_reward_output(head, head(images, prompts), images)
@@ -196,14 +210,9 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
                 heatmap = clear_clean_images(heatmap, out.score, term.clean_score)
             else:
                 heatmap = None
-            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)
-            empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
-            if self.mask_args.empty == "global":
-                mask = torch.where(empty[:, None, None, None], 1.0, mask)
-            masks.append(mask)
-            active.append(~empty if self.mask_args.empty == "skip" else torch.ones_like(empty))
+            heatmaps.append(heatmap)
             scores.append(out.score)
-        return torch.cat(masks, dim=1), torch.stack(active, 1).float(), torch.stack(scores, 1).detach()
+        return heatmaps, torch.stack(scores, 1).detach()
 
     def _fidelity(self, tuned: Sample, base: BaseReference) -> tuple[Tensor, Tensor]:
         """(mean fidelity term, λ-weighted penalty) for the union mask or per-head masks."""

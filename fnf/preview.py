@@ -23,7 +23,7 @@ from torch import Tensor
 from fnf.cli import FnfCLI
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, parser_error
-from fnf.masks import MaskArgs, clear_clean_images, saliency_heatmap
+from fnf.masks import MaskArgs
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
 from fnf.preview_page import write_page
@@ -73,21 +73,11 @@ def parse_thresholds(text: str | None, default: float) -> list[float]:
     return values
 
 
-# Copied from fnf.evaluation.base_heatmap, per head instead of their maximum (FocusNFix._localise keeps its maps).
 def head_heatmaps(model: FocusNFix, images: Tensor, prompts: list[str]) -> Tensor:
     """(B, heads, H, W) the map each head's mask thresholds (zeros for mask: none), for display."""
-    maps = []
-    for term, head in zip(model.terms, model.heads):
-        heatmap = images.new_zeros(images.shape[0], 1, *images.shape[2:])
-        with torch.no_grad():
-            out = head(images, prompts)
-        if term.mask == "heatmap" and out.heatmap is not None:
-            heatmap = out.heatmap
-        elif term.mask == "saliency":
-            heatmap = saliency_heatmap(head, images, prompts, model.mask_args.saliency_sigma)
-            heatmap = clear_clean_images(heatmap, out.score, term.clean_score)
-        maps.append(heatmap)
-    return torch.cat(maps, dim=1).detach()
+    heatmaps, _ = model.problem_heatmaps(images, prompts)
+    zeros = images.new_zeros(images.shape[0], 1, *images.shape[2:])
+    return torch.cat([zeros if h is None else h for h in heatmaps], dim=1).detach()
 
 
 def masks_at(model: FocusNFix, images: Tensor, prompts: list[str], args: MaskArgs) -> tuple[Tensor, Tensor, Tensor]:
