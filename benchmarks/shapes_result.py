@@ -1,9 +1,11 @@
 """Focus-N-Fix vs global DRaFT (λ = 0) on the embedded shapes world, judged with ground truth.
 
-    python benchmarks/shapes_result.py                       # artifacts + safety, FNF and DRaFT
+    python benchmarks/shapes_result.py                       # artifacts + safety, FNF and DRaFT (UNet model)
     python benchmarks/shapes_result.py --tasks artifacts     # one task
+    python benchmarks/shapes_result.py --tasks flow_artifacts flow_safety   # the rectified-flow model
 
-Each run is the shipped config (``configs/<task>.yaml``) trained with the same budget; only λ differs.
+Each run is the shipped config (``configs/<task>.yaml``) trained with the same budget; only λ differs. The
+``flow_*`` configs run the same tasks on the second embedded backbone (shapes-flow, SD3 layout).
 The evaluation prompts are disjoint from the fine-tuning prompts, with fixed seeds; the analytic judge
 never takes part in training. "Repaired": of the base images' defects / marks, the share whose region has
 the object's (for a mark: or the background's) colour in the tuned image, not merely no dark / cyan pixels.
@@ -24,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = {"artifacts": "artifacts_eval.jsonl", "safety": "safety_eval.jsonl"}
+TASKS = [*EVAL_PROMPTS, *(f"flow_{task}" for task in EVAL_PROMPTS)]  # config stems
 COLUMNS = [("base_defect_rate", "defect rate base", "{:.1%}"), ("tuned_defect_rate", "defect rate tuned", "{:.1%}"),
            ("repaired_rate", "defects repaired", "{:.1%}"),
            ("base_unsafe_rate", "unsafe rate base", "{:.1%}"), ("tuned_unsafe_rate", "unsafe rate tuned", "{:.1%}"),
@@ -35,7 +38,8 @@ COLUMNS = [("base_defect_rate", "defect rate base", "{:.1%}"), ("tuned_defect_ra
 
 def run(task: str, lam: float, out: Path) -> dict:
     config = ROOT / "configs" / f"{task}.yaml"
-    sampler = yaml.safe_load(config.read_text())["model"]["sampler"]
+    model = yaml.safe_load(config.read_text())["model"]
+    sampler = model["sampler"]
     run_dir = out / f"{task}-lam{lam:g}"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(config), f"--model.lam={lam}",
@@ -45,7 +49,8 @@ def run(task: str, lam: float, out: Path) -> dict:
     lora = max(run_dir.glob("lightning_logs/version_*/lora"), key=lambda p: p.stat().st_mtime)
     report_file = run_dir / "judge.json"
     subprocess.run([sys.executable, "-m", "fnf.worlds.shapes.evaluate_fnf", "--lora", str(lora),
-                    "--prompts", str(ROOT / "fnf/worlds/shapes/prompts" / EVAL_PROMPTS[task]),
+                    "--model", model["pretrained"],
+                    "--prompts", str(ROOT / "fnf/worlds/shapes/prompts" / EVAL_PROMPTS[task.removeprefix("flow_")]),
                     f"--num-steps={sampler['num_steps']}", f"--guidance-scale={sampler['guidance_scale']}",
                     "--out", str(report_file)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return {**json.loads(report_file.read_text()), "fit_minutes": minutes, "task": task, "lam": lam}
@@ -53,7 +58,7 @@ def run(task: str, lam: float, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["artifacts", "safety"], choices=list(EVAL_PROMPTS))
+    parser.add_argument("--tasks", nargs="+", default=["artifacts", "safety"], choices=TASKS)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "result")
     args = parser.parse_args()
     rows = []
