@@ -1,7 +1,8 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
 (and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
 ``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py;
-``fnf preview --config ...``, see fnf/preview.py; ``fnf scan --config ... --out F``, see fnf/scan.py).
+``fnf preview --config ...``, see fnf/preview.py; ``fnf scan --config ... --out F``, see fnf/scan.py;
+``fnf export --ckpt_path C --format diffusers|kohya|fused``, see fnf/export_formats.py).
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
 here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
@@ -127,6 +128,10 @@ def main(args: list[str] | None = None) -> None:
             from fnf.report import main as report
 
             return report(argv[1:])
+        if argv[:1] == ["export"]:  # a run's LoRA as diffusers / kohya (ComfyUI, A1111) files or a fused model
+            from fnf.export_formats import main as export
+
+            return export(argv[1:])
         if argv[:1] == ["preview"]:  # the masks training would use, on base images, before training
             from fnf.preview import main as preview
 

@@ -1,15 +1,21 @@
 """The trained LoRA on disk, in diffusers' format: the family's plain pipeline (StableDiffusionPipeline,
-StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) loads it with ``load_lora_weights``."""
+StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) loads it with ``load_lora_weights``. Folders are
+written whole or not at all (``atomic_folder``); other formats (kohya, fused): fnf/export_formats.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -26,47 +32,74 @@ def lora_state_dict(model: Text2ImageModel) -> dict[str, Tensor]:
             for name, value in model.denoiser.state_dict().items() if "lora_" in name}
 
 
-def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dict[str, Tensor] | None = None) -> Path:
-    """Write ``WEIGHT_NAME`` (diffusers format) atomically into ``directory``.
-
-    ``weights``: ``lora_state_dict(model)``, gathered on every rank when the UNet is sharded; None: read them here.
-    """
+@contextmanager
+def atomic_folder(directory: str | os.PathLike, probe: str):
+    """Yield a staging folder beside ``directory``; on success it replaces ``directory`` whole, so readers see the
+    old folder or the new one, never half of one. A failed write on a full file system becomes ENOSPC naming
+    ``directory / probe`` (torch and safetensors lose the errno); the staging folder never stays behind."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    weights = lora_state_dict(model) if weights is None else weights
-    layers = get_peft_model_state_dict(model.denoiser, state_dict=weights)
-    name = model.denoiser_name  # unet_lora_layers / transformer_lora_layers, as the family's pipeline expects
-    if name == "unet":  # UNet LoRA files use diffusers' key names; transformer ones keep peft's (as diffusers' scripts)
-        layers = convert_state_dict_to_diffusers(layers)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    retired = staging.with_name(staging.name + ".old")
     try:
-        model.lora_pipeline.save_lora_weights(
-            staging, safe_serialization=True, weight_name=WEIGHT_NAME, **{
-                f"{name}_lora_layers": layers,
-                f"{name}_lora_adapter_metadata": model.denoiser.peft_config["default"].to_dict()})
-        os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700; safetensors writes its file 0600
-        for written in staging.iterdir():
-            os.chmod(written, umask_mode(0o666))
+        yield staging
+        for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team
+            os.chmod(written, umask_mode(0o777 if written.is_dir() else 0o666))
         if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)  # readers see the old export or the new one, never half of one
+            os.replace(directory, retired)  # a folder cannot be replaced while it holds files: move it aside first
+        os.replace(staging, directory)
     except Exception as error:
-        full = disk_full(directory / WEIGHT_NAME)
+        full = disk_full(directory / probe)
         if full is None:
             raise
         raise full from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return directory
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def diffusers_lora_layers(model: Text2ImageModel, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The denoiser's LoRA under peft's key names (``<module>.lora_A.weight``), no component prefix.
+
+    Not diffusers' ``convert_state_dict_to_diffusers``: it renames only attention projections, and diffusers'
+    loader converts a file by its first key alone, so a file whose first key is a ResNet conv (SDXL, the shapes
+    world: their first down block has no attention) loaded without its attention LoRA. One naming loads whole."""
+    weights = lora_state_dict(model) if weights is None else weights
+    return get_peft_model_state_dict(model.denoiser, state_dict=weights)
+
+
+def write_lora(model: Text2ImageModel, folder: Path, weights: dict[str, Tensor] | None = None) -> None:
+    """Write ``WEIGHT_NAME`` (diffusers format) into the existing ``folder``, not atomically: see ``save_lora``."""
+    name = model.denoiser_name  # unet_lora_layers / transformer_lora_layers, as the family's pipeline expects
+    model.lora_pipeline.save_lora_weights(
+        folder, safe_serialization=True, weight_name=WEIGHT_NAME, **{
+            f"{name}_lora_layers": diffusers_lora_layers(model, weights),
+            f"{name}_lora_adapter_metadata": model.denoiser.peft_config["default"].to_dict()})
+
+
+def save_lora(model: Text2ImageModel, directory: str | os.PathLike, weights: dict[str, Tensor] | None = None) -> Path:
+    """Write ``WEIGHT_NAME`` (diffusers format) atomically into ``directory``.
+
+    ``weights``: ``lora_state_dict(model)``, gathered on every rank when the UNet is sharded; None: read them here.
+    """
+    with atomic_folder(directory, WEIGHT_NAME) as staging:
+        write_lora(model, staging, weights)
+    return Path(directory)
 
 
 def load_lora(model: Text2ImageModel, directory: str | os.PathLike) -> None:
-    """Attach a LoRA written by ``save_lora`` (or any diffusers LoRA of the model's family) to its denoiser."""
-    if not (Path(directory) / WEIGHT_NAME).is_file():
+    """Attach a LoRA written by ``save_lora`` (or any diffusers LoRA of the model's family) to its denoiser.
+
+    Keys are put in peft's names first: files fnf wrote before ``diffusers_lora_layers`` used one naming mix
+    diffusers' attention names with peft's conv names, and diffusers would drop one kind of them."""
+    file = Path(directory) / WEIGHT_NAME
+    if not file.is_file():
         raise FileNotFoundError(f"{directory}: no {WEIGHT_NAME} (expected a folder written by fnf fit)")
     try:
-        model.denoiser.load_lora_adapter(str(directory), prefix=model.denoiser_name, adapter_name="default",
-                                         weight_name=WEIGHT_NAME, use_safetensors=True)
+        with safe_open(str(file), framework="pt") as opened:
+            metadata = (opened.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+        model.denoiser.load_lora_adapter(convert_unet_state_dict_to_peft(load_file(file)), prefix=model.denoiser_name,
+                                         adapter_name="default", metadata=metadata and json.loads(metadata))
     except Exception as error:  # corrupt file, another model's LoRA (shapes), adapter clash: one line
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{Path(directory) / WEIGHT_NAME}: cannot load this LoRA: {reason}") from None
+        raise ValueError(f"{file}: cannot load this LoRA: {reason}") from None
