@@ -1,8 +1,8 @@
 """Bad input ends in one line on stderr: ``fnf: error: <key or file>: <what is expected>``, exit code 1.
 
 Every command (``fnf fit|validate|test|predict``, ``fnf rahf-train``) runs inside ``one_line_errors``. Errors
-fnf raises on purpose (ValueError, OSError, TypeError, FloatingPointError) already name the key or file; others
-(a bug, a library failing deep inside) get their type and a hint. ``FNF_DEBUG=1`` lets every error through with
+fnf raises on purpose (ValueError, OSError, FloatingPointError) already name the key or file; others (a bug, a
+library failing deep inside, a plugin breaking the reward contract) get their type and a hint. ``FNF_DEBUG=1`` lets every error through with
 its full traceback.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 DEBUG_VARIABLE = "FNF_DEBUG"
-EXPECTED = (ValueError, OSError, TypeError, FloatingPointError)  # raised with a message written for the user
+EXPECTED = (ValueError, OSError, FloatingPointError)  # raised with a message written for the user
 JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a",
                          "Given value", "Not a valid subclass", "Subclass types expect", "a class path", "a dict ")
 

@@ -220,10 +220,10 @@ class Text2ImageModel(nn.Module):
         return self.denoiser.config.get("patch_size", 1) if self.denoiser_name == "transformer" else 1
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.vae_scale_factor * self.latent_multiple
-        if resolution % factor:
-            raise ValueError(f"model.sampler.resolution={resolution} must be divisible by {factor} (the VAE factor "
-                             f"{self.vae_scale_factor} × the patch size {self.latent_multiple})")
+        if resolution % (self.vae_scale_factor * self.latent_multiple):
+            patch = f" × the patch size {self.latent_multiple}" if self.latent_multiple > 1 else ""
+            raise ValueError(f"model.sampler.resolution={resolution} must be divisible by the VAE factor "
+                             f"{self.vae_scale_factor}{patch}")
         side = resolution // self.vae_scale_factor
         return (self.denoiser.config.in_channels, side, side)
 
