@@ -235,7 +235,10 @@ def _count_base_passes(module: FocusNFix) -> list[int]:
 def test_plain_draft_can_skip_the_base_pass_and_trains_exactly_the_same(tiny_model_dir, tmp_path):
     lora, passes = {}, {}
     for train_base in ("always", "if_needed"):
-        module = _module(tiny_model_dir, 0.0, train_base=train_base)
+        # Separate passes: a fused base pass changes the tuned rows' batch, hence their float rounding (by ~1e-6
+        # after 3 Adam steps, depending on the thread count), not what they compute.
+        module = _module(tiny_model_dir, 0.0, train_base=train_base,
+                         sampler=SamplerArgs(num_steps=4, k=2, guidance_scale=2.0, fused_base=False))
         passes[train_base] = _count_base_passes(module)
         _trainer(tmp_path, steps=3).fit(module, _loader())
         lora[train_base] = [p.detach().clone() for p in module.model.lora_parameters()]
