@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -122,8 +121,9 @@ class ScanCLI(FnfCLI):
 
     @override
     def parse_arguments(self, parser, args) -> None:
+        """One parser, no subcommands (and no LightningCLI warning that sys.argv holds more: ``scan``)."""
         try:
-            LightningCLI.parse_arguments(self, parser, args)  # one parser, no subcommands
+            self.config = parser.parse_args(args)
         except ArgumentError as error:
             raise ValueError(parser_error(error, list(parser.get_defaults().keys()))) from None
 
@@ -132,6 +132,8 @@ class ScanCLI(FnfCLI):
         """The scan's own options, checked before the model loads."""
         if not self.config.out:
             raise ValueError("--out: the scan file to write is required (JSON lines, appended to)")
+        if not self.config.data.train_file:
+            raise ValueError("data.train_file: the prompt file to scan is required")
         if self.config.batch_size is not None and self.config.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.config.batch_size}")
 
@@ -157,12 +159,11 @@ def main(args: list[str]) -> None:
     load_reward_plugins()
     check_config_files(args)
     cli = ScanCLI(PromptScanner, PromptDataModule, args=args, run=False, save_config_callback=None,
-                  parser_kwargs={"exit_on_error": False, "parser_mode": "omegaconf",
+                  auto_configure_optimizers=False,  # nothing is optimised
+                  parser_kwargs={"exit_on_error": False, "parser_mode": "omegaconf", "prog": "fnf scan",
                                  "description": __doc__.splitlines()[0]},
                   trainer_defaults={"logger": False, "enable_checkpointing": False})
     data, out = cli.datamodule, Path(cli.config.out)
-    if not data.train_file:
-        raise ValueError("data.train_file: the prompt file to scan is required")
     heads = [head.name for head in cli.model.heads]
     if len(set(heads)) < len(heads):
         raise ValueError(f"model.rewards: a scan names its columns by head; these repeat a name: {', '.join(heads)}")

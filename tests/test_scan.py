@@ -85,9 +85,11 @@ def test_one_row_per_item_with_the_base_images_scores_and_mask_areas(scanned):
     assert 0 < sum(a > 0 for a in areas) < len(rows)  # flawed and clean base images: the filter tests mean something
 
 
-def test_rows_do_not_depend_on_the_batch_size(scanned, tmp_path):
+def test_rows_do_not_depend_on_the_batch_size_or_the_empty_mask_policy(scanned, tmp_path):
+    """Areas say where I0 is wrong: masks.empty=global (a clean image's mask = the whole image) must not move them."""
     prompts, _, rows = scanned
-    assert_same_rows(scan(prompts, tmp_path / "one.jsonl", "--data.seeds_per_prompt=2", "--batch_size=1"), rows)
+    assert_same_rows(scan(prompts, tmp_path / "one.jsonl", "--data.seeds_per_prompt=2", "--batch_size=1",
+                          "--model.masks.empty=global"), rows)
 
 
 def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path, capsys):
@@ -113,7 +115,8 @@ def test_filter_trains_on_exactly_the_items_meeting_the_criteria(scanned):
     failing = [(r["prompt"], r["seed"]) for r in rows if r["mask_area"]["ShapesArtifact"] > 0]
     low = [(r["prompt"], r["seed"]) for r in rows if r["scores"]["ShapesArtifact"] < -0.2]
     both = [key for key in failing if key in low]
-    for criteria, expected in (({"mask_area_above": 0.0}, failing), ({"head": "ShapesArtifact", "score_below": -0.2}, low),
+    for criteria, expected in (({"mask_area_above": 0.0}, failing),
+                               ({"head": "ShapesArtifact", "score_below": -0.2}, low),
                                ({"head": "ShapesArtifact", "score_below": -0.2, "mask_area_above": 0.0}, both)):
         data = PromptDataModule(train_file=str(prompts), seeds_per_prompt=2, filter=ScanFilter(str(out), **criteria))
         data.setup("fit")
@@ -153,11 +156,13 @@ def test_bad_filters_are_one_line_naming_the_key(scanned, criteria, expected):
 
 def test_filter_needs_the_scan_of_this_train_file(scanned, tmp_path, config):
     prompts, out, _ = scanned
-    three_seeds = PromptDataModule(train_file=str(prompts), seeds_per_prompt=3, filter=ScanFilter(str(out), mask_area_above=0.0))
+    three_seeds = PromptDataModule(train_file=str(prompts), seeds_per_prompt=3,
+                                   filter=ScanFilter(str(out), mask_area_above=0.0))
     with pytest.raises(ValueError, match=r"data.filter.scan: .* has no row for 4 of the 12 training items"):
         three_seeds.setup("fit")
     missing = tmp_path / "missing.jsonl"  # through the CLI: one line naming the key
-    message = fail(["fit", "--config", str(config), "--data.filter.scan", str(missing), "--data.filter.mask_area_above=0"])
+    message = fail(["fit", "--config", str(config), "--data.filter.scan", str(missing),
+                    "--data.filter.mask_area_above=0"])
     assert f"data.filter.scan: {missing}: scan file not found" in message
 
 
@@ -165,7 +170,10 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     prompts, out, _ = scanned
     message = fail(scan_args(tmp_path / "none.jsonl", tmp_path / "s.jsonl"))
     assert "none.jsonl: prompt file not found" in message
-    assert "--out: the scan file to write is required" in fail(["scan", "--config", str(ROOT / "configs/artifacts.yaml")])
+    no_train_file = ["scan", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file=null", "--out=s.jsonl"]
+    assert "data.train_file: the prompt file to scan is required" in fail(no_train_file)
+    no_out = ["scan", "--config", str(ROOT / "configs/artifacts.yaml")]
+    assert "--out: the scan file to write is required" in fail(no_out)
     assert "--batch_size must be >= 1, got 0" in fail(scan_args(prompts, tmp_path / "s.jsonl", "--batch_size=0"))
     assert "--model.lamda: unknown key; did you mean --model.lam?" in fail(scan_args(prompts, tmp_path / "s.jsonl",
                                                                                    "--model.lamda=1"))
@@ -185,7 +193,8 @@ def test_two_processes_scan_each_item_once_with_the_single_process_rows(scanned,
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     args = scan_args(tmp_path / "prompts.jsonl", tmp_path / "ddp.jsonl", "--data.seeds_per_prompt=2", "--batch_size=3",
                      "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu")
-    done = subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = sorted(read_rows(tmp_path / "ddp.jsonl"), key=lambda r: [(x["prompt"], x["seed"]) for x in rows].index(
         (r["prompt"], r["seed"])))  # rows land in the order the processes finish them
