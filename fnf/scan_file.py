@@ -45,7 +45,8 @@ def _parse(text: bytes, path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{n}: not a scan row (malformed JSON: {error.msg})") from None
         if not isinstance(row, dict) or set(ROW_KEYS) - row.keys() or not isinstance(row["scores"], dict):
-            raise ValueError(f"{path}:{n}: not a scan row: expected the keys {', '.join(ROW_KEYS)} (fnf scan writes them)")
+            raise ValueError(f"{path}:{n}: not a scan row: expected the keys {', '.join(ROW_KEYS)} "
+                             "(fnf scan writes them)")
         rows.append(row)
     return rows
 

@@ -283,4 +283,5 @@ def test_scan_filter_selects_items_after_the_val_split_and_validates_the_rest(tm
     union.setup("fit")
     assert union.items["train"] == [i for i in all_items if -scores[(i["prompt"], i["seed"])] > 0.3]
     with pytest.raises(ValueError, match=r"^data.filter.mask_area_above: head B has no mask in .* \(mask: none\)"):
-        PromptDataModule(train_file=train, seeds_per_prompt=2, filter=ScanFilter(scan, "B", mask_area_above=0.0)).setup("fit")
+        no_mask = ScanFilter(scan, "B", mask_area_above=0.0)
+        PromptDataModule(train_file=train, seeds_per_prompt=2, filter=no_mask).setup("fit")
