@@ -137,7 +137,10 @@ class ScanFilter:
         if not path.is_file():
             raise FileNotFoundError(f"data.filter.scan: {path}: scan file not found; write it with "
                                     f"`fnf scan --config ... --out {path}`")
-        rows = {row_key(row): row for row in read_rows(path)}
+        try:
+            rows = {row_key(row): row for row in read_rows(path)}
+        except ValueError as error:  # a torn or foreign file: name the key too
+            raise ValueError(f"data.filter.scan: {error}") from None
         missing = [item for item in items if row_key(item) not in rows]
         if missing:
             first = missing[0]
