@@ -171,7 +171,8 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     prompts, out, _ = scanned
     message = fail(scan_args(tmp_path / "none.jsonl", tmp_path / "s.jsonl"))
     assert "none.jsonl: prompt file not found" in message
-    no_train_file = ["scan", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file=null", "--out=s.jsonl"]
+    no_train_file = ["scan", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file=null",
+                     "--out=s.jsonl"]
     assert "data.train_file: the prompt file to scan is required" in fail(no_train_file)
     no_out = ["scan", "--config", str(ROOT / "configs/artifacts.yaml")]
     assert "--out: the scan file to write is required" in fail(no_out)
