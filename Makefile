@@ -14,5 +14,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/fnf fit --config configs/artifacts.yaml
 
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning between ops; with the suite's own
+# multi-process tests (and anything else) on 2 cores, spinning made tests 2-3x slower (tests/conftest.py too)
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest -q
