@@ -216,8 +216,8 @@ class Text2ImageModel(nn.Module):
 
     @property
     def latent_multiple(self) -> int:
-        """Latent sides must be multiples of this (the transformers' patch size)."""
-        return self.denoiser.config.get("patch_size", 1) if self.denoiser_name == "transformer" else 1
+        """Latent sides must be multiples of this: a transformer's patch size (UNets have none: 1)."""
+        return self.denoiser.config.get("patch_size", 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         if resolution % (self.vae_scale_factor * self.latent_multiple):
