@@ -1,8 +1,9 @@
-"""Retrain everything the shapes world ships, deterministically: the reward heads, then the text-to-image model.
+"""Retrain everything the shapes world ships, deterministically: the reward heads, then the two text-to-image models.
 
     OMP_WAIT_POLICY=PASSIVE python -m fnf.worlds.shapes.train_all --out fnf/worlds/shapes/weights
 
-About 5 minutes for the heads and 20-30 minutes for shapes-t2i on 2 CPU cores (see the model cards).
+About 5 minutes for the heads, 20-30 minutes for shapes-t2i and up to an hour for shapes-flow (which starts
+from shapes-t2i's VAE and text encoder) on 2 CPU cores (see the model cards).
 The default recipes are the shipped ones; each step writes its own card data (training_info.json,
 REWARDS_CARD numbers), and the same command on the same thread counts gives the same weights.
 """
@@ -13,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fnf.worlds.shapes import train_rewards, train_t2i
+from fnf.worlds.shapes import train_flow, train_rewards, train_t2i
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     train_rewards.main(["--out", str(args.out)])
     rewards = time.perf_counter() - start
     train_t2i.main(["--out", str(args.out / "shapes-t2i"), "--seed", "0"])
+    t2i = time.perf_counter() - start
+    train_flow.main(["--out", str(args.out / "shapes-flow"), "--t2i", str(args.out / "shapes-t2i"), "--seed", "0"])
     total = time.perf_counter() - start
-    print(f"reward heads {rewards / 60:.1f} min, shapes-t2i {(total - rewards) / 60:.1f} min, total {total / 60:.1f} min")
+    print(f"reward heads {rewards / 60:.1f} min, shapes-t2i {(t2i - rewards) / 60:.1f} min, "
+          f"shapes-flow {(total - t2i) / 60:.1f} min, total {total / 60:.1f} min")
 
 
 if __name__ == "__main__":
