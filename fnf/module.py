@@ -25,8 +25,8 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from fnf.compute import ComputeArgs, ComputeLevers
-from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
-from fnf.objective import RewardTerm, check_objective
+from fnf.masks import MaskArgs, heatmap_to_mask
+from fnf.objective import RewardTerm, check_objective, term_heatmaps
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
 from fnf.rewards.base import check_reward_output
@@ -195,24 +195,8 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         return torch.cat(masks, dim=1), torch.stack(active, 1).float(), scores
 
     def problem_heatmaps(self, images: Tensor, prompts: list[str]) -> tuple[list[Tensor | None], Tensor]:
-        """Per reward term, the map its mask thresholds (head heatmap or score saliency; None for mask: none), and
-        the scores (B, heads): what ``_localise``, evaluation and ``fnf preview`` all localise with."""
-        heatmaps, scores = [], []
-        for term, head in zip(self.terms, self.heads):
-            with torch.no_grad():
-                out = check_reward_output(head, head(images, prompts), images)
-            if term.mask == "heatmap":
-                if out.heatmap is None:
-                    raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
-                heatmap = out.heatmap
-            elif term.mask == "saliency":
-                heatmap = saliency_heatmap(head, images, prompts, self.mask_args.saliency_sigma)
-                heatmap = clear_clean_images(heatmap, out.score, term.clean_score)
-            else:
-                heatmap = None
-            heatmaps.append(heatmap)
-            scores.append(out.score)
-        return heatmaps, torch.stack(scores, 1).detach()
+        """Per reward term, the map its mask thresholds (None for mask: none), and the scores (B, heads)."""
+        return term_heatmaps(self.terms, self.heads, images, prompts, self.mask_args.saliency_sigma)
 
     def _fidelity(self, tuned: Sample, base: BaseReference) -> tuple[Tensor, Tensor]:
         """(mean fidelity term, λ-weighted penalty) for the union mask or per-head masks."""

@@ -6,7 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fnf.rewards.base import RewardHead
+import torch
+from torch import Tensor
+
+from fnf.masks import clear_clean_images, saliency_heatmap
+from fnf.rewards.base import RewardHead, check_reward_output
 
 
 @dataclass
@@ -45,3 +49,25 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
                              f"model.lam to the one union mask); remove it or set mask_mode: per_head")
     if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
         raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
+
+
+def term_heatmaps(terms: list[RewardTerm], heads, images: Tensor, prompts: list[str],
+                  saliency_sigma: float) -> tuple[list[Tensor | None], Tensor]:
+    """Per reward term, the map its mask thresholds (the head's heatmap or its score's saliency; None for
+    mask: none), and the scores (B, heads): what training, evaluation and ``fnf preview`` all localise with."""
+    heatmaps, scores = [], []
+    for term, head in zip(terms, heads):
+        with torch.no_grad():
+            out = check_reward_output(head, head(images, prompts), images)
+        if term.mask == "heatmap":
+            if out.heatmap is None:
+                raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
+            heatmap = out.heatmap
+        elif term.mask == "saliency":
+            heatmap = clear_clean_images(saliency_heatmap(head, images, prompts, saliency_sigma), out.score,
+                                         term.clean_score)
+        else:
+            heatmap = None
+        heatmaps.append(heatmap)
+        scores.append(out.score)
+    return heatmaps, torch.stack(scores, 1).detach()

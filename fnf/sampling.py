@@ -9,6 +9,7 @@ decides where gradients flow; the subclasses only say how one step moves x_t.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -93,7 +94,7 @@ def make_sampler(model: Text2ImageModel, args: SamplerArgs) -> Sampler:
     return DDIMSampler(model, args)
 
 
-class Sampler:
+class Sampler(ABC):
     """Runs the denoising chain of ``model`` (with whatever adapter state it currently has).
 
     Subclasses set ``self.timesteps`` (the denoiser's t per step, on the CPU) and define one step's update
@@ -110,13 +111,13 @@ class Sampler:
                              "(a guidance-distilled model without a guidance input, e.g. FLUX.1-schnell); set 1")
         self._unet_timesteps: dict[torch.device, Tensor] = {}  # the denoiser's t, copied to its device once
 
+    @abstractmethod
     def _update(self, output: Tensor, i: int, latents: Tensor) -> Tensor:
         """x_{t_i} -> x_{t_{i+1}} given the denoiser's (guided) output at step i."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _renoise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
         """x_0 noised to step i's noise level (DRaFT-LV)."""
-        raise NotImplementedError
 
     @property
     def resolution(self) -> int:
