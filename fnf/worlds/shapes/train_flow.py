@@ -19,12 +19,9 @@ predicts the velocity eps - x0; s from a logit-normal (the "lognorm(0, 1)" that 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import math
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 
 from fnf.worlds.shapes.train_t2i import (MAX_TOKENS, WORDS, PhraseProbe, ema_update, flaw_weight, haar_latents,
                                          scene_batch, tokenize, warmup_cosine)
+from fnf.worlds.shapes.training_run import TrainingRun, args_parser, parsed_args
 from fnf.worlds.tokenizer import build_t5_like_tokenizer
 
 T5_TOKENS = 18  # longest prompt: 3 phrases x 5 words + "," + "and" + </s> (word-level: one token per word)
@@ -213,35 +211,16 @@ def save_pipeline(folder: Path, pipe: StableDiffusion3Pipeline, info: dict) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
-    defaults = FlowArgs()
-    for name, value in asdict(defaults).items():
-        kind = float if name == "minutes" else type(value)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    parser = args_parser(__doc__.split("\n")[0], FlowArgs())
     parser.add_argument("--t2i", type=Path, default=SHIPPED_T2I,
                         help="shapes-t2i folder whose VAE, CLIP tokenizer and text encoder this model starts from")
-    parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default: a temp dir)")
     ns = parser.parse_args(argv)
-    args = FlowArgs(**{k: getattr(ns, k) for k in asdict(defaults)})
+    args = parsed_args(ns, FlowArgs)
     if not (ns.t2i / "model_index.json").is_file():
         raise ValueError(f"--t2i: {ns.t2i} is not a shapes-t2i pipeline folder (no model_index.json)")
 
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    deadline = start + 60 * args.minutes if args.minutes else math.inf
-    work = ns.work_dir or Path(tempfile.mkdtemp(prefix="shapes-flow-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log_file = (work / "train.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"[{time.time() - start:7.0f}s] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
+    run = TrainingRun(args.seed, args.minutes, ns.work_dir, prefix="shapes-flow-")
+    work, log = run.work, run.log
     log(f"args {asdict(args)} t2i {ns.t2i} work_dir {work}")
     pipe = build_pipeline(ns.t2i, work, args.shift)
     for name in TRAINED:
@@ -250,14 +229,14 @@ def main(argv: list[str] | None = None) -> None:
             "command": " ".join(["python -m fnf.worlds.shapes.train_flow", *sys.argv[1:]])}
 
     def checkpoint(ema: StableDiffusion3Pipeline, steps: int) -> None:
-        save_pipeline(work / "checkpoint", ema, {**info, "steps_done": steps, "seconds": round(time.time() - start)})
+        save_pipeline(work / "checkpoint", ema, {**info, "steps_done": steps, "seconds": run.seconds()})
         log(f"checkpoint at step {steps} -> {work / 'checkpoint'}")
 
     probe = PhraseProbe(pipe.tokenizer, pipe.text_encoder.config.hidden_size)
-    ema, done = train_flow(pipe, probe, args, deadline, log, checkpoint)
-    info.update(seconds=round(time.time() - start), steps_done=done)
+    ema, done = train_flow(pipe, probe, args, run.deadline, log, checkpoint)
+    info.update(seconds=run.seconds(), steps_done=done)
     save_pipeline(ns.out, ema, info)
-    log(f"saved {ns.out} in {time.time() - start:.0f}s")
+    log(f"saved {ns.out} in {run.seconds()}s")
 
 
 if __name__ == "__main__":

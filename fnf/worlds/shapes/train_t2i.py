@@ -24,12 +24,10 @@ Stages, all deterministic for a given ``--seed`` and step counts:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +40,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fnf.worlds.shapes.generator import BACKGROUND, COLOUR_NAMES, POSITIONS, SHAPES, make_batch, parse_prompt
+from fnf.worlds.shapes.training_run import TrainingRun, args_parser, parsed_args
 from fnf.worlds.tokenizer import build_clip_tokenizer
 
 # One BPE token per world word except "and" and "right" (a few BPE pieces each): build_clip_tokenizer ranks
@@ -307,32 +306,13 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, scheduler, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path)
-    defaults = TrainArgs()
-    for name, value in asdict(defaults).items():
-        kind = float if name == "minutes" else type(value)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    parser = args_parser(__doc__.split("\n")[0], TrainArgs())
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse this folder's VAE (experiments)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default: a temp dir)")
     ns = parser.parse_args(argv)
-    args = TrainArgs(**{k: getattr(ns, k) for k in asdict(defaults)})
+    args = parsed_args(ns, TrainArgs)
 
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    deadline = start + 60 * args.minutes if args.minutes else math.inf
-    work = ns.work_dir or Path(tempfile.mkdtemp(prefix="shapes-t2i-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log_file = (work / "train.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"[{time.time() - start:7.0f}s] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
+    run = TrainingRun(args.seed, args.minutes, ns.work_dir, prefix="shapes-t2i-")
+    work, log, deadline = run.work, run.log, run.deadline
     log(f"args {asdict(args)} work_dir {work}")
     tokenizer = build_clip_tokenizer(WORDS, work / "tokenizer", model_max_length=MAX_TOKENS)
     info = {"args": asdict(args), "command": " ".join(["python -m fnf.worlds.shapes.train_t2i", *sys.argv[1:]])}
@@ -343,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         vae = build_vae()
         scaling = train_vae(vae, args, deadline, log)
         vae.register_to_config(scaling_factor=scaling)
-    info["vae_seconds"] = round(time.time() - start)
+    info["vae_seconds"] = run.seconds()
     log(f"vae done: scaling_factor {vae.config.scaling_factor:.4f}, "
         f"{sum(p.numel() for p in vae.parameters())} params")
 
@@ -354,16 +334,16 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint(ema_unet, ema_text, steps: int) -> None:
         save_pipeline(work / "checkpoint", vae, ema_text, tokenizer, ema_unet, scheduler,
-                      {**info, "unet_steps_done": steps, "seconds": round(time.time() - start)})
+                      {**info, "unet_steps_done": steps, "seconds": run.seconds()})
         log(f"checkpoint at step {steps} -> {work / 'checkpoint'}")
 
     probe = PhraseProbe(tokenizer, text_encoder.config.hidden_size)
     pretrain_text(text_encoder, probe, tokenizer, args, log)
     ema_unet, ema_text, done = train_unet(unet, text_encoder, probe, tokenizer, scheduler,
                                           vae.config.scaling_factor, args, deadline, log, checkpoint)
-    info.update(seconds=round(time.time() - start), unet_steps_done=done)
+    info.update(seconds=run.seconds(), unet_steps_done=done)
     save_pipeline(ns.out, vae, ema_text, tokenizer, ema_unet, scheduler, info)
-    log(f"saved {ns.out} in {time.time() - start:.0f}s")
+    log(f"saved {ns.out} in {run.seconds()}s")
 
 
 if __name__ == "__main__":
