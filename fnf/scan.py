@@ -12,7 +12,7 @@ resumes: items that have a row are skipped, and a torn last line is cut off and 
 from __future__ import annotations
 
 from argparse import ArgumentError
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from fnf.errors import check_config_files, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
 from fnf.sampling import initial_noise
-from fnf.scan_file import append_rows, read_rows, row_key
+from fnf.scan_file import append_rows, read_rows, row_key, settings_difference
 
 
 class PromptScanner(FocusNFix):
@@ -39,6 +39,17 @@ class PromptScanner(FocusNFix):
         """Mask areas say where I0 is wrong: the empty-mask policy (what training does with an empty mask) does not
         apply, or ``global`` would give a clean image a mask covering the whole image."""
         self.mask_args = replace(self.mask_args, empty="keep")
+
+    def scan_settings(self) -> dict[str, Any]:
+        """What a row's scores and mask areas depend on besides its prompt and seed (JSON types only)."""
+        sampler, masks = self.sampler.args, asdict(self.mask_args)
+        del masks["empty"]  # a scan keeps empty masks whatever the config says (on_predict_start)
+        return {"pretrained": self.hparams["pretrained"],
+                "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+                            "resolution": self.sampler.resolution},
+                "masks": masks,
+                "heads": {head.name: {"mask": term.mask, "clean_score": term.clean_score}
+                          for head, term in zip(self.heads, self.terms)}}
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
@@ -57,20 +68,21 @@ class PromptScanner(FocusNFix):
         masked = [j for j, term in enumerate(self.terms) if term.mask != "none"]
         areas = masks.float().mean(dim=(2, 3)).cpu()  # (B, heads): fraction of the pixels
         union = masks[:, masked].float().amax(1).mean(dim=(1, 2)).cpu() if masked else None  # (B,)
-        scores = scores.float().cpu()
+        scores, settings = scores.float().cpu(), self.scan_settings()
         return [{"prompt": prompt, "seed": int(seed),
                  "scores": {name: scores[i, j].item() for j, name in enumerate(names)},
                  "mask_area": {name: areas[i, j].item() if j in masked else None for j, name in enumerate(names)},
-                 "union_mask_area": None if union is None else union[i].item()}
+                 "union_mask_area": None if union is None else union[i].item(), "settings": settings}
                 for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
 
 class PendingItems(L.LightningDataModule):
     """The items of ``data.train_file`` (with its seeds and copies) that have no row in the scan file yet."""
 
-    def __init__(self, data: PromptDataModule, out: Path, heads: list[str], batch_size: int) -> None:
+    def __init__(self, data: PromptDataModule, out: Path, heads: list[str], settings: dict[str, Any],
+                 batch_size: int) -> None:
         super().__init__()
-        self.data, self.out, self.heads, self.batch_size = data, out, heads, batch_size
+        self.data, self.out, self.heads, self.settings, self.batch_size = data, out, heads, settings, batch_size
         self.items: list[dict] = []
         self.done = 0
 
@@ -84,6 +96,11 @@ class PendingItems(L.LightningDataModule):
             if list(row["scores"]) != self.heads:
                 raise ValueError(f"--out {self.out}: its rows score the heads {', '.join(row['scores'])}, this "
                                  f"config's are {', '.join(self.heads)}; scan into another file")
+            difference = settings_difference(row["settings"], self.settings)
+            if difference:
+                key, theirs, ours = difference
+                raise ValueError(f"--out {self.out}: its rows were scanned with {key}={theirs}, this config has "
+                                 f"{ours}; scan into another file")
         done = {row_key(row) for row in rows}
         pending = {row_key(item): item for item in items if row_key(item) not in done}  # duplicates scanned once
         self.items, self.done = list(pending.values()), len({row_key(item) for item in items} & done)
@@ -168,7 +185,7 @@ def main(args: list[str]) -> None:
     if len(set(heads)) < len(heads):
         raise ValueError(f"model.rewards: a scan names its columns by head; these repeat a name: {', '.join(heads)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    pending = PendingItems(data, out, heads, cli.config.batch_size or data.batch_size)
+    pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
     cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
     cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file
     if cli.trainer.is_global_zero:

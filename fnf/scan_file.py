@@ -3,10 +3,13 @@
 One JSON line per (prompt, seed) item of a prompt file::
 
     {"prompt": "a red circle top left", "seed": 7, "scores": {"ShapesArtifact": -0.41},
-     "mask_area": {"ShapesArtifact": 0.031}, "union_mask_area": 0.031}
+     "mask_area": {"ShapesArtifact": 0.031}, "union_mask_area": 0.031,
+     "settings": {"pretrained": "embedded:shapes-t2i", "sampler": {"num_steps": 20, ...}, "masks": {...}, ...}}
 
 ``scores``: each reward head's base score r_i(I0, c); ``mask_area``: the fraction of pixels in its mask M_i(I0)
-(null for a head with ``mask: none``); ``union_mask_area``: that of max_i M_i (null when no head has a mask).
+(null for a head with ``mask: none``); ``union_mask_area``: that of max_i M_i (null when no head has a mask);
+``settings``: what else the values depend on (model, sampler, mask post-processing, each head's mask source), so
+that rows scanned with other settings are never mixed: a scan refuses to append to them, the filter to read them.
 Every process of a scan appends its rows under an exclusive lock, one write per batch, after cutting off a line
 another process left torn; so a stopped scan can leave only a torn last line, which the next scan cuts off (and
 redoes that item) and the filter refuses.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-ROW_KEYS = ("prompt", "seed", "scores", "mask_area", "union_mask_area")
+ROW_KEYS = ("prompt", "seed", "scores", "mask_area", "union_mask_area", "settings")
 FILTERED_OUT = "filtered_out"
 """The ``category`` of filtered-out items in the validation set (``filtered_out: validate``)."""
 
@@ -93,6 +96,20 @@ def append_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
             file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows).encode("utf-8"))
 
 
+def settings_difference(found: dict[str, Any], expected: dict[str, Any],
+                        prefix: str = "") -> tuple[str, str, str] | None:
+    """The first setting that differs: (dotted key, found value, expected value) as JSON; None when all are equal."""
+    for key in sorted(found.keys() | expected.keys()):
+        a, b = found.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            difference = settings_difference(a, b, f"{prefix}{key}.")
+            if difference:
+                return difference
+        elif a != b:
+            return f"{prefix}{key}", json.dumps(a), json.dumps(b)
+    return None
+
+
 def row_key(item: dict[str, Any]) -> tuple[str, int]:
     """What identifies an item and its row: the prompt and the seed of its x_T."""
     return item["prompt"], int(item["seed"])
@@ -141,6 +158,13 @@ class ScanFilter:
             rows = {row_key(row): row for row in read_rows(path)}
         except ValueError as error:  # a torn or foreign file: name the key too
             raise ValueError(f"data.filter.scan: {error}") from None
+        settings = next(iter(rows.values()))["settings"] if rows else {}
+        for row in rows.values():
+            difference = settings_difference(row["settings"], settings)
+            if difference:
+                key, found, first = difference
+                raise ValueError(f"data.filter.scan: {path} mixes rows scanned with different settings ({key}: {first} "
+                                 f"and {found}); scan into one file per setting")
         missing = [item for item in items if row_key(item) not in rows]
         if missing:
             first = missing[0]

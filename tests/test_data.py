@@ -268,7 +268,7 @@ def test_scan_filter_selects_items_after_the_val_split_and_validates_the_rest(tm
     all_items = PromptDataModule(seeds_per_prompt=2).load(train)
     scores = {(i["prompt"], i["seed"]): n / len(all_items) - 0.5 for n, i in enumerate(all_items)}  # -0.5 .. 0.46
     rows = [{"prompt": p, "seed": s, "scores": {"A": v, "B": 0.0}, "mask_area": {"A": max(0.0, -v), "B": None},
-             "union_mask_area": max(0.0, -v)} for (p, s), v in scores.items()]
+             "union_mask_area": max(0.0, -v), "settings": {}} for (p, s), v in scores.items()]
     scan = write(tmp_path / "scan.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     dm = PromptDataModule(train_file=train, seeds_per_prompt=2, val_fraction=0.25,
                           filter=ScanFilter(scan, head="A", score_below=-0.1, filtered_out="validate"))

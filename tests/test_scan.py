@@ -179,6 +179,11 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert "--batch_size must be >= 1, got 0" in fail(scan_args(prompts, tmp_path / "s.jsonl", "--batch_size=0"))
     assert "--model.lamda: unknown key; did you mean --model.lam?" in fail(scan_args(prompts, tmp_path / "s.jsonl",
                                                                                    "--model.lamda=1"))
+    other_steps = tmp_path / "steps.jsonl"  # the same items, base images sampled with 2 steps; this scan: 3
+    shutil.copy(out, other_steps)
+    assert ("its rows were scanned with sampler.num_steps=2, this config has 3; scan into another file"
+            in fail(scan_args(prompts, other_steps, "--data.seeds_per_prompt=3", "--model.sampler.num_steps=3")))
+    assert read_rows(other_steps) == read_rows(out)  # refused before anything was appended
     other_heads = tmp_path / "other.jsonl"
     other_heads.write_text(out.read_text().replace('"ShapesArtifact"', '"ShapesSafety"'))
     assert "its rows score the heads ShapesSafety, this config's are ShapesArtifact" in fail(
@@ -204,9 +209,21 @@ def test_two_processes_scan_each_item_once_with_the_single_process_rows(scanned,
     assert len({json.dumps([r["prompt"], r["seed"]]) for r in two}) == len(two) == 8
 
 
+def test_the_filter_refuses_a_file_that_mixes_settings(scanned, tmp_path):
+    prompts, out, rows = scanned
+    mixed = tmp_path / "mixed.jsonl"
+    changed = rows[-1] | {"settings": rows[-1]["settings"] | {"masks": rows[-1]["settings"]["masks"] | {"dilation": 9}}}
+    append_rows(mixed, [*rows[:-1], changed])
+    with pytest.raises(ValueError, match=r"^data.filter.scan: .*mixed.jsonl mixes rows scanned with different settings "
+                                         r"\(masks.dilation: 2 and 9\); scan into one file per setting$"):
+        PromptDataModule(train_file=str(prompts), seeds_per_prompt=2,
+                         filter=ScanFilter(str(mixed), mask_area_above=0.0)).setup("fit")
+
+
 def test_a_row_appended_after_a_torn_line_cuts_it_off(tmp_path):
     """A process killed while writing leaves a torn line; the next append (another process) must not glue onto it."""
-    row = {"prompt": "a red circle", "seed": 1, "scores": {"H": 0.5}, "mask_area": {"H": 0.0}, "union_mask_area": 0.0}
+    row = {"prompt": "a red circle", "seed": 1, "scores": {"H": 0.5}, "mask_area": {"H": 0.0}, "union_mask_area": 0.0,
+           "settings": {}}
     out = tmp_path / "scan.jsonl"
     append_rows(out, [row])
     out.write_bytes(out.read_bytes() + b'{"prompt": "a blue squ')
