@@ -1,7 +1,7 @@
 """``fnf report RUN [RUN ...] --out DIR``: what did the runs do to the images? One self-contained page.
 
 Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`` callback) left there:
-``test_metrics.json``, ``test_samples/`` and the TensorBoard scalars. Writes ``DIR/metrics.json``,
+``test_metrics.json``, ``test_samples/`` and the training scalars (TensorBoard, CSV or MLflow files). Writes ``DIR/metrics.json``,
 ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table with grouped, wrapping
 headers (fits a 1400-px window), the reward / preservation trade-off across runs with the base model at the
 origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4 with its
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import html
 import itertools
 import json
@@ -83,18 +84,55 @@ def load_run(run: Path) -> dict:
             "samples": samples, "curves": training_curves(run)}
 
 
+def _curve_tag(tag: str) -> bool:
+    return tag.startswith("train/reward/") or tag == "train/fidelity"
+
+
 def training_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """``train/reward/*`` and ``train/fidelity`` scalars from the run's TensorBoard event files."""
+    """``train/reward/*`` and ``train/fidelity`` per optimizer step, from whatever the run's loggers left in its
+    folder: TensorBoard event files, CSVLogger's ``metrics.csv``, an MLflow file store (W&B keeps its history in
+    its own binary format: read it in W&B). A step logged by two loggers counts once."""
+    curves: dict[str, dict[int, float]] = {}
+    for tag, step, value in [*_tensorboard_scalars(run), *_csv_scalars(run), *_mlflow_scalars(run)]:
+        if _curve_tag(tag):
+            curves.setdefault(tag, {})[step] = value
+    return {tag: sorted(points.items()) for tag, points in sorted(curves.items())}
+
+
+def _tensorboard_scalars(run: Path) -> list[tuple[str, int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, list[tuple[int, float]]] = {}
+    scalars = []
     for events in sorted(run.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            if tag.startswith("train/reward/") or tag == "train/fidelity":
-                curves.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: sorted(points) for tag, points in curves.items()}
+        for tag in filter(_curve_tag, accumulator.Tags()["scalars"]):
+            scalars += [(tag, e.step, e.value) for e in accumulator.Scalars(tag)]
+    return scalars
+
+
+def _csv_scalars(run: Path) -> list[tuple[str, int, float]]:
+    """Lightning's CSVLogger: one ``metrics.csv`` per version, a ``step`` column and one column per metric."""
+    scalars = []
+    for table in sorted(run.rglob("metrics.csv")):
+        with table.open(newline="") as file:
+            for row in csv.DictReader(file):
+                scalars += [(tag, int(row["step"]), float(value)) for tag, value in row.items()
+                            if _curve_tag(tag) and value not in ("", None) and row.get("step")]
+    return scalars
+
+
+def _mlflow_scalars(run: Path) -> list[tuple[str, int, float]]:
+    """An MLflow file store: ``<experiment>/<run id>/metrics/<metric/path>``, lines ``timestamp value step``."""
+    scalars = []
+    for metrics in sorted(run.rglob("metrics")):
+        if metrics.is_dir() and (metrics.parent / "meta.yaml").is_file():
+            for history in sorted(p for p in metrics.rglob("*") if p.is_file()):
+                tag = history.relative_to(metrics).as_posix()
+                for line in history.read_text().splitlines():
+                    _, value, step = line.split()[:3]
+                    scalars.append((tag, int(step), float(value)))
+    return scalars
 
 
 def summary_columns(metrics: list[dict[str, float]]) -> list[Column]:
@@ -234,8 +272,9 @@ def run_section(run: dict) -> str:
         curves = "<div class='grid'>" + "".join(_curve_chart(run["name"], tag, points)
                                                 for tag, points in run["curves"].items()) + "</div>"
     else:
-        curves = ("<p class='empty'>No training logs in this run (test-only, or fit without the TensorBoard "
-                  "logger): no train/reward/* or train/fidelity scalars in its event files.</p>")
+        curves = ("<p class='empty'>No training curves in this run (test-only, or fit with W&B as its only "
+                  "logger): no train/reward/* or train/fidelity scalars in TensorBoard, CSV or MLflow files in its "
+                  "folder.</p>")
     cards = "".join(
         f"<figure><img src='data:image/png;base64,{s['png']}' alt='{html.escape(s['prompt'])}'>"
         f"<figcaption>{html.escape(s['prompt'])} (seed {s['seed']})<br>{_sample_numbers(s)}</figcaption></figure>"

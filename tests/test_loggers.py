@@ -32,7 +32,8 @@ def _fit(tmp_path: Path, *loggers: dict) -> None:
     """2 optimizer steps, a grid at each: steps 1 and 2."""
     main(["fit", *TINY, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
           "--trainer.enable_checkpointing", "false", "--image_logger.every_n_steps", "1",
-          "--image_logger.max_images", "2", "--trainer.default_root_dir", str(tmp_path),
+          "--image_logger.max_images", "2", "--trainer.log_every_n_steps", "1",
+          "--trainer.default_root_dir", str(tmp_path),
           "--trainer.logger", json.dumps(list(loggers))])
 
 
@@ -111,6 +112,22 @@ def test_mlflow_file_store_run_gets_the_grids_as_artifacts(fit_run):
     pytest.importorskip("mlflow")
     grids = list((fit_run / "mlruns").glob("*/*/artifacts/images/*base_tuned_mask_diff*.png"))
     assert _sizes(grids) == [GRID, GRID]
+
+
+def test_report_reads_the_same_training_curves_from_tensorboard_csv_and_mlflow(fit_run):
+    """fnf report's curves do not depend on which of these loggers wrote them."""
+    from fnf.report import training_curves
+
+    tensorboard = training_curves(fit_run / "tb")
+    assert set(tensorboard) == {"train/reward/ShapesArtifact", "train/fidelity"}
+    assert [step for step, _ in tensorboard["train/fidelity"]] == [0, 1]  # 2 optimizer steps, each logged
+    stores = ["csv", *(["mlruns"] if importlib.util.find_spec("mlflow") else [])]
+    for store in stores:
+        curves = training_curves(fit_run / store)
+        assert curves.keys() == tensorboard.keys(), store
+        for tag, points in curves.items():
+            assert [s for s, _ in points] == [s for s, _ in tensorboard[tag]], (store, tag)
+            assert [v for _, v in points] == pytest.approx([v for _, v in tensorboard[tag]], rel=1e-6), (store, tag)
 
 
 def test_fnf_test_logs_the_metric_table_and_sample_rows_to_every_logger(tmp_path):

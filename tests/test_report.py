@@ -124,15 +124,15 @@ def test_tradeoff_plot_puts_the_base_model_at_the_origin_inside_the_frame(report
 def test_empty_sections_say_why(report, tmp_path):
     page = (report / "index.html").read_text()
     test_only = _section(page, "base-test-only")
-    assert "No training logs in this run (test-only" in test_only and "<svg" not in test_only
+    assert "No training curves in this run (test-only" in test_only and "<svg" not in test_only
     trained = _section(page, "fnf")
-    assert "No training logs" not in trained and trained.count("<svg") == 4  # 3 reward curves and the fidelity
+    assert "No training curves" not in trained and trained.count("<svg") == 4  # 3 reward curves and the fidelity
     metrics_only = tmp_path / "metrics-only"  # a run folder with test_metrics.json and nothing else
     metrics_only.mkdir()
     metrics = next((report.parent / "fnf").rglob("test_metrics.json"))
     (metrics_only / "test_metrics.json").write_bytes(metrics.read_bytes())
     section = run_section(load_run(metrics_only))
-    assert "No training logs in this run" in section and "No samples in this run" in section and "<img" not in section
+    assert "No training curves in this run" in section and "No samples in this run" in section and "<img" not in section
 
 
 def test_compact_numbers():
