@@ -1,13 +1,18 @@
 """Preemption: SIGTERM (a cluster taking the node back) or SIGUSR1 (SLURM's warning before the time limit, sent with
 ``#SBATCH --signal=USR1@120``) -> finish the step, write last.ckpt, exit 128 + the signal's number (143 / 138).
 
-Lightning's own SIGTERM handler sets ``trainer.received_sigterm`` and stops after the current batch by raising
-``SIGTERMException``, a ``SystemExit`` with code 0, without saving anything; under DDP it broadcasts rank 0's flag
-at every batch. SIGUSR1 here sets the same flag, so both stop alike. This callback writes ``last.ckpt`` first (when
-that batch completed an optimizer step; mid-accumulation the previous checkpoint stands), and ``fnf.cli.main``
-exits with ``exit_code``, so job scripts see a preempted run, which ``--ckpt_path last`` (or ``auto``) resumes
-exactly. Registering SIGUSR1 before Lightning does keeps Lightning's SLURM handler (a mid-step HPC checkpoint in
-another folder, then ``scontrol requeue``) out of the way; the job script requeues instead (README, "Clusters").
+Lightning's SIGTERM handler sets ``trainer.received_sigterm``, after which it stops at the end of the current batch
+by raising ``SIGTERMException`` (a ``SystemExit`` with code 0) without saving anything. Under DDP that handler also
+broadcasts from inside the signal handler, and Lightning's per-batch check reads rank 0's flag only, so a signal
+that reaches some ranks only (a cluster reclaiming one node) ends in a collective mismatch or a hang. Here both
+signals only note the signal; after every training batch the ranks agree (an all-reduce of one number: the
+signal, 0 for none) and then all set Lightning's flag together, so every rank stops after the same step. This
+callback writes ``last.ckpt`` first (when that batch completed an optimizer step; mid-accumulation the previous
+checkpoint stands), and ``fnf.cli.main`` exits with ``exit_code``, so job scripts see a preempted run, which
+``--ckpt_path last`` (or ``auto``) resumes exactly. Registering SIGUSR1 before Lightning does keeps Lightning's
+SLURM handler (a mid-step HPC checkpoint in another folder, then ``scontrol requeue``) out of the way; the job
+script requeues instead (README, "Clusters"). SIGTERM's handler is replaced once training starts (Lightning
+installs its own after ``on_fit_start``) and restored by Lightning when the run ends.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -25,6 +31,7 @@ def exit_code(signum: int) -> int:
 
 class PreemptionCheckpoint(L.Callback):
     signal: int = signal.SIGTERM  # the signal that stopped the run (SIGTERM unless SIGUSR1 came)
+    _pending: int = 0  # a signal this process received that the ranks have not yet agreed on
 
     @staticmethod
     def last_path(trainer: L.Trainer) -> Path | None:
@@ -33,12 +40,14 @@ class PreemptionCheckpoint(L.Callback):
             return None
         return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        def stop_after_this_step(signum, frame) -> None:
-            self.signal = signum
-            trainer._signal_connector.received_sigterm = True  # Lightning's stop (and its DDP broadcast) follows
+    def _note(self, signum, frame) -> None:
+        self._pending = signum  # no collective, no flag yet: on_train_batch_end decides with the other ranks
 
-        self._previous = signal.signal(signal.SIGUSR1, stop_after_this_step)
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._previous = signal.signal(signal.SIGUSR1, self._note)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        signal.signal(signal.SIGTERM, self._note)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if getattr(self, "_previous", None) is not None:
@@ -46,9 +55,17 @@ class PreemptionCheckpoint(L.Callback):
             self._previous = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        signum = self._pending
+        if trainer.world_size > 1:  # every rank stops if any rank got a signal
+            signum = int(trainer.strategy.reduce(torch.tensor([signum], device=pl_module.device),
+                                                 reduce_op="max").item())  # one host sync per batch
+        if not signum:
+            return
+        self.signal, self._pending = signum, 0
+        trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch, on every rank
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         path = self.last_path(trainer)
-        if trainer.received_sigterm and stepped and path is not None:
+        if stepped and path is not None:
             trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically)
             rank_zero_info(f"fnf: {signal.Signals(self.signal).name}: saved {path} at step {trainer.global_step}; "
                            "resume with --ckpt_path last")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from distributed_fit import fit, free_port  # tests/distributed_fit.py
+from distributed_fit import fit, free_port, launch  # tests/distributed_fit.py
 from fnf.resume import EpochShuffle
 
 
@@ -66,3 +66,18 @@ def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
     assert tables[0]["outside_psnr"] < 150  # the LoRA changed the images
     for name, value in tables[0].items():
         assert tables[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.slow  # two processes per case: ~30 s each
+@pytest.mark.parametrize("signal_name, code, rank", [("SIGTERM", 143, 1), ("SIGUSR1", 138, 1), ("SIGTERM", 143, 0)])
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, tmp_path, signal_name, code, rank):
+    """A cluster may signal one node only: one rank gets it (rank 1: Lightning's per-batch check reads rank 0's
+    flag only, and its handler broadcasts from rank 1 alone), yet every rank must finish the step, write one
+    last.ckpt and exit 128 + the signal, not crash or hang."""
+    kill = {"class_path": "kill_switch.KillAtStep", "init_args": {"step": 2, "signal": signal_name, "rank": rank}}
+    done = launch(tmp_path, tiny_model_dir, "preempted", batch_size=2, timeout=300, devices=2, strategy="ddp",
+                  max_steps=6, callbacks=[kill])
+    assert done.returncode == code, done.stderr[-3000:]
+    assert f"fnf: {signal_name}: saved" in done.stderr
+    last = tmp_path / "preempted" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # the step running when the signal came, finished
