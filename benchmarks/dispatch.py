@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.utils import logging as transformers_logging
 
 from peer_alignprop import machine
-from sd15_step import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd
+from unet_shaped import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd
 from speed import PROMPTS, HandWrittenLoop
 
 from fnf.compute import ComputeArgs

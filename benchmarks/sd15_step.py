@@ -30,7 +30,7 @@ T5-XXL's widths (the same 512 × 4096 tokens); 1024², 28 steps, embedded guidan
 runs with the first half of each block stack (same weights, truncated in memory); the difference is the cost
 of one double- plus two single-stream blocks, from which the 19 + 38-block step and peak are extrapolated
 (an estimate, printed as its own row). SD3 / FLUX: LoRA also on the text stream's projections (add_q/k/v_proj,
-to_add_out), as in configs/sd3 and configs/flux. Builders: ``build_sdxl`` here, SD3 / FLUX in
+to_add_out), as in configs/sd3 and configs/flux. Builders: SD1.5 / SDXL in ``benchmarks/unet_shaped.py``, SD3 / FLUX in
 ``benchmarks/flow_shaped.py``; SDXL, SD3 and FLUX weights are initialised on the run's device and saved in bf16.
 The tokenizers are the shapes world's, so the text encoders' embedding tables are smaller than CLIP's 49 408
 rows (same compute). One Lightning ``fit`` per setting: DRaFT-K (K = 2), LoRA rank 64 on the attention
@@ -54,11 +54,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from fnf.compute import ComputeArgs
 from fnf.data import collate
@@ -68,29 +65,9 @@ from fnf.pipeline import LoraArgs
 from fnf.rewards import ColorRegion
 from fnf.sampling import SamplerArgs
 from fnf.sharding import SHARDED_BLOCKS
-from fnf.worlds.random_sd import WORDS, build_random_sdxl
-from fnf.worlds.tokenizer import build_clip_tokenizer
-from flow_shaped import FLUX_DEV_BLOCKS, build_flux_dev, build_sd35_medium, save_bf16
+from flow_shaped import FLUX_DEV_BLOCKS, build_flux_dev, build_sd35_medium
+from unet_shaped import build_model, build_sdxl
 
-SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                 cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-SMALL_UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-SMALL_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   projection_dim=1280, hidden_act="gelu")
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -130,55 +107,6 @@ def build(directory: Path, args) -> Path:
     if args.family == "flux":
         return build_flux_dev(directory, args.small, tuple(args.flux_blocks), device)
     return build_model(directory, args.small)
-
-
-def build_sdxl(directory: Path, small: bool, device: str = "cpu") -> Path:
-    """Save an SDXL-shaped pipeline (2.6 B UNet, CLIP-L + bigG text encoders, 1024²) or a tiny one, random weights
-    (initialised on ``device``, saved in bf16)."""
-    if small:
-        return build_random_sdxl(directory)
-    with torch.device(device):
-        return save_bf16(sdxl(directory), directory)
-
-
-def sdxl(directory: Path) -> StableDiffusionXLPipeline:
-    """The SDXL-shaped pipeline (tokenizers written to ``directory``), on the current default device."""
-    torch.manual_seed(0)
-    tokenizers = [build_clip_tokenizer(WORDS, directory / name) for name in ("tokenizer", "tokenizer_2")]
-    configs = [CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **text)
-               for tokenizer, text in zip(tokenizers, (SD15_TEXT, SDXL_TEXT_2))]
-    return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**SDXL_UNET), vae=AutoencoderKL(latent_channels=4, **(SD15_VAE | dict(sample_size=1024))),
-        text_encoder=CLIPTextModel(configs[0]), text_encoder_2=CLIPTextModelWithProjection(configs[1]),
-        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        force_zeros_for_empty_prompt=True,
-    )
-
-
-def build_model(directory: Path, small: bool) -> Path:
-    """Save an SD1.5-shaped pipeline (or a tiny one) with random weights in diffusers format."""
-    return build_sd(directory, *((SMALL_UNET, SMALL_VAE, SMALL_TEXT) if small else (SD15_UNET, SD15_VAE, SD15_TEXT)))
-
-
-def build_sd(directory: Path, unet: dict, vae: dict, text: dict) -> Path:
-    """Save an SD1.x-layout pipeline with these UNet / VAE / CLIP-text configurations and random (seeded) weights."""
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer(WORDS, directory / "tokenizer")
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **text)
-    StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**unet), vae=AutoencoderKL(latent_channels=4, **vae),
-        text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)
-    return directory
 
 
 class StepProbe(L.Callback):
