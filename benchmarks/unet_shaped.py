@@ -58,7 +58,8 @@ def sdxl(directory: Path) -> StableDiffusionXLPipeline:
                               pad_token_id=tokenizer.pad_token_id, **text)
                for tokenizer, text in zip(tokenizers, (SD15_TEXT, SDXL_TEXT_2))]
     return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**SDXL_UNET), vae=AutoencoderKL(latent_channels=4, **(SD15_VAE | dict(sample_size=1024))),
+        unet=UNet2DConditionModel(**SDXL_UNET),
+        vae=AutoencoderKL(latent_channels=4, **(SD15_VAE | dict(sample_size=1024))),
         text_encoder=CLIPTextModel(configs[0]), text_encoder_2=CLIPTextModelWithProjection(configs[1]),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
