@@ -4,8 +4,8 @@ Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`
 ``test_metrics.json``, ``test_samples/`` and the training scalars (TensorBoard, CSV or MLflow files).
 Writes ``DIR/metrics.json``, ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table
 with grouped, wrapping headers (fits a 1400-px window), the reward / preservation trade-off across runs with the
-base model at the origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4 with its
-numbers. Images are embedded (data URIs): the page is one file.
+base model at the origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4
+with its numbers. Images are embedded (data URIs): the page is one file.
 """
 
 from __future__ import annotations
