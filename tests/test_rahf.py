@@ -127,7 +127,7 @@ def test_score_metrics_are_torchmetrics_plcc_and_srcc():
 @pytest.fixture(scope="module")
 def richhf(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("richhf")
-    return {"train": write_dataset(root / "train", 48, seed=0), "val": write_dataset(root / "val", 18, seed=1),
+    return {"train": write_dataset(root / "train", 48, seed=0), "val": write_dataset(root / "val", 48, seed=1),
             "root": root}
 
 
@@ -144,7 +144,8 @@ def _fit(richhf: dict[str, Path], name: str, steps: int) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(richhf) -> dict:
-    """42 steps (7 epochs of 6 batches of 8) on 48 images; validation on 18 held-out images at the end."""
+    """42 steps (7 epochs of 6 batches of 8) on 48 images; validation on 48 held-out images at the end (18 left the
+    score's PLCC to chance: 0.47 or 0.78 by the thread count alone)."""
     initial = _fit(richhf, "initial", 0)  # the same seeded init, written before any step
     weights = _fit(richhf, "trained", 42)
     rows = list(csv.DictReader((richhf["root"] / "trained" / "lightning_logs" / "version_0" / "metrics.csv").open()))
@@ -168,11 +169,12 @@ def test_training_learns_the_artifact_heatmap_on_held_out_images(richhf, trained
         result[name] = {"mse": ((heatmap - gt) ** 2).mean().item(), "cc": cc(heatmap[gt.amax((1, 2, 3)) > 0],
                                                                              gt[gt.amax((1, 2, 3)) > 0]).mean().item()}
     print(f"held-out implausibility heatmap: {result}; logged val metrics: {trained['logged']}")
-    assert result["weights"]["mse"] < 0.6 * result["initial"]["mse"]  # measured: 0.050 -> 0.019
-    assert result["weights"]["cc"] > 0.5  # measured: 0.81 (untrained: about 0)
+    # Measured with 1 / 2 CPU threads (the training path depends on the kernels' summation order):
+    assert result["weights"]["mse"] < 0.6 * result["initial"]["mse"]  # 0.048 -> 0.018 / 0.013
+    assert result["weights"]["cc"] > 0.5  # 0.64 / 0.73 (untrained: 0.01)
     logged = trained["logged"]  # the LightningModule's own metrics on the same held-out set
-    assert logged["val/cc_implausibility"] > 0.5 and logged["val/auc_judd_implausibility"] > 0.85
-    assert logged["val/plcc_plausibility"] > 0.5  # the score follows the square size; measured 0.85
+    assert logged["val/cc_implausibility"] > 0.5 and logged["val/auc_judd_implausibility"] > 0.85  # AUC 0.89 / 0.95
+    assert logged["val/plcc_plausibility"] > 0.5  # the score follows the square size: 0.64 / 0.83
 
 
 # ---- (c) the reward-head contract on the trained weights -------------------------------------------------------
