@@ -3,20 +3,17 @@ model card says, and its training script runs deterministically."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from fnf.worlds.shapes.evaluate_t2i import alignment_stats, flaw_rate, load_flow, sample_flow
-from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, tempting_prompts
+from fnf.worlds.shapes.evaluate_t2i import load_flow, sample_flow
+from model_card import PROMPT_SETS, assert_measures_as_card, card_rates  # tests/model_card.py
 
 FOLDER = Path(__file__).parents[1] / "fnf" / "worlds" / "shapes" / "weights" / "shapes-flow"
 N = 48  # prompts per set: the first 48 of the card's 200 (same seed 0, so the same prompts and x_T)
-PROMPT_SETS = {"held-out prompts": heldout_prompts, "artifact prompt set": artifact_prompts,
-               "tempting prompt set": tempting_prompts}
 
 
 def _card() -> str:
@@ -24,12 +21,7 @@ def _card() -> str:
 
 
 def _card_row(row: str) -> dict[str, float]:
-    """The rates (fractions) the model card's "Measured quality" table gives for ``row``; empty cells are left out."""
-    line = next((line for line in _card().splitlines() if line.startswith(f"| {row}")), None)
-    assert line, f"MODEL_CARD.md: no table row {row!r}"
-    cells = [cell.strip() for cell in line.strip().strip("|").split("|")][1:]  # alignment | defect | unsafe
-    rates = {name: re.search(r"([\d.]+)%", cell) for name, cell in zip(("alignment", "defect", "unsafe"), cells)}
-    return {name: float(found.group(1)) / 100 for name, found in rates.items() if found}
+    return card_rates(_card(), row)
 
 
 def _card_sampler() -> tuple[int, float]:
@@ -37,14 +29,6 @@ def _card_sampler() -> tuple[int, float]:
     found = re.search(r"sampler: (\d+) Euler steps, CFG ([\d.]+)", _card())
     assert found, "MODEL_CARD.md: no 'sampler: N Euler steps, CFG X' line"
     return int(found.group(1)), float(found.group(2))
-
-
-def _band(p: float) -> tuple[float, float]:
-    """p ± 3 binomial standard deviations of a rate measured on N prompts, sqrt(p(1 − p)/N): a correct card's
-    subsample lands inside with ≥ 99.7% probability per rate (conservative: the N are drawn without replacement
-    from the card's 200)."""
-    half = 3 * math.sqrt(p * (1 - p) / N)
-    return p - half, p + half
 
 
 def test_shipped_folder_is_a_plain_sd3_pipeline():
@@ -91,11 +75,7 @@ def test_shipped_model_measures_as_its_card_says(row):
     prompts = [p for p, _ in pairs]
     images = sample_flow(pipe, pairs, steps, guidance, batch=N)
     assert images.shape == (N, 3, 32, 32)
-    measure = {"alignment": lambda: alignment_stats(images, prompts)["alignment"],
-               "defect": lambda: flaw_rate(images, prompts, "defect"),
-               "unsafe": lambda: flaw_rate(images, prompts, "unsafe")}
-    measured = {name: (measure[name](), *(round(b, 3) for b in _band(p))) for name, p in card.items()}
-    assert measured and all(low <= value <= high for value, low, high in measured.values()), measured
+    assert_measures_as_card(images, prompts, card)
 
 
 def test_training_script_is_deterministic_and_writes_an_sd3_folder(tmp_path):

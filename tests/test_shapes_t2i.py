@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import pytest
@@ -11,30 +9,14 @@ import torch
 
 from fnf.pipeline import Text2ImageModel, resolve_model_path
 from fnf.sampling import DDIMSampler, SamplerArgs
-from fnf.worlds.shapes.evaluate_t2i import DEFAULT_GUIDANCE, DEFAULT_STEPS, alignment_stats, flaw_rate, sample
-from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, tempting_prompts
+from fnf.worlds.shapes.evaluate_t2i import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
+from model_card import PROMPT_SETS, assert_measures_as_card, card_rates  # tests/model_card.py
 
 N = 64  # prompts per set: the first 64 of the card's 200 (same seed 0, so the same prompts and x_T)
-PROMPT_SETS = {"held-out prompts": heldout_prompts, "artifact prompt set": artifact_prompts,
-               "tempting prompt set": tempting_prompts}
 
 
 def _card_row(row: str) -> dict[str, float]:
-    """The rates (fractions) the model card's "Measured quality" table gives for ``row``; empty cells are left out."""
-    card = (Path(resolve_model_path("embedded:shapes-t2i")) / "MODEL_CARD.md").read_text()
-    line = next((line for line in card.splitlines() if line.startswith(f"| {row}")), None)
-    assert line, f"MODEL_CARD.md: no table row {row!r}"
-    cells = [cell.strip() for cell in line.strip().strip("|").split("|")][1:]  # alignment | defect | unsafe
-    rates = {name: re.search(r"([\d.]+)%", cell) for name, cell in zip(("alignment", "defect", "unsafe"), cells)}
-    return {name: float(found.group(1)) / 100 for name, found in rates.items() if found}
-
-
-def _band(p: float) -> tuple[float, float]:
-    """p ± 3 binomial standard deviations of a rate measured on N prompts, sqrt(p(1 − p)/N). A correct card's
-    64-prompt subsample lands inside with ≥ 99.7% probability per rate; the bound is conservative, as the 64 are
-    drawn without replacement from the card's 200 (finite-population factor sqrt(136/199) = 0.83)."""
-    half = 3 * math.sqrt(p * (1 - p) / N)
-    return p - half, p + half
+    return card_rates((Path(resolve_model_path("embedded:shapes-t2i")) / "MODEL_CARD.md").read_text(), row)
 
 
 @pytest.mark.parametrize("row", [
@@ -55,11 +37,7 @@ def test_shipped_model_measures_as_its_card_says(row):
     prompts = [p for p, _ in pairs]
     images = sample(model, sampler, pairs, batch=N)
     assert images.shape == (N, 3, 32, 32)
-    measure = {"alignment": lambda: alignment_stats(images, prompts)["alignment"],
-               "defect": lambda: flaw_rate(images, prompts, "defect"),
-               "unsafe": lambda: flaw_rate(images, prompts, "unsafe")}
-    measured = {name: (measure[name](), *(round(b, 3) for b in _band(p))) for name, p in card.items()}
-    assert measured and all(low <= value <= high for value, low, high in measured.values()), measured
+    assert_measures_as_card(images, prompts, card)
 
 
 def test_training_script_is_deterministic(tmp_path):
