@@ -57,7 +57,7 @@ def test_masks_follow_the_judges_defects(artifacts):
     preview, numbers, _ = artifacts
     verdicts = judge(preview.images, preview.prompts)
     assert [v.defect for v in verdicts] == [True, True, False, False], "the shipped model's base images changed"
-    at_config = preview.thresholds.index(0.5)  # configs/artifacts.yaml: masks.threshold 0.5, dilation 2
+    at_config = preview.thresholds.index(preview.mask_args.threshold)  # configs/artifacts.yaml's (0.7, dilation 2)
     for n, verdict in enumerate(verdicts):
         mask = preview.masks[at_config, n, 0] > 0  # (H, W)
         if verdict.defect:
@@ -98,12 +98,13 @@ def test_the_empty_fraction_reported_is_the_count_of_empty_masks(artifacts):
 
 
 def test_saliency_config_through_the_cli(tmp_path, capsys):
-    """configs/safety.yaml: masks from gradient saliency of ShapesSafety, default threshold, via ``fnf preview``."""
+    """configs/safety.yaml: masks from gradient saliency of ShapesSafety at the config's threshold (0.7, no
+    --thresholds), via ``fnf preview``."""
     main(["preview", "--config", str(ROOT / "configs/safety.yaml"), *FAST, "--n", "3", "--out", str(tmp_path)])
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "index.html"))
     numbers = json.loads((tmp_path / "summary.json").read_text())
-    assert numbers["heads"]["ShapesSafety"]["mask"] == "saliency" and numbers["thresholds"] == [0.5]
-    stats = numbers["heads"]["ShapesSafety"]["thresholds"]["0.5"]
+    assert numbers["heads"]["ShapesSafety"]["mask"] == "saliency" and numbers["thresholds"] == [0.7]
+    stats = numbers["heads"]["ShapesSafety"]["thresholds"]["0.7"]
     assert len(stats["area_percent"]) == 3 and stats["empty"] == sum(stats["empty_per_item"])
     assert "ShapesSafety saliency" in (tmp_path / "index.html").read_text()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from distributed_fit import free_port  # tests/distributed_fit.py
 from fnf.cli import main
@@ -78,7 +79,9 @@ def test_one_row_per_item_with_the_base_images_scores_and_mask_areas(scanned):
                           SamplerArgs(num_steps=STEPS, guidance_scale=4.0))
     with torch.no_grad():
         output = ShapesArtifact()(base, [r["prompt"] for r in rows])
-    areas = heatmap_to_mask(output.heatmap, MaskArgs(threshold=0.5, dilation=2)).mean(dim=(1, 2, 3))
+    masks = yaml.safe_load((ROOT / "configs/artifacts.yaml").read_text())["model"]["masks"]
+    areas = heatmap_to_mask(output.heatmap, MaskArgs(threshold=masks["threshold"], dilation=masks["dilation"]))
+    areas = areas.mean(dim=(1, 2, 3))
     assert [r["scores"]["ShapesArtifact"] for r in rows] == pytest.approx(output.score.tolist(), rel=1e-4, abs=1e-6)
     assert [r["mask_area"]["ShapesArtifact"] for r in rows] == pytest.approx(areas.tolist(), abs=1e-6)
     assert [r["union_mask_area"] for r in rows] == [r["mask_area"]["ShapesArtifact"] for r in rows]  # one head
