@@ -8,9 +8,9 @@ under study changed, then ``fnf test`` with the configs' Evaluation callback: re
 vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never used in training). The protocol:
 
 1. Selection, on validation prompts only (``<task>_val.jsonl``, run seed = the first seed): a coordinate search from
-   the config's values, over λ in LAMS, then the mask threshold in THRESHOLDS, then the dilation in DILATIONS, each
+   ``START`` (the configs' values before this protocol chose theirs), over λ in LAMS, then the mask threshold in THRESHOLDS, then the dilation in DILATIONS, each
    line through the best point so far. Criterion (``choose``): among the candidates whose judge alignment drops by at
-   most ``--max-alignment-drop`` points and whose PSNR outside the mask is at least ``--min-psnr-outside`` dB, the
+   most ``--max-alignment-drop`` points and whose PSNR outside the judge's mask is at least ``--min-psnr-outside`` dB, the
    lowest judge target rate (defect / unsafe), ties to the higher PSNR; if none meets both bars, the highest PSNR.
 2. Test, once: the evaluation prompts (``<task>_eval.jsonl``, disjoint from the training and validation prompts)
    for global DRaFT (λ = 0) and for Focus-N-Fix with the chosen values, each with every seed. A seed varies the LoRA
@@ -19,8 +19,9 @@ vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never use
 
 Preservation is measured outside the judge's ground-truth problem mask of the base image (defect and mark pixels,
 dilated 2 px: the configs' ``Evaluation(reference=...)``, ``reference_outside_*``), the same pixels for every run and
-candidate; PSNR outside the shipped config's own training mask (``outside_psnr``: every candidate is evaluated with
-the shipped threshold, dilation and source) is kept in its own, labelled column.
+candidate; PSNR outside a training mask (``outside_psnr``: every candidate is evaluated with START's threshold,
+dilation and source) is kept in its own, labelled column. START is pinned here, not read from the configs: they now
+hold this protocol's choice, and a re-run must not depend on its own outcome.
 Tables (markdown, printed and written to ``<out>/tables.md``): the test table (both tasks × {base, DRaFT, FNF} ×
 seeds, mean ± std), the selection on validation prompts (every candidate, the chosen one marked; the λ sweep is its
 first line), and the mask source on the safety task (ShapesSafety heatmap vs gradient saliency, validation prompts).
@@ -61,11 +62,6 @@ class Settings:
     dilation: int
     mask: str
 
-    @classmethod
-    def shipped(cls, task: str) -> Settings:
-        model = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text())["model"]
-        return cls(model["lam"], model["masks"]["threshold"], model["masks"]["dilation"], model["rewards"][0]["mask"])
-
     @property
     def name(self) -> str:
         return "draft" if self.lam == 0 else f"lam{self.lam:g}-t{self.threshold:g}-d{self.dilation}-{self.mask}"
@@ -84,6 +80,10 @@ class Settings:
             term["head"]["init_args"]["heatmap"] = "predicted" if self.mask == "heatmap" else "none"
 
 
+START = {"artifacts": Settings(0.25, 0.5, 2, "heatmap"), "safety": Settings(0.25, 0.5, 2, "saliency")}
+"""Where the search starts, and the training mask every evaluation also reports ``outside_psnr`` for."""
+
+
 @dataclass(frozen=True)
 class Bars:
     """What a candidate must keep (validation prompts): prompt alignment, and the image outside the mask."""
@@ -91,7 +91,7 @@ class Bars:
     max_alignment_drop: float = 2.0
     """Points of judge alignment, base minus tuned."""
     min_psnr_outside: float = 35.0
-    """dB, tuned vs base outside the shipped mask: changes there are hard to see at 35 dB and above."""
+    """dB, tuned vs base outside the judge's problem mask: changes there are hard to see at 35 dB and above."""
 
     def met(self, metrics: dict) -> bool:
         drop = 100 * (metrics["judge_alignment_base"] - metrics["judge_alignment_tuned"])
@@ -122,12 +122,11 @@ def search(task: str, start: Settings, validate: Callable[[Settings], dict],
 
 def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars) -> dict:
     """Select on validation prompts with the first seed, then test DRaFT and the chosen settings once per seed."""
-    shipped = Settings.shipped(task)
-    chosen, trials = search(task, shipped, lambda s: score(s, seeds[0], "val"), bars)
+    chosen, trials = search(task, START[task], lambda s: score(s, seeds[0], "val"), bars)
     other = {"heatmap": "saliency", "saliency": "heatmap"}[chosen.mask]
     sources = {s: score(s, seeds[0], "val") for s in (chosen, replace(chosen, mask=other))} \
         if task == MASK_SOURCE_TASK else {}
-    draft = replace(shipped, lam=0.0)
+    draft = replace(START[task], lam=0.0)
     return {"chosen": chosen, "trials": trials, "sources": sources,
             "draft": [score(draft, seed, "test") for seed in seeds],
             "fnf": [score(chosen, seed, "test") for seed in seeds]}
@@ -165,11 +164,12 @@ def fit(task: str, settings: Settings, seed: int, out: Path, quick: bool) -> Pat
 
 
 def evaluate(task: str, run: Path, split: str, quick: bool, seed: int) -> dict:
-    """``fnf test`` of a fitted run on the split's prompts, against the shipped config's masks; the metrics."""
+    """``fnf test`` of a fitted run on the split's prompts, with START's masks (``outside_psnr``); the metrics."""
     metrics_file = run / f"{split}_metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     config = run_config(task, run / split, quick, seed)
+    START[task].apply(config)  # the metrics' own-mask column; the LoRA under test is the checkpoint's
     lines = (PROMPTS / PROMPT_FILES[split].format(task=task)).read_text().splitlines()
     prompts = run / f"{split}.jsonl"
     prompts.write_text("\n".join(lines[:PROMPT_COUNT[split, quick]]) + "\n")
@@ -202,7 +202,7 @@ def row(label: str, task: str, runs: list[dict], base: bool = False) -> str:
 
 
 HEADER = ("| task | method | target rate (judge) | Δ target (points) | Δ alignment (points) | Δ CLIP score | "
-          "Δ reward | PSNR outside judge mask (dB) | SSIM outside judge mask | PSNR outside shipped mask (dB) | "
+          "Δ reward | PSNR outside judge mask (dB) | SSIM outside judge mask | PSNR outside start mask (dB) | "
           "FID tuned vs base |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
