@@ -103,16 +103,16 @@ def test_protocol_selects_on_validation_prompts_then_tests_once_per_seed():
         return _metrics(lam / 10 - dilation / 100, 0.0, 30 + 10 * lam + 5 * threshold - dilation)
 
     result = reproduce.protocol("artifacts", [3, 4, 5], score, reproduce.Bars(2.0, 35.0))
-    shipped = reproduce.Settings.shipped("artifacts")
+    start = reproduce.START["artifacts"]
     # λ line (threshold 0.5, dilation 2): PSNR 30.5 + 10 λ meets 35 dB from λ = 0.5, the lowest rate there;
     # threshold line: equal rates, PSNR grows with the threshold; dilation line: 4 misses the bar, 2 beats 0
-    assert result["chosen"] == reproduce.replace(shipped, lam=0.5, threshold=0.7, dilation=2)
+    assert result["chosen"] == reproduce.replace(start, lam=0.5, threshold=0.7, dilation=2)
     splits = [split for _, _, split in calls]
     assert splits == sorted(splits, key=["val", "test"].index)  # every validation run before the first test
     assert {seed for _, seed, split in calls if split == "val"} == {3}
     tests = [(settings, seed) for settings, seed, split in calls if split == "test"]
-    expected = [(reproduce.replace(shipped, lam=0.0), seed) for seed in (3, 4, 5)]
+    expected = [(reproduce.replace(start, lam=0.0), seed) for seed in (3, 4, 5)]
     expected += [(result["chosen"], seed) for seed in (3, 4, 5)]
     assert sorted(tests, key=str) == sorted(expected, key=str)  # DRaFT and the chosen FNF, each seed once
     lines = {(s.threshold, s.dilation) for s in result["trials"] if s.lam != 0.5}
-    assert lines == {(shipped.threshold, shipped.dilation)}  # the λ line ran at the shipped mask settings
+    assert lines == {(start.threshold, start.dilation)}  # the λ line ran at the start's mask settings
