@@ -129,6 +129,8 @@ def _mlflow_scalars(run: Path) -> list[tuple[str, int, float]]:
         if metrics.is_dir() and (metrics.parent / "meta.yaml").is_file():
             for history in sorted(p for p in metrics.rglob("*") if p.is_file()):
                 tag = history.relative_to(metrics).as_posix()
+                if not _curve_tag(tag):
+                    continue
                 for line in history.read_text().splitlines():
                     _, value, step = line.split()[:3]
                     scalars.append((tag, int(step), float(value)))
