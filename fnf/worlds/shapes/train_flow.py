@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           PreTrainedTokenizerFast, T5Config, T5EncoderModel)
 
-from fnf.worlds.shapes.train_t2i import (MAX_TOKENS, WORDS, PhraseProbe, ema_update, flaw_weight, haar_latents,
-                                         scene_batch, tokenize, warmup_cosine)
+from fnf.worlds.shapes.train_t2i import (MAX_TOKENS, WORDS, PhraseProbe, denoiser_batch, ema_update, flaw_weight,
+                                         tokenize, warmup_cosine)
 from fnf.worlds.shapes.training_run import TrainingRun, args_parser, parsed_args
 from fnf.worlds.tokenizer import build_t5_like_tokenizer
 
@@ -173,10 +173,7 @@ def train_flow(pipe: StableDiffusion3Pipeline, probe: PhraseProbe, args: FlowArg
         if time.time() > deadline:
             log(f"flow: time cap hit at step {step}")
             break
-        batch = scene_batch(args.batch, args, step, stream=1)
-        x0 = haar_latents(batch["images"]) * scaling  # (B, 4, 16, 16)
-        drop = torch.rand(len(x0), generator=gen) < args.cfg_dropout
-        prompts = ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
+        batch, x0, prompts = denoiser_batch(args, step, scaling, gen)  # x0: (B, 4, 16, 16)
         sigma = sample_sigmas(len(x0), args, gen)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)

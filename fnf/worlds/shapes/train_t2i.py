@@ -245,6 +245,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(p, 1 - decay)
 
 
+def denoiser_batch(args, step: int, scaling: float, gen: torch.Generator) -> tuple[dict, Tensor, list[str]]:
+    """Step ``step``'s scenes (with their flaw masks), as scaled Haar latents (B, 4, 16, 16), and their prompts, each
+    dropped to "" with probability ``args.cfg_dropout`` (classifier-free guidance); the UNet and flow trainers'."""
+    batch = scene_batch(args.batch, args, step, stream=1)
+    latents = haar_latents(batch["images"]) * scaling
+    drop = torch.rand(len(latents), generator=gen) < args.cfg_dropout
+    return batch, latents, ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
+
+
 def train_unet(unet, text_encoder, probe: PhraseProbe, tokenizer, scheduler: DDIMScheduler, scaling: float,
                args: TrainArgs, deadline: float, log, checkpoint) -> tuple[nn.Module, nn.Module, int]:
     """v-prediction on Haar latents x scaling (+ the phrase probe).
@@ -263,10 +272,7 @@ def train_unet(unet, text_encoder, probe: PhraseProbe, tokenizer, scheduler: DDI
         if time.time() > deadline:
             log(f"unet: time cap hit at step {step}")
             break
-        batch = scene_batch(args.batch, args, step, stream=1)
-        latents = haar_latents(batch["images"]) * scaling  # (B, 4, 16, 16)
-        drop = torch.rand(len(latents), generator=gen) < args.cfg_dropout
-        prompts = ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
+        batch, latents, prompts = denoiser_batch(args, step, scaling, gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
