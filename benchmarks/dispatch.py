@@ -22,7 +22,9 @@ then per step ``training_step`` (``log``/``log_dict`` patched to no-ops), backwa
 
 Columns: ms per top-level UNet call (forward hooks; checkpointed steps add their recompute calls), UNet calls per
 step, aten ops per step (a TorchDispatchMode counting every op below autograd, forward, backward and optimizer, in
-one extra untimed step; none for the compiled variant), median step time over the timed steps, first-step time
+one extra untimed step, with every variant's gradient-free steps under no_grad: in inference mode the counter is
+handed composite ops undecomposed (``linear`` instead of ``t``/``view``/``mm``), fewer counts for the same kernels;
+none for the compiled variant), median step time over the timed steps, first-step time
 (includes torch.compile's compilation), ratios to the hand-written step's time and to the flags-off op count,
 and the last step's loss (equal across fnf variants up to float rounding: the levers change cost, not math).
 """
@@ -39,6 +41,7 @@ from argparse import Namespace
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 import lightning as L
 import torch
@@ -55,7 +58,7 @@ from fnf.compute import ComputeArgs
 from fnf.data import collate
 from fnf.masks import MaskArgs
 from fnf.module import FocusNFix, RewardTerm
-from fnf.pipeline import LoraArgs
+from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.rewards import ColorRegion
 from fnf.sampling import SamplerArgs
 
@@ -63,11 +66,14 @@ PROXY_UNET = SD15_UNET | dict(sample_size=8, block_out_channels=(32, 64, 128, 12
                               norm_num_groups=32)
 PROXY_VAE = SD15_VAE | dict(block_out_channels=(16, 32, 64, 64), norm_num_groups=16, sample_size=64)
 PROXY_TEXT = SD15_TEXT | dict(hidden_size=64, intermediate_size=256, num_attention_heads=4)
+OFF = dict(fused_base=False, fold_lora=False, fold_lora_grad=False, checkpointing="per_step", inference_mode=False)
 FNF_VARIANTS = [  # (name, SamplerArgs flags, ComputeArgs kwargs or None for the defaults)
-    ("fnf (before: flags off)", dict(fused_base=False, fold_lora=False, checkpointing="per_step"), None),
-    ("+ fused base", dict(fused_base=True, fold_lora=False), None),
-    ("+ folded LoRA", dict(fused_base=False, fold_lora=True), None),
-    ("+ checkpointing off", dict(fused_base=False, fold_lora=False, checkpointing="off"), None),
+    ("fnf (before: flags off)", OFF, None),
+    ("+ fused base", OFF | dict(fused_base=True), None),
+    ("+ folded LoRA", OFF | dict(fold_lora=True), None),
+    ("+ folded LoRA in grad steps", OFF | dict(fold_lora_grad=True), None),
+    ("+ checkpointing off", OFF | dict(checkpointing="off"), None),
+    ("+ inference mode", OFF | dict(inference_mode=True), None),
     ("all default levers on", dict(), None),
     ("all on + checkpointing off", dict(checkpointing="off"), None),
 ]
@@ -141,7 +147,8 @@ class Variant:
             self.unet_seconds += self.clock.seconds - seconds
 
     def count_ops(self, i: int) -> None:
-        with OpCounter() as counter:
+        no_grad = patch.object(Text2ImageModel, "gradient_free_mode", lambda model: torch.no_grad())
+        with no_grad, OpCounter() as counter:
             self.step(i)
         self.ops = counter.counts
 
@@ -154,7 +161,10 @@ def hand_written(args, batch: int) -> Variant:
 
 
 def fnf_variant(args, batch: int, name: str, flags: dict, compute: dict | None) -> Variant:
-    """A FocusNFix module with these sampler flags and speed levers (``fnf.compute.ComputeArgs``)."""
+    """A FocusNFix module with these sampler flags and speed levers (``fnf.compute.ComputeArgs``); the flag
+    ``inference_mode: false`` runs gradient-free steps under no_grad, as before issue 12 (not a setting of fnf)."""
+    flags = dict(flags)
+    inference_mode = flags.pop("inference_mode", True)
     torch.manual_seed(0)  # the same LoRA initialisation as the hand-written loop
     module = FocusNFix(
         rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(args.model_dir), lam=args.lam,
@@ -162,6 +172,8 @@ def fnf_variant(args, batch: int, name: str, flags: dict, compute: dict | None) 
         masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank),
         optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1), compute=ComputeArgs(**(compute or {})))
     module.to(args.device).train()
+    if not inference_mode:
+        module.model.gradient_free_mode = torch.no_grad
     module.log = module.log_dict = lambda *a, **k: None  # no Trainer: Lightning's log would warn on every call
     module.trainer = L.Trainer(accelerator=args.device, devices=1, logger=False, enable_checkpointing=False,
                                enable_progress_bar=False, enable_model_summary=False)

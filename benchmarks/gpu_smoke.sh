@@ -47,7 +47,7 @@ part() {  # SIGKILL 2 s after the limit: Lightning defers SIGTERM to the end of 
 "$PY" -c "import torch, diffusers, peft, lightning; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
 part 120 $STEP --batch 1 --steps 3 --variants before all draft
 part 35 "$PY" -m pytest -q -p no:cacheprovider tests/test_device_syncs.py
-part 90 $STEP --batch 1 --steps 2 --variants fused fold frozen layout no_ckpt
+part 90 $STEP --batch 1 --steps 2 --variants fused fold fold_grad inference frozen layout no_ckpt
 part 75 $STEP --batch 4 8 --steps 2 --variants before all
 part 30 $STEP --batch 1 --steps 1 --variants all --profile 12
 part 50 $STEP --batch 1 --steps 2 --variants all+compile all+graphs

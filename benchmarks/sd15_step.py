@@ -11,8 +11,10 @@
 
 Variants (issue 12's levers; ``--checkpointing`` applies where a variant does not set it):
 ``before`` the step as before the levers (two sampling passes, float32 frozen weights, contiguous, no cudnn
-benchmark); ``fused`` one fused base+tuned pass; ``fold`` LoRA folded in gradient-free steps; ``frozen``
-frozen weights in the compute dtype; ``layout`` channels_last + cudnn.benchmark; ``no_ckpt`` checkpointing off; ``all`` every lever (checkpointing off);
+benchmark); ``fused`` one fused base+tuned pass; ``fold`` LoRA folded in gradient-free steps; ``fold_grad`` in
+the differentiable steps; ``inference`` gradient-free steps in inference mode (not an fnf setting: always on;
+``before`` emulates no_grad); ``frozen`` frozen weights in the compute dtype; ``layout`` channels_last +
+cudnn.benchmark; ``no_ckpt`` checkpointing off; ``all`` every lever (checkpointing off);
 ``all+compile`` / ``all+graphs`` the same with ``compile: unet`` / ``unet+graphs``; ``draft`` all levers with
 λ = 0 and ``train_base: if_needed`` (plain DRaFT, no I0): the reference for the cost of region awareness.
 
@@ -146,11 +148,13 @@ def strategy(name: str):
     return FSDPStrategy(use_orig_params=True, auto_wrap_policy=set(SHARDED_BLOCKS))
 
 
-BEFORE = dict(fused_base=False, fold_lora=False, frozen_dtype="float32", memory_format="contiguous", benchmark=False)
-ALL = dict(fused_base=True, fold_lora=True, frozen_dtype="auto", memory_format="channels_last", benchmark=True,
-           checkpointing="off")
+BEFORE = dict(fused_base=False, fold_lora=False, fold_lora_grad=False, inference_mode=False, frozen_dtype="float32",
+              memory_format="contiguous", benchmark=False)
+ALL = dict(fused_base=True, fold_lora=True, fold_lora_grad=True, inference_mode=True, frozen_dtype="auto",
+           memory_format="channels_last", benchmark=True, checkpointing="off")
 VARIANTS = {
     "before": BEFORE, "fused": BEFORE | dict(fused_base=True), "fold": BEFORE | dict(fold_lora=True),
+    "fold_grad": BEFORE | dict(fold_lora_grad=True), "inference": BEFORE | dict(inference_mode=True),
     "frozen": BEFORE | dict(frozen_dtype="auto"),
     "layout": BEFORE | dict(memory_format="channels_last", benchmark=True), "no_ckpt": BEFORE | dict(checkpointing="off"),
     "all": ALL, "all+compile": ALL | dict(compile="unet"), "all+graphs": ALL | dict(compile="unet+graphs"),
@@ -192,13 +196,16 @@ def measure(model: Path, args, batch: int, checkpointing: str, precision: str, v
         rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(model), lam=levers["lam"],
         sampler=SamplerArgs(num_steps=args.num_steps, k=args.k, guidance_scale=family.guidance_scale,
                             checkpointing=levers["checkpointing"], fused_base=levers["fused_base"],
-                            fold_lora=levers["fold_lora"], resolution=args.resolution),
+                            fold_lora=levers["fold_lora"], fold_lora_grad=levers["fold_lora_grad"],
+                            resolution=args.resolution),
         masks=MaskArgs(threshold=0.5, dilation=1),
         lora=LoraArgs(rank=args.rank, target_modules=list(family.target_modules)),
         optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1), train_base=levers["train_base"],
         compute=ComputeArgs(frozen_dtype=levers["frozen_dtype"], memory_format=levers["memory_format"],
                             compile=levers["compile"]),
     )
+    if not levers["inference_mode"]:  # gradient-free steps under no_grad, as before issue 12 (not an fnf setting)
+        module.model.gradient_free_mode = torch.no_grad
     if blocks is not None:  # before fit: the optimizer and the LoRA passes only see the blocks kept
         transformer = module.model.denoiser
         transformer.transformer_blocks = transformer.transformer_blocks[:blocks[0]]

@@ -1,10 +1,15 @@
-"""How the UNet's LoRA runs in gradient-free sampling steps: folded into one weight, and base/tuned row pairs.
+"""How the UNet's LoRA runs in sampling steps: folded into one weight, and base/tuned row pairs.
 
-All but the last K steps of each chain run without gradients, and on a GPU their cost is per-call work (op
-dispatch, kernel launches), not arithmetic. Two levers, both exact up to float rounding:
+On a GPU a sampling step's cost is per-call work (op dispatch, kernel launches), not arithmetic. Three levers,
+all exact up to float rounding:
 
-- fold (``SamplerArgs.fold_lora``): each LoRA Linear runs as one matmul with W_θ = W + s·B·A, computed once per
-  pass, instead of peft's base matmul, A, B, scale and add in every call (~14 aten ops -> 4);
+- fold (``SamplerArgs.fold_lora``): in gradient-free steps each LoRA Linear runs as one matmul with
+  W_θ = W + s·B·A, computed once per pass, instead of peft's base matmul, A, B, scale and add in every call
+  (~14 aten ops -> 4);
+- fold with gradients (``SamplerArgs.fold_lora_grad``): the same in the differentiable steps, W_θ built once per
+  chain with the graph to A and B, so forward, checkpoint recompute and backward of every call skip peft's
+  LoRA ops; the K steps' weight gradients meet in W_θ and flow to A and B once. Costs one copy of the targeted
+  weights in the compute dtype while the step's graph lives;
 - pair (``SamplerArgs.fused_base``): one UNet call carries the base model θ0 on the first half of the batch and
   the tuned model θ on the second half. A folded layer multiplies the halves by W and W_θ in one batched matmul;
   every other LoRA layer (convolutions, FSDP-sharded or dropout-active layers) zeroes its LoRA ``A`` output on
@@ -50,26 +55,47 @@ class BaseRowsOff:
 def gradient_free_lora(unet: nn.Module, base_rows_off: BaseRowsOff, pair: bool, fold: bool):
     """Within the block (no gradients), UNet calls run the LoRA folded (``fold``) and, with ``pair``, treat the
     first half of every batch as the base model θ0 and the second half as the tuned model θ."""
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-    folded = [layer for layer in layers if _foldable(layer)] if fold and not _compiled(unet) else []
-    with ExitStack() as stack:
-        for layer in folded:
-            stack.enter_context(_folded(layer, pair))
+    with torch.no_grad(), ExitStack() as stack:
+        folded = FoldedLora(unet, pair) if fold else FoldedLora.none()
+        stack.enter_context(folded.installed())
         if pair:
-            folded_ids = {id(layer) for layer in folded}
-            rest = [layer for layer in layers if id(layer) not in folded_ids]
+            rest = [m for m in unet.modules() if isinstance(m, LoraLayer) and m not in folded.forwards]
             base_rows_off.install(rest)
             base_rows_off.active = True
             stack.callback(setattr, base_rows_off, "active", False)
-        with torch.no_grad():
+        yield
+
+
+class FoldedLora:
+    """The foldable LoRA Linears of a UNet with W_θ = W + s·B·A built once, under the grad mode of the moment:
+    with gradients enabled, W_θ carries them to A and B. ``installed()`` swaps the folded forwards in; a
+    checkpointed step's recomputation in backward installs the same forwards again (the same W_θ)."""
+
+    def __init__(self, unet: nn.Module | None, pair: bool = False) -> None:
+        layers = [] if unet is None or _compiled(unet) else [m for m in unet.modules() if _foldable(m)]
+        self.forwards = {layer: _folded_forward(layer, pair) for layer in layers}
+
+    @classmethod
+    def none(cls) -> FoldedLora:
+        """No folded layer: peft's LoRA layers run as they are."""
+        return cls(None)
+
+    @contextmanager
+    def installed(self):
+        for layer, forward in self.forwards.items():
+            layer.forward = forward
+        try:
             yield
+        finally:
+            for layer in self.forwards:
+                del layer.forward  # back to peft's class forward
 
 
 def _compiled(unet: nn.Module) -> bool:
     return getattr(unet, "_fnf_compiled", False)
 
 
-def _foldable(layer: LoraLayer) -> bool:
+def _foldable(layer: nn.Module) -> bool:
     """A plain LoRA Linear with one active adapter whose output in this pass is W x + s·B·A x exactly."""
     if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
         return False
@@ -79,24 +105,17 @@ def _foldable(layer: LoraLayer) -> bool:
     return isinstance(layer.lora_dropout[adapter], nn.Identity) or not layer.training  # no dropout in this pass
 
 
-@contextmanager
-def _folded(layer: LoraLinear, pair: bool):
+def _folded_forward(layer: LoraLinear, pair: bool):
     adapter, base = layer.active_adapters[0], layer.base_layer
     kind = base.weight.device.type
     autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
     dtype = torch.get_autocast_dtype(kind) if autocast else base.weight.dtype  # cast once here, not per call
-    with torch.no_grad():
-        delta = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]  # (out, in)
-        tuned = (base.weight + delta).to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        if pair:  # (2, in, out): [W^T; W_θ^T] for the [θ0 rows; θ rows] halves
-            layer.forward = partial(_pair_forward, torch.stack([base.weight.to(dtype), tuned]).mT, bias)
-        else:
-            layer.forward = partial(F.linear, weight=tuned, bias=bias)
-    try:
-        yield
-    finally:
-        del layer.forward  # back to peft's class forward
+    delta = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]  # (out, in)
+    tuned = (base.weight + delta).to(dtype)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    if pair:  # (2, in, out): [W^T; W_θ^T] for the [θ0 rows; θ rows] halves
+        return partial(_pair_forward, torch.stack([base.weight.to(dtype), tuned]).mT, bias)
+    return partial(F.linear, weight=tuned, bias=bias)
 
 
 def _pair_forward(weights: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:

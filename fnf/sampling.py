@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from fnf.lora_passes import FoldedLora
 from fnf.pipeline import Text2ImageModel, TextEmbedding
 
 GradMode = Literal["none", "full", "last_k", "lv"]
@@ -51,6 +53,10 @@ class SamplerArgs:
     fold_lora: bool = True
     """Gradient-free steps run each LoRA Linear as one matmul with W + s·B·A, folded once per pass (exact up to
     float rounding); false: peft's LoRA layers in every call."""
+    fold_lora_grad: bool = True
+    """Differentiable steps run each LoRA Linear as one matmul too: W + s·B·A built once per chain with gradients
+    to the LoRA (exact up to float rounding; holds one copy of the LoRA-targeted weights while the step's graph
+    lives); false: peft's LoRA layers, forward and backward."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -160,33 +166,44 @@ class Sampler(ABC):
         return steps - {"none": 0, "lv": 0, "full": steps, "last_k": self.args.k}[grad_mode]
 
     def _denoise(self, latents: Tensor, condition: TextEmbedding, start: int, stop: int, chains: int = 1) -> Tensor:
-        """Steps ``start:stop`` without gradients; ``chains`` independent chains stacked in ``latents``."""
-        with torch.no_grad():
+        """Steps ``start:stop`` without gradients; ``chains`` independent chains stacked in ``latents``.
+
+        The steps run in the model's ``gradient_free_mode`` (inference mode where it can); the result leaves as a
+        normal tensor, as the tuned chain's differentiable steps continue from it."""
+        if start == stop:  # DRaFT (full): no gradient-free step; x_T keeps its autograd history
+            return latents
+        with self.model.gradient_free_mode():
             for i in range(start, stop):
                 latents = self._step(latents, i, condition, chains)
-        return latents
+        return latents.clone()
 
     def _finish(self, latents: Tensor, start: int, text: TextEmbedding, uncond: TextEmbedding,
                 grad_mode: GradMode) -> Sample:
         """Steps ``start:`` (differentiable unless ``grad_mode`` is none), DRaFT-LV's extra step, then decode."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and grad_mode != "none"):
-            condition = self._guided(text, uncond)
-            for i in range(start, len(self.timesteps)):
-                latents = self._maybe_checkpoint(self._step, latents, i, condition)
-            if grad_mode == "lv":
-                latents = self._lower_variance_step(latents.detach(), text, uncond)
-            return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
+        grad = torch.is_grad_enabled() and grad_mode != "none"
+        fold = (self.args.fold_lora_grad if grad else self.args.fold_lora) and start < len(self.timesteps)
+        with torch.set_grad_enabled(grad):
+            folded = self.model.folded_lora(fold)
+            with folded.installed():
+                condition = self._guided(text, uncond)
+                for i in range(start, len(self.timesteps)):
+                    latents = self._maybe_checkpoint(self._step, latents, i, condition, recompute_in=folded)
+                if grad_mode == "lv":
+                    latents = self._lower_variance_step(latents.detach(), text, uncond, folded)
+                return Sample(latents, self._maybe_checkpoint(self.model.decode, latents))
 
     def _guided(self, text: TextEmbedding, uncond: TextEmbedding) -> TextEmbedding:
         """The denoiser's conditioning: [unconditional; prompt] rows for classifier-free guidance, else the prompt."""
         return TextEmbedding.cat([uncond, text]) if self.classifier_free else text
 
-    def _lower_variance_step(self, x0: Tensor, text: TextEmbedding, uncond: TextEmbedding) -> Tensor:
+    def _lower_variance_step(self, x0: Tensor, text: TextEmbedding, uncond: TextEmbedding,
+                             folded: FoldedLora) -> Tensor:
         """DRaFT-LV: re-noise x_0 to the last timestep n times and take one differentiable step each."""
         n, last = self.args.lv_samples, len(self.timesteps) - 1
         x0 = x0.repeat(n, 1, 1, 1)  # (n·B, C, h, w), sample i of prompt b at i·B + b
         noisy = self._renoise(x0, torch.randn_like(x0), last)
-        return self._maybe_checkpoint(self._step, noisy, last, self._guided(text.repeat(n), uncond.repeat(n)))
+        condition = self._guided(text.repeat(n), uncond.repeat(n))
+        return self._maybe_checkpoint(self._step, noisy, last, condition, recompute_in=folded)
 
     def _step(self, latents: Tensor, i: int, condition: TextEmbedding, chains: int = 1) -> Tensor:
         """Step i, classifier-free guided when ``condition`` has both halves.
@@ -211,9 +228,12 @@ class Sampler(ABC):
             self._unet_timesteps[device] = to_device(self.timesteps, device)
         return self._unet_timesteps[device]
 
-    def _maybe_checkpoint(self, fn, *args):
+    def _maybe_checkpoint(self, fn, *args, recompute_in: FoldedLora | None = None):
+        """``fn(*args)``, recomputed in backward with per-step checkpointing; the recomputation runs with the same
+        folded LoRA weights as the forward (``recompute_in``), whose block has ended by then."""
         if self.args.checkpointing == "per_step" and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            recompute = recompute_in.installed if recompute_in is not None else nullcontext
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recompute()))
         return fn(*args)
 
 

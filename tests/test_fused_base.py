@@ -1,9 +1,11 @@
-"""The gradient-free levers: I0 and I share one UNet call per gradient-free step (fused_base) and the LoRA runs
-folded into one weight (fold_lora), and nothing else changes: compared with two passes through peft's layers.
+"""The sampling levers: I0 and I share one UNet call per gradient-free step (fused_base), the LoRA runs folded into
+one weight in gradient-free (fold_lora) and differentiable steps (fold_lora_grad), and nothing else changes:
+compared with two passes through peft's layers.
 
 A batch of 2B or 4B rows rounds differently from B rows (BLAS blocking), and guidance 7.5 amplifies that per step:
 in float32 the latents (|x_0| up to ~16 on these random models) agree to 1e-4 with CFG and bit for bit without,
-images to 1e-5. In float64 the two paths agree to 1e-10: the fused pass is the same arithmetic.
+images to 1e-5; LoRA gradients to 1e-5 except full DRaFT with CFG (5 differentiable steps: 2e-5 on a gradient
+whose largest entry is 1.75). In float64 every path agrees to 1e-10: the levers are the same arithmetic.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ STEPS, K = 5, 2
 PROMPTS = ["a red circle top left", "a blue square"]
 
 
-TOLERANCE = {torch.float32: dict(latents=1e-4, images=1e-5, grads=1e-5), torch.float64: dict(latents=1e-10, images=1e-10, grads=1e-10)}
+TOLERANCE = {torch.float32: dict(latents=1e-4, images=1e-5, grads=3e-5),
+             torch.float64: dict(latents=1e-10, images=1e-10, grads=1e-10)}
 
 
 def _trained_looking(model_dir: str, dtype: torch.dtype = torch.float32) -> Text2ImageModel:
@@ -43,9 +46,8 @@ def _inputs(model):
     return noise, model.encode_prompts(PROMPTS), model.unconditional().expand(len(PROMPTS))
 
 
-PLAIN = dict(fused_base=False, fold_lora=False)
-LEVERS = [dict(fused_base=True, fold_lora=True), dict(fused_base=True, fold_lora=False),
-          dict(fused_base=False, fold_lora=True)]
+PLAIN = dict(fused_base=False, fold_lora=False, fold_lora_grad=False)
+LEVERS = [dict(), PLAIN | dict(fused_base=True), PLAIN | dict(fold_lora=True), PLAIN | dict(fold_lora_grad=True)]
 
 
 def _pair(model, mode, guidance, **levers):
@@ -62,7 +64,7 @@ def _pair(model, mode, guidance, **levers):
     return base, tuned, grads
 
 
-@pytest.mark.parametrize("levers", LEVERS, ids=["fused+folded", "fused", "folded"])
+@pytest.mark.parametrize("levers", LEVERS, ids=["all", "fused", "folded", "folded-grad"])
 @pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("mode", ["none", "last_k", "lv", "full"])
 def test_levers_equal_two_plain_passes(model, mode, guidance, levers):
