@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ def gradient_free_lora(unet: nn.Module, base_rows_off: BaseRowsOff, pair: bool, 
     """Within the block (no gradients), UNet calls run the LoRA folded (``fold``) and, with ``pair``, treat the
     first half of every batch as the base model θ0 and the second half as the tuned model θ."""
     with torch.no_grad(), ExitStack() as stack:
-        folded = FoldedLora(unet, pair) if fold else FoldedLora.none()
+        folded = FoldedLora(unet, pair, same_text=True) if fold else FoldedLora.none()
         stack.enter_context(folded.installed())
         if pair:
             rest = [m for m in unet.modules() if isinstance(m, LoraLayer) and m not in folded.forwards]
@@ -71,9 +72,16 @@ class FoldedLora:
     with gradients enabled, W_θ carries them to A and B. ``installed()`` swaps the folded forwards in; a
     checkpointed step's recomputation in backward installs the same forwards again (the same W_θ)."""
 
-    def __init__(self, unet: nn.Module | None, pair: bool = False) -> None:
+    def __init__(self, unet: nn.Module | None, pair: bool = False, same_text: bool = False) -> None:
+        """``same_text``: every call gets the same prompt-embedding tensor (a gradient-free pass), so the
+        cross-attention key / value projections compute their output once and return it again while their input is
+        that same tensor object."""
         layers = [] if unet is None or _compiled(unet) else [m for m in unet.modules() if _foldable(m)]
         self.forwards = {layer: _folded_forward(layer, pair) for layer in layers}
+        if same_text:
+            for layer in _text_projections(unet):
+                if layer in self.forwards:
+                    self.forwards[layer] = _reusing_last_output(self.forwards[layer])
 
     @classmethod
     def none(cls) -> FoldedLora:
@@ -89,6 +97,26 @@ class FoldedLora:
         finally:
             for layer in self.forwards:
                 del layer.forward  # back to peft's class forward
+
+
+def _text_projections(unet: nn.Module) -> list[nn.Module]:
+    """The key and value projections of cross-attention layers: their input is the prompt embedding."""
+    return [projection for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
+            for projection in (m.to_k, m.to_v)]
+
+
+def _reusing_last_output(forward):
+    """``forward`` that returns its previous output again when called with the same tensor object (which it holds, so
+    the object cannot be freed and its id reused; nothing writes to the prompt embedding in place)."""
+    last_input, last_output = None, None
+
+    def call(x: Tensor) -> Tensor:
+        nonlocal last_input, last_output
+        if x is not last_input:
+            last_input, last_output = x, forward(x)
+        return last_output
+
+    return call
 
 
 def _compiled(unet: nn.Module) -> bool:

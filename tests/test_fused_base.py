@@ -10,9 +10,13 @@ whose largest entry is 1.75). In float64 every path agrees to 1e-10: the levers 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 
+from fnf import lora_passes
 from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
 from fnf.worlds.random_sd import build_random_sdxl
@@ -109,3 +113,59 @@ def test_fused_pass_on_sdxl(tmp_path_factory):
     torch.testing.assert_close(base.latents, base_ref.latents, rtol=0, atol=1e-10)
     torch.testing.assert_close(tuned.latents, tuned_ref.latents, rtol=0, atol=1e-10)
     torch.testing.assert_close(grads, grads_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("levers, peft_lora_runs", [(dict(), False), (dict(fold_lora_grad=False), True),
+                                                    (dict(fold_lora=False), True)], ids=["both", "no-grad-only", "grad-only"])
+def test_folded_layers_replace_peft_lora(model, levers, peft_lora_runs):
+    """With both folds on, peft's LoRA A projections never run in a DRaFT-K step (checkpoint recomputation and
+    backward included); with either off, they do."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *args: calls.append(1)) for name, m in model.unet.named_modules()
+             if ".lora_A." in name and isinstance(m, torch.nn.Linear)]
+    try:
+        _pair(model, "last_k", 7.5, **levers)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert bool(calls) == peft_lora_runs
+
+
+def test_gradient_free_steps_run_in_inference_mode_and_return_normal_tensors(model):
+    modes = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    try:
+        sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K, checkpointing="off"))
+        base, tuned = sampler.with_base(*_inputs(model), "last_k")
+    finally:
+        hook.remove()
+    assert modes == [True] * (STEPS - K) + [False] * (2 * K)
+    assert not any(t.is_inference() for t in (base.latents, base.images, tuned.latents, tuned.images))
+    base.images.requires_grad_(True)  # gradient saliency of I0 needs this (inference tensors refuse it)
+
+
+def test_cross_attention_projects_the_prompt_once_per_gradient_free_pass(model, monkeypatch):
+    """The prompt embedding is the same tensor at every gradient-free step, so each cross-attention key / value
+    projection computes it once per pass and hands the same output to the other steps."""
+    computed, called = Counter(), Counter()
+    reusing = lora_passes._reusing_last_output
+
+    def counted(forward):
+        layer = object()
+
+        def compute(x):
+            computed[layer] += 1
+            return forward(x)
+
+        reuse = reusing(compute)
+
+        def call(x):
+            called[layer] += 1
+            return reuse(x)
+
+        return call
+
+    monkeypatch.setattr(lora_passes, "_reusing_last_output", counted)
+    DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K)).with_base(*_inputs(model), "last_k")
+    assert len(called) == 2 * sum(isinstance(m, Attention) and m.is_cross_attention for m in model.unet.modules())
+    assert set(called.values()) == {STEPS - K} and set(computed.values()) == {1}
