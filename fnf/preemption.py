@@ -11,7 +11,8 @@ callback writes ``last.ckpt`` first (when that batch completed an optimizer step
 checkpoint stands), and ``fnf.cli.main`` exits with ``exit_code``, so job scripts see a preempted run, which
 ``--ckpt_path last`` (or ``auto``) resumes exactly. Registering SIGUSR1 before Lightning does keeps Lightning's
 SLURM handler (a mid-step HPC checkpoint in another folder, then ``scontrol requeue``) out of the way; the job
-script requeues instead (README, "Clusters"). SIGTERM's handler is replaced once training starts (Lightning
+script requeues instead (README, "Clusters"). A signal during validation inside fit is acted on after the current
+validation batch, not after the whole validation and the next training step. SIGTERM's handler is replaced once training starts (Lightning
 installs its own after ``on_fit_start``) and restored by Lightning when the run ends.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -32,6 +34,7 @@ def exit_code(signum: int) -> int:
 class PreemptionCheckpoint(L.Callback):
     signal: int = signal.SIGTERM  # the signal that stopped the run (SIGTERM unless SIGUSR1 came)
     _pending: int = 0  # a signal this process received that the ranks have not yet agreed on
+    _stepped: bool = False  # the last training batch completed an optimizer step (a checkpoint now is exact)
 
     @staticmethod
     def last_path(trainer: L.Trainer) -> Path | None:
@@ -55,6 +58,18 @@ class PreemptionCheckpoint(L.Callback):
             self._previous = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        """Validation inside fit can outlast a preemption's grace period: stop after this validation batch, with
+        the state of the last training step (validation changes nothing in it; Lightning resumes after the
+        validation, which the resumed run skips)."""
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._stop_if_signalled(trainer, pl_module)
+
+    def _stop_if_signalled(self, trainer: L.Trainer, pl_module) -> None:
         signum = self._pending
         if trainer.world_size > 1:  # every rank stops if any rank got a signal
             signum = int(trainer.strategy.reduce(torch.tensor([signum], device=pl_module.device),
@@ -63,9 +78,8 @@ class PreemptionCheckpoint(L.Callback):
             return
         self.signal, self._pending = signum, 0
         trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch, on every rank
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         path = self.last_path(trainer)
-        if stepped and path is not None:
+        if self._stepped and path is not None:
             trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically)
             rank_zero_info(f"fnf: {signal.Signals(self.signal).name}: saved {path} at step {trainer.global_step}; "
                            "resume with --ckpt_path last")

@@ -2,17 +2,32 @@
 
 import os
 import signal
+import sys
 
 from lightning import Callback
 
 
 class KillAtStep(Callback):
     """Send ``signal`` (default kill -9) to this process when the batch after optimizer step ``step`` starts
-    (only in the process of global rank ``rank``, if given)."""
+    (only in the process of global rank ``rank``, if given). ``validation``: instead, when batch 1 of the first
+    validation inside fit at or after that step starts; it prints the step, and every validation batch it sees
+    start after that, to stderr."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None) -> None:
-        self.step, self.signal, self.rank = step, signal, rank
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, validation: bool = False) -> None:
+        self.step, self.signal, self.rank, self.validation = step, signal, rank, validation
+        self.fired = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+        if not self.validation and trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self.validation or trainer.sanity_checking:
+            return
+        if self.fired:
+            print(f"kill_switch: validation batch {batch_idx} started after the signal", file=sys.stderr, flush=True)
+        elif trainer.global_step >= self.step and batch_idx == 1:
+            self.fired = True
+            print(f"kill_switch: {self.signal} in validation after step {trainer.global_step}", file=sys.stderr,
+                  flush=True)
             os.kill(os.getpid(), getattr(signal, self.signal))

@@ -120,6 +120,39 @@ def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_signal_during_validation_stops_it_saves_the_last_step_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """Validation inside fit (3 batches after every 2 training batches) can outlast a grace period: the run stops
+    after the validation batch running when SIGTERM came, with the last training step saved, and resumes exactly."""
+    def config(run: str, kill: bool) -> Path:
+        path = _config(tmp_path, tiny_model_dir, run, 4 if kill else None, "SIGTERM", every=100)
+        data = yaml.safe_load(path.read_text())
+        val = tmp_path / "val.txt"
+        val.write_text("a green square\na red circle bottom\na blue square top\na green circle left\na red square\n")
+        data["data"]["val_file"] = str(val)  # 3 validation batches of 2, 2, 1
+        data["trainer"] |= {"val_check_interval": 2, "num_sanity_val_steps": 0}
+        if kill:
+            data["trainer"]["callbacks"][0]["init_args"]["validation"] = True
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    straight = _fnf("fit", "--config", str(config("straight", kill=False)))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    preempted = _fnf("fit", "--config", str(config("resumed", kill=True)))
+    assert preempted.returncode == 143, preempted.stderr[-2000:]
+    step = int(preempted.stderr.split("kill_switch: SIGTERM in validation after step ")[1].split()[0])
+    assert "started after the signal" not in preempted.stderr  # validation stopped after its batch 1
+    last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == step >= 4
+    assert f"fnf: SIGTERM: saved {last} at step {step}" in preempted.stderr
+    resumed = _fnf("fit", "--config", str(config("resumed", kill=False)), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = (load_file(tmp_path / run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
+                     for run in ("straight", "resumed"))
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_number(tmp_path):
     """The race itself, made certain: both loggers' listings say version_0 is free (Lightning would give both
     runs version_0); the exclusive mkdir gives the second run version_1."""
