@@ -26,7 +26,8 @@ one extra untimed step, with every variant's gradient-free steps under no_grad: 
 handed composite ops undecomposed (``linear`` instead of ``t``/``view``/``mm``), fewer counts for the same kernels;
 none for the compiled variant), median step time over the timed steps, first-step time
 (includes torch.compile's compilation), ratios to the hand-written step's time and to the flags-off op count,
-and the last step's loss (equal across fnf variants up to float rounding: the levers change cost, not math).
+and the last step's loss (equal across fnf variants up to float rounding: the levers change cost, not math;
+plain DRaFT has no fidelity term).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ FNF_VARIANTS = [  # (name, SamplerArgs flags, ComputeArgs kwargs or None for the
     ("+ inference mode", OFF | dict(inference_mode=True), None),
     ("all default levers on", dict(), None),
     ("all on + checkpointing off", dict(checkpointing="off"), None),
+    ("plain DRaFT-K, all default levers (λ = 0, no I0)", dict(lam=0.0, train_base="if_needed"), None),
 ]
 COMPILE_VARIANTS = [("all on + compile", dict(), dict(compile="unet")),
                     ("all on + checkpointing off + compile", dict(checkpointing="off"), dict(compile="unet"))]
@@ -162,14 +164,16 @@ def hand_written(args, batch: int) -> Variant:
 
 def fnf_variant(args, batch: int, name: str, flags: dict, compute: dict | None) -> Variant:
     """A FocusNFix module with these sampler flags and speed levers (``fnf.compute.ComputeArgs``); the flag
-    ``inference_mode: false`` runs gradient-free steps under no_grad, as before issue 12 (not a setting of fnf)."""
+    ``inference_mode: false`` runs gradient-free steps under no_grad, as before issue 12 (not a setting of fnf);
+    ``lam`` and ``train_base`` go to the module (plain DRaFT: λ = 0 and no I0)."""
     flags = dict(flags)
     inference_mode = flags.pop("inference_mode", True)
+    lam, train_base = flags.pop("lam", args.lam), flags.pop("train_base", "always")
     torch.manual_seed(0)  # the same LoRA initialisation as the hand-written loop
     module = FocusNFix(
-        rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(args.model_dir), lam=args.lam,
+        rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=str(args.model_dir), lam=lam,
         sampler=SamplerArgs(num_steps=args.num_steps, k=args.k, guidance_scale=args.guidance, **flags),
-        masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank),
+        masks=MaskArgs(threshold=0.5, dilation=1), lora=LoraArgs(rank=args.rank), train_base=train_base,
         optimizer=partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.1), compute=ComputeArgs(**(compute or {})))
     module.to(args.device).train()
     if not inference_mode:

@@ -5,7 +5,8 @@ all exact up to float rounding:
 
 - fold (``SamplerArgs.fold_lora``): in gradient-free steps each LoRA Linear runs as one matmul with
   W_θ = W + s·B·A, computed once per pass, instead of peft's base matmul, A, B, scale and add in every call
-  (~14 aten ops -> 4);
+  (~14 aten ops -> 4); a cross-attention key / value projection of the prompt, whose input is the same tensor at
+  every step of the pass, runs once per pass;
 - fold with gradients (``SamplerArgs.fold_lora_grad``): the same in the differentiable steps, W_θ built once per
   chain with the graph to A and B, so forward, checkpoint recompute and backward of every call skip peft's
   LoRA ops; the K steps' weight gradients meet in W_θ and flow to A and B once. Costs one copy of the targeted
