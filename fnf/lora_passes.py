@@ -129,9 +129,15 @@ def _foldable(layer: nn.Module) -> bool:
     if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
         return False
     adapter = layer.active_adapters[0]
-    if adapter not in layer.lora_A or adapter in layer.lora_variant or isinstance(layer.base_layer.weight, DTensor):
+    if adapter not in layer.lora_A or adapter in layer.lora_variant or _sharded(layer.base_layer.weight):
         return False
     return isinstance(layer.lora_dropout[adapter], nn.Identity) or not layer.training  # no dropout in this pass
+
+
+def _sharded(weight: Tensor) -> bool:
+    """Sharded outside its module's forward: an FSDP2 ``DTensor``, or an FSDP1 (``use_orig_params``) view of this
+    rank's slice of the flat parameter, 1-D or empty, where the whole (out, in) weight would be."""
+    return isinstance(weight, DTensor) or weight.dim() != 2
 
 
 def _folded_forward(layer: LoraLinear, pair: bool):

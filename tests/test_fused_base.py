@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
+from peft.tuners.lora import Linear as LoraLinear
 
 from fnf import lora_passes
 from fnf.pipeline import LoraArgs, Text2ImageModel
@@ -169,3 +170,13 @@ def test_cross_attention_projects_the_prompt_once_per_gradient_free_pass(model, 
     DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K)).with_base(*_inputs(model), "last_k")
     assert len(called) == 2 * sum(isinstance(m, Attention) and m.is_cross_attention for m in model.unet.modules())
     assert set(called.values()) == {STEPS - K} and set(computed.values()) == {1}
+
+
+def test_sharded_weights_are_not_folded(tiny_model_dir):
+    """FSDP1 leaves a 1-D view of the rank's slice where a weight was (FSDP2 a DTensor, covered by its tests):
+    such layers keep peft's forward instead of folding a weight that is not all there."""
+    model = _trained_looking(tiny_model_dir)
+    layer = next(m for m in model.unet.modules() if isinstance(m, LoraLinear))
+    assert lora_passes._foldable(layer)
+    layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach().flatten()[:3], requires_grad=False)
+    assert not lora_passes._foldable(layer) and layer not in lora_passes.FoldedLora(model.unet).forwards
