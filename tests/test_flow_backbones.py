@@ -104,7 +104,8 @@ def test_gradients_reach_the_lora_through_the_last_k_steps_only(family, model_di
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux-schnell"])
-def test_fused_base_pass_is_exact(family, model_dirs):
+def test_sampling_levers_are_exact(family, model_dirs):
+    """The default levers (fused base pass, LoRA folded in gradient-free and differentiable steps) against none."""
     model = Text2ImageModel.from_pretrained(model_dirs[family])
     model.add_lora(LoraArgs(rank=4, target_modules=TARGETS))
     with torch.no_grad():
@@ -113,17 +114,18 @@ def test_fused_base_pass_is_exact(family, model_dirs):
     noise = initial_noise(SEEDS, model.latent_shape(16), "cpu")
     text, uncond = model.encode_prompts(PROMPTS), model.unconditional().expand(2)
     outputs = {}
-    for fused in (True, False):
+    for levers in (True, False):
+        off = {} if levers else dict(fused_base=False, fold_lora=False, fold_lora_grad=False)
         sampler = make_sampler(model, SamplerArgs(num_steps=4, k=2, guidance_scale=FAMILIES[family][1], resolution=16,
-                                                  fused_base=fused))
+                                                  **off))
         base, tuned = sampler.with_base(noise, text, uncond, "last_k")
         tuned.images.mean().backward()
-        outputs[fused] = (base.images, tuned.images.detach(), [p.grad.clone() for p in model.lora_parameters()])
+        outputs[levers] = (base.images, tuned.images.detach(), [p.grad.clone() for p in model.lora_parameters()])
         model.zero_grad(set_to_none=True)
-    for fused_value, separate_value in zip(outputs[True][:2], outputs[False][:2]):
-        torch.testing.assert_close(fused_value, separate_value, rtol=0, atol=1e-5)
-    for fused_grad, separate_grad in zip(outputs[True][2], outputs[False][2]):
-        torch.testing.assert_close(fused_grad, separate_grad, rtol=1e-4, atol=1e-7)
+    for ours, plain in zip(outputs[True][:2], outputs[False][:2]):
+        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    for ours, plain in zip(outputs[True][2], outputs[False][2]):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-7)
 
 
 def test_flux_schnell_refuses_a_guidance_scale(model_dirs):
