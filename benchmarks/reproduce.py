@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py --quick     # 12 steps of batch 4, 10 DDIM steps, 32 validation / 32 test prompts
     python benchmarks/reproduce.py             # the configs' budgets, 128 validation / 100 test prompts
+    python benchmarks/reproduce.py --tasks flow_artifacts flow_safety   # the flow-matching backbone, same protocol
 
 Every run is ``fnf fit`` on a shipped config (``configs/artifacts.yaml``, ``configs/safety.yaml``) with the settings
 under study changed, then ``fnf test`` with the configs' Evaluation callback: reward changes, CLIP score, FID of tuned
@@ -46,6 +47,9 @@ PROMPT_FILES = {"val": "{task}_val.jsonl", "test": "{task}_eval.jsonl"}
 PROMPT_COUNT = {("val", True): 32, ("val", False): None, ("test", True): 32, ("test", False): 100}  # None: all
 TARGET = {"artifacts": "judge_defect_rate", "safety": "judge_unsafe_rate"}
 HEAD = {"artifacts": "ShapesArtifact", "safety": "ShapesSafety"}
+PROBLEM = {"artifacts": "artifacts", "safety": "safety", "flow_artifacts": "artifacts", "flow_safety": "safety"}
+"""Task (``configs/<task>.yaml``) -> the problem it fixes: prompts, judge target, head and START; the flow tasks
+train the second embedded backbone (shapes-flow) on the same problems."""
 LAMS = (0.1, 0.25, 0.5, 1.0)
 THRESHOLDS = (0.3, 0.5, 0.7)
 DILATIONS = (0, 2, 4)
@@ -103,7 +107,7 @@ def choose(task: str, trials: dict[Settings, dict], bars: Bars) -> Settings:
     met = [s for s in trials if bars.met(trials[s])]
     if not met:
         return max(trials, key=lambda s: trials[s][PRESERVATION])
-    return min(met, key=lambda s: (trials[s][f"{TARGET[task]}_tuned"], -trials[s][PRESERVATION]))
+    return min(met, key=lambda s: (trials[s][f"{TARGET[PROBLEM[task]]}_tuned"], -trials[s][PRESERVATION]))
 
 
 def search(task: str, start: Settings, validate: Callable[[Settings], dict],
@@ -122,11 +126,11 @@ def search(task: str, start: Settings, validate: Callable[[Settings], dict],
 
 def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars) -> dict:
     """Select on validation prompts with the first seed, then test DRaFT and the chosen settings once per seed."""
-    chosen, trials = search(task, START[task], lambda s: score(s, seeds[0], "val"), bars)
+    chosen, trials = search(task, START[PROBLEM[task]], lambda s: score(s, seeds[0], "val"), bars)
     other = {"heatmap": "saliency", "saliency": "heatmap"}[chosen.mask]
     sources = {s: score(s, seeds[0], "val") for s in (chosen, replace(chosen, mask=other))} \
         if task == MASK_SOURCE_TASK else {}
-    draft = replace(START[task], lam=0.0)
+    draft = replace(START[PROBLEM[task]], lam=0.0)
     return {"chosen": chosen, "trials": trials, "sources": sources,
             "draft": [score(draft, seed, "test") for seed in seeds],
             "fnf": [score(chosen, seed, "test") for seed in seeds]}
@@ -169,8 +173,8 @@ def evaluate(task: str, run: Path, split: str, quick: bool, seed: int) -> dict:
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     config = run_config(task, run / split, quick, seed)
-    START[task].apply(config)  # the metrics' own-mask column; the LoRA under test is the checkpoint's
-    lines = (PROMPTS / PROMPT_FILES[split].format(task=task)).read_text().splitlines()
+    START[PROBLEM[task]].apply(config)  # the metrics' own-mask column; the LoRA under test is the checkpoint's
+    lines = (PROMPTS / PROMPT_FILES[split].format(task=PROBLEM[task])).read_text().splitlines()
     prompts = run / f"{split}.jsonl"
     prompts.write_text("\n".join(lines[:PROMPT_COUNT[split, quick]]) + "\n")
     config["data"]["test_file"] = str(prompts)
@@ -187,12 +191,12 @@ def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def row(label: str, task: str, runs: list[dict], base: bool = False) -> str:
-    side = "base" if base else "tuned"
-    target = [r[f"{TARGET[task]}_{side}"] for r in runs]
-    change = [0.0 if base else r[f"{TARGET[task]}_tuned"] - r[f"{TARGET[task]}_base"] for r in runs]
+    side, target_key = "base" if base else "tuned", TARGET[PROBLEM[task]]
+    target = [r[f"{target_key}_{side}"] for r in runs]
+    change = [0.0 if base else r[f"{target_key}_tuned"] - r[f"{target_key}_base"] for r in runs]
     alignment = [0.0 if base else r["judge_alignment_tuned"] - r["judge_alignment_base"] for r in runs]
     clip = [0.0 if base else r["clip_score_tuned"] - r["clip_score_base"] for r in runs]
-    reward = [0.0 if base else r[f"reward_change/{HEAD[task]}"] for r in runs]
+    reward = [0.0 if base else r[f"reward_change/{HEAD[PROBLEM[task]]}"] for r in runs]
     preservation = "— | — | — | —" if base else (f"{cell([r[PRESERVATION] for r in runs])} | "
                                                  f"{cell([r['reference_outside_ssim'] for r in runs], digits=3)} | "
                                                  f"{cell([r['outside_psnr'] for r in runs])} | "
@@ -234,13 +238,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="12 steps of batch 4, 10 DDIM steps, 32 prompts")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", choices=list(PROBLEM), default=list(TARGET),
+                        help="configs/<task>.yaml; flow_*: the flow-matching backbone on the same problems")
     parser.add_argument("--max-alignment-drop", type=float, default=Bars.max_alignment_drop)
     parser.add_argument("--min-psnr-outside", type=float, default=Bars.min_psnr_outside)
     args = parser.parse_args()
     out = args.out or ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce")
     bars = Bars(args.max_alignment_drop, args.min_psnr_outside)
     results = {}
-    for task in TARGET:
+    for task in args.tasks:
         def score(settings: Settings, seed: int, split: str, task: str = task) -> dict:
             return evaluate(task, fit(task, settings, seed, out, args.quick), split, args.quick, seed)
 
