@@ -116,8 +116,9 @@ def test_fused_pass_on_sdxl(tmp_path_factory):
     torch.testing.assert_close(grads, grads_ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("levers, peft_lora_runs", [(dict(), False), (dict(fold_lora_grad=False), True),
-                                                    (dict(fold_lora=False), True)], ids=["both", "no-grad-only", "grad-only"])
+@pytest.mark.parametrize("levers, peft_lora_runs",
+                         [(dict(), False), (dict(fold_lora_grad=False), True), (dict(fold_lora=False), True)],
+                         ids=["both", "no-grad-only", "grad-only"])
 def test_folded_layers_replace_peft_lora(model, levers, peft_lora_runs):
     """With both folds on, peft's LoRA A projections never run in a DRaFT-K step (checkpoint recomputation and
     backward included); with either off, they do."""
