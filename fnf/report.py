@@ -1,7 +1,7 @@
 """``fnf report RUN [RUN ...] --out DIR``: what did the runs do to the images? One self-contained page.
 
 Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`` callback) left there:
-``test_metrics.json``, ``test_samples/`` and the training scalars (TensorBoard, CSV or MLflow files).
+``test_metrics.json``, ``test_samples/`` and the training scalars (TensorBoard, CSV, MLflow or W&B files).
 Writes ``DIR/metrics.json``, ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table
 with grouped, wrapping headers (fits a 1400-px window), the reward / preservation trade-off across runs with the
 base model at the origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4
@@ -90,10 +90,11 @@ def _curve_tag(tag: str) -> bool:
 
 def training_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
     """``train/reward/*`` and ``train/fidelity`` per optimizer step, from whatever the run's loggers left in its
-    folder: TensorBoard event files, CSVLogger's ``metrics.csv``, an MLflow file store (W&B keeps its history in
-    its own binary format: read it in W&B). A step logged by two loggers counts once."""
+    folder: TensorBoard event files, CSVLogger's ``metrics.csv``, an MLflow file store, W&B run files (online or
+    offline). A step logged by two loggers counts once."""
     curves: dict[str, dict[int, float]] = {}
-    for tag, step, value in [*_tensorboard_scalars(run), *_csv_scalars(run), *_mlflow_scalars(run)]:
+    readers = (_tensorboard_scalars, _csv_scalars, _mlflow_scalars, _wandb_scalars)
+    for tag, step, value in itertools.chain.from_iterable(read(run) for read in readers):
         if _curve_tag(tag):
             curves.setdefault(tag, {})[step] = value
     return {tag: sorted(points.items()) for tag, points in sorted(curves.items())}
@@ -134,6 +135,20 @@ def _mlflow_scalars(run: Path) -> list[tuple[str, int, float]]:
                 for line in history.read_text().splitlines():
                     _, value, step = line.split()[:3]
                     scalars.append((tag, int(step), float(value)))
+    return scalars
+
+
+def _wandb_scalars(run: Path) -> list[tuple[str, int, float]]:
+    """Lightning's WandbLogger: rows of ``wandb/*/run-<id>.wandb`` with the optimizer step in
+    ``trainer/global_step`` (W&B's own ``_step`` counts log calls, not steps)."""
+    from fnf.wandb_history import history
+
+    scalars = []
+    for run_file in sorted(run.rglob("run-*.wandb")):
+        for row in history(run_file):
+            if "trainer/global_step" in row:
+                step = int(row["trainer/global_step"])
+                scalars += [(tag, step, value) for tag, value in row.items() if _curve_tag(tag)]
     return scalars
 
 

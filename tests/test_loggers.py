@@ -114,14 +114,15 @@ def test_mlflow_file_store_run_gets_the_grids_as_artifacts(fit_run):
     assert _sizes(grids) == [GRID, GRID]
 
 
-def test_report_reads_the_same_training_curves_from_tensorboard_csv_and_mlflow(fit_run):
+def test_report_reads_the_same_training_curves_from_tensorboard_csv_mlflow_and_wandb(fit_run):
     """fnf report's curves do not depend on which of these loggers wrote them."""
     from fnf.report import training_curves
 
     tensorboard = training_curves(fit_run / "tb")
     assert set(tensorboard) == {"train/reward/ShapesArtifact", "train/fidelity"}
     assert [step for step, _ in tensorboard["train/fidelity"]] == [0, 1]  # 2 optimizer steps, each logged
-    stores = ["csv", *(["mlruns"] if importlib.util.find_spec("mlflow") else [])]
+    stores = ["csv", *(["mlruns"] if importlib.util.find_spec("mlflow") else []),
+              *(["wandb_dir"] if importlib.util.find_spec("wandb") else [])]
     for store in stores:
         curves = training_curves(fit_run / store)
         assert curves.keys() == tensorboard.keys(), store
