@@ -7,7 +7,6 @@ initial noise: rewards stay comparable across epochs, runs and checkpoints.
 import csv
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from fnf.jsonl import json_objects
 from fnf.resume import EpochShuffle, ResumableLoader, batches_done_in_epoch
 from fnf.scan_file import FILTERED_OUT, ScanFilter
 
@@ -92,16 +92,7 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[PromptRow
             if line.strip() and not line.lstrip().startswith("#"):
                 rows.append(PromptRow(line.strip(), None))
     elif suffix == ".jsonl":
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise PromptFileError(f'{where}: expected a JSON object like {{"prompt": "...", "seed": 0}}')
+        for where, obj in json_objects(text, path, PromptFileError, example='{"prompt": "...", "seed": 0}'):
             seed = _seed(obj["seed"], where) if obj.get("seed") is not None else None
             rows.append(PromptRow(_prompt(obj.get("prompt"), where), seed, _category(obj.get("category"), where)))
     else:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from fnf.jsonl import json_objects
+
 ROW_KEYS = ("prompt", "seed", "scores", "mask_area", "union_mask_area", "settings")
 FILTERED_OUT = "filtered_out"
 """The ``category`` of filtered-out items in the validation set (``filtered_out: validate``)."""
@@ -40,15 +42,9 @@ def _locked(path: Path, mode: str) -> Iterator[IO[bytes]]:
 
 def _parse(text: bytes, path: Path) -> list[dict[str, Any]]:
     rows = []
-    for n, line in enumerate(text.decode("utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{n}: not a scan row (malformed JSON: {error.msg})") from None
-        if not isinstance(row, dict) or set(ROW_KEYS) - row.keys() or not isinstance(row["scores"], dict):
-            raise ValueError(f"{path}:{n}: not a scan row: expected the keys {', '.join(ROW_KEYS)} "
+    for where, row in json_objects(text.decode("utf-8"), path):
+        if set(ROW_KEYS) - row.keys() or not isinstance(row["scores"], dict):
+            raise ValueError(f"{where}: not a scan row: expected the keys {', '.join(ROW_KEYS)} "
                              "(fnf scan writes them)")
         rows.append(row)
     return rows

@@ -38,7 +38,7 @@ def test_csv_custom_column_and_optional_seed(tmp_path):
 def test_crlf_line_endings(tmp_path):
     assert [i["prompt"] for i in items(tmp_path, "p.txt", "a\r\nb\r\n")] == ["a", "b"]
     assert [i["prompt"] for i in items(tmp_path, "p.csv", "prompt\r\na\r\n\"b\r\nc\"\r\n")] == ["a", "b\r\nc"]
-    with pytest.raises(PromptFileError, match=r"p\.jsonl:2: malformed JSON"):
+    with pytest.raises(PromptFileError, match=r"p\.jsonl:2: not valid JSON"):
         items(tmp_path, "p.jsonl", '{"prompt": "a"}\r\n{\r\n')
 
 
@@ -224,7 +224,7 @@ BAD_FILES = [
     ("p.txt", "# only a comment\n\n", r"p\.txt: no prompts found"),
     ("p.csv", "prompt\n", r"p\.csv: no prompts found"),
     ("p.jsonl", "\n", r"p\.jsonl: no prompts found"),
-    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b",\n', r"p\.jsonl:2: malformed JSON"),
+    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b",\n', r"p\.jsonl:2: not valid JSON"),
     ("p.jsonl", '["a"]\n', r"p\.jsonl:1: expected a JSON object"),
     ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', r"p\.jsonl:2: 'prompt' must be a string"),
     ("p.jsonl", '{"prompt": 3}\n', r"p\.jsonl:1: 'prompt' must be a string"),

@@ -22,7 +22,6 @@ images (they are in Pick-a-Pic v1); exporting to this format is left to the user
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -34,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from fnf.jsonl import json_objects
 from fnf.rewards.rahf import HEATMAPS, SCORES
 
 MAP_KEYS = {"implausibility": "artifact_map", "misalignment": "misalignment_map"}
@@ -79,16 +79,7 @@ def read_richhf_jsonl(path: str | Path, score_scale: ScoreScale = "unit") -> lis
     if score_scale not in ("unit", "likert"):
         raise ValueError(f"score_scale: {score_scale!r} is not 'unit' or 'likert'")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RichHFFileError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise RichHFFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in json_objects(path.read_text(encoding="utf-8"), path, RichHFFileError):
         missing = [key for key in ("image", "prompt", *MAP_KEYS.values(), *SCORE_KEYS.values()) if key not in row]
         if missing:
             raise RichHFFileError(f"{where}: missing keys {missing}")
