@@ -1,6 +1,5 @@
 """Reward heads that break the contract, for the bad-input matrix (imported by ``fnf fit`` by class_path)."""
 
-
 from fnf.rewards.base import RewardHead, RewardOutput
 
 
