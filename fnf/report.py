@@ -289,8 +289,8 @@ def run_section(run: dict) -> str:
         curves = "<div class='grid'>" + "".join(_curve_chart(run["name"], tag, points)
                                                 for tag, points in run["curves"].items()) + "</div>"
     else:
-        curves = ("<p class='empty'>No training curves in this run (test-only, or fit with W&B as its only "
-                  "logger): no train/reward/* or train/fidelity scalars in TensorBoard, CSV or MLflow files in its "
+        curves = ("<p class='empty'>No training curves in this run (test-only, or fit without a logger): no "
+                  "train/reward/* or train/fidelity scalars in TensorBoard, CSV, MLflow or W&B files in its "
                   "folder.</p>")
     cards = "".join(
         f"<figure><img src='data:image/png;base64,{s['png']}' alt='{html.escape(s['prompt'])}'>"
