@@ -252,6 +252,26 @@ def row(label: str, args, r: dict) -> str:
             f"{r.get('peak_gb', float('nan')):.2f} | {r.get('growth_gb', float('nan')):.2f} | {r['finite']} |")
 
 
+GOALS = "issue 12's goals (SD1.5-shaped, one GPU): batch 1 <= 1.5 s/step, batch 4 <= 0.75 s/image, FNF <= 1.3x DRaFT"
+
+
+def goal_lines(results: dict[tuple[str, int], dict]) -> list[str]:
+    """Each of issue 12's goals this run measured, with the measured value and met / not met; ``results`` by
+    (variant, batch)."""
+    lines = []
+    for batch, limit, unit in ((1, 1.5, "s/step"), (4, 0.75, "s/image")):
+        if ("all", batch) in results:
+            value = results["all", batch]["s_per_step"] / (batch if unit == "s/image" else 1)
+            lines.append(f"all levers, batch {batch}: {value:.3f} {unit} (goal <= {limit}: "
+                         f"{'met' if value <= limit else f'not met, {value / limit:.2f}x the goal'})")
+    for (variant, batch), r in results.items():
+        if variant == "draft" and ("all", batch) in results:
+            ratio = results["all", batch]["s_per_step"] / r["s_per_step"]
+            lines.append(f"FNF / plain DRaFT, batch {batch}: {ratio:.2f}x (goal <= 1.3: "
+                         f"{'met' if ratio <= 1.3 else 'not met'})")
+    return lines
+
+
 def model_dir_problem(model: Path, args) -> str | None:
     """Why a reused ``--model-dir`` cannot serve this run (another family, other FLUX blocks), or None."""
     kind, wanted = json.loads((model / "model_index.json").read_text()).get("_class_name"), FAMILIES[args.family]
@@ -328,12 +348,13 @@ def main() -> None:
               f"LoRA rank {args.rank}, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
         print("\n| variant | strategy | precision | batch | checkpointing | s/step | first step s | images/s | peak GB | "
               "growth GB | LoRA finite |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-        notes = []
+        notes, results = [], {}
         for variant, precision, batch, checkpointing in itertools.product(args.variants, args.precision, args.batch,
                                                                           args.checkpointing):
             r = measure(model, args, batch, checkpointing, precision, variant)
             if args.family != "flux" or tuple(args.flux_blocks) == FLUX_DEV_BLOCKS:
                 print(row(variant, args, r), flush=True)
+                results.setdefault((variant, batch), r)
                 continue
             double, single = args.flux_blocks
             print(row(f"{variant} [{double} + {single} blocks]", args, r), flush=True)
@@ -349,6 +370,9 @@ def main() -> None:
             label = f"{variant} [{FLUX_DEV_BLOCKS[0]} + {FLUX_DEV_BLOCKS[1]} blocks, estimate]"
             print(row(label, args, full), flush=True)
             notes.append(note)
+        if args.family == "sd15" and (lines := goal_lines(results)):
+            scope = " (a tiny model: these lines only check the script)" if args.small else ""
+            print(f"\n{GOALS}{scope}:\n" + "\n".join(f"- {line}" for line in lines), flush=True)
         if notes:
             print("\nFLUX per-block cost (the difference between the two block counts, per 1 + 2 blocks); the "
                   f"{FLUX_DEV_BLOCKS[0]} + {FLUX_DEV_BLOCKS[1]}-block rows extrapolate it linearly (estimates, not "
