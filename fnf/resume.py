@@ -149,9 +149,11 @@ def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
     checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)  # one-line errors for missing / corrupt files
     if trainer.max_steps < 0 or checkpoint.get("global_step", 0) < trainer.max_steps:
         return False
+    saved = checkpoint.get("state_dict") or {}
+    check_lora_state({name: p.shape for name, p in module.named_parameters() if p.requires_grad}, saved)
     lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
     if trainer.global_rank == 0 and not (lora / WEIGHT_NAME).is_file():
-        module.load_state_dict(checkpoint["state_dict"], strict=False)  # the LoRA; frozen weights are not in it
+        module.load_state_dict(saved, strict=False)  # the LoRA; frozen weights are not in it
         save_lora(module.model, lora)
     rank_zero_info(f"fnf: {ckpt_path} is already at max_steps={trainer.max_steps}; nothing to train. LoRA: {lora}")
     return True

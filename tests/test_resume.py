@@ -213,6 +213,19 @@ def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(conf
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
+def test_a_foreign_checkpoint_at_max_steps_is_refused_not_exported(config, tmp_path):
+    """A Lightning checkpoint of another model, past max_steps: not 'complete', and no untrained LoRA written."""
+    foreign = tmp_path / "other" / "checkpoints" / "foreign.ckpt"
+    foreign.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0", "global_step": 99},
+               foreign)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", str(foreign)])
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: ckpt_path: the checkpoint's LoRA does not match") and "\n" not in message
+    assert not (tmp_path / "other" / "lora").exists()
+
+
 def test_resume_last_without_a_checkpoint_is_one_line(config, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--ckpt_path", "last"])
