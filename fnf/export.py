@@ -1,14 +1,11 @@
 """The trained LoRA on disk, in diffusers' format: the family's plain pipeline (StableDiffusionPipeline,
 StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) loads it with ``load_lora_weights``. Folders are
-written whole or not at all (``atomic_folder``); other formats (kohya, fused): fnf/export_formats.py."""
+written whole or not at all (``fnf.output_folder.atomic_folder``); other formats (kohya, fused): fnf/export_formats.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
@@ -19,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from fnf.checkpoint_io import disk_full, umask_mode
+from fnf.output_folder import atomic_folder
 from fnf.pipeline import Text2ImageModel
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -30,32 +27,6 @@ def lora_state_dict(model: Text2ImageModel) -> dict[str, Tensor]:
     a collective, so every rank must call it."""
     return {name: value.full_tensor() if isinstance(value, DTensor) else value
             for name, value in model.denoiser.state_dict().items() if "lora_" in name}
-
-
-@contextmanager
-def atomic_folder(directory: str | os.PathLike, probe: str):
-    """Yield a staging folder beside ``directory``; on success it replaces ``directory`` whole, so readers see the
-    old folder or the new one, never half of one. A failed write on a full file system becomes ENOSPC naming
-    ``directory / probe`` (torch and safetensors lose the errno); the staging folder never stays behind."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    retired = staging.with_name(staging.name + ".old")
-    try:
-        yield staging
-        for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team
-            os.chmod(written, umask_mode(0o777 if written.is_dir() else 0o666))
-        if directory.exists():
-            os.replace(directory, retired)  # a folder cannot be replaced while it holds files: move it aside first
-        os.replace(staging, directory)
-    except Exception as error:
-        full = disk_full(directory / probe)
-        if full is None:
-            raise
-        raise full from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 def diffusers_lora_layers(model: Text2ImageModel, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -29,9 +29,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from fnf.checkpoint_io import AtomicCheckpointIO, check_writable
+from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.errors import check_config_files
-from fnf.export import WEIGHT_NAME, atomic_folder, lora_state_dict, write_lora
+from fnf.export import WEIGHT_NAME, lora_state_dict, write_lora
+from fnf.output_folder import atomic_folder, check_output_folder
 from fnf.pipeline import LoraArgs, Text2ImageModel, resolve_model_path
 from fnf.resume import check_lora_state, check_settings
 
@@ -128,7 +129,7 @@ def save_fused(pipeline_class, denoiser: str, pretrained: str, lora: Path, stagi
 
 def export(ckpt_path: Path, kind: str, out: Path, config: Path | None = None, dtype: str = "float32") -> Path:
     """Write the checkpoint's LoRA to ``out`` in format ``kind`` (atomically); returns the file or folder to load."""
-    _check_out(out)
+    check_output_folder(out, MARKER, "export")
     model, settings, checkpoint = load_trained_model(ckpt_path, config)
     kohya = kohya_lora(model) if kind == "kohya" else None  # refusals before anything is written
     provenance = {"format": kind, "ckpt_path": str(ckpt_path), "global_step": checkpoint.get("global_step"),
@@ -147,16 +148,6 @@ def export(ckpt_path: Path, kind: str, out: Path, config: Path | None = None, dt
                 save_fused(family, denoiser, settings["pretrained"], Path(lora), staging, DTYPES[dtype])
         (staging / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     return out if kind == "fused" else out / probe
-
-
-def _check_out(out: Path) -> None:
-    """An unwritable ``--out`` fails now; an existing folder is only replaced when an earlier export wrote it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file; expected a folder to write the export into")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ValueError(f"--out {out}: exists and was not written by fnf export (no {MARKER}); choose a new "
-                         "folder or remove it")
-    check_writable(out, "--out")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,7 +26,8 @@ from fnf.errors import check_config_files, parser_error
 from fnf.masks import MaskArgs
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
-from fnf.preview_page import write_page
+from fnf.output_folder import check_output_folder
+from fnf.preview_page import MARKER, write_page
 from fnf.sampling import initial_noise
 
 
@@ -167,6 +168,7 @@ class PreviewCLI(FnfCLI):
         if self.config.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.config.n}")
         self.thresholds = parse_thresholds(self.config.thresholds, self.config.model.masks.threshold)
+        check_output_folder(Path(self.config.out), MARKER, "preview")
 
 
 def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:

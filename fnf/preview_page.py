@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from fnf.charts import histogram, to_svg
+from fnf.output_folder import write_text_folder
 from fnf.report import compact
 
 if TYPE_CHECKING:  # fnf.preview imports this module
@@ -127,9 +128,12 @@ def render_html(preview: Preview, numbers: dict) -> str:
             f"<h2>Items</h2>{''.join(_item(preview, i) for i in range(len(preview.prompts)))}</body></html>")
 
 
+MARKER = "fnf_preview.json"  # what the page previews; only a folder holding it is replaced
+
+
 def write_page(preview: Preview, numbers: dict, out: Path) -> Path:
-    """``out/summary.json`` and ``out/index.html``; returns the page's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(numbers, indent=1) + "\n")
-    (out / "index.html").write_text(render_html(preview, numbers))
+    """``out/summary.json`` and ``out/index.html``, written whole (``out`` replaced); returns the page's path."""
+    write_text_folder(out, {
+        "index.html": render_html(preview, numbers), "summary.json": json.dumps(numbers, indent=1) + "\n",
+        MARKER: json.dumps({key: numbers[key] for key in ("config", "prompt_file", "n")}, indent=1) + "\n"})
     return out / "index.html"

@@ -5,7 +5,8 @@ Reads, per run folder, what ``fnf fit`` and ``fnf test`` (with the ``Evaluation`
 Writes ``DIR/metrics.json``, ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table
 with grouped, wrapping headers (fits a 1400-px window), the reward / preservation trade-off across runs with the
 base model at the origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4
-with its numbers. Images are embedded (data URIs): the page is one file.
+with its numbers. Images are embedded (data URIs): the page is one file. DIR is written whole after every run has
+been read, and replaces only an earlier report (``fnf_report.json`` in it), never another folder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fnf.charts import line_chart, scatter_with_origin, to_svg
+from fnf.output_folder import check_output_folder, write_text_folder
 
 REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment and judges, base → tuned",
                                 "Preservation, tuned vs base")
@@ -66,22 +68,65 @@ def compact(value: float) -> str:
     return text
 
 
-def _newest(run: Path, pattern: str) -> Path | None:
-    found = sorted(run.rglob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+MARKER = "fnf_report.json"  # the runs a report folder shows; only a folder holding it is replaced
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def _metrics_file(run: Path) -> Path:
+    """The run's one ``test_metrics.json``: several (a folder of several runs) would mix runs, so name them."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: {'a file' if run.exists() else 'no such folder'}; expected a run folder "
+                                "(the default_root_dir of fnf fit / fnf test)")
+    found = sorted(run.rglob("test_metrics.json"))
+    if not found:
+        raise FileNotFoundError(f"{run}: no test_metrics.json; run `fnf test` with the Evaluation callback first")
+    if len(found) > 1:
+        folders = ", ".join(str(f.parent.relative_to(run)) for f in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{run}: holds {len(found)} test results ({folders}); one run per folder: name the folder "
+                         "of one, or move the others out")
+    return found[0]
+
+
+def _metrics(path: Path) -> dict[str, float]:
+    metrics = _read_json(path)
+    bad = ([] if isinstance(metrics, dict) else [("(the file)", metrics)]) or [
+        (key, value) for key, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
+    if bad:
+        raise ValueError(f"{path}: expected an object of metric names and numbers, as fnf test writes it; "
+                         f"{bad[0][0]} is {bad[0][1]!r}")
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def _samples(path: Path) -> list[dict]:
+    """``test_samples/samples.json``: each sample's image (embedded), prompt, seed and numbers."""
+    if not path.is_file():
+        return []
+    samples = _read_json(path)
+    for n, sample in enumerate(samples if isinstance(samples, list) else [None]):
+        missing = ["image", "prompt", "seed"] if not isinstance(sample, dict) else [
+            key for key in ("image", "prompt", "seed") if key not in sample]
+        if missing:
+            raise ValueError(f"{path}: sample {n} lacks {', '.join(missing)}; expected a list of samples as the "
+                             "Evaluation callback writes them")
+        try:
+            sample["png"] = base64.b64encode((path.parent / sample["image"]).read_bytes()).decode()
+        except OSError as error:
+            raise FileNotFoundError(f"{path}: sample {n}'s image {sample['image']}: {error.strerror}") from None
+    return samples
 
 
 def load_run(run: Path) -> dict:
     """Metrics, samples and training curves of one run folder (any of them may be missing, except metrics)."""
-    metrics_file = _newest(run, "test_metrics.json")
-    if metrics_file is None:
-        raise FileNotFoundError(f"{run}: no test_metrics.json; run `fnf test` with the Evaluation callback first")
-    samples_file = metrics_file.parent / "test_samples" / "samples.json"
-    samples = json.loads(samples_file.read_text()) if samples_file.is_file() else []
-    for sample in samples:
-        sample["png"] = base64.b64encode((samples_file.parent / sample["image"]).read_bytes()).decode()
-    return {"name": run.name, "folder": str(run), "metrics": json.loads(metrics_file.read_text()),
-            "samples": samples, "curves": training_curves(run)}
+    metrics_file = _metrics_file(run)
+    return {"name": run.name, "folder": str(run), "metrics": _metrics(metrics_file),
+            "samples": _samples(metrics_file.parent / "test_samples" / "samples.json"),
+            "curves": training_curves(run)}
 
 
 def _curve_tag(tag: str) -> bool:
@@ -116,10 +161,14 @@ def _csv_scalars(run: Path) -> list[tuple[str, int, float]]:
     """Lightning's CSVLogger: one ``metrics.csv`` per version, a ``step`` column and one column per metric."""
     scalars = []
     for table in sorted(run.rglob("metrics.csv")):
-        with table.open(newline="") as file:
-            for row in csv.DictReader(file):
-                scalars += [(tag, int(row["step"]), float(value)) for tag, value in row.items()
-                            if _curve_tag(tag) and value not in ("", None) and row.get("step")]
+        with table.open(newline="", encoding="utf-8") as file:
+            rows = csv.DictReader(file)
+            try:
+                for row in rows:
+                    scalars += [(tag, int(row["step"]), float(value)) for tag, value in row.items()
+                                if _curve_tag(tag) and value not in ("", None) and row.get("step")]
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(f"{table}:{rows.line_num}: not a CSVLogger metrics row ({error})") from None
     return scalars
 
 
@@ -132,9 +181,13 @@ def _mlflow_scalars(run: Path) -> list[tuple[str, int, float]]:
                 tag = history.relative_to(metrics).as_posix()
                 if not _curve_tag(tag):
                     continue
-                for line in history.read_text().splitlines():
-                    _, value, step = line.split()[:3]
-                    scalars.append((tag, int(step), float(value)))
+                for number, line in enumerate(history.read_text(encoding="utf-8").splitlines(), start=1):
+                    try:
+                        _, value, step = line.split()[:3]
+                        scalars.append((tag, int(step), float(value)))
+                    except ValueError:
+                        raise ValueError(f"{history}:{number}: expected 'timestamp value step' (an MLflow metric "
+                                         f"file), got {line[:60]!r}") from None
     return scalars
 
 
@@ -333,15 +386,16 @@ def render_html(runs: list[dict]) -> str:
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """``out`` written whole once every run has been read and the page rendered (a bad run leaves nothing)."""
+    check_output_folder(out, MARKER, "report")
     runs = [load_run(Path(d)) for d in run_dirs]
     if len({run["name"] for run in runs}) < len(runs):  # same folder name in different places: use the paths
         for run in runs:
             run["name"] = run["folder"]
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = {run["name"]: run["metrics"] for run in runs}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (out / "metrics.md").write_text(summary_markdown(runs))
-    (out / "index.html").write_text(render_html(runs))
+    write_text_folder(out, {
+        "index.html": render_html(runs), "metrics.md": summary_markdown(runs),
+        "metrics.json": json.dumps({run["name"]: run["metrics"] for run in runs}, indent=2, sort_keys=True) + "\n",
+        MARKER: json.dumps({"runs": [run["folder"] for run in runs]}, indent=2) + "\n"})
     return out / "index.html"
 
 

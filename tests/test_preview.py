@@ -135,3 +135,15 @@ def test_page_renders_in_headless_chromium(artifacts):
     assert measured["tables"] == 1 and browser.overflows(measured) == [], measured  # no sideways scroll
     png = browser.screenshot(page, page.parent / "screenshot_1400x900.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_never_replaces_a_folder_preview_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--out", str(mine)])
+    message = str(exit_info.value.code)
+    assert message == (f"fnf: error: --out {mine}: exists and was not written by fnf preview (no fnf_preview.json); "
+                       "choose a new folder or remove it")
+    assert [p.name for p in mine.iterdir()] == ["index.html"]

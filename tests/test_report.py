@@ -172,3 +172,67 @@ def test_report_fits_a_1400px_window_in_headless_chromium(report):
     assert browser.overflows(measured) == [], measured  # no sideways scroll; tables, charts, images inside
     png = browser.screenshot(report / "index.html", report / "screenshot_1400x900.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tested_run(folder: Path, metrics: str = '{"test_eval/reward_change/ShapesArtifact": 0.5}') -> Path:
+    """A run folder as ``fnf test`` leaves it, reduced to its metrics file."""
+    (folder / "lightning_logs" / "version_0").mkdir(parents=True)
+    (folder / "lightning_logs" / "version_0" / "test_metrics.json").write_text(metrics)
+    return folder
+
+
+def _corrupt(case: str, run: Path) -> str:
+    """Break ``run`` as ``case`` says; returns the message expected."""
+    version = run / "lightning_logs" / "version_0"
+    if case == "missing":
+        return f"{run / 'nope'}: no such folder"
+    if case == "not json":
+        (version / "test_metrics.json").write_text('{"a": 1,\n')
+        return f"{version / 'test_metrics.json'}: not valid JSON"
+    if case == "not metrics":
+        (version / "test_metrics.json").write_text('{"a": null}')
+        return f"{version / 'test_metrics.json'}: expected an object of metric names and numbers"
+    if case == "sample without image":
+        (version / "test_samples").mkdir()
+        (version / "test_samples" / "samples.json").write_text('[{"prompt": "p", "seed": 0}]')
+        return "samples.json: sample 0 lacks image"
+    if case == "bad csv":
+        (version / "metrics.csv").write_text("step,train/fidelity\n0,0.5\n1,abc\n")
+        return f"{version / 'metrics.csv'}:3: not a CSVLogger metrics row"
+    if case == "two tested runs":
+        _tested_run(run / "again")
+        return "holds 2 test results"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "not metrics", "sample without image", "bad csv",
+                                  "two tested runs"])
+def test_a_bad_run_folder_is_one_line_naming_the_file_and_writes_nothing(case, tmp_path):
+    run = _tested_run(tmp_path / "run")
+    expected = _corrupt(case, run)
+    target = run / "nope" if case == "missing" else run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(target), "--out", str(tmp_path / "report")])
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: ") and "\n" not in message and expected in message, message
+    assert not (tmp_path / "report").exists()
+
+
+def test_out_replaces_only_an_earlier_report(tmp_path):
+    run = _tested_run(tmp_path / "run")
+    out = tmp_path / "report"
+    main(["report", str(run), "--out", str(out)])
+    (out / "stale.txt").write_text("from an earlier report")
+    main(["report", str(run), "--out", str(out)])  # an earlier report: replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["fnf_report.json", "index.html", "metrics.json", "metrics.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "run"]  # no staging folder left behind
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target, expected in ((mine, "exists and was not written by fnf report"), (afile, "a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(run), "--out", str(target)])
+        assert f"--out {target}: {expected}" in str(exit_info.value.code)
+    assert (mine / "index.html").read_text() == "my own page" and afile.read_text() == "x"

@@ -1,0 +1,57 @@
+"""Folders fnf writes for people and tools to open (LoRA exports, reports, mask previews): written whole or not at
+all, and an existing folder is replaced only when fnf wrote it (its marker file is there), never a folder of the
+user's own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from fnf.checkpoint_io import check_writable, disk_full, umask_mode
+
+
+def check_output_folder(out: Path, marker: str, command: str) -> None:
+    """Before any work: ``--out`` must be a new or empty folder, or one an earlier ``fnf <command>`` wrote
+    (``marker`` inside), and writable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; expected a folder to write into")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise ValueError(f"--out {out}: exists and was not written by fnf {command} (no {marker}); choose a new "
+                         "folder or remove it")
+    check_writable(out, "--out")
+
+
+@contextmanager
+def atomic_folder(directory: str | os.PathLike, probe: str):
+    """Yield a staging folder beside ``directory``; on success it replaces ``directory`` whole, so readers see the
+    old folder or the new one, never half of one. A failed write on a full file system becomes ENOSPC naming
+    ``directory / probe`` (torch and safetensors lose the errno); the staging folder never stays behind."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    retired = staging.with_name(staging.name + ".old")
+    try:
+        yield staging
+        for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team
+            os.chmod(written, umask_mode(0o777 if written.is_dir() else 0o666))
+        if directory.exists():
+            os.replace(directory, retired)  # a folder cannot be replaced while it holds files: move it aside first
+        os.replace(staging, directory)
+    except Exception as error:
+        full = disk_full(directory / probe)
+        if full is None:
+            raise
+        raise full from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_text_folder(out: Path, files: dict[str, str]) -> None:
+    """``out`` replaced whole by a folder of these text files (name -> content)."""
+    with atomic_folder(out, next(iter(files))) as staging:
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
