@@ -1,8 +1,5 @@
-"""``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix
-(and ``fnf report RUN ...``, see fnf/report.py; ``fnf rahf-train ...``, see fnf/rahf/cli.py;
-``fnf rahf-convert ...``, see fnf/rahf/convert.py; ``fnf rewards``, see fnf/plugins.py;
-``fnf preview --config ...``, see fnf/preview.py; ``fnf scan --config ... --out F``, see fnf/scan.py;
-``fnf export --ckpt_path C --format diffusers|kohya|fused``, see fnf/export_formats.py).
+"""``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix; ``fnf report``,
+``export``, ``preview``, ``scan``, ``rewards``, ``rahf-train``, ``rahf-convert``: the modules in ``TOOLS``.
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
 here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
@@ -11,6 +8,8 @@ A config file can import code, exactly like any LightningCLI config: only run co
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import sys
 import warnings
 from argparse import ArgumentError
@@ -30,7 +29,6 @@ from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
-from fnf.plugins import main as list_rewards
 from fnf.preemption import PreemptionCheckpoint, exit_code
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
@@ -118,45 +116,46 @@ class FnfCLI(LightningCLI):
             sys.exit(0)
 
 
+TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with main(argv)
+    "report": ("fnf.report", "one HTML page from tested runs"),
+    "export": ("fnf.export_formats", "a run's LoRA as diffusers / kohya files or a fused model"),
+    "preview": ("fnf.preview", "the masks training would use, on base images, before training"),
+    "scan": ("fnf.scan", "base-model scores and mask areas per prompt, for data.filter"),
+    "rewards": ("fnf.plugins", "the reward heads usable by short name, built-in and installed"),
+    "rahf-train": ("fnf.rahf.cli", "train the RAHF reward model (its own LightningCLI)"),
+    "rahf-convert": ("fnf.rahf.convert", "the public RAHF reproduction's checkpoint -> .safetensors"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+EPILOG = "other commands (fnf <command> --help): " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items())
+
+
+def check_command(argv: list[str]) -> None:
+    """A mistyped command is one line with the closest ones (argparse would list Lightning's four only)."""
+    if not argv:
+        raise ValueError(f"no command; expected one of {', '.join([*LIGHTNING_COMMANDS, *TOOLS])} (fnf --help)")
+    if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *TOOLS):
+        close = difflib.get_close_matches(argv[0], [*LIGHTNING_COMMANDS, *TOOLS], n=2, cutoff=0.6)
+        raise ValueError(f"{argv[0]}: unknown command" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                         + f" (commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
+
+
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
-        if argv[:1] == ["report"]:  # not a Lightning subcommand: reads what fit / test wrote
-            from fnf.report import main as report
-
-            return report(argv[1:])
-        if argv[:1] == ["export"]:  # a run's LoRA as diffusers / kohya (ComfyUI, A1111) files or a fused model
-            from fnf.export_formats import main as export
-
-            return export(argv[1:])
-        if argv[:1] == ["preview"]:  # the masks training would use, on base images, before training
-            from fnf.preview import main as preview
-
-            return preview(argv[1:])
-        if argv[:1] == ["scan"]:  # base-model scores and mask areas per prompt, for data.filter
-            from fnf.scan import main as scan
-
-            return scan(argv[1:])
-        if argv[:1] == ["rahf-train"]:  # training of the RAHF reward model: its own LightningCLI
-            from fnf.rahf.cli import main as rahf_train
-
-            return rahf_train(argv[1:])
-        if argv[:1] == ["rahf-convert"]:  # the public RAHF reproduction's checkpoint -> .safetensors
-            from fnf.rahf.convert import main as rahf_convert
-
-            return rahf_convert(argv[1:])
-        if argv[:1] == ["rewards"]:  # the reward heads usable by short name, built-in and installed
-            return list_rewards(argv[1:])
+        if argv[:1] and argv[0] in TOOLS:
+            return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+        check_command(argv)
         load_reward_plugins()  # installed heads resolve by short name in YAML
         check_config_files(argv)
         preemption = PreemptionCheckpoint()
         try:
             FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                    save_config_kwargs={"overwrite": True},
-                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # parse errors: one line
+                   parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,  # parse errors: one line
+                                  "description": "Focus-N-Fix fine-tuning (LightningCLI)", "epilog": EPILOG},
                    trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
                                      "callbacks": [preemption]})
         except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it

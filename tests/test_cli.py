@@ -33,6 +33,18 @@ def test_help_documents_the_options(capsys):
         assert phrase in text, phrase
 
 
+def test_help_lists_every_command_and_a_typo_gets_the_closest(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{tool}:" in text for tool in ("report", "export", "preview", "scan", "rewards", "rahf-train"))
+    for argv, expected in ((["reprot", "runs/x"], "fnf: error: reprot: unknown command; did you mean report"),
+                           ([], "fnf: error: no command; expected one of fit, validate, test, predict, report")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert str(exit_info.value.code).startswith(expected) and "\n" not in str(exit_info.value.code)
+
+
 def test_unknown_key_is_one_clear_error(config, capsys):
     assert "--model.bogus" in _fail(["fit", "--config", str(config), "--model.bogus", "1"], capsys)
 
