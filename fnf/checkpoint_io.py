@@ -99,7 +99,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     @override
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if Path(path).is_dir():
-            raise IsADirectoryError(f"ckpt_path: {path} is a folder; expected a .ckpt file (or last / auto)")
+            raise IsADirectoryError(f"ckpt_path: {path} is a folder; expected a .ckpt file")
         if not Path(path).is_file():
             raise FileNotFoundError(f"ckpt_path: checkpoint {path} not found")
         try:

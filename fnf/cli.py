@@ -115,6 +115,20 @@ class FnfCLI(LightningCLI):
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
 
+    def _note_untrained(self, subcommand: str) -> None:
+        if self.config_init[subcommand].get("ckpt_path") is None:
+            rank_zero_info(f"fnf: {subcommand} without --ckpt_path: the LoRA as initialised, so tuned = base; "
+                           "--ckpt_path last takes the newest checkpoint under trainer.default_root_dir")
+
+    def before_validate(self) -> None:
+        self._note_untrained("validate")
+
+    def before_test(self) -> None:
+        self._note_untrained("test")
+
+    def before_predict(self) -> None:
+        self._note_untrained("predict")
+
 
 TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with main(argv)
     "report": ("fnf.report", "one HTML page from tested runs"),
@@ -143,6 +157,8 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Mid-epoch resume is exact: the loader skips the epoch's trained batches itself (fnf/resume.py, tested).
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:

@@ -77,6 +77,8 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[PromptRow
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}, expected one of {SUFFIXES}")
+    if path.is_dir():
+        raise PromptFileError(f"{path}: a folder; expected a prompt file")
     if not path.is_file():
         raise MissingPromptFileError(f"{path}: prompt file not found")
     data = path.read_bytes()
@@ -94,7 +96,9 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[PromptRow
     elif suffix == ".jsonl":
         for where, obj in json_objects(text, path, PromptFileError, example='{"prompt": "...", "seed": 0}'):
             seed = _seed(obj["seed"], where) if obj.get("seed") is not None else None
-            rows.append(PromptRow(_prompt(obj.get("prompt"), where), seed, _category(obj.get("category"), where)))
+            if "prompt" not in obj:
+                raise PromptFileError(f'{where}: no "prompt" key (keys: {", ".join(obj) or "none"})')
+            rows.append(PromptRow(_prompt(obj["prompt"], where), seed, _category(obj.get("category"), where)))
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []

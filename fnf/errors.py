@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import difflib
 import errno
+import importlib
+import inspect
 import os
+import re
 import sys
 from argparse import ArgumentError
 from contextlib import contextmanager
@@ -61,8 +64,29 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
             if flags:
                 return unknown(flags[0].split("=")[0], [f"--{key}" for key in known_keys])
     keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
+    if keys and (argument := unknown_argument(str(error))):
+        return f"{'.'.join(keys)}: {argument}"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+
+
+def unknown_argument(report: str) -> str | None:
+    """'<class> has no argument 'x'; did you mean y?' for a mistyped key under a class's ``init_args`` (jsonargparse
+    buries it in a Union report and then prints the whole value), else None."""
+    option = re.search(r"Option '([^']+)' is not accepted", report)
+    paths = list(re.finditer(r"class_path[ =]'([^']+)'", report))
+    if option is None or not paths:
+        return None
+    before = [path for path in paths if path.start() < option.start()]
+    class_path = before[-1] if before else paths[0]  # the class whose report holds the option, or the value's
+    try:
+        module, _, name = class_path[1].rpartition(".")
+        accepted = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        accepted = []
+    close = difflib.get_close_matches(option[1], accepted, n=2, cutoff=0.6)
+    return (f"{class_path[1]} has no argument {option[1]!r}" +
+            (f"; did you mean {' or '.join(close)}?" if close else f" (it takes: {', '.join(accepted)})" if accepted else ""))
 
 
 def constructing(error: BaseException, kinds: tuple[type, ...]) -> type | None:

@@ -10,6 +10,7 @@ its run folder) and a version folder of its own for every new run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 from pathlib import Path
@@ -17,11 +18,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
 from fnf.checkpoint_io import AtomicCheckpointIO, check_writable
 from fnf.export import WEIGHT_NAME, save_lora
-from torch.utils.data import DataLoader, DistributedSampler
 
 
 class EpochShuffle(DistributedSampler):
@@ -173,10 +174,9 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
             continue
         check_writable(logger.root_dir, "trainer.default_root_dir (or the logger's save_dir)")
         version = logger.version  # Lightning's guess from the listing
-        Path(logger.root_dir).mkdir(parents=True, exist_ok=True)
         while True:
             try:
-                (Path(logger.root_dir) / f"version_{version}").mkdir()
+                (Path(logger.root_dir) / f"version_{version}").mkdir(parents=True)  # the root too: see below
                 break
             except FileExistsError:
                 version += 1
@@ -186,9 +186,12 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
 
 
 def remove_if_unstarted(folder: Path | None) -> None:
-    """A run that failed before writing a checkpoint leaves no stub version folder (config, empty event files)."""
+    """A run that failed before writing a checkpoint leaves no stub version folder (config, empty event files), nor
+    an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``)."""
     if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
         shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: other runs' folders
+            folder.parent.rmdir()
 
 
 class LoraOnlyCheckpoints(L.LightningModule):

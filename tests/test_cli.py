@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from fnf.cli import main
 
@@ -62,6 +63,27 @@ def test_parser_errors_are_one_line_without_the_usage(config, capsys, args, expe
     assert "usage:" not in capsys.readouterr().err  # no usage text
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--model.optimizer.init_args.lrr", "1"], "model.optimizer: torch.optim.AdamW has no argument 'lrr'; did you mean lr?"),
+    (["--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dirr", "x"],
+     "trainer.logger: lightning.pytorch.loggers.CSVLogger has no argument 'save_dirr'; did you mean save_dir?"),
+    (["--trainer.callbacks+", "fnf.evaluation.Evaluation", "--trainer.callbacks.judgez", "[]"],
+     "fnf.evaluation.Evaluation has no argument 'judgez'; did you mean judges?"),
+])
+def test_a_mistyped_argument_of_a_class_is_named_with_the_closest(config, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *args])
+    message = str(exit_info.value.code)
+    assert expected in message and "\n" not in message, message
+
+
+def test_evaluating_without_a_checkpoint_says_the_lora_is_untrained(config, caplog):
+    with caplog.at_level("INFO"):
+        main(["test", "--config", str(config), "--data.test_file", yaml.safe_load(config.read_text())["data"]["train_file"],
+              "--trainer.limit_test_batches", "1"])
+    assert "test without --ckpt_path: the LoRA as initialised, so tuned = base" in caplog.text
+
+
 @pytest.mark.parametrize("text, expected", [("", "got an empty file"), ("- model\n", "got list"),
                                             ("model:\n  lamda: 1\n", "model.lamda: unknown key; did you mean model.lam?")])
 def test_bad_config_files_are_one_line(tmp_path, text, expected):
@@ -77,9 +99,10 @@ def test_unknown_reward_class_is_named(config, capsys):
     assert "NoSuchReward" in _fail(["fit", "--config", str(config)], capsys)
 
 
-def test_missing_prompt_file_is_named(config, capsys):
+def test_missing_prompt_file_is_named(config, capsys, tmp_path):
     message = _fail(["fit", "--config", str(config), "--data.train_file", "/no/such/prompts.txt"], capsys)
     assert "/no/such/prompts.txt" in message and "not found" in message
+    assert not (tmp_path / "run" / "lightning_logs").exists()  # the failed run left no folders behind
 
 
 def test_invalid_value_names_the_key(config, capsys):

@@ -226,7 +226,7 @@ BAD_FILES = [
     ("p.jsonl", "\n", r"p\.jsonl: no prompts found"),
     ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b",\n', r"p\.jsonl:2: not valid JSON"),
     ("p.jsonl", '["a"]\n', r"p\.jsonl:1: expected a JSON object"),
-    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', r"p\.jsonl:2: 'prompt' must be a string"),
+    ("p.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', r'p\.jsonl:2: no "prompt" key \(keys: text\)'),
     ("p.jsonl", '{"prompt": 3}\n', r"p\.jsonl:1: 'prompt' must be a string"),
     ("p.jsonl", '{"prompt": "a", "seed": "x"}\n', r"p\.jsonl:1: seed must be an integer"),
     ("p.jsonl", '{"prompt": "a", "seed": 1.5}\n', r"p\.jsonl:1: seed must be an integer"),
@@ -250,6 +250,13 @@ def test_missing_file(tmp_path):
     dm = PromptDataModule(val_file=str(tmp_path / "nope.txt"))
     with pytest.raises(FileNotFoundError, match=r"nope\.txt: prompt file not found"):
         dm.setup("validate")
+
+
+def test_a_folder_is_not_a_prompt_file(tmp_path):
+    (tmp_path / "prompts.jsonl").mkdir()
+    dm = PromptDataModule(train_file=str(tmp_path / "prompts.jsonl"))
+    with pytest.raises(PromptFileError, match=r"prompts\.jsonl: a folder; expected a prompt file"):
+        dm.setup("fit")
 
 
 def test_non_utf8_reports_line(tmp_path):
