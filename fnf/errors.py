@@ -66,8 +66,25 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
     keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
     if keys and (argument := unknown_argument(str(error))):
         return f"{'.'.join(keys)}: {argument}"
+    if keys and (name := re.search(r"Expected a dot import path string: (\S+)", str(error))):
+        close = difflib.get_close_matches(name[1], short_class_names(), n=2, cutoff=0.6)
+        return f"{'.'.join(keys)}: unknown class {name[1]}" + (
+            f"; did you mean {' or '.join(close)}?" if close else " (`fnf rewards` lists the reward heads)")
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+
+
+def short_class_names() -> list[str]:
+    """The reward heads and regularizers a config may name by class name alone (those imported so far)."""
+    from fnf.regularizers import Regularizer
+    from fnf.rewards.base import RewardHead
+
+    names, bases = set(), [RewardHead, Regularizer]
+    while bases:
+        for subclass in bases.pop().__subclasses__():
+            names.add(subclass.__name__)
+            bases.append(subclass)
+    return sorted(names)
 
 
 def unknown_argument(report: str) -> str | None:

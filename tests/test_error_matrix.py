@@ -89,6 +89,11 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
                                                                                "'int'>"),
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
     "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head:"),
+    "misspelled reward class": (_head("ShapesArtefact"), [], "model.rewards.head: unknown class ShapesArtefact; "
+                                                              "did you mean ShapesArtifact"),
+    "misspelled optimizer argument": (_set("model.optimizer", {"class_path": "torch.optim.AdamW",
+                                                               "init_args": {"lrr": 0.1}}), [],
+                                      "model.optimizer: torch.optim.AdamW has no argument 'lrr'; did you mean lr?"),
     "unknown regularizer class": (_set("model.regularizer", {"class_path": "NoSuchRegularizer"}), [],
                                   "model.regularizer:"),
     "unknown precision": (_set("trainer.precision", "17"), [], "trainer.precision:"),
