@@ -166,22 +166,25 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
     TensorBoard / CSV loggers pick ``max(version_N) + 1`` from a listing, so two runs started together get the
     same folder. Here rank 0 claims ``version_N`` with an exclusive mkdir, stepping N on collision; other ranks
     write no logs, and checkpoints follow rank 0's folder (Lightning broadcasts it). Returns the claimed folder."""
-    claimed = None
+    claimed, versions = None, {}  # loggers sharing a root (TensorBoard + CSV in one save_dir) share the version
     if trainer.global_rank != 0:
         return claimed
     for logger in trainer.loggers:
         if not hasattr(logger, "_version") or logger._version is not None:  # no versions, or the user chose one
             continue
-        check_writable(logger.root_dir, "trainer.default_root_dir (or the logger's save_dir)")
-        version = logger.version  # Lightning's guess from the listing
-        while True:
-            try:
-                (Path(logger.root_dir) / f"version_{version}").mkdir(parents=True)  # the root too: see below
-                break
-            except FileExistsError:
-                version += 1
-        logger._version = version
-        claimed = claimed or Path(logger.root_dir) / f"version_{version}"
+        root = Path(logger.root_dir)
+        if root not in versions:
+            check_writable(root, "trainer.default_root_dir (or the logger's save_dir)")
+            version = logger.version  # Lightning's guess from the listing
+            while True:
+                try:
+                    (root / f"version_{version}").mkdir(parents=True)  # the root too: see remove_if_unstarted
+                    break
+                except FileExistsError:
+                    version += 1
+            versions[root] = version
+        logger._version = versions[root]
+        claimed = claimed or root / f"version_{versions[root]}"
     return claimed
 
 

@@ -171,6 +171,20 @@ def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_numbe
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
+def test_loggers_of_one_run_sharing_a_save_dir_share_its_version_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from fnf.resume import claim_version_folder
+
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # an earlier run
+    loggers = [TensorBoardLogger(tmp_path), CSVLogger(tmp_path)]
+    claimed = claim_version_folder(SimpleNamespace(global_rank=0, loggers=loggers))
+    assert [logger.version for logger in loggers] == [1, 1] and claimed == tmp_path / "lightning_logs" / "version_1"
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
 def test_two_fits_started_together_get_their_own_folders(tiny_model_dir, tmp_path):
     """Same root, same moment (a sweep): two version folders, each run's LoRA equal to the same run alone."""
     def start(run: str, lam: float) -> subprocess.Popen:
