@@ -8,6 +8,7 @@ its full traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import importlib
@@ -25,6 +26,14 @@ DEBUG_VARIABLE = "FNF_DEBUG"
 EXPECTED = (ValueError, OSError, FloatingPointError)  # raised with a message written for the user
 JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a",
                          "Given value", "Not a valid subclass", "Subclass types expect", "a class path", "a dict ")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for fnf's own commands: a usage error is one line through ``one_line_errors`` (exit 1), not the
+    usage text and exit 2."""
+
+    def error(self, message: str):
+        raise ValueError(message)
 
 
 def check_config_files(args: list[str]) -> None:

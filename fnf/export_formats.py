@@ -16,7 +16,6 @@ its checkpoints/ folder) may point ``model.pretrained`` elsewhere, and its ``mod
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from fnf.checkpoint_io import AtomicCheckpointIO
-from fnf.errors import check_config_files
+from fnf.errors import OneLineParser, check_config_files
 from fnf.export import WEIGHT_NAME, lora_state_dict, write_lora
 from fnf.output_folder import atomic_folder, check_output_folder
 from fnf.pipeline import LoraArgs, Text2ImageModel, resolve_model_path
@@ -150,13 +149,8 @@ def export(ckpt_path: Path, kind: str, out: Path, config: Path | None = None, dt
     return out if kind == "fused" else out / probe
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through fnf.errors, not usage + message + exit 2
-        raise ValueError(message)
-
-
 def main(argv: list[str]) -> None:
-    parser = _Parser(prog="fnf export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fnf export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", type=Path, required=True, help="a checkpoint of fnf fit (e.g. last.ckpt)")
     parser.add_argument("--format", choices=FORMATS, required=True,
                         help="diffusers: load_lora_weights; kohya: ComfyUI / A1111 (SD1.x/2.x, SDXL); fused: "

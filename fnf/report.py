@@ -11,7 +11,6 @@ been read, and replaces only an earlier report (``fnf_report.json`` in it), neve
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -25,6 +24,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fnf.charts import line_chart, scatter_with_origin, to_svg
+from fnf.errors import OneLineParser
 from fnf.output_folder import check_output_folder, write_text_folder
 
 REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment and judges, base → tuned",
@@ -400,7 +400,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fnf report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fnf report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (default_root_dir of fit / test)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output folder")
     args = parser.parse_args(argv)

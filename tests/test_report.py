@@ -236,3 +236,9 @@ def test_out_replaces_only_an_earlier_report(tmp_path):
             main(["report", str(run), "--out", str(target)])
         assert f"--out {target}: {expected}" in str(exit_info.value.code)
     assert (mine / "index.html").read_text() == "my own page" and afile.read_text() == "x"
+
+
+def test_a_usage_error_is_one_line_exit_1():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--out"])
+    assert exit_info.value.code == "fnf: error: argument --out: expected one argument"

@@ -11,7 +11,6 @@ checkpoint conversion; the T5 decoder (keyword generation) and the ViT pooler ar
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fnf.errors import OneLineParser
 from fnf.rewards.rahf import check_state
 from fnf.rewards.rahf_reproduction import RAHFReproduction, ReproductionConfig, save_reproduction
 
@@ -109,7 +109,7 @@ def convert(source: str | Path, target: str | Path, vit_heads: int | None = None
 
 
 def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fnf rahf-convert", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="fnf rahf-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="the reproduction's model.pt (a torch.save'd state dict)")
     parser.add_argument("output", help="the .safetensors file to write (for RAHFReproductionHeatmap.weights)")
     parser.add_argument("--vit-heads", type=int, default=None, help="ViT attention heads (default: hidden size / 64)")
