@@ -115,19 +115,21 @@ class FnfCLI(LightningCLI):
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
 
-    def _note_untrained(self, subcommand: str) -> None:
+    def _before_evaluation(self, subcommand: str) -> None:
+        """A version folder of its own (removed again if the run fails), and a note when no checkpoint is given."""
+        self.claimed = claim_version_folder(self.trainer)
         if self.config_init[subcommand].get("ckpt_path") is None:
             rank_zero_info(f"fnf: {subcommand} without --ckpt_path: the LoRA as initialised, so tuned = base; "
                            "--ckpt_path last takes the newest checkpoint under trainer.default_root_dir")
 
     def before_validate(self) -> None:
-        self._note_untrained("validate")
+        self._before_evaluation("validate")
 
     def before_test(self) -> None:
-        self._note_untrained("test")
+        self._before_evaluation("test")
 
     def before_predict(self) -> None:
-        self._note_untrained("predict")
+        self._before_evaluation("predict")
 
 
 TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with main(argv)

@@ -103,6 +103,8 @@ def test_missing_prompt_file_is_named(config, capsys, tmp_path):
     message = _fail(["fit", "--config", str(config), "--data.train_file", "/no/such/prompts.txt"], capsys)
     assert "/no/such/prompts.txt" in message and "not found" in message
     assert not (tmp_path / "run" / "lightning_logs").exists()  # the failed run left no folders behind
+    message = _fail(["test", "--config", str(config), "--data.test_file", "/no/such/test.txt"], capsys)
+    assert "/no/such/test.txt" in message and not (tmp_path / "run" / "lightning_logs").exists()
 
 
 def test_invalid_value_names_the_key(config, capsys):
