@@ -81,6 +81,8 @@ def test_float32_precision_keeps_float32_weights_and_channels_last_trains_the_sa
     (dict(frozen_dtype="float16"), dict(precision="bf16-mixed"), "model.compute.frozen_dtype=float16 needs trainer.precision 16-mixed"),
     (dict(compile="unet+graphs"), dict(precision="32-true"), "compile=unet\\+graphs needs a CUDA device"),
     (dict(compile="unet"), dict(precision="32-true", strategy=ModelParallelStrategy()), "not supported with FSDP"),
+    (dict(compile="unet+graphs"), dict(precision="32-true", strategy=ModelParallelStrategy()),
+     "compile=unet\\+graphs is not supported with FSDP"),
 ])
 def test_unsupported_combinations_fail_naming_the_key(tiny_model_dir, compute, trainer, message):
     module = FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir, lora=LoraArgs(rank=4))

@@ -236,6 +236,24 @@ def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(traine
     assert sorted((tmp / "run" / "lightning_logs").iterdir()) == folders
 
 
+def test_resuming_with_a_moved_base_model_and_other_speed_levers_continues(trained, tmp_path, caplog):
+    """model.pretrained (where the base model lives) and model.compute.* (speed levers) may change on resume."""
+    tmp, config = trained
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    moved = shutil.copytree(config["model"]["pretrained"], tmp_path / "moved-model")
+    config = copy.deepcopy(config)
+    config["model"]["pretrained"] = str(moved)
+    config["trainer"] |= {"max_steps": 3, "default_root_dir": str(tmp_path / "run")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", "last",
+              "--model.compute.memory_format", "channels_last"])
+    assert "model.compute.memory_format='channels_last' (trained with 'contiguous')" in caplog.text
+    assert f"model.pretrained='{moved}'" in caplog.text
+    last = max((tmp_path / "run").rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # trained on from step 2
+
+
 def test_evaluating_with_other_sampler_settings_says_so_but_lora_settings_must_match(trained, caplog):
     tmp, config = trained
     path = tmp / "eval.yaml"

@@ -201,7 +201,7 @@ def _corrupt(case: str, run: Path) -> str:
         return f"{version / 'metrics.csv'}:3: not a CSVLogger metrics row"
     if case == "two tested runs":
         _tested_run(run / "again")
-        return "holds 2 test results"
+        return "holds 2 test results (again/lightning_logs/version_0, lightning_logs/version_0); one run per folder"
     raise AssertionError(case)
 
 
