@@ -111,8 +111,10 @@ def unknown_argument(report: str) -> str | None:
     except (ImportError, AttributeError, ValueError, TypeError):
         accepted = []
     close = difflib.get_close_matches(option[1], accepted, n=2, cutoff=0.6)
-    return (f"{class_path[1]} has no argument {option[1]!r}" +
-            (f"; did you mean {' or '.join(close)}?" if close else f" (it takes: {', '.join(accepted)})" if accepted else ""))
+    hint = f" (it takes: {', '.join(accepted)})" if accepted else ""
+    if close:
+        hint = f"; did you mean {' or '.join(close)}?"
+    return f"{class_path[1]} has no argument {option[1]!r}{hint}"
 
 
 def constructing(error: BaseException, kinds: tuple[type, ...]) -> type | None:

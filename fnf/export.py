@@ -1,6 +1,6 @@
 """The trained LoRA on disk, in diffusers' format: the family's plain pipeline (StableDiffusionPipeline,
 StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) loads it with ``load_lora_weights``. Folders are
-written whole or not at all (``fnf.output_folder.atomic_folder``); other formats (kohya, fused): fnf/export_formats.py."""
+written whole or not at all (fnf/output_folder.py); other formats (kohya, fused): fnf/export_formats.py."""
 
 from __future__ import annotations
 

@@ -95,11 +95,11 @@ def _metrics_file(run: Path) -> Path:
 
 def _metrics(path: Path) -> dict[str, float]:
     metrics = _read_json(path)
-    bad = ([] if isinstance(metrics, dict) else [("(the file)", metrics)]) or [
-        (key, value) for key, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
-    if bad:
-        raise ValueError(f"{path}: expected an object of metric names and numbers, as fnf test writes it; "
-                         f"{bad[0][0]} is {bad[0][1]!r}")
+    entries = metrics.items() if isinstance(metrics, dict) else [("the file", metrics)]
+    for key, value in entries:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected an object of metric names and numbers, as fnf test writes it; "
+                             f"{key} is {value!r}")
     return {key: float(value) for key, value in metrics.items()}
 
 
