@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from fnf.checkpoint_io import check_writable
 from fnf.cli import FnfCLI
 from fnf.data import PromptDataModule, collate
 from fnf.errors import check_config_files, parser_error
@@ -149,6 +150,9 @@ class ScanCLI(FnfCLI):
         """The scan's own options, checked before the model loads."""
         if not self.config.out:
             raise ValueError("--out: the scan file to write is required (JSON lines, appended to)")
+        if Path(self.config.out).is_dir():
+            raise ValueError(f"--out {self.config.out}: a folder; expected the scan file (JSON lines, appended to)")
+        check_writable(Path(self.config.out).parent, "--out")
         if not self.config.data.train_file:
             raise ValueError("data.train_file: the prompt file to scan is required")
         if self.config.batch_size is not None and self.config.batch_size < 1:

@@ -179,6 +179,7 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert "data.train_file: the prompt file to scan is required" in fail(no_train_file)
     no_out = ["scan", "--config", str(ROOT / "configs/artifacts.yaml")]
     assert "--out: the scan file to write is required" in fail(no_out)
+    assert f"--out {tmp_path}: a folder; expected the scan file" in fail(scan_args(prompts, tmp_path))
     assert "--batch_size must be >= 1, got 0" in fail(scan_args(prompts, tmp_path / "s.jsonl", "--batch_size=0"))
     assert "--model.lamda: unknown key; did you mean --model.lam?" in fail(scan_args(prompts, tmp_path / "s.jsonl",
                                                                                    "--model.lamda=1"))
