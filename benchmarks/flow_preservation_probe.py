@@ -1,0 +1,39 @@
+"""Why does preservation saturate near 30 dB on shapes-flow (benchmarks/results/reproduce_flow_full.md)?
+
+    python benchmarks/flow_preservation_probe.py k5 attn
+
+One validation candidate of ``reproduce.py`` (flow_artifacts, λ = 1, threshold 0.5, dilation 2, heatmap, seed 0:
+29.2 dB outside the judge mask) refit with one change each, through the same ``fit`` / ``evaluate`` on the 128
+validation prompts: ``k5`` DRaFT-K with K = 5 instead of 2 (the fidelity gradient reaches more of the steps the
+LoRA acts in); ``attn`` LoRA on the image stream's attention only (not the text stream nor the MLP).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import reproduce
+
+CHANGES = {"k5": lambda config: config["model"]["sampler"].update(k=5),
+           "attn": lambda config: config["model"]["lora"].update(target_modules=["to_q", "to_k", "to_v", "to_out.0"])}
+KEYS = ("judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned", "reference_outside_psnr",
+        "reward_change/ShapesArtifact")
+
+
+def main() -> None:
+    shipped = reproduce.run_config
+    for variant in sys.argv[1:] or list(CHANGES):
+        def run_config(task, root, quick, seed, change=CHANGES[variant]):
+            config = shipped(task, root, quick, seed)
+            change(config)
+            return config
+
+        reproduce.run_config = run_config
+        settings = reproduce.Settings(1.0, 0.5, 2, "heatmap")
+        run = reproduce.fit("flow_artifacts", settings, 0, reproduce.ROOT / "runs" / "flow-probe" / variant, False)
+        metrics = reproduce.evaluate("flow_artifacts", run, "val", False, 0)
+        print(variant, {key: round(metrics[key], 4) for key in KEYS}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
