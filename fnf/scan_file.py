@@ -42,7 +42,11 @@ def _locked(path: Path, mode: str) -> Iterator[IO[bytes]]:
 
 def _parse(text: bytes, path: Path) -> list[dict[str, Any]]:
     rows = []
-    for where, row in json_objects(text.decode("utf-8"), path):
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a scan file (not UTF-8 text; fnf scan writes JSON lines)") from None
+    for where, row in json_objects(decoded, path):
         if set(ROW_KEYS) - row.keys() or not isinstance(row["scores"], dict):
             raise ValueError(f"{where}: not a scan row: expected the keys {', '.join(ROW_KEYS)} "
                              "(fnf scan writes them)")
@@ -51,9 +55,10 @@ def _parse(text: bytes, path: Path) -> list[dict[str, Any]]:
 
 
 def _cut_torn_line(file: IO[bytes]) -> None:
-    """Truncate a torn last line (no newline: its writer stopped mid-write), reading only the file's tail."""
+    """Truncate a torn last line (no newline: its writer stopped mid-write), reading only the file's tail. A last
+    line that is not the start of a row (``{``) is no torn row: the file is not a scan file, and stays as it is."""
     end = file.seek(0, 2)
-    position = end
+    position, line_start = end, 0
     while position > 0:
         start = max(0, position - 4096)
         file.seek(start)
@@ -62,10 +67,13 @@ def _cut_torn_line(file: IO[bytes]) -> None:
             return
         newline = tail.rfind(b"\n")
         if newline >= 0:
-            file.truncate(start + newline + 1)
-            return
+            line_start = start + newline + 1
+            break
         position = start
-    file.truncate(0)
+    file.seek(line_start)
+    if end > line_start and file.read(1) != b"{":
+        raise ValueError(f"{file.name}: not a scan file (its last line is not a scan row; fnf scan writes JSON lines)")
+    file.truncate(line_start)
 
 
 def read_rows(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:

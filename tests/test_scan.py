@@ -195,6 +195,10 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a red circle"}\n')
     assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    assert f"{binary}: not a scan file" in fail(scan_args(prompts, binary))
+    assert binary.read_bytes() == b"\xff\xfe\x00 not text"  # a foreign file is left as it was
 
 
 @pytest.mark.slow  # two processes load the model and join a gloo group: 34 s (load 3) to 100 s (load 9) here
