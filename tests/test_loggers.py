@@ -116,7 +116,7 @@ def test_mlflow_file_store_run_gets_the_grids_as_artifacts(fit_run):
 
 def test_report_reads_the_same_training_curves_from_tensorboard_csv_mlflow_and_wandb(fit_run):
     """fnf report's curves do not depend on which of these loggers wrote them."""
-    from fnf.report import training_curves
+    from fnf.run_folder import training_curves
 
     tensorboard = training_curves(fit_run / "tb")
     assert set(tensorboard) == {"train/reward/ShapesArtifact", "train/fidelity"}

@@ -16,7 +16,8 @@ import yaml
 import fnf.report
 from fnf.cli import main
 from fnf.charts import line_chart, scatter_with_origin
-from fnf.report import BASE_MODEL, compact, load_run, rms_change, run_section, summary_table, tradeoff_figure
+from fnf.report import BASE_MODEL, compact, rms_change, run_section, summary_table, tradeoff_figure
+from fnf.run_folder import load_run
 
 SCREENSHOT = Path(__file__).parents[1] / "benchmarks" / "report_screenshot.py"
 RUNS, HEADS = ("fnf", "draft", "base-test-only"), ("ColorRegion", "ShapesArtifact", "ShapesSafety")

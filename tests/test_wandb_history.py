@@ -21,12 +21,14 @@ def run_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wandb")
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("WANDB_SILENT", "true")
-        run = wandb.init(mode="offline", dir=folder, project="fnf-test")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        run = wandb.init(dir=folder, project="fnf-test")
         for step in range(4):
             run.log({"train/fidelity": 1 / (step + 1), "trainer/global_step": step, "note": "text is skipped"})
         run.log({f"wide/{i}": float(i) for i in range(WIDE)})
         run.log({"train/fidelity": float("nan"), "trainer/global_step": 4})
         run.finish()
+        wandb.teardown()  # W&B's process-wide settings would outlive this module's environment
     found, = folder.rglob("run-*.wandb")
     return found
 
