@@ -85,15 +85,11 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
 
 def short_class_names() -> list[str]:
     """The reward heads and regularizers a config may name by class name alone (those imported so far)."""
+    from fnf.plugins import concrete_subclasses
     from fnf.regularizers import Regularizer
     from fnf.rewards.base import RewardHead
 
-    names, bases = set(), [RewardHead, Regularizer]
-    while bases:
-        for subclass in bases.pop().__subclasses__():
-            names.add(subclass.__name__)
-            bases.append(subclass)
-    return sorted(names)
+    return sorted({cls.__name__ for base in (RewardHead, Regularizer) for cls in concrete_subclasses(base)})
 
 
 def unknown_argument(report: str) -> str | None:

@@ -35,15 +35,21 @@ def load_reward_plugins() -> dict[str, type[RewardHead]]:
     return plugins
 
 
+def concrete_subclasses(base: type) -> list[type]:
+    """Every concrete, public subclass of ``base`` imported now, at any depth."""
+    found, stack = [], list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_") and cls not in found:
+            found.append(cls)
+    return found
+
+
 def reward_heads() -> list[tuple[type[RewardHead], str]]:
     """Every concrete, public RewardHead subclass imported now (built-ins and plugins), with its source."""
     plugins = {head: "plugin" for head in load_reward_plugins().values()}
-    found, stack = [], list(RewardHead.__subclasses__())
-    while stack:
-        head = stack.pop()
-        stack.extend(head.__subclasses__())
-        if not inspect.isabstract(head) and not head.__name__.startswith("_") and head not in found:
-            found.append(head)
+    found = concrete_subclasses(RewardHead)
     built_in = {getattr(fnf.rewards, name) for name in fnf.rewards.__all__}
     return sorted(((head, "built-in" if head in built_in else plugins.get(head, "imported")) for head in found),
                   key=lambda item: (item[1] != "built-in", item[0].__name__))
