@@ -9,12 +9,13 @@ under study changed, then ``fnf test`` with the configs' Evaluation callback: re
 vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never used in training). The protocol:
 
 1. Selection, on validation prompts only (``<task>_val.jsonl``, run seed = the first seed): a coordinate search from
-   ``START`` (the configs' values before this protocol chose theirs), over λ in LAMS, then the mask threshold in THRESHOLDS, then the dilation in DILATIONS, each
-   line through the best point so far. Criterion (``choose``): among the candidates whose judge alignment drops by at
+   ``START`` (the configs' values before this protocol chose theirs), over λ in LAMS, then the mask threshold in THRESHOLDS, then the dilation in DILATIONS,
+   then (only with ``--k 2 5``: more differentiable steps cost more per step) DRaFT-K's K, each line through the best
+   point so far. Criterion (``choose``): among the candidates whose judge alignment drops by at
    most ``--max-alignment-drop`` points and whose PSNR outside the judge's mask is at least ``--min-psnr-outside`` dB, the
    lowest judge target rate (defect / unsafe), ties to the higher PSNR; if none meets both bars, the highest PSNR.
 2. Test, once: the evaluation prompts (``<task>_eval.jsonl``, disjoint from the training and validation prompts)
-   for global DRaFT (λ = 0) and for Focus-N-Fix with the chosen values, each with every seed. A seed varies the LoRA
+   for global DRaFT (λ = 0, the chosen K: the same budget) and for Focus-N-Fix with the chosen values, each with every seed. A seed varies the LoRA
    init, the training order and the DRaFT-LV noise (``seed_everything``, with ``data.seed`` null); x_T per
    evaluation prompt is fixed by the files, so base numbers have no spread.
 
@@ -65,19 +66,24 @@ class Settings:
     threshold: float
     dilation: int
     mask: str
+    k: int = 2
+    """DRaFT-K's differentiable steps; the configs' and the paper's 2 is left out of names and labels."""
 
     @property
     def name(self) -> str:
-        return "draft" if self.lam == 0 else f"lam{self.lam:g}-t{self.threshold:g}-d{self.dilation}-{self.mask}"
+        name = "draft" if self.lam == 0 else f"lam{self.lam:g}-t{self.threshold:g}-d{self.dilation}-{self.mask}"
+        return name if self.k == 2 else f"{name}-k{self.k}"
 
     @property
     def label(self) -> str:
-        return (f"λ = {self.lam:g}, threshold {self.threshold:g}, dilation {self.dilation}, {self.mask}"
-                if self.lam else "global DRaFT (λ = 0)")
+        label = (f"λ = {self.lam:g}, threshold {self.threshold:g}, dilation {self.dilation}, {self.mask}"
+                 if self.lam else "global DRaFT (λ = 0)")
+        return label if self.k == 2 else f"{label}, K = {self.k}"
 
     def apply(self, config: dict) -> None:
         model, term = config["model"], config["model"]["rewards"][0]
         model["lam"] = self.lam
+        model["sampler"]["k"] = self.k
         model["masks"] |= {"threshold": self.threshold, "dilation": self.dilation}
         if term["mask"] != self.mask:  # ShapesSafety: the predicted heatmap, or none (saliency of its score)
             term["mask"] = self.mask
@@ -110,12 +116,12 @@ def choose(task: str, trials: dict[Settings, dict], bars: Bars) -> Settings:
     return min(met, key=lambda s: (trials[s][f"{TARGET[PROBLEM[task]]}_tuned"], -trials[s][PRESERVATION]))
 
 
-def search(task: str, start: Settings, validate: Callable[[Settings], dict],
-           bars: Bars) -> tuple[Settings, dict[Settings, dict]]:
-    """Coordinate search: λ, then threshold, then dilation, each over its grid and the current value."""
+def search(task: str, start: Settings, validate: Callable[[Settings], dict], bars: Bars,
+           ks: tuple[int, ...] = (2,)) -> tuple[Settings, dict[Settings, dict]]:
+    """Coordinate search: λ, then threshold, then dilation, then K, each over its grid and the current value."""
     trials: dict[Settings, dict] = {}
     best = start
-    for field, grid in (("lam", LAMS), ("threshold", THRESHOLDS), ("dilation", DILATIONS)):
+    for field, grid in (("lam", LAMS), ("threshold", THRESHOLDS), ("dilation", DILATIONS), ("k", ks)):
         line = [replace(best, **{field: value}) for value in sorted({*grid, getattr(best, field)})]
         for candidate in line:
             if candidate not in trials:
@@ -124,13 +130,14 @@ def search(task: str, start: Settings, validate: Callable[[Settings], dict],
     return best, trials
 
 
-def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars) -> dict:
+def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars,
+             ks: tuple[int, ...] = (2,)) -> dict:
     """Select on validation prompts with the first seed, then test DRaFT and the chosen settings once per seed."""
-    chosen, trials = search(task, START[PROBLEM[task]], lambda s: score(s, seeds[0], "val"), bars)
+    chosen, trials = search(task, START[PROBLEM[task]], lambda s: score(s, seeds[0], "val"), bars, ks)
     other = {"heatmap": "saliency", "saliency": "heatmap"}[chosen.mask]
     sources = {s: score(s, seeds[0], "val") for s in (chosen, replace(chosen, mask=other))} \
         if task == MASK_SOURCE_TASK else {}
-    draft = replace(START[PROBLEM[task]], lam=0.0)
+    draft = replace(START[PROBLEM[task]], lam=0.0, k=chosen.k)
     return {"chosen": chosen, "trials": trials, "sources": sources,
             "draft": [score(draft, seed, "test") for seed in seeds],
             "fnf": [score(chosen, seed, "test") for seed in seeds]}
@@ -221,7 +228,8 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
     text += [f"\n## Selection on validation prompts (seed {seeds[0]})\n\nBars: alignment drop ≤ "
              f"{bars.max_alignment_drop:g} points, PSNR outside the judge mask ≥ {bars.min_psnr_outside:g} dB; among "
              "those, the "
-             "lowest target rate (ties: higher PSNR). Search: λ, then threshold, then dilation.\n", HEADER]
+             f"lowest target rate (ties: higher PSNR). Search: λ, then threshold, then dilation"
+             f"{', then K' if any(s.k != 2 for r in results.values() for s in r['trials']) else ''}.\n", HEADER]
     for task, result in results.items():
         for settings, metrics in result["trials"].items():
             mark = " — **chosen**" if settings == result["chosen"] else "" if bars.met(metrics) else " (misses a bar)"
@@ -242,6 +250,8 @@ def main() -> None:
                         help="configs/<task>.yaml; flow_*: the flow-matching backbone on the same problems")
     parser.add_argument("--max-alignment-drop", type=float, default=Bars.max_alignment_drop)
     parser.add_argument("--min-psnr-outside", type=float, default=Bars.min_psnr_outside)
+    parser.add_argument("--k", type=int, nargs="+", default=[2],
+                        help="DRaFT-K's K as a last search line (default: the configs' 2, no line)")
     args = parser.parse_args()
     out = args.out or ROOT / "runs" / ("reproduce-quick" if args.quick else "reproduce")
     bars = Bars(args.max_alignment_drop, args.min_psnr_outside)
@@ -250,7 +260,7 @@ def main() -> None:
         def score(settings: Settings, seed: int, split: str, task: str = task) -> dict:
             return evaluate(task, fit(task, settings, seed, out, args.quick), split, args.quick, seed)
 
-        results[task] = protocol(task, args.seeds, score, bars)
+        results[task] = protocol(task, args.seeds, score, bars, tuple(args.k))
         print(f"done: {task}, chosen on validation prompts: {results[task]['chosen'].label}", flush=True)
     text = tables(results, args.seeds, bars)
     (out / "tables.md").write_text(text)

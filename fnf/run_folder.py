@@ -86,14 +86,30 @@ def training_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _tensorboard_scalars(run: Path) -> list[tuple[str, int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """TensorBoard event files, record by record. A record cut off at the end (a crash mid-write) ends the file;
+    a checksum mismatch is an error naming the file (TensorBoard's own loader stops there without a word)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.tensorflow_stub.errors import DataLossError, OutOfRangeError
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    from tensorboard.util.tensor_util import make_ndarray
 
     scalars = []
     for events in sorted(run.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in filter(_curve_tag, accumulator.Tags()["scalars"]):
-            scalars += [(tag, e.step, e.value) for e in accumulator.Scalars(tag)]
+        reader = PyRecordReader_New(str(events))
+        with reader.file_handle:
+            for number in itertools.count(1):
+                try:
+                    reader.GetNext()
+                except OutOfRangeError:
+                    break
+                except DataLossError as error:
+                    if "truncated record" in error.message:
+                        break
+                    raise ValueError(f"{events}: corrupt record {number} (checksum mismatch)") from None
+                event = Event.FromString(reader.record())
+                for value in filter(lambda v: _curve_tag(v.tag), event.summary.value):
+                    scalar = value.simple_value if value.HasField("simple_value") else make_ndarray(value.tensor)
+                    scalars.append((value.tag, event.step, float(scalar)))
     return scalars
 
 

@@ -197,3 +197,32 @@ def test_an_unknown_logger_gets_files_and_only_rank_zero_writes(tmp_path):
     assert torch.equal(torch.from_numpy(np.asarray(written)).permute(2, 0, 1), (image * 255 + 0.5).to(torch.uint8))
     assert (tmp_path / "plain" / "tables" / "t" / "4.csv").read_text() == "x\n1\n"
     assert (tmp_path / "csv" / "lightning_logs" / "version_0" / "images" / "a" / "b_c" / "4.png").is_file()
+
+
+def test_report_stops_at_a_torn_tensorboard_record_and_names_a_corrupt_one(fit_run, tmp_path):
+    """A crash mid-write tears the last record: the curves before it are read. A flipped byte inside the file is
+    named (TensorBoard's own loader would stop there silently and the report would show a short curve)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    from fnf.run_folder import training_curves
+
+    events, = (fit_run / "tb").rglob("events.out.tfevents.*")
+    data = events.read_bytes()
+    records, start = [], 0  # TFRecord framing: length (8 bytes), its CRC (4), the event, its CRC (4)
+    while start < len(data):
+        length = int.from_bytes(data[start:start + 8], "little")
+        records.append((start, Event.FromString(data[start + 12:start + 12 + length])))
+        start += 16 + length
+    number, last_start = max((n, start) for n, (start, event) in enumerate(records, start=1)
+                             if any(v.tag == "train/fidelity" for v in event.summary.value))
+    torn = tmp_path / "torn" / events.name
+    torn.parent.mkdir()
+    torn.write_bytes(data[:last_start + 20])  # the last fidelity value's record, cut inside its event
+    whole, curves = training_curves(fit_run / "tb"), training_curves(torn.parent)
+    assert curves["train/fidelity"] == whole["train/fidelity"][:-1]
+    assert all(curves[tag] == points[:len(curves[tag])] for tag, points in whole.items())
+    corrupt = tmp_path / "corrupt" / events.name
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(data[:last_start + 20] + bytes([data[last_start + 20] ^ 1]) + data[last_start + 21:])
+    with pytest.raises(ValueError, match=rf"{events.name}: corrupt record {number} \(checksum mismatch\)"):
+        training_curves(corrupt.parent)

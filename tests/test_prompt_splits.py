@@ -116,3 +116,23 @@ def test_protocol_selects_on_validation_prompts_then_tests_once_per_seed():
     assert sorted(tests, key=str) == sorted(expected, key=str)  # DRaFT and the chosen FNF, each seed once
     lines = {(s.threshold, s.dilation) for s in result["trials"] if s.lam != 0.5}
     assert lines == {(start.threshold, start.dilation)}  # the λ line ran at the start's mask settings
+
+
+def test_k_line_runs_last_and_draft_is_tested_at_the_chosen_k():
+    """With ``--k 2 5`` the search ends with a K line, and global DRaFT is tested at the K chosen for
+    Focus-N-Fix (the same per-step budget); K = 2 keeps the names of runs made before K was searched."""
+    reproduce = _reproduce()
+    calls = []
+
+    def score(settings, seed, split):
+        calls.append((settings, split))
+        return _metrics(0.1, 0.0, 30 + settings.k)  # nothing meets 35 dB at K = 2: the highest PSNR wins
+
+    result = reproduce.protocol("artifacts", [0, 1], score, reproduce.Bars(2.0, 35.0), ks=(2, 5))
+    assert result["chosen"].k == 5
+    validation = [settings for settings, split in calls if split == "val"]
+    assert [s.k for s in validation].index(5) == len(validation) - 1  # K varied once, after the mask lines
+    assert {s for s, split in calls if split == "test" and s.lam == 0} == {reproduce.replace(
+        reproduce.START["artifacts"], lam=0.0, k=5)}
+    assert reproduce.Settings(0.1, 0.7, 4, "heatmap").name == "lam0.1-t0.7-d4-heatmap"
+    assert reproduce.Settings(0.0, 0.5, 2, "heatmap", k=5).name == "draft-k5"
