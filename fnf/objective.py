@@ -38,8 +38,9 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
     if not 0 <= lam < math.inf:
         raise ValueError(f"model.lam must be a finite number >= 0, got {lam}")
     for i, term in enumerate(rewards):
-        if not math.isfinite(term.weight):
-            raise ValueError(f"model.rewards[{i}].weight must be a finite number, got {term.weight}")
+        if not 0 <= term.weight < math.inf:  # scores are maximised; clean_score and masks read them that way too
+            raise ValueError(f"model.rewards[{i}].weight must be a finite number >= 0 (a head whose score should go "
+                             f"down returns its negative), got {term.weight}")
         if term.lam is not None and not 0 <= term.lam < math.inf:
             raise ValueError(f"model.rewards[{i}].lam must be a finite number >= 0 or null, got {term.lam}")
         if term.clean_score is not None and not math.isfinite(term.clean_score):

@@ -36,3 +36,22 @@ def test_image_grid_logger_shows_the_tuned_images_when_the_step_skipped_the_base
     ImageGridLogger(every_n_steps=10, max_images=2).on_train_batch_end(_Trainer(logger, 10), None, outputs, None, 0)
     (tag, shape, step), = written
     assert tag == "train/tuned" and step == 10 and shape[1:] == (8 + 4, 2 * (8 + 2) + 2)  # one row of 2 images
+
+
+def test_png_writer_puts_each_image_under_its_own_kind(tmp_path):
+    """fnf predict's files: tuned/ and base/ hold the images of their names, indexed by prompts.tsv."""
+    from PIL import Image
+
+    from fnf.callbacks import PngWriter
+
+    writer = PngWriter(str(tmp_path / "out"))
+    writer.on_predict_start(None, None)
+    prediction = {"prompt": ["a red circle", "a blue square"], "seed": [7, 8],
+                  "base": torch.zeros(2, 3, 4, 4), "tuned": torch.ones(2, 3, 4, 4)}
+    writer.write_on_batch_end(None, None, prediction, None, None, 3)
+    for kind, value in (("base", 0), ("tuned", 255)):
+        files = sorted((tmp_path / "out" / kind).glob("*.png"))
+        assert [f.name for f in files] == ["0003_00_7.png", "0003_01_8.png"]
+        assert all(set(Image.open(f).getdata()) == {(value,) * 3} for f in files)
+    assert (tmp_path / "out" / "prompts.tsv").read_text().splitlines() == [
+        "file\tseed\tprompt", "0003_00_7.png\t7\ta red circle", "0003_01_8.png\t8\ta blue square"]

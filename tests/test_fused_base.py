@@ -30,10 +30,12 @@ TOLERANCE = {torch.float32: dict(latents=1e-4, images=1e-5, grads=3e-5),
              torch.float64: dict(latents=1e-10, images=1e-10, grads=1e-10)}
 
 
-def _trained_looking(model_dir: str, dtype: torch.dtype = torch.float32) -> Text2ImageModel:
-    """A model whose LoRA changes the output (B != 0), as after some training."""
+def _trained_looking(model_dir: str, dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> Text2ImageModel:
+    """A model whose LoRA changes the output (B != 0), as after some training; scale α / r = 2, so a fold that
+    dropped the scale would show."""
     model = Text2ImageModel.from_pretrained(model_dir).to(dtype)
-    model.add_lora(LoraArgs(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
+    model.add_lora(LoraArgs(rank=4, alpha=8, dropout=dropout,
+                            target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.lora_parameters():
@@ -181,3 +183,18 @@ def test_sharded_weights_are_not_folded(tiny_model_dir):
     assert lora_passes._foldable(layer)
     layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach().flatten()[:3], requires_grad=False)
     assert not lora_passes._foldable(layer) and layer not in lora_passes.FoldedLora(model.unet).forwards
+
+
+def test_lora_dropout_is_not_folded_away_in_train_mode(tiny_model_dir):
+    """With LoRA dropout and the UNet in train mode, every pass must drop (peft's forward): a folded W + s·B·A would
+    silently train without dropout. In eval mode there is nothing to drop, and the fold is exact again."""
+    model = _trained_looking(tiny_model_dir, dropout=0.5)
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, k=K))
+    layer = next(m for m in model.unet.modules() if isinstance(m, LoraLinear))
+    images = {}
+    for training in (True, False):
+        model.unet.train(training)
+        assert lora_passes._foldable(layer) != training
+        with torch.no_grad():
+            images[training] = [sampler.with_base(*_inputs(model), "last_k")[1].images for _ in range(2)]
+    assert not torch.equal(*images[True]) and torch.equal(*images[False])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fnf.masks import MaskArgs, heatmap_to_mask, saliency_heatmap
+from fnf.masks import MaskArgs, clear_clean_images, heatmap_to_mask, saliency_heatmap
 from fnf.rewards import ColorRegion
 
 
@@ -17,6 +17,16 @@ def test_threshold_then_dilation_gives_a_square_of_side_2r_plus_1():
     expected = torch.zeros(1, 1, 9, 9)
     expected[0, 0, 2:7, 2:7] = 1
     assert torch.equal(mask, expected)
+
+
+def test_threshold_and_clean_score_include_their_own_value():
+    """A pixel at the threshold is in the mask (threshold 1 keeps a peak-normalised map's peak, as documented);
+    an image scoring exactly clean_score counts as clean."""
+    heatmap = torch.tensor([[[[0.5, 0.49], [1.0, 0.0]]]])
+    assert heatmap_to_mask(heatmap, MaskArgs(threshold=0.5, dilation=0)).flatten().tolist() == [1, 0, 1, 0]
+    assert heatmap_to_mask(heatmap, MaskArgs(threshold=1.0, dilation=0)).flatten().tolist() == [0, 0, 1, 0]
+    cleared = clear_clean_images(heatmap.expand(3, -1, -1, -1), torch.tensor([0.2, 0.3, 0.31]), clean_score=0.3)
+    assert cleared.amax(dim=(1, 2, 3)).tolist() == [1.0, 0.0, 0.0]
 
 
 def test_soft_mask_contains_the_hard_mask_and_fades_out():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -172,6 +173,35 @@ def test_shapes_evaluation_uses_the_judges_problem_mask_and_repair_rate(tiny_mod
     by_hand.update(tuned, base, heatmap_to_mask(problems, masks))
     assert float(metrics["reference_outside_psnr"].compute()) == pytest.approx(float(by_hand.compute()), rel=1e-6)
     assert float(metrics["reference_inside_psnr"].compute()) < float(metrics["reference_outside_psnr"].compute())
+
+
+def test_evaluation_keeps_base_and_tuned_and_inside_and_outside_apart(tiny_model_dir, tmp_path):
+    """Base all red; tuned green in the left half, the mask's region: every metric must see which image is which
+    and which pixels are inside. By hand: outside identical (PSNR 200 dB cap), inside MSE 2/3 (PSNR 1.76 dB),
+    CLIP score 100 for base and 100/√2 for tuned with a "red" prompt, reward 0 → 1.5 (change +1.5)."""
+    side = 8
+    base = torch.zeros(2, 3, side, side)
+    base[:, 0] = 1
+    tuned = base.clone()
+    tuned[:, :, :, : side // 2] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+    mask = torch.zeros(2, 1, side, side)
+    mask[..., : side // 2] = 1
+    module = FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir, lam=0.1,
+                       sampler=SamplerArgs(num_steps=2, k=1), lora=LoraArgs(rank=2))
+    evaluation = Evaluation(clip=_FakeCLIP(), output_dir=str(tmp_path))
+    outputs = {"prompts": ["red", "red"], "base": base, "tuned": tuned, "mask": mask,
+               "scores": torch.tensor([[1.0], [2.0]]), "base_scores": torch.zeros(2, 1)}
+    evaluation._update("validate", module, outputs, {})
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[], log_dir=None, default_root_dir=str(tmp_path),
+                              global_step=0)
+    evaluation._finish("validate", trainer, module)
+    values = json.loads((tmp_path / "validate_metrics.json").read_text())
+    assert values["outside_psnr"] == pytest.approx(200.0)
+    assert values["inside_psnr"] == pytest.approx(10 * math.log10(3 / 2), rel=1e-4)
+    assert values["clip_score_base"] == pytest.approx(100.0, rel=1e-5)
+    assert values["clip_score_tuned"] == pytest.approx(100 / math.sqrt(2), rel=1e-5)
+    assert (values["reward_base/ColorRegion"], values["reward_tuned/ColorRegion"],
+            values["reward_change/ColorRegion"]) == pytest.approx((0.0, 1.5, 1.5))
 
 
 def test_judge_rates_plug_into_the_evaluation():

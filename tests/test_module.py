@@ -102,25 +102,33 @@ def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
 
 
 def test_base_cache_gives_the_same_step_as_recomputing(tiny_model_dir):
+    """Keyed by (prompt, seed): the same prompt with two seeds (data.seeds_per_prompt) is two base images."""
     batch = next(iter(_loader(4)))
+    batch["prompt"][1] = batch["prompt"][0]
     fresh = _module(tiny_model_dir, lam=1.0)
     cached = _module(tiny_model_dir, lam=1.0, base_cache="memory")
     cached._common_step(batch, "val")  # fills the cache
     assert len(cached._cache) == 4
+    cached.sampler.with_base = None  # a second base pass would fail: the step must come from the cache
     with torch.no_grad():
         expected = fresh._common_step(batch, "val")
         got = cached._common_step(batch, "val")
     torch.testing.assert_close(got["loss"], expected["loss"])
     torch.testing.assert_close(got["base"], expected["base"])
+    assert not torch.allclose(got["base"][0], got["base"][1])
 
 
 @pytest.mark.parametrize("policy, expected_active", [("keep", 1.0), ("skip", 0.0), ("global", 1.0)])
 def test_empty_mask_policy(tiny_model_dir, policy, expected_active):
-    module = _module(tiny_model_dir, lam=1.0, masks=MaskArgs(threshold=1.0, empty=policy))  # nothing reaches 1.0
+    """An empty mask of a localising head follows the policy; a mask: none head has no mask to be empty."""
+    module = _module(tiny_model_dir, lam=1.0, masks=MaskArgs(threshold=1.0, empty=policy),  # nothing reaches 1.0
+                     rewards=[RewardTerm(ColorRegion(color=(1.0, 0.0, 0.0), box=BOX)),
+                              RewardTerm(ColorRegion(), mask="none")])
     images = torch.rand(2, 3, 16, 16) * 0.5
     masks, active, _ = module._localise(images, ["a", "b"])
-    assert torch.equal(active, torch.full((2, 1), expected_active))
-    assert masks.min() == masks.max() == (1.0 if policy == "global" else 0.0)
+    assert torch.equal(active, torch.tensor([[expected_active, 1.0]] * 2))
+    assert masks[:, 0].min() == masks[:, 0].max() == (1.0 if policy == "global" else 0.0)
+    assert masks[:, 1].abs().max() == 0
 
 
 def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
@@ -151,19 +159,83 @@ def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
         assert module._common_step(next(iter(_loader(4))), "train") is None
 
 
-def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):
-    left, right = ColorRegion(box=(0.0, 0.0, 1.0, 0.5)), ColorRegion(box=(0.0, 0.5, 1.0, 1.0))
-    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head",
-                     rewards=[RewardTerm(left, lam=2.0), RewardTerm(right, lam=3.0)])
-    masks = torch.zeros(1, 2, 4, 4)
-    masks[:, 0, :, :2] = 1  # head 0 may change the left half, head 1 the right half
+
+def test_a_non_finite_reward_on_the_base_image_is_fatal_even_when_skipping(tiny_model_dir):
+    """A reward that fails on I0 fails on every step of that prompt: skipping would hide a broken head."""
+    module = _module(tiny_model_dir, lam=1.0, nonfinite="skip", rewards=[RewardTerm(_NaNReward(), mask="none")])
+    with pytest.raises(FloatingPointError, match="non-finite reward _NaNReward on the base image"):
+        module._common_step(next(iter(_loader(4))), "train")
+
+
+def _halves(heads: int) -> torch.Tensor:
+    """Masks (1, heads, 4, 4): head 0 may change the left half, head 1 the right half, any further head nothing."""
+    masks = torch.zeros(1, heads, 4, 4)
+    masks[:, 0, :, :2] = 1
     masks[:, 1, :, 2:] = 1
-    base = BaseReference(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 4, 4), masks, torch.ones(1, 2), torch.zeros(1, 2))
-    tuned = Sample(torch.zeros(1, 4, 2, 2), torch.ones(1, 3, 4, 4))
-    fidelity, penalty = module._fidelity(tuned, base)
+    return masks
+
+
+def _reference(masks: torch.Tensor) -> BaseReference:
+    heads = masks.shape[1]
+    return BaseReference(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 4, 4), masks, torch.ones(1, heads),
+                         torch.zeros(1, heads))
+
+
+def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):
+    """I changes the left half only: head 0's mask allows it, head 1's does not, a mask: none head has no term."""
+    left, right = ColorRegion(box=(0.0, 0.0, 1.0, 0.5)), ColorRegion(box=(0.0, 0.5, 1.0, 1.0))
+    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", rewards=[
+        RewardTerm(left, lam=2.0), RewardTerm(right, lam=3.0), RewardTerm(ColorRegion(), mask="none")])
+    tuned = torch.zeros(1, 3, 4, 4)
+    tuned[..., :2] = 1
+    fidelity, penalty = module._fidelity(Sample(torch.zeros(1, 4, 2, 2), tuned), _reference(_halves(3)))
     half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
-    assert penalty.item() == pytest.approx(2.0 * half + 3.0 * half)
-    assert fidelity.item() == pytest.approx(half)
+    assert penalty.item() == pytest.approx(3.0 * half)  # head 1's λ times the change outside its mask
+    assert fidelity.item() == pytest.approx(half / 2)  # the mean over the two masked heads' terms
+
+
+def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
+    module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion())])
+    everywhere = Sample(torch.zeros(1, 4, 2, 2), torch.ones(1, 3, 4, 4))
+    fidelity, penalty = module._fidelity(everywhere, _reference(_halves(2)))
+    assert fidelity.item() == penalty.item() == 0  # the two halves together cover the image
+    only_left = _halves(2)
+    only_left[:, 1] = 0
+    fidelity, penalty = module._fidelity(everywhere, _reference(only_left))
+    assert fidelity.item() == pytest.approx((3 * 4 * 2) ** 0.5) and penalty.item() == pytest.approx(0.5 * fidelity.item())
+
+
+def test_reward_weights_scale_each_heads_score_in_the_loss(tiny_model_dir):
+    module = _module(tiny_model_dir, lam=0.0, rewards=[RewardTerm(ColorRegion(), weight=2.0),
+                                                       RewardTerm(ColorRegion(box=(0.5, 0.5, 1, 1)), weight=0.0)])
+    with torch.no_grad():
+        out = module._common_step(next(iter(_loader(4))), "val")
+    assert not torch.allclose(out["scores"][:, 0], out["scores"][:, 1])  # the weight, not the score, removes head 1
+    torch.testing.assert_close(out["loss"], -(2.0 * out["scores"][:, 0]).mean())
+
+
+def test_the_train_mode_reaches_the_unet_only(tiny_model_dir):
+    """LoRA dropout needs the UNet in train mode; the frozen text encoder, VAE and reward heads stay in eval."""
+    module = _module(tiny_model_dir, lam=1.0, lora=LoraArgs(rank=4, dropout=0.1))
+    module.train()
+    assert module.model.unet.training
+    frozen = [child for name, child in module.model.named_children() if name != "unet"] + [module.heads]
+    assert frozen and not any(m.training for child in frozen for m in child.modules())
+    module.eval()
+    assert not module.model.unet.training
+
+
+def test_draft_lv_pairs_every_sample_with_its_own_prompts_base_image(tiny_model_dir):
+    """n samples per prompt stacked as sample i of prompt b at row i·B + b: I0, masks, base scores and prompts
+    must follow the same order (at identity LoRA each I lies near its own I0)."""
+    module = _module(tiny_model_dir, lam=1.0, sampler=SamplerArgs(num_steps=4, guidance_scale=2.0, grad_mode="lv",
+                                                                  lv_samples=2))
+    batch = next(iter(_loader(2, batch_size=2)))
+    out = module._common_step(batch, "train")
+    assert out["prompts"] == batch["prompt"] * 2
+    near = (out["tuned"] - out["base"]).abs().mean((1, 2, 3))
+    crossed = (out["tuned"] - out["base"].roll(1, 0)).abs().mean((1, 2, 3))
+    assert (near < 0.05 * crossed).all(), (near, crossed)
 
 
 def _lora_b(module: FocusNFix) -> list[torch.Tensor]:

@@ -112,10 +112,20 @@ def test_each_sampler_owns_its_scheduler(model):
     assert torch.equal(five(*inputs, grad_mode="none").images, before)
 
 
-def test_lv_returns_n_samples_per_prompt(model):
+def test_lv_samples_each_renoise_their_own_prompts_image_with_their_own_noise(model):
+    """DRaFT-LV re-noises x_0 to the last timestep, n times: with the LoRA at identity every sample lies near the
+    plain chain's image of its own prompt (far from the other prompt's), and a prompt's n samples differ."""
     sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="lv", lv_samples=3))
-    images = sampler(*_inputs(model, ["a red circle", "a blue square"], [1, 2]), grad_mode="lv").images
-    assert images.shape == (6, 3, 16, 16) and sampler.samples_per_prompt("lv") == 3
+    inputs = _inputs(model, ["a red circle", "a blue square"], [1, 2])
+    with torch.no_grad():
+        plain = sampler(*inputs, grad_mode="none").images
+        lv = sampler(*inputs, grad_mode="lv").images
+    assert lv.shape == (6, 3, 16, 16) and sampler.samples_per_prompt("lv") == 3
+    lv = lv.unflatten(0, (3, 2))  # sample i of prompt b at row i·B + b
+    near = (lv - plain).abs().mean((2, 3, 4))
+    far = (lv - plain.flip(0)).abs().mean((2, 3, 4))
+    assert near.max() < 0.05 * far.min(), (near, far)
+    assert all(not torch.equal(lv[i, b], lv[j, b]) for b in range(2) for i in range(3) for j in range(i))
 
 
 @pytest.mark.parametrize("bad, message", [(dict(k=0), "model.sampler.k"), (dict(num_steps=3, k=4), "model.sampler.k"),
