@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from fnf.checkpoint_io import check_writable
-from fnf.export import lora_state_dict, save_lora
+from fnf.export import WEIGHT_NAME, lora_state_dict, save_lora
 from fnf.image_logging import log_image
 
 
@@ -59,17 +60,34 @@ class LoraExporter(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # an unwritable folder found now, not after the run
+        if stage == "fit":  # an unwritable or foreign folder found now, not after the run
             directory = self.directory(trainer)  # every rank: trainer.log_dir is a collective
             if trainer.is_global_zero:
-                check_writable(directory, "lora_export.dirpath")
+                check_lora_folder(directory, trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = self.directory(trainer)
         weights = lora_state_dict(pl_module.model)  # all ranks: gathers the shards under FSDP2
         if trainer.is_global_zero:
+            check_lora_folder(directory, trainer)  # again: something may have been written there since setup
             save_lora(pl_module.model, directory, weights)
+
+
+def check_lora_folder(directory: Path, trainer: Trainer) -> None:
+    """The export replaces ``directory`` whole: it must be new, empty or an earlier LoRA export (its one file), and
+    hold none of this run's own folders (its logs and checkpoints may not exist yet when this is checked)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"lora_export.dirpath: {directory} is a file; expected a folder for {WEIGHT_NAME}")
+    for key, folder in (("trainer.default_root_dir", trainer.default_root_dir), ("the run's log dir", trainer.log_dir)):
+        if folder and Path(folder).resolve().is_relative_to(directory.resolve()):
+            raise ValueError(f"lora_export.dirpath: {directory} holds {key} {folder}; the export replaces the folder "
+                             "whole: choose a folder of its own")
+    other = sorted(p.name for p in directory.iterdir() if p.name != WEIGHT_NAME) if directory.is_dir() else []
+    if other:
+        raise ValueError(f"lora_export.dirpath: {directory} holds {', '.join(other[:3])}{' ...' if other[3:] else ''}; "
+                         f"the export replaces the folder whole, so it must be new, empty or an earlier LoRA export")
+    check_writable(directory, "lora_export.dirpath")
 
 
 class PngWriter(BasePredictionWriter):
@@ -84,18 +102,31 @@ class PngWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 
+    KINDS = ("tuned", "base")
+
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_writable(self.output_dir, "predict_writer.output_dir")
-        for kind in ("tuned", "base"):
-            (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+        """A new folder, or an earlier prediction's emptied first: its images never mix with this run's."""
+        if trainer.is_global_zero:
+            out = self.output_dir
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"predict_writer.output_dir: {out} is a file; expected a folder")
+            other = sorted({p.name for p in out.iterdir()} - {*self.KINDS, "prompts.tsv"}) if out.is_dir() else []
+            if other or (out.is_dir() and any(out.iterdir()) and not (out / "prompts.tsv").is_file()):
+                raise ValueError(f"predict_writer.output_dir: {out} holds {', '.join(other[:3]) or 'files'} and no "
+                                 "earlier fnf predict output; choose a new folder")
+            check_writable(out, "predict_writer.output_dir")
+            for kind in self.KINDS:
+                shutil.rmtree(out / kind, ignore_errors=True)
+                (out / kind).mkdir(parents=True)
+            (out / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+        trainer.strategy.barrier()  # every rank writes into the prepared folder
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         with open(self.output_dir / "prompts.tsv", "a", encoding="utf-8") as index:
             for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
                 name = f"{batch_idx:04d}_{i:02d}_{seed}.png"
-                for kind in ("tuned", "base"):
+                for kind in self.KINDS:
                     save_image(prediction[kind][i], self.output_dir / kind / name)
                 index.write(f"{name}\t{seed}\t{prompt}\n")

@@ -29,7 +29,7 @@ from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
-from fnf.preemption import PreemptionCheckpoint, exit_code
+from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.resume import (check_settings, claim_version_folder, continue_run_folder, export_if_complete, find_last,
@@ -164,7 +164,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
-            return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+            with sigterm_unwinds():
+                return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         check_command(argv)
         load_reward_plugins()  # installed heads resolve by short name in YAML
         check_config_files(argv)

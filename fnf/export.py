@@ -23,9 +23,10 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def lora_state_dict(model: Text2ImageModel) -> dict[str, Tensor]:
-    """The denoiser's LoRA weights as whole tensors. Under FSDP2 they are ``DTensor`` shards and this gathers them:
-    a collective, so every rank must call it."""
-    return {name: value.full_tensor() if isinstance(value, DTensor) else value
+    """The denoiser's LoRA weights as whole, contiguous tensors (safetensors refuses the strides a channels_last
+    conv LoRA has). Under FSDP2 they are ``DTensor`` shards and this gathers them: a collective, so every rank must
+    call it."""
+    return {name: (value.full_tensor() if isinstance(value, DTensor) else value).contiguous()
             for name, value in model.denoiser.state_dict().items() if "lora_" in name}
 
 

@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM (a cluster taking the node back) or SIGUSR1 (SLURM's warning before the time limit, sent with
-``#SBATCH --signal=USR1@120``) -> finish the step, write last.ckpt, exit 128 + the signal's number (143 / 138).
+"""Preemption: SIGTERM (a cluster taking the node back), SIGUSR1 (SLURM's warning before the time limit, sent with
+``#SBATCH --signal=USR1@120``) or a first Ctrl-C (SIGINT) -> finish the step, write last.ckpt, exit 128 + the
+signal's number (143 / 138 / 130). A second Ctrl-C interrupts at once, as Ctrl-C always does.
 
 Lightning's SIGTERM handler sets ``trainer.received_sigterm``, after which it stops at the end of the current batch
 by raising ``SIGTERMException`` (a ``SystemExit`` with code 0) without saving anything. Under DDP that handler also
@@ -19,6 +20,8 @@ training starts (Lightning installs its own after ``on_fit_start``) and restored
 from __future__ import annotations
 
 import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -31,8 +34,19 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
+@contextmanager
+def sigterm_unwinds():
+    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot, so that the tools' ``finally``
+    blocks remove their staging folders, as they do on Ctrl-C (``fnf export``, ``report``, ``preview``, ``scan``)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(exit_code(signum)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class PreemptionCheckpoint(L.Callback):
-    signal: int = signal.SIGTERM  # the signal that stopped the run (SIGTERM unless SIGUSR1 came)
+    signal: int = signal.SIGTERM  # the signal that stopped the run (SIGTERM unless SIGUSR1 or SIGINT came)
     _pending: int = 0  # a signal this process received that the ranks have not yet agreed on
     _stepped: bool = False  # the last training batch completed an optimizer step (a checkpoint now is exact)
 
@@ -45,17 +59,20 @@ class PreemptionCheckpoint(L.Callback):
 
     def _note(self, signum, frame) -> None:
         self._pending = signum  # no collective, no flag yet: on_train_batch_end decides with the other ranks
+        if signum == signal.SIGINT:  # the next Ctrl-C is Python's KeyboardInterrupt again
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._previous = signal.signal(signal.SIGUSR1, self._note)
+        self._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._note)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         signal.signal(signal.SIGTERM, self._note)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if getattr(self, "_previous", None) is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
+        for signum, handler in getattr(self, "_previous", {}).items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -45,13 +48,27 @@ def test_png_writer_puts_each_image_under_its_own_kind(tmp_path):
     from fnf.callbacks import PngWriter
 
     writer = PngWriter(str(tmp_path / "out"))
-    writer.on_predict_start(None, None)
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
     prediction = {"prompt": ["a red circle", "a blue square"], "seed": [7, 8],
                   "base": torch.zeros(2, 3, 4, 4), "tuned": torch.ones(2, 3, 4, 4)}
-    writer.write_on_batch_end(None, None, prediction, None, None, 3)
+    for batch_idx in (3, 5):  # a second run into the same folder: only its own images are there
+        writer.on_predict_start(trainer, None)
+        writer.write_on_batch_end(trainer, None, prediction, None, None, batch_idx)
     for kind, value in (("base", 0), ("tuned", 255)):
         files = sorted((tmp_path / "out" / kind).glob("*.png"))
-        assert [f.name for f in files] == ["0003_00_7.png", "0003_01_8.png"]
+        assert [f.name for f in files] == ["0005_00_7.png", "0005_01_8.png"]
         assert all(set(Image.open(f).getdata()) == {(value,) * 3} for f in files)
     assert (tmp_path / "out" / "prompts.tsv").read_text().splitlines() == [
-        "file\tseed\tprompt", "0003_00_7.png\t7\ta red circle", "0003_01_8.png\t8\ta blue square"]
+        "file\tseed\tprompt", "0005_00_7.png\t7\ta red circle", "0005_01_8.png\t8\ta blue square"]
+
+
+def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
+    from fnf.callbacks import PngWriter
+
+    (tmp_path / "notes.txt").write_text("precious\n")
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    with pytest.raises(ValueError, match=r"predict_writer.output_dir: .* holds notes.txt and no earlier fnf predict"):
+        PngWriter(str(tmp_path)).on_predict_start(trainer, None)
+    with pytest.raises(ValueError, match="notes.txt is a file; expected a folder"):
+        PngWriter(str(tmp_path / "notes.txt")).on_predict_start(trainer, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

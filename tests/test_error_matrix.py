@@ -59,6 +59,15 @@ def _under_a_file(key: str):
     return edit
 
 
+def _folder_of_notes(key: str):
+    """A user's folder (notes.txt in it) as an output folder fnf replaces whole."""
+    def edit(config: dict, tmp: Path) -> None:
+        (tmp / "docs").mkdir()
+        (tmp / "docs" / "notes.txt").write_text("precious\n")
+        _set(key, str(tmp / "docs"))(config, tmp)
+    return edit
+
+
 def _checkpoint(write):
     """An edit that resumes from a file ``write`` makes."""
     def edit(config: dict, tmp: Path) -> None:
@@ -147,6 +156,12 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     # output folders, checked before the first step
     "unwritable LoRA export folder": (_under_a_file("lora_export.dirpath"), [], "lora_export.dirpath: cannot write to"),
     "unwritable log folder": (_under_a_file("trainer.default_root_dir"), [], "trainer.default_root_dir"),
+    "LoRA export folder is a file": (_file("lora_export.dirpath", "notes\n", "notes.txt"), [],
+                                     "notes.txt is a file; expected a folder for pytorch_lora_weights.safetensors"),
+    "LoRA export folder is the run's": (_file("lora_export.dirpath", None, "run"), [],
+                                        "run holds trainer.default_root_dir"),
+    "LoRA export folder holds other files": (_folder_of_notes("lora_export.dirpath"), [],
+                                             "docs holds notes.txt; the export replaces the folder whole"),
     # checkpoints
     "checkpoint missing": (None, ["--ckpt_path", "/no/such.ckpt"], "ckpt_path: checkpoint /no/such.ckpt not found"),
     "checkpoint is random bytes": (_checkpoint(lambda p: p.write_bytes(os.urandom(4096))), [],

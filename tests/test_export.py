@@ -5,6 +5,7 @@ diffusers file, a kohya-ss file (diffusers' kohya loader draws the same images) 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -68,6 +69,17 @@ def test_export_replaces_a_previous_export_atomically(tiny_model_dir, tmp_path):
     save_lora(model, tmp_path / "lora")
     save_lora(model, tmp_path / "lora")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no staging folders left behind
+
+
+def test_a_channels_last_conv_lora_exports(tiny_model_dir, tmp_path):
+    """configs/sd15 and sdxl train in channels_last; a ResNet-conv LoRA then has NHWC strides."""
+    model = Text2ImageModel.from_pretrained(tiny_model_dir)
+    model.add_lora(LoraArgs(rank=4, target_modules=["to_q", "conv1"]))
+    model.unet.to(memory_format=torch.channels_last)
+    conv = {k: v for k, v in model.unet.state_dict().items() if "conv1.lora_A" in k}
+    assert conv and not any(v.is_contiguous() for v in conv.values())
+    state = load_file(save_lora(model, tmp_path / "lora") / WEIGHT_NAME)
+    assert all(torch.equal(state["unet." + k.replace(".default", "")], v) for k, v in conv.items())
 
 
 def test_load_lora_reads_whole_files_of_earlier_fnf_versions(tmp_path):
@@ -300,6 +312,26 @@ def test_out_is_replaced_whole_and_only_when_an_export_wrote_it(tmp_path, tiny_m
     (tmp_path / "a_file").write_text("")
     message = _fail(capsys, "--ckpt_path", str(ckpt), "--format", "kohya", "--out", str(tmp_path / "a_file" / "x"))
     assert message.startswith(f"fnf: error: --out: cannot write to {tmp_path / 'a_file' / 'x'}"), message
+
+
+def test_sigterm_mid_export_exits_143_and_leaves_no_staging_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """A job killed with SIGTERM (a scheduler's timeout) unwinds like Ctrl-C: the staging folders go with it."""
+    import signal
+
+    from fnf import export_formats
+
+    ckpt = _write_checkpoint(tiny_model_dir, LoraArgs(rank=4, target_modules=ATTENTION), tmp_path / "run")
+    save_fused = export_formats.save_fused
+
+    def terminated_while_saving(*args, **kwargs):
+        save_fused(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the fused model written in staging, not yet moved to --out
+
+    monkeypatch.setattr(export_formats, "save_fused", terminated_while_saving)
+    with pytest.raises(SystemExit) as exit_info:
+        _export(ckpt, "fused", tmp_path / "out")
+    assert exit_info.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_a_full_disk_is_named_and_the_previous_export_stays(tmp_path, tiny_model_dir, capsys):

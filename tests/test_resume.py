@@ -97,10 +97,11 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("signal_name, code, resume", [("SIGTERM", 143, "last"), ("SIGUSR1", 138, "auto")])
+@pytest.mark.parametrize("signal_name, code, resume", [("SIGTERM", 143, "last"), ("SIGUSR1", 138, "auto"),
+                                                       ("SIGINT", 130, "last")])
 def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly(tiny_model_dir, tmp_path,
                                                                                   signal_name, code, resume):
-    """SIGTERM (a cluster reclaiming the node) and SIGUSR1 (SLURM's time-limit warning); no scheduled checkpoint
+    """SIGTERM (a cluster reclaiming the node), SIGUSR1 (SLURM's time-limit warning) and a first Ctrl-C; no scheduled checkpoint
     before step 100, so the one on disk is the preemption one. ``auto`` is what a requeued job script runs."""
     straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -270,3 +271,19 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         AtomicCheckpointIO().load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="ckpt_path: checkpoint .*missing.ckpt not found"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored():
+    from fnf.preemption import PreemptionCheckpoint
+
+    before, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # Lightning restores SIGTERM
+    callback = PreemptionCheckpoint()
+    callback.on_fit_start(None, None)
+    callback.on_train_start(None, None)
+    os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step finishes
+    assert callback._pending == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    callback.teardown(None, None, "fit")
+    signal.signal(signal.SIGTERM, sigterm)
+    assert signal.getsignal(signal.SIGINT) is before
