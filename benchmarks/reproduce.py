@@ -223,7 +223,8 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
             "Focus-N-Fix with the values chosen on the validation prompts; the test prompts evaluated once per run.\n",
             HEADER]
     for task, result in results.items():
-        text += [row("base", task, result["fnf"], base=True), row("global DRaFT (λ = 0)", task, result["draft"]),
+        draft = replace(START[PROBLEM[task]], lam=0.0, k=result["chosen"].k)
+        text += [row("base", task, result["fnf"], base=True), row(draft.label, task, result["draft"]),
                  row(f"Focus-N-Fix ({result['chosen'].label})", task, result["fnf"])]
     text += [f"\n## Selection on validation prompts (seed {seeds[0]})\n\nBars: alignment drop ≤ "
              f"{bars.max_alignment_drop:g} points, PSNR outside the judge mask ≥ {bars.min_psnr_outside:g} dB; among "

@@ -151,13 +151,14 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         if base is not None:
             base = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1)))
 
-        scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False).score
-                              for head in self.heads], dim=1)  # (B, heads)
+        scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False,
+                                                  trained_on=term.weight > 0).score
+                              for term, head in zip(self.terms, self.heads)], dim=1)  # (B, heads)
         active = base.active if base is not None else 1.0  # the empty-mask policy "skip" needs I0's masks
         reward_loss = -(self.reward_weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
-        if not self._finite(loss, scores, base):
+        if not self._usable(loss, scores, base, fidelity):
             return None
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
@@ -220,17 +221,26 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
                 self._uncond = self.model.unconditional()
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
 
-    def _finite(self, loss: Tensor, scores: Tensor, base: BaseReference | None) -> bool:
-        """One device sync per step; on failure, name the culprit: a reward on I0 (always fatal), on I, or the loss."""
+    def _usable(self, loss: Tensor, scores: Tensor, base: BaseReference | None, fidelity: Tensor | None) -> bool:
+        """One device sync per step: every value finite and the fidelity term >= 0. On failure, name the culprit: a
+        reward on I0 or a negative fidelity term (always fatal: a broken head or regularizer), a reward on I, the
+        fidelity term or the loss (``model.nonfinite`` decides)."""
         base_scores = scores.new_zeros(0, scores.shape[1]) if base is None else base.scores  # (B or 0, heads)
-        if torch.isfinite(torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten()])).all():
+        fidelity = scores.new_zeros(()) if fidelity is None else fidelity.detach()
+        values = torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten(), fidelity.reshape(1)])
+        if (torch.isfinite(values).all() & (fidelity >= 0)).item():
             return True
         names = [head.name for head in self.heads]
         bad_base = [n for n, ok in zip(names, torch.isfinite(base_scores).all(0)) if not ok]
         bad_tuned = [n for n, ok in zip(names, torch.isfinite(scores).all(0)) if not ok]
-        what = f"reward {bad_tuned[0]}" if bad_tuned else "loss"
+        regularizer = type(self.regularizer).__name__
         if bad_base:
             raise FloatingPointError(f"non-finite reward {bad_base[0]} on the base image at step {self.global_step}")
+        if fidelity < 0:
+            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0, got {float(fidelity):.4g} at step "
+                             f"{self.global_step}")
+        what = (f"reward {bad_tuned[0]}" if bad_tuned else "loss" if torch.isfinite(fidelity)
+                else f"fidelity term ({regularizer})")
         if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
                                      "set model.nonfinite=skip to skip such batches")

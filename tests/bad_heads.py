@@ -22,3 +22,10 @@ class ScoreOnly(RewardHead):
 
     def forward(self, images, prompts):
         return RewardOutput(score=images.mean(dim=(1, 2, 3)), heatmap=None)
+
+
+class Detached(RewardHead):
+    """A score the LoRA cannot learn from: detached from the images (as a head that scores under no_grad)."""
+
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(1, 2, 3)).detach(), heatmap=None)

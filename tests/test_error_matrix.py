@@ -140,6 +140,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "head returns a tensor": (_head("bad_heads.ReturnsATensor"), [],
                               "reward head ReturnsATensor: forward must return RewardOutput, got Tensor"),
     "heatmap mask without a heatmap": (_head("bad_heads.ScoreOnly"), [], "reward head ScoreOnly returns no heatmap"),
+    "head without a gradient": (_head("bad_heads.Detached", mask="none"), [],
+                                "reward head Detached: score has no gradient with respect to the images"),
     # the optimizer
     "lr nan": (_set("model.optimizer", {"class_path": "torch.optim.AdamW", "init_args": {"lr": NAN}}), [],
                "model.optimizer.init_args: Invalid learning rate: nan"),

@@ -13,6 +13,7 @@ from fnf.data import collate
 from fnf.masks import MaskArgs
 from fnf.module import BaseReference, FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
+from fnf.regularizers import Regularizer
 from fnf.rewards import ColorRegion, RewardHead, RewardOutput
 from fnf.sampling import Sample, SamplerArgs
 
@@ -93,6 +94,23 @@ def test_wrong_reward_shape_is_named(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="none")])
     with pytest.raises(ValueError, match=r"_WrongShape: score must have shape \(4,\)"):
         _trainer(tmp_path, steps=1).fit(module, _loader(4))
+
+
+class _Detached(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(1, 2, 3)).detach(), heatmap=None)
+
+
+def test_a_score_without_gradient_is_refused_unless_its_weight_is_zero(tiny_model_dir):
+    """A detached score would leave the LoRA untrained without a word; with weight 0 (a head for masks only) the
+    loss does not backpropagate through it."""
+    batch = next(iter(_loader(4)))
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_Detached(), mask="none")])
+    with pytest.raises(ValueError, match="reward head _Detached: score has no gradient with respect to the images"):
+        module._common_step(batch, "train")
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion()), RewardTerm(_Detached(), weight=0.0,
+                                                                                             mask="none")])
+    assert module._common_step(batch, "train")["loss"].requires_grad
 
 
 def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
@@ -179,6 +197,30 @@ def _reference(masks: torch.Tensor) -> BaseReference:
     heads = masks.shape[1]
     return BaseReference(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 4, 4), masks, torch.ones(1, heads),
                          torch.zeros(1, heads))
+
+
+class _Penalty(Regularizer):
+    """A regularizer returning ``value`` per image (``per_image``) or as one number."""
+
+    def __init__(self, value: float, per_image: bool = True) -> None:
+        super().__init__()
+        self.value, self.per_image = value, per_image
+
+    def forward(self, tuned, base, keep):
+        penalty = (tuned.images - base.images).abs().sum((1, 2, 3)) * 0 + self.value
+        return penalty if self.per_image else penalty.mean()
+
+
+@pytest.mark.parametrize("regularizer, error, message", [
+    (_Penalty(1.0, per_image=False), ValueError, r"regularizer _Penalty: forward must return one penalty per image, "
+                                                 r"shape \(4,\), got \(\)"),
+    (_Penalty(-1.0), ValueError, "regularizer _Penalty: penalty must be >= 0, got -1 at step 0"),
+    (_Penalty(float("nan")), FloatingPointError, r"non-finite fidelity term \(_Penalty\) at step 0"),
+])
+def test_a_broken_regularizer_is_named(tiny_model_dir, regularizer, error, message):
+    module = _module(tiny_model_dir, lam=1.0, regularizer=regularizer)
+    with pytest.raises(error, match=message):
+        module._common_step(next(iter(_loader(4))), "train")
 
 
 def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):

@@ -14,4 +14,14 @@ class Regularizer(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, tuned: Sample, base: Sample, keep: Tensor) -> Tensor:
-        """tuned I, base I0 (constant), keep = 1 - M as (B, 1, H, W) in [0, 1] -> penalty per image (B,)."""
+        """tuned I, base I0 (constant), keep = 1 - M as (B, 1, H, W) in [0, 1] -> penalty per image (B,), >= 0."""
+
+    def __call__(self, tuned: Sample, base: Sample, keep: Tensor) -> Tensor:
+        """``forward``, its shape held to the contract (a scalar would be averaged without a word); the values
+        (finite, >= 0) are checked with the step's one device sync (``FocusNFix._usable``)."""
+        penalty = super().__call__(tuned, base, keep)
+        if not isinstance(penalty, Tensor) or penalty.shape != keep.shape[:1]:
+            got = tuple(penalty.shape) if isinstance(penalty, Tensor) else type(penalty).__name__
+            raise ValueError(f"regularizer {type(self).__name__}: forward must return one penalty per image, shape "
+                             f"({keep.shape[0]},), got {got}")
+        return penalty

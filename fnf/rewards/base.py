@@ -43,16 +43,23 @@ class RewardHead(nn.Module, ABC):
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput: ...
 
 
-def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, values: bool = True) -> RewardOutput:
+def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, values: bool = True,
+                        trained_on: bool = False) -> RewardOutput:
     """Raise one clear error naming the head when its output breaks the contract.
 
     ``values=False`` checks shapes only (no device sync): for the tuned pass, whose heatmap is unused.
+    ``trained_on``: the loss backpropagates through this score (a weight > 0), so when the images carry gradients
+    the score must too; otherwise the LoRA would silently get no gradient from it.
     """
     batch, _, height, width = images.shape
     if not isinstance(output, RewardOutput):
         raise TypeError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
     if output.score.shape != (batch,):
         raise ValueError(f"reward head {head.name}: score must have shape ({batch},), got {tuple(output.score.shape)}")
+    if trained_on and images.requires_grad and not output.score.requires_grad:
+        raise ValueError(f"reward head {head.name}: score has no gradient with respect to the images (detached, "
+                         "computed under no_grad or not from the pixels); training needs a differentiable score, "
+                         "or give the head weight 0 to use it for masks only")
     if output.heatmap is not None:
         heatmap = output.heatmap
         if heatmap.shape != (batch, 1, height, width):
