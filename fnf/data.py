@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -289,8 +290,13 @@ class PromptDataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader | list:
-        """An empty list (Lightning skips validation) when there is no validation data."""
-        return self._loader("val", "val_file") if "val" in self.items else []
+        """An empty list (Lightning skips validation in fit) when there is no validation data; ``fnf validate``
+        without it is an error, not a run that validates nothing."""
+        if "val" in self.items:
+            return self._loader("val", "val_file")
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING:
+            raise ValueError("no prompts for val: set --data.val_file (or --data.val_fraction with --data.train_file)")
+        return []
 
     @override
     def test_dataloader(self) -> DataLoader:

@@ -56,14 +56,19 @@ def reward_heads() -> list[tuple[type[RewardHead], str]]:
 
 
 def describe(head: type[RewardHead], source: str) -> str:
-    doc = (inspect.getdoc(head) or "").strip()
+    """Name, heatmap, class path, and the first sentence of the docstring (a wrapped line would stop mid-way)."""
+    paragraph = " ".join((inspect.getdoc(head) or "").split("\n\n")[0].split())
+    sentence = paragraph.split(". ")[0].rstrip(".") + "." if paragraph else "(no docstring)"
     tag = "" if source == "built-in" else f" [{source}]"
-    return (f"{head.__name__:<26} {head.gives_heatmap:<12} {head.__module__}.{head.__qualname__}{tag}\n"
-            f"    {doc.splitlines()[0] if doc else '(no docstring)'}")
+    return f"{head.__name__:<26} {head.gives_heatmap:<12} {head.__module__}.{head.__qualname__}{tag}\n    {sentence}"
 
 
 def main(argv: list[str]) -> None:
     """``fnf rewards``: the reward heads usable by short name, whether they give a heatmap, and their docs."""
+    if argv in (["-h"], ["--help"]):
+        print("usage: fnf rewards\n\nLists the reward heads usable by short name in YAML (built-in and installed "
+              "plugins): whether each gives a heatmap, its class path and the first sentence of its docstring.")
+        return
     if argv:
         raise ValueError(f"fnf rewards takes no arguments, got {' '.join(argv)}")
     print(f"{'head':<26} {'heatmap':<12} class path")

@@ -82,15 +82,20 @@ def restore_rng_states(states: dict) -> None:
 def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor]) -> None:
     """Refuse a checkpoint whose LoRA weights do not fit the model's (names from target_modules, shapes from rank)."""
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if not any("lora_" in name for name in saved):
+        raise ValueError("ckpt_path: the checkpoint holds no LoRA weights: not a checkpoint written by fnf fit")
     if missing or unexpected:
         raise ValueError(f"ckpt_path: the checkpoint's LoRA does not match model.lora (target_modules): "
                          f"{len(missing)} LoRA weights missing (e.g. {missing[:1]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
     for name, value in saved.items():
         if value.shape != own[name]:
+            rank_axis = 0 if "lora_A" in name else -1  # A: (rank, in ...), B: (out, rank ...)
+            hint = ("set model.lora.rank to the checkpoint's rank" if value.shape[rank_axis] != own[name][rank_axis]
+                    else "the layer's width differs: was the checkpoint trained on another base model than "
+                         "model.pretrained?")
             raise ValueError(f"ckpt_path: LoRA shape {tuple(value.shape)} in the checkpoint but "
-                             f"{tuple(own[name])} in the model for {name}; set model.lora.rank to the "
-                             f"checkpoint's rank")
+                             f"{tuple(own[name])} in the model for {name}; {hint}")
 
 
 def find_last(root: str | Path, required: bool) -> str | None:

@@ -82,6 +82,19 @@ def test_lora_mismatch_on_checkpoint_load(tiny_model_dir, rank4_checkpoint, lora
                         ckpt_path=rank4_checkpoint)
 
 
+def test_a_checkpoint_of_another_base_model_or_no_lora_is_named_as_such():
+    """Same rank, other widths: another base model (SD1.5's LoRA on an SDXL config), not a rank to set; no LoRA
+    weights at all: not an fnf fit checkpoint (a rahf-train one, say)."""
+    from fnf.resume import check_lora_state
+
+    own = {"unet.to_k.lora_A.default.weight": torch.Size((4, 64)), "unet.to_k.lora_B.default.weight": torch.Size((32, 4))}
+    wider = {"unet.to_k.lora_A.default.weight": torch.zeros(4, 32), "unet.to_k.lora_B.default.weight": torch.zeros(32, 4)}
+    with pytest.raises(ValueError, match=r"\(4, 32\) in the checkpoint but \(4, 64\) .*trained on another base model"):
+        check_lora_state(own, wider)
+    with pytest.raises(ValueError, match="holds no LoRA weights: not a checkpoint written by fnf fit"):
+        check_lora_state(own, {"model.backbone.weight": torch.zeros(2)})
+
+
 def test_resolution_not_divisible_by_the_vae_factor_fails_at_construction(tiny_model_dir):
     with pytest.raises(ValueError, match=r"model.sampler.resolution=15 must be divisible by the VAE factor 2"):
         FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir,

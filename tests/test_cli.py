@@ -105,6 +105,12 @@ def test_missing_prompt_file_is_named(config, capsys, tmp_path):
     assert not (tmp_path / "run" / "lightning_logs").exists()  # the failed run left no folders behind
     message = _fail(["test", "--config", str(config), "--data.test_file", "/no/such/test.txt"], capsys)
     assert "/no/such/test.txt" in message and not (tmp_path / "run" / "lightning_logs").exists()
+    for command, key in (("test", "test_file"), ("validate", "val_file")):  # nothing to evaluate is an error
+        message = _fail([command, "--config", str(config), f"--data.{key}", "null"], capsys)
+        assert message.endswith(f"fnf: error: no prompts for {command.replace('validate', 'val')}: set --data.{key}"
+                                + (" (or --data.val_fraction with --data.train_file)" if command == "validate"
+                                   else "")), message
+        assert not (tmp_path / "run" / "lightning_logs").exists()
 
 
 def test_invalid_value_names_the_key(config, capsys):

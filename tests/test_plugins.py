@@ -75,3 +75,16 @@ def test_a_broken_entry_point_is_one_line(site, tmp_path, monkeypatch):
         main(["fit", "--config", "/dev/null"])
     assert str(exit_info.value.code).startswith("fnf: error: fnf.rewards entry point Gone = no_such_module:Gone "
                                                 "(fnf-broken): cannot import it (ModuleNotFoundError")
+
+
+def test_fnf_rewards_shows_a_heads_first_sentence_and_has_help(capsys):
+    from fnf.plugins import describe, main
+    from fnf.rewards import RewardHead
+
+    class _Wrapped(RewardHead):
+        """A first sentence wrapped
+        onto a second line. A second sentence."""
+
+    assert describe(_Wrapped, "imported").endswith("\n    A first sentence wrapped onto a second line.")
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: fnf rewards")
