@@ -33,12 +33,13 @@ from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.resume import (check_settings, claim_version_folder, continue_run_folder, export_if_complete, find_last,
-                        remove_if_unstarted)
+                        lock_run_folder, remove_if_unstarted)
 
 
 class FnfCLI(LightningCLI):
     searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
     claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
+    lock = None  # the run folder's lock while fit trains in it (fnf.resume.lock_run_folder)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
@@ -101,6 +102,9 @@ class FnfCLI(LightningCLI):
         except BaseException:
             remove_if_unstarted(self.claimed)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.close()  # the run folder is free for a later --ckpt_path last
 
     def before_fit(self) -> None:
         """A found checkpoint (last / auto) continues its run folder; any other run gets a version folder of its own,
@@ -108,9 +112,11 @@ class FnfCLI(LightningCLI):
         restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if self.searched_ckpt:
-            continue_run_folder(self.trainer, ckpt_path)
+            self.lock = continue_run_folder(self.trainer, ckpt_path)
         else:
             self.claimed = claim_version_folder(self.trainer)
+            if self.claimed is not None:  # a --ckpt_path last started meanwhile is refused until this run ends
+                self.lock = lock_run_folder(self.claimed)
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)

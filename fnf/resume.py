@@ -11,9 +11,11 @@ its run folder) and a version folder of its own for every new run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import shutil
 from pathlib import Path
+from typing import IO
 
 import lightning as L
 import torch
@@ -111,14 +113,31 @@ def find_last(root: str | Path, required: bool) -> str | None:
     return None
 
 
-def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> None:
+def lock_run_folder(run: Path) -> IO:
+    """One process at a time trains in a run folder: two ``--ckpt_path last`` of one job (a requeued job racing
+    its predecessor) would both write its checkpoints, logs and export. An ``flock`` on ``run/.fnf.lock``, held
+    until the returned file is closed or the process ends, however it ends (kill -9 leaves no stale lock; on
+    NFS, flock may lock per node only)."""
+    file = open(run / ".fnf.lock", "a")  # noqa: SIM115 (the caller closes it when the run ends)
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise ValueError(f"--ckpt_path last: another fnf fit is running in {run} (it holds .fnf.lock there); "
+                         "wait for it to end, or stop it first") from None
+    return file
+
+
+def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> IO | None:
     """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
-    logs and LoRA export stay together."""
+    logs and LoRA export stay together; rank 0 returns the folder's lock (``lock_run_folder``)."""
     run = Path(ckpt_path).parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+    lock = lock_run_folder(run) if trainer.global_rank == 0 else None
     for logger in trainer.loggers:
         if hasattr(logger, "_version") and Path(logger.root_dir) == run.parent:
             logger._version = run.name  # a str version is the folder name itself
     rank_zero_info(f"fnf: resuming from {ckpt_path}")
+    return lock
 
 
 MAY_DIFFER_ON_RESUME = ("pretrained", "compute.")  # where the base model lives, speed levers: not the run's recipe

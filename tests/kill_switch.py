@@ -31,3 +31,18 @@ class KillAtStep(Callback):
             print(f"kill_switch: {self.signal} in validation after step {trainer.global_step}", file=sys.stderr,
                   flush=True)
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class ExpectRunFolderLocked(Callback):
+    """Fails the run unless its folder is locked against a second fit while it trains (fnf.resume.lock_run_folder)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        from fnf.resume import lock_run_folder
+
+        try:
+            lock_run_folder(Path(trainer.log_dir)).close()
+        except ValueError:
+            return
+        raise AssertionError(f"{trainer.log_dir} is not locked while fit trains in it")

@@ -228,6 +228,25 @@ def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(conf
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
+def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path, monkeypatch):
+    """A requeued job whose predecessor still runs: its --ckpt_path last is refused while the folder is locked,
+    and resumes once the other run has ended (the lock goes with its process, however it ends)."""
+    from fnf.resume import lock_run_folder
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.ExpectRunFolderLocked"])  # a new run too
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    other_run = lock_run_folder(run)  # what a still running fit holds
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    assert str(exit_info.value.code) == (f"fnf: error: --ckpt_path last: another fnf fit is running in {run} (it "
+                                         "holds .fnf.lock there); wait for it to end, or stop it first")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    other_run.close()
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_a_foreign_checkpoint_at_max_steps_is_refused_not_exported(config, tmp_path):
     """A Lightning checkpoint of another model, past max_steps: not 'complete', and no untrained LoRA written."""
     foreign = tmp_path / "other" / "checkpoints" / "foreign.ckpt"
@@ -237,7 +256,7 @@ def test_a_foreign_checkpoint_at_max_steps_is_refused_not_exported(config, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--ckpt_path", str(foreign)])
     message = str(exit_info.value.code)
-    assert message.startswith("fnf: error: ckpt_path: the checkpoint's LoRA does not match") and "\n" not in message
+    assert message.startswith("fnf: error: ckpt_path: the checkpoint holds no LoRA weights") and "\n" not in message
     assert not (tmp_path / "other" / "lora").exists()
 
 
