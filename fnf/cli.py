@@ -36,19 +36,12 @@ from fnf.resume import (check_settings, claim_version_folder, continue_run_folde
                         lock_run_folder, remove_if_unstarted)
 
 
-class FnfCLI(LightningCLI):
-    searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+class RunCLI(LightningCLI):
+    """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run that fails before
+    its first checkpoint leaves no version folder behind; a run folder's lock ends with the run."""
+
     claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
     lock = None  # the run folder's lock while fit trains in it (fnf.resume.lock_run_folder)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ImageGridLogger, "image_logger")
-        parser.add_lightning_class_args(LoraExporter, "lora_export")
-        parser.add_lightning_class_args(PngWriter, "predict_writer")
-        # Mid-epoch checkpoints by default: last.ckpt (LoRA, optimizer, loops, RNG) every N optimizer steps.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
-                             "checkpoint.save_top_k": 0})
 
     def parse_arguments(self, parser, args) -> None:
         """Unknown keys get a close-match suggestion from the subcommand's own keys."""
@@ -59,6 +52,29 @@ class FnfCLI(LightningCLI):
             subcommands = parser._subcommands_action._name_parser_map
             known = list(subcommands[argv[0]].get_defaults().keys()) if argv[:1] and argv[0] in subcommands else []
             raise ValueError(parser_error(error, known)) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_if_unstarted(self.claimed)
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.close()  # the run folder is free for a later --ckpt_path last
+
+
+class FnfCLI(RunCLI):
+    searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ImageGridLogger, "image_logger")
+        parser.add_lightning_class_args(LoraExporter, "lora_export")
+        parser.add_lightning_class_args(PngWriter, "predict_writer")
+        # Mid-epoch checkpoints by default: last.ckpt (LoRA, optimizer, loops, RNG) every N optimizer steps.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
+                             "checkpoint.save_top_k": 0})
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path``: ``last`` (the newest last.ckpt under trainer.default_root_dir, required) or ``auto`` (the
@@ -95,16 +111,6 @@ class FnfCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # the default checkpoint callback would contradict it
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            remove_if_unstarted(self.claimed)
-            raise
-        finally:
-            if self.lock is not None:
-                self.lock.close()  # the run folder is free for a later --ckpt_path last
 
     def before_fit(self) -> None:
         """A found checkpoint (last / auto) continues its run folder; any other run gets a version folder of its own,

@@ -158,8 +158,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/export-<format>)")
     parser.add_argument("--config", type=Path, default=None,
                         help="a config whose model.pretrained to use (default: the run's config.yaml, if any)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="fused: the weights' dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="fused: the weights' dtype (float32)")
     args = parser.parse_args(argv)
+    if args.dtype is not None and args.format != "fused":  # the LoRA files keep the trained float32 weights
+        raise ValueError(f"--dtype applies to --format fused only; --format {args.format} writes float32 LoRA weights")
     out = args.out or args.ckpt_path.parent.parent / f"export-{args.format}"
     config = args.config or run_config(args.ckpt_path)
-    print(export(args.ckpt_path, args.format, out, config, args.dtype))
+    print(export(args.ckpt_path, args.format, out, config, args.dtype or "float32"))

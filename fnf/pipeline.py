@@ -102,6 +102,9 @@ def resolve_model_path(pretrained: str | os.PathLike) -> str:
             known = sorted(p.name for p in EMBEDDED_MODELS.iterdir()) if EMBEDDED_MODELS.is_dir() else []
             raise FileNotFoundError(f"model.pretrained: no embedded model {pretrained!r}; shipped: {known}")
         return str(folder)
+    if Path(pretrained).is_file():  # a single-file checkpoint (.safetensors / .ckpt), not a hub id to look up
+        raise ValueError(f"model.pretrained: {pretrained} is a file; expected a diffusers model folder "
+                         "(model_index.json and one folder per component), an embedded:<name> or a hub id")
     return pretrained
 
 

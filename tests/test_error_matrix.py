@@ -134,6 +134,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "CUDA graphs on a CPU": (_set("model.compute.compile", "unet+graphs"), [],
                              "model.compute.compile=unet+graphs needs a CUDA device"),
     "pretrained model missing": (_set("model.pretrained", "/no/such/model"), [], "model.pretrained:"),
+    "pretrained model is a file": (_file("model.pretrained", b"\0" * 64, "model.safetensors"), [],
+                                   "model.safetensors is a file; expected a diffusers model folder"),
     # reward heads that break the contract
     "head raises in __init__": (_head("bad_heads.RaisesInInit"), [],
                                 "bad_heads.RaisesInInit: RuntimeError: driver exploded (set FNF_DEBUG=1"),

@@ -278,6 +278,8 @@ def test_bad_arguments_and_checkpoints_are_one_line(tmp_path, tiny_model_dir, ca
     assert "nowhere.ckpt not found" in message, message
     message = _fail(capsys, "--format", "kohya", "--out", out)
     assert "--ckpt_path" in message and "required" in message, message
+    message = _fail(capsys, "--ckpt_path", str(ckpt), "--format", "diffusers", "--dtype", "float16", "--out", out)
+    assert "--dtype applies to --format fused only" in message, message
 
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, foreign)

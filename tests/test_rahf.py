@@ -266,10 +266,12 @@ def test_bad_heatmap_values_and_cli_errors_are_one_line(tmp_path, capsys):
               "--trainer.default_root_dir", str(tmp_path / "run")])
     assert f"{path}:2: not valid JSON" in str(exit_info.value.code)
     assert "\n" not in str(exit_info.value.code)
-    with pytest.raises(SystemExit) as exit_info:  # a parser error: one line, no usage text
+    assert not (tmp_path / "run" / "lightning_logs").exists()  # the failed run left no stub version folder
+    with pytest.raises(SystemExit) as exit_info:  # a parser error: one line, no usage text, the closest key
         run_cli(["fit", "--config", str(CONFIG), "--model.config.image_sise", "32"])
     message = str(exit_info.value.code)
     assert "image_sise" in message and "\n" not in message and "usage:" not in capsys.readouterr().err, message
+    assert "did you mean --model.config.image_size" in message, message
 
 
 def test_focus_n_fix_fits_with_the_trained_rahf_as_its_artifact_reward(trained, config, tmp_path):

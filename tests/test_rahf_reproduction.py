@@ -84,8 +84,12 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(checkpoint, tmp_path
         convert([str(tmp_path / "missing.pt"), out])
     pickled = tmp_path / "objects.pt"
     torch.save({"vit.x": torch.zeros(1), "hook": Path("x")}, pickled)  # a non-tensor object: refused unpickled
-    with pytest.raises(SystemExit, match="objects.pt: not a tensors-only torch checkpoint"):
+    with pytest.raises(SystemExit, match="objects.pt: holds objects other than tensors and plain types"):
         convert([str(pickled), out])
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a"}\n')  # a data file given by mistake: no pickle advice
+    with pytest.raises(SystemExit, match=r"rows.jsonl: cannot read it as a torch checkpoint: truncated or not one "
+                                         r"\(UnpicklingError\)$"):
+        convert([str(tmp_path / "rows.jsonl"), out])
     single = tmp_path / "single.pt"
     torch.save({"heatmap_predictor.conv_layers.0.weight": torch.zeros(1)}, single)
     with pytest.raises(SystemExit, match="single-head RAHF checkpoint"):
@@ -109,3 +113,7 @@ def test_the_reward_reads_only_converted_safetensors(tiny_rahf_reproduction, che
         RAHFReproductionHeatmap(weights, str(tmp_path / "no-tokenizer"))
     with pytest.raises(ValueError, match=r"heatmap: 'artifact' is not one of"):
         RAHFReproductionHeatmap(weights, tokenizer, heatmap="artifact")
+    from fnf.rewards.rahf import RAHFHeatmap
+
+    with pytest.raises(ValueError, match="written by fnf rahf-convert .*; use the RAHFReproductionHeatmap head"):
+        RAHFHeatmap(weights)  # the other RAHF head

@@ -7,23 +7,32 @@ Trains the RAHF model (``fnf.rewards.rahf``) on RichHF-18K-format jsonl files (`
 from __future__ import annotations
 
 import sys
+import warnings
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
 
+from fnf.cli import RunCLI
 from fnf.errors import check_config_files, one_line_errors
 from fnf.rahf.data import RichHFDataModule
 from fnf.rahf.module import RAHFTraining
+from fnf.resume import claim_version_folder
 
 
-class RAHFCLI(LightningCLI):
+class RAHFCLI(RunCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.config.image_size", "data.image_size")  # one resolution for model and data
+
+    def before_fit(self) -> None:
+        self.claimed = claim_version_folder(self.trainer)  # removed again if the run fails before a checkpoint
+
+    before_validate = before_test = before_fit
 
 
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = sys.argv[1:] if args is None else args
+    # fnf rahf-train passes its arguments on (fnf.cli.TOOLS): Lightning would warn that sys.argv holds them too.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     with one_line_errors("fnf rahf-train"):
         check_config_files(argv)
         RAHFCLI(RAHFTraining, RichHFDataModule, args=args,  # args None: LightningCLI reads sys.argv itself

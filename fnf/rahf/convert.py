@@ -11,8 +11,10 @@ checkpoint conversion; the T5 decoder (keyword generation) and the ViT pooler ar
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -31,8 +33,11 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, or pickled objects beyond tensors and plain types
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a tensors-only torch checkpoint ({reason})") from None
+        if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch file, refused
+            raise ValueError(f"{path}: holds objects other than tensors and plain types; fnf reads tensors only "
+                             "(weights_only=True), never arbitrary pickles") from None
+        raise ValueError(f"{path}: cannot read it as a torch checkpoint: truncated or not one "
+                         f"({type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
         raise ValueError(f"{path}: expected a state dict (names -> tensors), as the reproduction's torch.save writes")
     return state

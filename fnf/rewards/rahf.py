@@ -297,6 +297,9 @@ def load_rahf(path: str | Path, config: RAHFConfig | None = None, key_map: dict[
         except (ValueError, TypeError) as error:
             raise ValueError(f"RAHF weights {path}: bad {CONFIG_KEY} metadata ({error})") from None
     if config is None and stored is None:
+        if "fnf.rahf_reproduction.config" in metadata:  # written by fnf rahf-convert: the other head reads it
+            raise ValueError(f"RAHF weights {path}: written by fnf rahf-convert (the public reproduction's "
+                             "checkpoint); use the RAHFReproductionHeatmap head for it")
         raise ValueError(f"RAHF weights {path}: no {CONFIG_KEY} metadata; pass config= (the model sizes)")
     if config is not None and stored is not None and config != stored:
         differences = ", ".join(f"{key} {value} (file: {getattr(stored, key)})" for key, value in asdict(config).items()
