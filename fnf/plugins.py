@@ -31,6 +31,11 @@ def load_reward_plugins() -> dict[str, type[RewardHead]]:
             raise ValueError(f"{GROUP} {where}: cannot import it ({type(error).__name__}: {error})") from None
         if not (inspect.isclass(head) and issubclass(head, RewardHead)):
             raise ValueError(f"{GROUP} {where}: expected a RewardHead subclass, got {head!r}")
+        if point.name != head.__name__:  # YAML's short names are class names
+            raise ValueError(f"{GROUP} {where}: the entry point's name must be its class's, {head.__name__}")
+        built_in = getattr(fnf.rewards, point.name, None)
+        if point.name in fnf.rewards.__all__ and built_in is not head:
+            raise ValueError(f"{GROUP} {where}: a built-in head is called {point.name}; rename the class")
         plugins[point.name] = head
     return plugins
 

@@ -77,6 +77,27 @@ def test_a_broken_entry_point_is_one_line(site, tmp_path, monkeypatch):
                                                 "(fnf-broken): cannot import it (ModuleNotFoundError")
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("Bright = clash:Other", "entry point Bright = clash:Other (fnf-broken): the entry point's name must be its "
+                             "class's, Other"),
+    ("ShapesArtifact = clash:ShapesArtifact", "a built-in head is called ShapesArtifact; rename the class"),
+])
+def test_an_entry_point_yaml_could_not_name_is_refused(tmp_path, monkeypatch, entry, message):
+    """YAML names a head by its class: an entry point under another name, or a second ShapesArtifact, would make
+    its short name fail or pick one of two heads."""
+    broken = tmp_path / "broken-site"
+    (broken / "fnf_broken-0.1.dist-info").mkdir(parents=True)
+    (broken / "fnf_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-broken\n"
+                                                                   "Version: 0.1\n")
+    (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text(f"[fnf.rewards]\n{entry}\n")
+    (broken / "clash.py").write_text("from fnf.rewards import RewardHead\n\n\nclass Other(RewardHead):\n    pass\n\n\n"
+                                     "class ShapesArtifact(RewardHead):\n    pass\n")
+    monkeypatch.syspath_prepend(str(broken))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "/dev/null"])
+    assert message in str(exit_info.value.code)
+
+
 def test_fnf_rewards_shows_a_heads_first_sentence_and_has_help(capsys):
     from fnf.plugins import describe, main
     from fnf.rewards import RewardHead
