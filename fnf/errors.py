@@ -70,6 +70,9 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
             return unknown(line.split("option '", 1)[1].split("'", 1)[0], known_keys)
         if line.startswith("unrecognized arguments:"):  # a --flag on the command line
             flags = [word for word in line.split()[2:] if word.startswith("--")]
+            if flags and flags[0][2:3].isdigit():  # --model.rewards.0.weight reaches here as --0.weight
+                return (f"{flags[0].split('=')[0]}: list items cannot be set by index on the command line; set the "
+                        "list in the config file, or pass it whole (e.g. --model.rewards '[{head: ...}]')")
             if flags:
                 return unknown(flags[0].split("=")[0], [f"--{key}" for key in known_keys])
     keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]
@@ -79,8 +82,24 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
         close = difflib.get_close_matches(name[1], short_class_names(), n=2, cutoff=0.6)
         return f"{'.'.join(keys)}: unknown class {name[1]}" + (
             f"; did you mean {' or '.join(close)}?" if close else " (`fnf rewards` lists the reward heads)")
+    if keys and (missing := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", str(error))):
+        return f"{'.'.join(keys)}: {missing_class(missing[1], missing[2])}"
+    if keys and (base := re.search(r"Import path does not correspond to a subclass of (\w+)", str(error))):
+        value = re.search(r"Given value: (.+)", str(error))
+        return f"{'.'.join(keys)}: {value[1] if value else 'the class'} is not a {base[1]} subclass"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+
+
+def missing_class(module: str, name: str) -> str:
+    """'<module> has no class <name>; did you mean <closest>?' for a mistyped class_path."""
+    try:
+        classes = [key for key, value in vars(importlib.import_module(module)).items() if inspect.isclass(value)]
+    except ImportError:
+        classes = []
+    close = difflib.get_close_matches(name, classes, n=2, cutoff=0.6)
+    return f"{module} has no class {name}" + (f"; did you mean {' or '.join(f'{module}.{c}' for c in close)}?"
+                                               if close else "")
 
 
 def short_class_names() -> list[str]:

@@ -105,6 +105,13 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
                                       "model.optimizer: torch.optim.AdamW has no argument 'lrr'; did you mean lr?"),
     "unknown regularizer class": (_set("model.regularizer", {"class_path": "NoSuchRegularizer"}), [],
                                   "model.regularizer:"),
+    "list item by index": (None, ["--model.rewards.0.weight", "2"],
+                           "list items cannot be set by index on the command line; set the list in the config"),
+    "regularizer of another kind": (None, ["--model.regularizer", "torch.nn.MSELoss"],
+                                    "model.regularizer: torch.nn.MSELoss is not a Regularizer subclass"),
+    "misspelled callback class path": (None, ["--trainer.callbacks+=fnf.evaluation.Evalution"],
+                                       "trainer.callbacks: fnf.evaluation has no class Evalution; did you mean "
+                                       "fnf.evaluation.Evaluation?"),
     "unknown precision": (_set("trainer.precision", "17"), [], "trainer.precision:"),
     # the objective
     "lam nan": (_set("model.lam", NAN), [], "model.lam must be a finite number >= 0, got nan"),
