@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,28 +59,46 @@ class LoraExporter(Callback):
     def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")  # all ranks: a broadcast
 
+    @staticmethod
+    def run_folders(trainer: Trainer) -> dict[str, str | None]:
+        """The folders the export may not replace; all ranks (``trainer.log_dir`` is a broadcast)."""
+        return {"trainer.default_root_dir": trainer.default_root_dir, "the run's log dir": trainer.log_dir}
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # an unwritable or foreign folder found now, not after the run
-            directory = self.directory(trainer)  # every rank: trainer.log_dir is a collective
-            if trainer.is_global_zero:
-                check_lora_folder(directory, trainer)
+            directory, run_folders = self.directory(trainer), self.run_folders(trainer)  # every rank: collectives
+            on_every_rank(trainer, lambda: check_lora_folder(directory, run_folders))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = self.directory(trainer)
+        directory, run_folders = self.directory(trainer), self.run_folders(trainer)
         weights = lora_state_dict(pl_module.model)  # all ranks: gathers the shards under FSDP2
         if trainer.is_global_zero:
-            check_lora_folder(directory, trainer)  # again: something may have been written there since setup
+            check_lora_folder(directory, run_folders)  # again: something may have been written there since setup
             save_lora(pl_module.model, directory, weights)
 
 
-def check_lora_folder(directory: Path, trainer: Trainer) -> None:
+def on_every_rank(trainer: Trainer, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and raise its error on every rank: an error on rank 0 alone would leave the other
+    ranks waiting in their next collective until it times out."""
+    problem = None
+    if trainer.is_global_zero:
+        try:
+            check()
+        except (ValueError, OSError) as error:
+            problem = str(error)
+    problem = trainer.strategy.broadcast(problem)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def check_lora_folder(directory: Path, run_folders: dict[str, str | None]) -> None:
     """The export replaces ``directory`` whole: it must be new, empty or an earlier LoRA export (its one file), and
-    hold none of this run's own folders (its logs and checkpoints may not exist yet when this is checked)."""
+    hold none of this run's own folders (``run_folders``: what -> path; they may not exist yet when checked)."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"lora_export.dirpath: {directory} is a file; expected a folder for {WEIGHT_NAME}")
-    for key, folder in (("trainer.default_root_dir", trainer.default_root_dir), ("the run's log dir", trainer.log_dir)):
+    for key, folder in run_folders.items():
         if folder and Path(folder).resolve().is_relative_to(directory.resolve()):
             raise ValueError(f"lora_export.dirpath: {directory} holds {key} {folder}; the export replaces the folder "
                              "whole: choose a folder of its own")
@@ -93,6 +112,8 @@ def check_lora_folder(directory: Path, trainer: Trainer) -> None:
 class PngWriter(BasePredictionWriter):
     """Writes ``<output_dir>/{tuned,base}/<batch>_<item>_<seed>.png`` and a prompts.tsv index."""
 
+    KINDS = ("tuned", "base")
+
     def __init__(self, output_dir: str = "predictions") -> None:
         """Write predicted images as PNG files.
 
@@ -102,25 +123,25 @@ class PngWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 
-    KINDS = ("tuned", "base")
-
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A new folder, or an earlier prediction's emptied first: its images never mix with this run's."""
-        if trainer.is_global_zero:
-            out = self.output_dir
-            if out.exists() and not out.is_dir():
-                raise ValueError(f"predict_writer.output_dir: {out} is a file; expected a folder")
-            other = sorted({p.name for p in out.iterdir()} - {*self.KINDS, "prompts.tsv"}) if out.is_dir() else []
-            if other or (out.is_dir() and any(out.iterdir()) and not (out / "prompts.tsv").is_file()):
-                raise ValueError(f"predict_writer.output_dir: {out} holds {', '.join(other[:3]) or 'files'} and no "
-                                 "earlier fnf predict output; choose a new folder")
-            check_writable(out, "predict_writer.output_dir")
-            for kind in self.KINDS:
-                shutil.rmtree(out / kind, ignore_errors=True)
-                (out / kind).mkdir(parents=True)
-            (out / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+        on_every_rank(trainer, self._prepare_folder)
         trainer.strategy.barrier()  # every rank writes into the prepared folder
+
+    def _prepare_folder(self) -> None:
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"predict_writer.output_dir: {out} is a file; expected a folder")
+        other = sorted({p.name for p in out.iterdir()} - {*self.KINDS, "prompts.tsv"}) if out.is_dir() else []
+        if other or (out.is_dir() and any(out.iterdir()) and not (out / "prompts.tsv").is_file()):
+            raise ValueError(f"predict_writer.output_dir: {out} holds {', '.join(other[:3]) or 'files'} and no "
+                             "earlier fnf predict output; choose a new folder")
+        check_writable(out, "predict_writer.output_dir")
+        for kind in self.KINDS:
+            shutil.rmtree(out / kind, ignore_errors=True)
+            (out / kind).mkdir(parents=True)
+        (out / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):

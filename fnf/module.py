@@ -57,6 +57,11 @@ class BaseReference:
         return Sample(self.latents, self.images)
 
 
+MAX_SKIPPED_IN_A_ROW = 10
+"""``model.nonfinite: skip`` stops the run after this many non-finite batches in a row (it would otherwise skip
+forever, and export an untrained LoRA)."""
+
+
 class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
     def __init__(
         self,
@@ -88,7 +93,8 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
             lora: LoRA on the denoiser (UNet or transformer).
             optimizer: optimizer over the LoRA parameters.
             lr_scheduler: optional learning-rate schedule, stepped every optimizer step.
-            nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch.
+            nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch (up to
+                ``MAX_SKIPPED_IN_A_ROW`` in a row: more is a diverged run or a broken head, not a rare batch).
             base_cache: memory: keep I0, masks and base scores per (prompt, seed) after the first visit.
             train_base: if_needed: training steps skip I0 and its masks when the loss does not use them (λ = 0
                 everywhere and masks.empty != skip): plain DRaFT at DRaFT's cost, without the fidelity,
@@ -118,6 +124,7 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         penalised = lam > 0 or any(t.lam for t in rewards)
         self.base_in_training = train_base == "always" or penalised or masks.empty == "skip"
         self._cache: dict[tuple[str, int], BaseReference] = {}
+        self._skipped_in_a_row = 0
         self._uncond: TextEmbedding | None = None
         self.strict_loading = False  # checkpoints hold LoRA weights only
 
@@ -229,6 +236,7 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         fidelity = scores.new_zeros(()) if fidelity is None else fidelity.detach()
         values = torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten(), fidelity.reshape(1)])
         if (torch.isfinite(values).all() & (fidelity >= 0)).item():
+            self._skipped_in_a_row = 0
             return True
         names = [head.name for head in self.heads]
         bad_base = [n for n, ok in zip(names, torch.isfinite(base_scores).all(0)) if not ok]
@@ -244,6 +252,10 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
                                      "set model.nonfinite=skip to skip such batches")
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(f"non-finite {what} in {self._skipped_in_a_row} batches in a row at step "
+                                     f"{self.global_step}: the run has diverged or a reward head is broken")
         warnings.warn(f"skipping batch at step {self.global_step}: non-finite {what}", stacklevel=2)
         return False
 

@@ -87,8 +87,8 @@ def test_a_checkpoint_of_another_base_model_or_no_lora_is_named_as_such():
     weights at all: not an fnf fit checkpoint (a rahf-train one, say)."""
     from fnf.resume import check_lora_state
 
-    own = {"unet.to_k.lora_A.default.weight": torch.Size((4, 64)), "unet.to_k.lora_B.default.weight": torch.Size((32, 4))}
-    wider = {"unet.to_k.lora_A.default.weight": torch.zeros(4, 32), "unet.to_k.lora_B.default.weight": torch.zeros(32, 4)}
+    a, b = "unet.to_k.lora_A.default.weight", "unet.to_k.lora_B.default.weight"
+    own, wider = {a: torch.Size((4, 64)), b: torch.Size((32, 4))}, {a: torch.zeros(4, 32), b: torch.zeros(32, 4)}
     with pytest.raises(ValueError, match=r"\(4, 32\) in the checkpoint but \(4, 64\) .*trained on another base model"):
         check_lora_state(own, wider)
     with pytest.raises(ValueError, match="holds no LoRA weights: not a checkpoint written by fnf fit"):

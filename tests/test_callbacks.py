@@ -48,7 +48,8 @@ def test_png_writer_puts_each_image_under_its_own_kind(tmp_path):
     from fnf.callbacks import PngWriter
 
     writer = PngWriter(str(tmp_path / "out"))
-    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None,
+                                                                          broadcast=lambda obj: obj))
     prediction = {"prompt": ["a red circle", "a blue square"], "seed": [7, 8],
                   "base": torch.zeros(2, 3, 4, 4), "tuned": torch.ones(2, 3, 4, 4)}
     for batch_idx in (3, 5):  # a second run into the same folder: only its own images are there
@@ -66,7 +67,8 @@ def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
     from fnf.callbacks import PngWriter
 
     (tmp_path / "notes.txt").write_text("precious\n")
-    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None,
+                                                                          broadcast=lambda obj: obj))
     with pytest.raises(ValueError, match=r"predict_writer.output_dir: .* holds notes.txt and no earlier fnf predict"):
         PngWriter(str(tmp_path)).on_predict_start(trainer, None)
     with pytest.raises(ValueError, match="notes.txt is a file; expected a folder"):

@@ -21,7 +21,8 @@ def test_the_main_job_config_exists():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).stem)
 def test_config_runs_one_fast_dev_step(config, tmp_path):
     main(["fit", "--config", config, "--trainer.fast_dev_run=true", "--model.sampler.num_steps=3",
-          "--data.batch_size=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+          "--model.sampler.k=2", "--data.batch_size=2", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false"])
 
 
 @pytest.mark.parametrize("config", WITH_PROMPTS, ids=lambda p: str(Path(p).relative_to(Path(p).parents[1])))

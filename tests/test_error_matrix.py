@@ -119,7 +119,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "lam negative": (_set("model.lam", -0.5), [], "model.lam must be a finite number >= 0, got -0.5"),
     "reward weight nan": (_set("model.rewards.0.weight", NAN), [], "model.rewards[0].weight must be a finite number"),
     "reward weight inf": (_set("model.rewards.0.weight", -INF), [], "model.rewards[0].weight must be a finite"),
-    "reward weight negative": (_set("model.rewards.0.weight", -1.0), [], "model.rewards[0].weight must be a finite number >= 0"),
+    "reward weight negative": (_set("model.rewards.0.weight", -1.0), [],
+                               "model.rewards[0].weight must be a finite number >= 0"),
     "per-head lam under union": (_set("model.rewards.0.lam", 0.5), [], "model.rewards[0].lam is only used with "
                                                                        "model.mask_mode=per_head"),
     "per-head lam nan": (_set("model.rewards.0.lam", NAN), ["--model.mask_mode", "per_head"],

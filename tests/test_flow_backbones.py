@@ -146,8 +146,9 @@ def test_the_fnf_step_raises_a_reward(family, model_dirs, tmp_path):
 
 
 def test_lv_samples_renoise_their_own_prompts_image_on_the_flow_path(model_dirs):
-    """Flow DRaFT-LV: x_σ = (1 − σ)·x_0 + σ·ε at the last step's σ, one Euler step each. With the LoRA at identity
-    a sample stays near its own prompt's plain image and far from the other prompt's; a prompt's samples differ."""
+    """Flow DRaFT-LV: x_σ = (1 − σ)·x_0 + σ·ε at the last step's σ, one Euler step each. With the LoRA at
+    identity a sample stays near its own prompt's plain image and far from the other prompt's; a prompt's samples
+    differ."""
     model = Text2ImageModel.from_pretrained(model_dirs["sd3"])
     model.add_lora(LoraArgs(rank=4, target_modules=TARGETS))
     sampler = make_sampler(model, SamplerArgs(num_steps=20, guidance_scale=3.0, resolution=16, lv_samples=2))

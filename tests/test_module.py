@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from fnf.data import collate
 from fnf.masks import MaskArgs
-from fnf.module import BaseReference, FocusNFix, RewardTerm
+from fnf.module import MAX_SKIPPED_IN_A_ROW, BaseReference, FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
 from fnf.regularizers import Regularizer
 from fnf.rewards import ColorRegion, RewardHead, RewardOutput
@@ -175,6 +175,15 @@ def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
     module._localise = lambda images, prompts: (torch.zeros(n, 2, 16, 16), torch.ones(n, 2), torch.zeros(n, 2))
     with pytest.warns(UserWarning, match="skipping batch"):
         assert module._common_step(next(iter(_loader(4))), "train") is None
+    module._skipped_in_a_row = MAX_SKIPPED_IN_A_ROW - 2  # as after that many skipped batches
+    with pytest.warns(UserWarning, match="skipping batch"):
+        assert module._common_step(next(iter(_loader(4))), "train") is None
+    with pytest.raises(FloatingPointError, match=f"in {MAX_SKIPPED_IN_A_ROW} batches in a row at step 0: the run "
+                                                 "has diverged or a reward head is broken"):
+        module._common_step(next(iter(_loader(4))), "train")
+    healthy = _module(tiny_model_dir, lam=1.0, nonfinite="skip")
+    healthy._skipped_in_a_row = MAX_SKIPPED_IN_A_ROW - 1
+    assert healthy._common_step(next(iter(_loader(4))), "train") is not None and healthy._skipped_in_a_row == 0
 
 
 
@@ -244,7 +253,8 @@ def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
     only_left = _halves(2)
     only_left[:, 1] = 0
     fidelity, penalty = module._fidelity(everywhere, _reference(only_left))
-    assert fidelity.item() == pytest.approx((3 * 4 * 2) ** 0.5) and penalty.item() == pytest.approx(0.5 * fidelity.item())
+    assert fidelity.item() == pytest.approx((3 * 4 * 2) ** 0.5)
+    assert penalty.item() == pytest.approx(0.5 * fidelity.item())
 
 
 def test_reward_weights_scale_each_heads_score_in_the_loss(tiny_model_dir):

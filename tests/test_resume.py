@@ -101,8 +101,9 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir
                                                        ("SIGINT", 130, "last")])
 def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly(tiny_model_dir, tmp_path,
                                                                                   signal_name, code, resume):
-    """SIGTERM (a cluster reclaiming the node), SIGUSR1 (SLURM's time-limit warning) and a first Ctrl-C; no scheduled checkpoint
-    before step 100, so the one on disk is the preemption one. ``auto`` is what a requeued job script runs."""
+    """SIGTERM (a cluster reclaiming the node), SIGUSR1 (SLURM's time-limit warning) and a first Ctrl-C; no scheduled
+    checkpoint before step 100, so the one on disk is the preemption one. ``auto`` is what a requeued job script
+    runs."""
     straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
     assert straight.returncode == 0, straight.stderr[-2000:]
     preempted = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4, signal_name, every=100)),
