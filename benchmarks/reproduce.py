@@ -11,9 +11,10 @@ vs base, PSNR / SSIM outside the mask, and the analytic judge's rates (never use
 1. Selection, on validation prompts only (``<task>_val.jsonl``, run seed = the first seed): a coordinate search from
    ``START`` (the configs' values before this protocol chose theirs), over λ in LAMS, then the mask threshold in
    THRESHOLDS, then the dilation in DILATIONS, then (only with ``--k 2 5``: more differentiable steps cost more per
-   step) DRaFT-K's K, each line through the best point so far. Criterion (``choose``): among the candidates whose judge alignment drops by at
-   most ``--max-alignment-drop`` points and whose PSNR outside the judge's mask is at least ``--min-psnr-outside`` dB, the
-   lowest judge target rate (defect / unsafe), ties to the higher PSNR; if none meets both bars, the highest PSNR.
+   step) DRaFT-K's K, each line through the best point so far. Criterion (``choose``): among the candidates whose
+   judge alignment drops by at most ``--max-alignment-drop`` points and whose PSNR outside the judge's mask is at
+   least ``--min-psnr-outside`` dB, the lowest judge target rate (defect / unsafe), ties to the higher PSNR; if none
+   meets both bars, the highest PSNR.
 2. Test, once: the evaluation prompts (``<task>_eval.jsonl``, disjoint from the training and validation prompts)
    for global DRaFT (λ = 0, the chosen K: the same budget) and for Focus-N-Fix with the chosen values, each with
    every seed. A seed varies the LoRA

@@ -74,8 +74,8 @@ class LoraExporter(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory, run_folders = self.directory(trainer), self.run_folders(trainer)
         weights = lora_state_dict(pl_module.model)  # all ranks: gathers the shards under FSDP2
+        on_every_rank(trainer, lambda: check_lora_folder(directory, run_folders))  # written to since setup?
         if trainer.is_global_zero:
-            check_lora_folder(directory, run_folders)  # again: something may have been written there since setup
             save_lora(pl_module.model, directory, weights)
 
 
@@ -127,13 +127,16 @@ class PngWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A new folder, or an earlier prediction's emptied first: its images never mix with this run's."""
         on_every_rank(trainer, self._prepare_folder)
-        trainer.strategy.barrier()  # every rank writes into the prepared folder
+        trainer.strategy.barrier()  # then every rank writes into it (node-local disks: each makes the folders)
+        for kind in self.KINDS:
+            (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
 
     def _prepare_folder(self) -> None:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ValueError(f"predict_writer.output_dir: {out} is a file; expected a folder")
         other = sorted({p.name for p in out.iterdir()} - {*self.KINDS, "prompts.tsv"}) if out.is_dir() else []
+        other += [f"a file {kind}" for kind in self.KINDS if (out / kind).is_file()]
         if other or (out.is_dir() and any(out.iterdir()) and not (out / "prompts.tsv").is_file()):
             raise ValueError(f"predict_writer.output_dir: {out} holds {', '.join(other[:3]) or 'files'} and no "
                              "earlier fnf predict output; choose a new folder")

@@ -13,6 +13,7 @@ import importlib
 import sys
 import warnings
 from argparse import ArgumentError
+from contextlib import nullcontext
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -32,8 +33,8 @@ from fnf.plugins import load_reward_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.resume import (check_settings, claim_version_folder, continue_run_folder, export_if_complete, find_last,
-                        lock_run_folder, remove_if_unstarted)
+from fnf.resume import (check_settings, checkpoints_parent, claim_version_folder, continue_run_folder,
+                        export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
 
 
 class RunCLI(LightningCLI):
@@ -121,8 +122,8 @@ class FnfCLI(RunCLI):
             self.lock = continue_run_folder(self.trainer, ckpt_path)
         else:
             self.claimed = claim_version_folder(self.trainer)
-            if self.claimed is not None:  # a --ckpt_path last started meanwhile is refused until this run ends
-                self.lock = lock_run_folder(self.claimed)
+            if self.trainer.global_rank == 0:  # a --ckpt_path last started meanwhile is refused until this run ends
+                self.lock = lock_run_folder(checkpoints_parent(self.trainer, self.claimed))
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
@@ -154,6 +155,7 @@ TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with mai
     "rahf-convert": ("fnf.rahf.convert", "the public RAHF reproduction's checkpoint -> .safetensors"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+WRITERS = ("export", "report", "preview", "scan")  # tools whose staging files SIGTERM must not leave behind
 EPILOG = "other commands (fnf <command> --help): " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items())
 
 
@@ -176,7 +178,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
-            with sigterm_unwinds():
+            unwinds = sigterm_unwinds() if argv[0] in WRITERS else nullcontext()  # rahf-train: Lightning's own
+            with unwinds:
                 return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         check_command(argv)
         load_reward_plugins()  # installed heads resolve by short name in YAML

@@ -82,11 +82,12 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
         close = difflib.get_close_matches(name[1], short_class_names(), n=2, cutoff=0.6)
         return f"{'.'.join(keys)}: unknown class {name[1]}" + (
             f"; did you mean {' or '.join(close)}?" if close else " (`fnf rewards` lists the reward heads)")
-    if keys and (missing := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", str(error))):
-        return f"{'.'.join(keys)}: {missing_class(missing[1], missing[2])}"
-    if keys and (base := re.search(r"Import path does not correspond to a subclass of (\w+)", str(error))):
-        value = re.search(r"Given value: (.+)", str(error))
-        return f"{'.'.join(keys)}: {value[1] if value else 'the class'} is not a {base[1]} subclass"
+    missing = re.search(r"class_path '([\w.]+)':\s+module '([\w.]+)' has no attribute '(\w+)'", str(error))
+    if keys and missing and missing[1] == f"{missing[2]}.{missing[3]}":  # the class_path's own class, not an import
+        return f"{'.'.join(keys)}: {missing_class(missing[2], missing[3])}"
+    if keys and (base := re.search(r"Import path (\S+ )?does not correspond to a subclass of (\w+)", str(error))):
+        value = base[1] or (given[1] + " " if (given := re.search(r"Given value: (.+)", str(error))) else "")
+        return f"{'.'.join(keys)}: {value or 'the class '}is not a {base[2]} subclass"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
 

@@ -244,9 +244,9 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         regularizer = type(self.regularizer).__name__
         if bad_base:
             raise FloatingPointError(f"non-finite reward {bad_base[0]} on the base image at step {self.global_step}")
-        if fidelity < 0:
-            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0, got {float(fidelity):.4g} at step "
-                             f"{self.global_step}")
+        if fidelity < 0:  # the batch mean (one sync per step): a penalty < 0 on some images only can pass
+            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0, got a mean of {float(fidelity):.4g} "
+                             f"at step {self.global_step}")
         what = (f"reward {bad_tuned[0]}" if bad_tuned else "loss" if torch.isfinite(fidelity)
                 else f"fidelity term ({regularizer})")
         if self.nonfinite == "raise":

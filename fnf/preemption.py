@@ -59,15 +59,16 @@ class PreemptionCheckpoint(L.Callback):
 
     def _note(self, signum, frame) -> None:
         self._pending = signum  # no collective, no flag yet: on_train_batch_end decides with the other ranks
-        if signum == signal.SIGINT:  # the next Ctrl-C is Python's KeyboardInterrupt again
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGINT:  # the next Ctrl-C does what it did before (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._note)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         signal.signal(signal.SIGTERM, self._note)
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: leave it so
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         for signum, handler in getattr(self, "_previous", {}).items():

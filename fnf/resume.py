@@ -118,14 +118,27 @@ def lock_run_folder(run: Path) -> IO:
     its predecessor) would both write its checkpoints, logs and export. An ``flock`` on ``run/.fnf.lock``, held
     until the returned file is closed or the process ends, however it ends (kill -9 leaves no stale lock; on
     NFS, flock may lock per node only)."""
+    run.mkdir(parents=True, exist_ok=True)
     file = open(run / ".fnf.lock", "a")  # noqa: SIM115 (the caller closes it when the run ends)
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         file.close()
-        raise ValueError(f"--ckpt_path last: another fnf fit is running in {run} (it holds .fnf.lock there); "
-                         "wait for it to end, or stop it first") from None
+        raise ValueError(f"{run}: another fnf fit is training here (it holds {run / '.fnf.lock'}); wait for it to "
+                         "end, or stop it first") from None
     return file
+
+
+def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
+    """The folder holding a new run's ``checkpoints`` folder: the one a later ``--ckpt_path last`` locks (its
+    checkpoint's parent's parent), so both lock the same folder, whatever the logger and checkpoint settings."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath).parent
+    if claimed is not None:
+        return claimed
+    logger = trainer.loggers[0] if trainer.loggers else None  # a version the user chose, or no logger at all
+    return Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
 
 
 def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> IO | None:

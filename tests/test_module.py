@@ -223,7 +223,7 @@ class _Penalty(Regularizer):
 @pytest.mark.parametrize("regularizer, error, message", [
     (_Penalty(1.0, per_image=False), ValueError, r"regularizer _Penalty: forward must return one penalty per image, "
                                                  r"shape \(4,\), got \(\)"),
-    (_Penalty(-1.0), ValueError, "regularizer _Penalty: penalty must be >= 0, got -1 at step 0"),
+    (_Penalty(-1.0), ValueError, "regularizer _Penalty: penalty must be >= 0, got a mean of -1 at step 0"),
     (_Penalty(float("nan")), FloatingPointError, r"non-finite fidelity term \(_Penalty\) at step 0"),
 ])
 def test_a_broken_regularizer_is_named(tiny_model_dir, regularizer, error, message):

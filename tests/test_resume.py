@@ -229,22 +229,27 @@ def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(conf
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
-def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("logger", [True, False], ids=["version-folder", "no-logger"])
+def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path, monkeypatch, logger):
     """A requeued job whose predecessor still runs: its --ckpt_path last is refused while the folder is locked,
-    and resumes once the other run has ended (the lock goes with its process, however it ends)."""
+    and resumes once the other run has ended (the lock goes with its process, however it ends). Without a logger
+    the checkpoints' folder is the root's, and a new run locks the same folder a resume would."""
     from fnf.resume import lock_run_folder
 
     monkeypatch.syspath_prepend(str(TESTS))
-    main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.ExpectRunFolderLocked"])  # a new run too
-    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    main(["fit", "--config", str(config), "--trainer.logger", str(logger).lower(),
+          "--trainer.callbacks+=kill_switch.ExpectRunFolderLocked"])  # a new run holds the lock while it trains
+    run = tmp_path / "run" / ("lightning_logs/version_0" if logger else "")
     other_run = lock_run_folder(run)  # what a still running fit holds
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
-    assert str(exit_info.value.code) == (f"fnf: error: --ckpt_path last: another fnf fit is running in {run} (it "
-                                         "holds .fnf.lock there); wait for it to end, or stop it first")
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
+              str(logger).lower()])
+    assert str(exit_info.value.code) == (f"fnf: error: {run}: another fnf fit is training here (it holds "
+                                         f"{run / '.fnf.lock'}); wait for it to end, or stop it first")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     other_run.close()
-    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
+          str(logger).lower()])
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
@@ -307,3 +312,12 @@ def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored():
     callback.teardown(None, None, "fit")
     signal.signal(signal.SIGTERM, sigterm)
     assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C to the group must not stop it
+    try:
+        callback.on_fit_start(None, None)
+        callback.on_train_start(None, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        callback.teardown(None, None, "fit")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, before)
