@@ -66,8 +66,11 @@ def _config(tmp_path: Path, model: str, run: str, kill_at: int | None, kill_sign
 
 
 def _fnf(*args: str) -> subprocess.CompletedProcess:
+    """``fnf`` in a subprocess with Ctrl-C's default action, even when this suite runs as a background job (whose
+    processes start with SIGINT ignored, which fnf leaves ignored)."""
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "fnf.cli", *args], env=env, capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -302,18 +305,18 @@ def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored():
     from fnf.preemption import PreemptionCheckpoint
 
     before, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # Lightning restores SIGTERM
-    callback = PreemptionCheckpoint()
-    callback.on_fit_start(None, None)
-    callback.on_train_start(None, None)
-    os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step finishes
-    assert callback._pending == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-    callback.teardown(None, None, "fit")
-    signal.signal(signal.SIGTERM, sigterm)
-    assert signal.getsignal(signal.SIGINT) is before
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C to the group must not stop it
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even for a background suite
+        callback = PreemptionCheckpoint()
+        callback.on_fit_start(None, None)
+        callback.on_train_start(None, None)
+        os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step finishes
+        assert callback._pending == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        callback.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C to the group must not stop it
         callback.on_fit_start(None, None)
         callback.on_train_start(None, None)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
