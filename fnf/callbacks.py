@@ -126,9 +126,8 @@ class PngWriter(BasePredictionWriter):
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A new folder, or an earlier prediction's emptied first: its images never mix with this run's."""
-        on_every_rank(trainer, self._prepare_folder)
-        trainer.strategy.barrier()  # then every rank writes into it (node-local disks: each makes the folders)
-        for kind in self.KINDS:
+        on_every_rank(trainer, self._prepare_folder)  # its broadcast: no rank writes before rank 0 has prepared
+        for kind in self.KINDS:  # node-local disks: each rank makes the folders it writes into
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
 
     def _prepare_folder(self) -> None:

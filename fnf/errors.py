@@ -86,8 +86,8 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
     if keys and missing and missing[1] == f"{missing[2]}.{missing[3]}":  # the class_path's own class, not an import
         return f"{'.'.join(keys)}: {missing_class(missing[2], missing[3])}"
     if keys and (base := re.search(r"Import path (\S+ )?does not correspond to a subclass of (\w+)", str(error))):
-        value = base[1] or (given[1] + " " if (given := re.search(r"Given value: (.+)", str(error))) else "")
-        return f"{'.'.join(keys)}: {value or 'the class '}is not a {base[2]} subclass"
+        path = base[1] or (re.search(r"Given value: (\S+)", str(error)) or [None, "the class"])[1]
+        return f"{'.'.join(keys)}: {path.strip()} is not a {base[2]} subclass"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
 

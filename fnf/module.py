@@ -13,7 +13,6 @@ Only LoRA weights train; checkpoints hold only them; inference is the tuned mode
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -21,10 +20,10 @@ from typing import Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from fnf.compute import ComputeArgs, ComputeLevers
+from fnf.lora_optimizer import LoraOptimizer
 from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.objective import RewardTerm, check_objective, term_heatmaps
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
@@ -62,7 +61,7 @@ MAX_SKIPPED_IN_A_ROW = 10
 forever, and export an untrained LoRA)."""
 
 
-class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
+class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
     def __init__(
         self,
         rewards: list[RewardTerm],
@@ -278,31 +277,6 @@ class FocusNFix(LoraOnlyCheckpoints, ComputeLevers, ShardedUnet):
         with torch.no_grad():
             base, tuned = self.sampler.with_base(noise, text, uncond, "none")
         return {"prompt": prompts, "seed": seeds, "base": base.images.cpu(), "tuned": tuned.images.cpu()}
-
-    @override
-    def configure_optimizers(self):
-        try:
-            optimizer = self.optimizer_factory(self.model.lora_parameters())
-        except ValueError as error:  # torch's "Invalid learning rate: -1.0" names no key
-            raise ValueError(f"model.optimizer.init_args: {error}") from None
-        if any(math.isinf(group.get("lr", 0)) for group in optimizer.param_groups):  # torch refuses nan and < 0 only
-            raise ValueError("model.optimizer.init_args.lr must be a finite number >= 0, got inf")
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
-
-    @override
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        optimizer.zero_grad(set_to_none=True)  # free the LoRA grads now: Lightning would keep them through the next forward
-
-    @override
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.lora_parameters() if p.grad is not None]
-        if grads:  # one foreach kernel, no per-parameter device syncs
-            norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: all shards
 
     @override
     def train(self, mode: bool = True) -> FocusNFix:
