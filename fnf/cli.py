@@ -33,16 +33,15 @@ from fnf.plugins import load_reward_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.resume import (check_settings, checkpoints_parent, claim_version_folder, continue_run_folder,
-                        export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
+from fnf.resume import (RunFolderLock, check_settings, checkpoints_parent, claim_version_folder,
+                        continue_run_folder, export_if_complete, find_last, remove_if_unstarted)
 
 
 class RunCLI(LightningCLI):
     """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run that fails before
-    its first checkpoint leaves no version folder behind; a run folder's lock ends with the run."""
+    its first checkpoint leaves no version folder behind."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
-    lock = None  # the run folder's lock while fit trains in it (fnf.resume.lock_run_folder)
 
     def parse_arguments(self, parser, args) -> None:
         """Unknown keys get a close-match suggestion from the subcommand's own keys."""
@@ -60,13 +59,18 @@ class RunCLI(LightningCLI):
         except BaseException:
             remove_if_unstarted(self.claimed)
             raise
-        finally:
-            if self.lock is not None:
-                self.lock.close()  # the run folder is free for a later --ckpt_path last
 
 
 class FnfCLI(RunCLI):
     searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+    lock = None  # the run folder's lock while fit trains in it (fnf.resume.RunFolderLock)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if self.lock is not None:
+                self.lock.release()  # the run folder is free for a later --ckpt_path last
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
@@ -119,11 +123,12 @@ class FnfCLI(RunCLI):
         restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if self.searched_ckpt:
-            self.lock = continue_run_folder(self.trainer, ckpt_path)
-        else:
+            run = continue_run_folder(self.trainer, ckpt_path)
+        else:  # a --ckpt_path last started meanwhile is refused until this run ends
             self.claimed = claim_version_folder(self.trainer)
-            if self.trainer.global_rank == 0:  # a --ckpt_path last started meanwhile is refused until this run ends
-                self.lock = lock_run_folder(checkpoints_parent(self.trainer, self.claimed))
+            run = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+        self.lock = RunFolderLock(run)
+        self.trainer.callbacks.insert(0, self.lock)  # taken in setup, when every rank can be told of a refusal
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)

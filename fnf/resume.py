@@ -19,10 +19,12 @@ from typing import IO
 
 import lightning as L
 import torch
+from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
+from fnf.callbacks import on_every_rank
 from fnf.checkpoint_io import AtomicCheckpointIO, check_writable
 from fnf.export import WEIGHT_NAME, save_lora
 
@@ -141,16 +143,39 @@ def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
     return Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
 
 
-def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> IO | None:
+class RunFolderLock(Callback):
+    """Holds ``lock_run_folder(folder)`` on rank 0 from fit's setup to the end of the process (or ``release``).
+
+    Taken in setup, once the process group exists, and a refusal stops every rank: ranks started on their own
+    (torchrun, srun) would otherwise wait for a stopped rank 0 until the process group's timeout. First among the
+    callbacks, so a refused run writes nothing (LightningCLI saves its config.yaml in setup)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.file = folder, None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            on_every_rank(trainer, self._lock)
+
+    def _lock(self) -> None:
+        self.file = lock_run_folder(self.folder)
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
     """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
-    logs and LoRA export stay together; rank 0 returns the folder's lock (``lock_run_folder``)."""
+    logs and LoRA export stay together. Returns the run folder (the one to lock)."""
     run = Path(ckpt_path).parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
-    lock = lock_run_folder(run) if trainer.global_rank == 0 else None
     for logger in trainer.loggers:
         if hasattr(logger, "_version") and Path(logger.root_dir) == run.parent:
             logger._version = run.name  # a str version is the folder name itself
     rank_zero_info(f"fnf: resuming from {ckpt_path}")
-    return lock
+    return run
 
 
 MAY_DIFFER_ON_RESUME = ("pretrained", "compute.")  # where the base model lives, speed levers: not the run's recipe

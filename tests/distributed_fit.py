@@ -32,6 +32,21 @@ def fit(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str,
 def launch(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str, ...] = (),
            timeout: float = 600, **trainer) -> subprocess.CompletedProcess:
     """``fnf fit`` as ``fit`` runs it (``trainer`` may override max_steps), whatever its outcome."""
+    command, env = _fit_command(tmp_path, model, name, batch_size, args, **trainer)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_each_rank(tmp_path: Path, model: str, name: str, ranks: int, args: tuple[str, ...] = (),
+                     **trainer) -> list[subprocess.Popen]:
+    """``fnf fit`` started once per rank, as srun or torchrun start them (no launcher watching the ranks): the
+    processes, stderr piped; ``trainer`` needs ``devices=ranks``."""
+    command, env = _fit_command(tmp_path, model, name, 1, args, **trainer)
+    return [subprocess.Popen(command, env={**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": str(ranks)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
+
+
+def _fit_command(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str, ...],
+                 **trainer) -> tuple[list[str], dict[str, str]]:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a {c} {s} {p}\n" for c in ("red", "blue") for s in ("circle", "square")
                                for p in ("top left", "bottom right")))  # 8 prompts
@@ -52,5 +67,4 @@ def launch(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[s
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # probe callbacks
-    return subprocess.run([sys.executable, "-m", "fnf.cli", "fit", "--config", str(path), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "fnf.cli", "fit", "--config", str(path), *args], env

@@ -1,5 +1,6 @@
 """A DDP rank dies mid-run (kill -9, CPU / gloo): the survivor stops with one clear line in bounded time instead of
-hanging in a collective, and ``--ckpt_path last`` finishes the run exactly as if nothing had happened."""
+hanging in a collective, and ``--ckpt_path last`` finishes the run exactly as if nothing had happened. A run refused
+on rank 0 (its folder locked by another fit) stops every rank, also ranks started on their own (srun, torchrun)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 
-from distributed_fit import launch  # tests/distributed_fit.py
+from distributed_fit import launch, launch_each_rank  # tests/distributed_fit.py
 
 # A collective timeout bounds the wait for a rank that hangs without dying (torch's default: 30 minutes); a rank
 # that dies is noticed at once (its connections close), as this test shows.
@@ -42,3 +43,26 @@ def test_a_killed_rank_stops_the_run_with_one_line_and_last_resumes_exactly(tiny
     assert expected["global_step"] == got["global_step"] == 5
     for name, value in expected["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][name], value, rtol=0, atol=1e-7, msg=name)
+
+
+def test_a_locked_run_folder_stops_every_rank_started_on_its_own(tiny_model_dir, tmp_path):
+    """Ranks started by srun / torchrun (no Lightning launcher): rank 0 is refused the run folder's lock, and the
+    other rank stops with it at once instead of waiting for rank 0 until the process group's timeout."""
+    from fnf.resume import lock_run_folder
+
+    held = lock_run_folder(tmp_path / "run")  # another fit trains in this folder
+    started = time.monotonic()
+    ranks = launch_each_rank(tmp_path, tiny_model_dir, "run", 2, **DDP)
+    try:
+        errors = [rank.communicate(timeout=TIMEOUT_S + 60)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+        held.close()
+    assert time.monotonic() - started < STOPS_WITHIN_S
+    for rank, error in zip(ranks, errors):
+        assert rank.returncode == 1, error[-3000:]
+        assert error.strip().splitlines()[-1] == (f"fnf: error: {tmp_path / 'run'}: another fnf fit is training here "
+                                                  f"(it holds {tmp_path / 'run' / '.fnf.lock'}); wait for it to end, "
+                                                  "or stop it first"), error[-3000:]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".fnf.lock"]  # nothing written into the other's folder
