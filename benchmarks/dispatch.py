@@ -51,7 +51,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.utils import logging as transformers_logging
 
-from peer_alignprop import machine
+from provenance import provenance
 from unet_shaped import SD15_TEXT, SD15_UNET, SD15_VAE, build_sd
 from speed import PROMPTS, HandWrittenLoop
 
@@ -292,9 +292,8 @@ def main() -> None:
         args.model_dir = args.model_dir or Path(tmp) / "sd15-topology-proxy"
         if not (args.model_dir / "model_index.json").exists():
             build_model(args.model_dir)
-        device = machine() if args.device == "cpu" else torch.cuda.get_device_name()
         print(f"# SD1.5-topology proxy (UNet {PROXY_UNET['block_out_channels']}, 8x8 latents, 64² images) ready in "
-              f"{time.perf_counter() - start:.0f} s\n# {device}; torch {torch.__version__}, "
+              f"{time.perf_counter() - start:.0f} s\n# {provenance(args.device)}, "
               f"{torch.get_num_threads()} threads\n# {args.num_steps} DDIM steps, K={args.k}, CFG {args.guidance}, "
               f"LoRA rank {args.rank}, λ={args.lam}; {args.steps} timed steps after {args.warmup} warm-up", flush=True)
         ops = unet_call_ops(args)

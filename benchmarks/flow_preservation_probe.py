@@ -11,25 +11,29 @@ LoRA acts in); ``attn`` LoRA on the image stream's attention only (not the text 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import reproduce
 
-CHANGES = {"k5": lambda config: config["model"]["sampler"].update(k=5),
-           "attn": lambda config: config["model"]["lora"].update(target_modules=["to_q", "to_k", "to_v", "to_out.0"])}
+CANDIDATE = reproduce.Settings(1.0, 0.5, 2, "heatmap")
+VARIANTS = {"k5": (replace(CANDIDATE, k=5), lambda config: None),  # K is one of the settings reproduce.fit applies
+            "attn": (CANDIDATE, lambda config: config["model"]["lora"].update(
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))}
 KEYS = ("judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned", "reference_outside_psnr",
         "reward_change/ShapesArtifact")
 
 
 def main() -> None:
     shipped = reproduce.run_config
-    for variant in sys.argv[1:] or list(CHANGES):
-        def run_config(task, root, quick, seed, change=CHANGES[variant]):
+    for variant in sys.argv[1:] or list(VARIANTS):
+        settings, change = VARIANTS[variant]
+
+        def run_config(task, root, quick, seed, change=change):
             config = shipped(task, root, quick, seed)
             change(config)
             return config
 
         reproduce.run_config = run_config
-        settings = reproduce.Settings(1.0, 0.5, 2, "heatmap")
         run = reproduce.fit("flow_artifacts", settings, 0, reproduce.ROOT / "runs" / "flow-probe" / variant, False)
         metrics = reproduce.evaluate("flow_artifacts", run, "val", False, 0)
         print(variant, {key: round(metrics[key], 4) for key in KEYS}, flush=True)

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from provenance import provenance
+
 from fnf.rewards import RewardHead
 
 
@@ -107,7 +109,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="measure only heads whose name contains this")
     args = parser.parse_args()
     unet = median_seconds(unet_step(args.device), args.repeats)
-    print(f"# device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"# {provenance(args.device)}, threads {torch.get_num_threads()}, "
           f"images {args.side}², batch 1\n\n| head | forward + backward s | × one UNet step |\n|---|---|---|\n"
           f"| SD1.5-shaped UNet step (CFG, batch 2, 64² latents) | {unet:.3f} | 1.00 |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -46,6 +45,7 @@ from pathlib import Path
 import torch
 
 from peer_worker import PROTOCOL, VARIANTS
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,12 +131,6 @@ def run_repeat(args, repeat: int, logdir: Path) -> dict:
             for v in workers}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="diffusers folder (default: speed.py's random SD-shaped model)")
@@ -171,9 +165,9 @@ def main() -> None:
         args.peer_model = str(peer_model_folder(Path(args.model), Path(tmp)))
         print(f"device={args.device} batch={args.batch} steps={args.num_steps} K={args.k} rank={args.rank} "
               f"CFG={args.guidance} latent={args.latent_side}² warmup={args.warmup} timed={args.steps} "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}\nmachine: {machine()}", flush=True)
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}\n{provenance(args.device)}", flush=True)
         short = {"alignprop": "AlignProp", "fnf": "fnf", "fnf-cached": "fnf cached-I0", "fnf-draft": "fnf no-I0"}
-        others = [v for v in args.variants if v != "alignprop"]
+        ratios = [v for v in args.variants if v != "alignprop"] if "alignprop" in args.variants else []  # vs AlignProp
         results = []
         for repeat in range(args.repeats):
             result = run_repeat(args, repeat, Path(tmp))
@@ -186,29 +180,27 @@ def main() -> None:
                     print(f"{short[v]}: versions {result[v]['versions']} LoRA params {result[v]['lora_params']} "
                           f"model {result[v]['fingerprint']}")
                 print("\n| run | " + " | ".join(f"{short[v]} s/step" for v in args.variants) + " | "
-                      + " | ".join(f"{short[v]} / AlignProp time" for v in others) + " | "
+                      + "".join(f"{short[v]} / AlignProp time | " for v in ratios)
                       + " | ".join(f"{short[v]} MB" for v in args.variants) + " | "
-                      + " | ".join(f"{short[v]} / AlignProp memory" for v in others) + " |")
-                print("|---" * (1 + 2 * len(args.variants) + 2 * len(others)) + "|")
+                      + "".join(f"{short[v]} / AlignProp memory | " for v in ratios))
+                print("|---" * (1 + 2 * len(args.variants) + 2 * len(ratios)) + "|")
             row = [f"{result[v]['median_s']:.3f}" for v in args.variants]
-            if "alignprop" in result:
-                row += [f"{result[v]['median_s'] / result['alignprop']['median_s']:.3f}" for v in others]
+            row += [f"{result[v]['median_s'] / result['alignprop']['median_s']:.3f}" for v in ratios]
             row += [f"{result[v]['peak_mb']:.1f}" for v in args.variants]
-            if "alignprop" in result:
-                row += [f"{result[v]['peak_mb'] / max(result['alignprop']['peak_mb'], 1e-9):.3f}" for v in others]
+            row += [f"{result[v]['peak_mb'] / max(result['alignprop']['peak_mb'], 1e-9):.3f}" for v in ratios]
             print(f"| {repeat + 1} | " + " | ".join(row) + " |", flush=True)
-        if "alignprop" in args.variants and others:
+        if ratios:
             medians = [f"**{statistics.median(r[v]['median_s'] / r['alignprop']['median_s'] for r in results):.3f}**"
-                       for v in others]
+                       for v in ratios]
             memories = [f"**{statistics.median(r[v]['peak_mb'] / max(r['alignprop']['peak_mb'], 1e-9) for r in results):.3f}**"
-                         for v in others]
+                         for v in ratios]
             blank = [""] * len(args.variants)
             print("| " + " | ".join(["**median**", *blank, *medians, *blank, *memories]) + " |")
             paired = {v: [t / a for r in results for t, a in zip(r[v]["times"][args.warmup:],
-                                                              r["alignprop"]["times"][args.warmup:])] for v in others}
+                                                              r["alignprop"]["times"][args.warmup:])] for v in ratios}
             print("\nPaired time ratio (each timed round's step over AlignProp's step in the same round, all runs): "
                   + "; ".join(f"{short[v]} / AlignProp median {statistics.median(paired[v]):.3f} "
-                              f"(min {min(paired[v]):.3f}, max {max(paired[v]):.3f}, n={len(paired[v])})" for v in others))
+                              f"(min {min(paired[v]):.3f}, max {max(paired[v]):.3f}, n={len(paired[v])})" for v in ratios))
         print("\nWork in one step (last timed step of run 1; calls = forward calls incl. checkpoint recomputes, "
               "autograd = of those, run with autograd on; one UNet call = a CFG batch of 2×batch):\n")
         print("| variant | UNet calls | UNet with autograd | VAE-decoder calls | VAE-decoder with autograd "

@@ -195,11 +195,16 @@ def worker_fnf(args, channel: Channel, variant: str) -> None:
         items = [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i} for i in range(n * args.batch)]
 
     class Steps(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == 0:  # same state as AlignProp's at its first step: one text-encoder call done
-                with torch.no_grad():
-                    module.model.encode_prompts([""])
-                memory.start(sampling=False)  # sampled during each step only
+        """A step's time runs from one step's end to the next one's: Lightning's batch fetch and loop are in it, as
+        the whole step is in AlignProp's and the hand-written loop's."""
+
+        def on_train_start(self, trainer, module):
+            with torch.no_grad():  # same state as AlignProp's at its first step: one text-encoder call done
+                module.model.encode_prompts([""])
+            memory.start(sampling=False)  # sampled during each step only
+            self.begin()
+
+        def begin(self):
             if channel.receive() != "step":
                 raise SystemExit("worker: expected 'step'")
             counter.counts.clear()
@@ -212,6 +217,8 @@ def worker_fnf(args, channel: Channel, variant: str) -> None:
             elapsed = time.perf_counter() - self.start
             memory.pause()
             channel.send(time=elapsed)
+            if batch_idx + 1 < n:
+                self.begin()  # the next step's command comes before its batch is fetched
 
     channel.send(ready=True, versions={p: version(p) for p in ("diffusers", "peft", "transformers", "lightning",
                                                                "torch")},

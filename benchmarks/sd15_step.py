@@ -68,6 +68,7 @@ from fnf.rewards import ColorRegion
 from fnf.sampling import SamplerArgs
 from fnf.sharding import SHARDED_BLOCKS
 from flow_shaped import FLUX_DEV_BLOCKS, build_flux_dev, build_sd35_medium
+from provenance import provenance
 from unet_shaped import build_model, build_sdxl
 
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
@@ -329,7 +330,6 @@ def main() -> None:
         args.resolution = 32
     if args.family == "flux" and (problem := flux_blocks_problem(args.flux_blocks)):
         parser.error(problem)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         model = args.model_dir or Path(tmp) / f"{args.family}-shaped"
@@ -343,7 +343,7 @@ def main() -> None:
         blocks = (f"; {args.flux_blocks[0]} + {args.flux_blocks[1]} of FLUX.1's {FLUX_DEV_BLOCKS[0]} + "
                   f"{FLUX_DEV_BLOCKS[1]} blocks" if args.family == "flux" else "")
         print(f"# {'tiny ' + args.family if args.small else family.label} model ready in "
-              f"{time.perf_counter() - start:.0f} s{blocks}; device {name}, torch {torch.__version__}, "
+              f"{time.perf_counter() - start:.0f} s{blocks}; {provenance(args.device)}, "
               f"{args.num_steps} {family.sampler} steps, {family.guidance} {family.guidance_scale}, K={args.k}, "
               f"LoRA rank {args.rank}, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
         print("\n| variant | strategy | precision | batch | checkpointing | s/step | first step s | images/s | peak GB | "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from provenance import provenance
+
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = {"artifacts": "artifacts_eval.jsonl", "safety": "safety_eval.jsonl"}
@@ -53,7 +55,8 @@ def run(task: str, lam: float, out: Path) -> dict:
                     "--prompts", str(ROOT / "fnf/worlds/shapes/prompts" / EVAL_PROMPTS[task.removeprefix("flow_")]),
                     f"--num-steps={sampler['num_steps']}", f"--guidance-scale={sampler['guidance_scale']}",
                     "--out", str(report_file)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return {**json.loads(report_file.read_text()), "fit_minutes": minutes, "task": task, "lam": lam}
+    return {**json.loads(report_file.read_text()), "fit_minutes": minutes, "task": task, "lam": lam,
+            "measured": provenance()}
 
 
 def main() -> None:
@@ -67,7 +70,7 @@ def main() -> None:
         rows += [run(task, lam, args.out), run(task, 0.0, args.out)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("| task | method | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+    print(f"{provenance()}\n\n| task | method | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for row in rows:
         method = "global DRaFT (λ=0)" if row["lam"] == 0 else f"Focus-N-Fix (λ={row['lam']:g})"

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from peak_memory import PeakMemory
+from provenance import provenance
 
 PROMPTS = ["a red circle top left", "a blue square bottom right", "a green circle", "a red square"]
 
@@ -153,23 +154,31 @@ def run_fnf(args, partner: HandWrittenLoop | None = None) -> tuple[list[float], 
         return end_wall - wall, end_cpu - cpu
 
     class Timer(L.Callback):
+        """A step's time runs from one step's end to the next one's, less the partner's step when it ran in between:
+        Lightning's batch fetch and loop are in it, as the whole step is in the hand-written loop's."""
+
         def __init__(self):
             self.times, self.memory, self.partner_times = [], PeakMemory(args.device), {}
 
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == 0:  # same state as the hand-written loop at its start: one text-encoder call
-                with torch.no_grad():  # done (cuBLAS / oneDNN workspaces exist), no training step yet
-                    module.model.encode_prompts([""])
-                self.memory.start()
-            if partner is not None and batch_idx % 2:
-                self.partner_times[batch_idx] = timed_partner_step(batch_idx)
+        def on_train_start(self, trainer, module):
+            with torch.no_grad():  # same state as the hand-written loop at its start: one text-encoder call
+                module.model.encode_prompts([""])  # done (cuBLAS / oneDNN workspaces exist), no training step yet
+            self.memory.start()
             self.start = clocks()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if partner is not None and batch_idx % 2:
+                paused = clocks()
+                self.partner_times[batch_idx] = timed_partner_step(batch_idx)
+                resumed = clocks()  # the partner's step and its clocks' own cost are not fnf's
+                self.start = tuple(s + r - p for s, r, p in zip(self.start, resumed, paused))
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             end = clocks()
             self.times.append((end[0] - self.start[0], end[1] - self.start[1]))
             if partner is not None and batch_idx % 2 == 0:
                 self.partner_times[batch_idx] = timed_partner_step(batch_idx)
+            self.start = clocks()
 
     module = FocusNFix(
         rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=args.model, lam=args.lam,
@@ -280,7 +289,7 @@ def main() -> None:
             args.model = str(build_random_sd(Path(tmp) / "model", latent_side=args.latent_side,
                                              block_out_channels=(32, 64, 128), text_width=64))
         print(f"device={args.device} batch={args.batch} steps={args.num_steps} K={args.k} rank={args.rank} "
-              f"latent={args.latent_side}² torch={torch.__version__} threads={torch.get_num_threads()}")
+              f"latent={args.latent_side}² threads={torch.get_num_threads()}\n{provenance(args.device)}")
         if args.interleave:
             return interleaved(args)
         if args.repeats:
