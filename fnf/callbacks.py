@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
-from fnf.checkpoint_io import check_writable
+from fnf.output_folder import check_output_folder
 from fnf.export import WEIGHT_NAME, lora_state_dict, save_lora
 from fnf.image_logging import log_image
 
@@ -96,17 +96,11 @@ def on_every_rank(trainer: Trainer, check: Callable[[], None]) -> None:
 def check_lora_folder(directory: Path, run_folders: dict[str, str | None]) -> None:
     """The export replaces ``directory`` whole: it must be new, empty or an earlier LoRA export (its one file), and
     hold none of this run's own folders (``run_folders``: what -> path; they may not exist yet when checked)."""
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"lora_export.dirpath: {directory} is a file; expected a folder for {WEIGHT_NAME}")
     for key, folder in run_folders.items():
         if folder and Path(folder).resolve().is_relative_to(directory.resolve()):
             raise ValueError(f"lora_export.dirpath: {directory} holds {key} {folder}; the export replaces the folder "
                              "whole: choose a folder of its own")
-    other = sorted(p.name for p in directory.iterdir() if p.name != WEIGHT_NAME) if directory.is_dir() else []
-    if other:
-        raise ValueError(f"lora_export.dirpath: {directory} holds {', '.join(other[:3])}{' ...' if other[3:] else ''}; "
-                         f"the export replaces the folder whole, so it must be new, empty or an earlier LoRA export")
-    check_writable(directory, "lora_export.dirpath")
+    check_output_folder(directory, "lora_export.dirpath", "fnf's LoRA export", WEIGHT_NAME, names={WEIGHT_NAME})
 
 
 class PngWriter(BasePredictionWriter):
@@ -131,19 +125,14 @@ class PngWriter(BasePredictionWriter):
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
 
     def _prepare_folder(self) -> None:
-        out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"predict_writer.output_dir: {out} is a file; expected a folder")
-        other = sorted({p.name for p in out.iterdir()} - {*self.KINDS, "prompts.tsv"}) if out.is_dir() else []
-        other += [f"a file {kind}" for kind in self.KINDS if (out / kind).is_file()]
-        if other or (out.is_dir() and any(out.iterdir()) and not (out / "prompts.tsv").is_file()):
-            raise ValueError(f"predict_writer.output_dir: {out} holds {', '.join(other[:3]) or 'files'} and no "
-                             "earlier fnf predict output; choose a new folder")
-        check_writable(out, "predict_writer.output_dir")
+        out, index = self.output_dir, "prompts.tsv"
+        check_output_folder(out, "predict_writer.output_dir", "fnf predict", index, names={*self.KINDS, index})
         for kind in self.KINDS:
+            if (out / kind).is_file():
+                (out / kind).unlink()
             shutil.rmtree(out / kind, ignore_errors=True)
             (out / kind).mkdir(parents=True)
-        (out / "prompts.tsv").write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+        (out / index).write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):

@@ -128,7 +128,7 @@ def save_fused(pipeline_class, denoiser: str, pretrained: str, lora: Path, stagi
 
 def export(ckpt_path: Path, kind: str, out: Path, config: Path | None = None, dtype: str = "float32") -> Path:
     """Write the checkpoint's LoRA to ``out`` in format ``kind`` (atomically); returns the file or folder to load."""
-    check_output_folder(out, MARKER, "export")
+    check_output_folder(out, "--out", "fnf export", MARKER)
     model, settings, checkpoint = load_trained_model(ckpt_path, config)
     kohya = kohya_lora(model) if kind == "kohya" else None  # refusals before anything is written
     provenance = {"format": kind, "ckpt_path": str(ckpt_path), "global_step": checkpoint.get("global_step"),

@@ -1,27 +1,31 @@
-"""Folders fnf writes for people and tools to open (LoRA exports, reports, mask previews): written whole or not at
-all, and an existing folder is replaced only when fnf wrote it (its marker file is there), never a folder of the
-user's own."""
+"""Folders fnf writes for people and tools to open (LoRA exports, reports, mask previews, predictions): written whole
+or not at all, and an existing folder is replaced only when fnf wrote it (its marker file is there), never a folder
+of the user's own."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
 from fnf.checkpoint_io import check_writable, disk_full, umask_mode
 
 
-def check_output_folder(out: Path, marker: str, command: str) -> None:
-    """Before any work: ``--out`` must be a new or empty folder, or one an earlier ``fnf <command>`` wrote
-    (``marker`` inside), and writable."""
+def check_output_folder(out: Path, key: str, writer: str, marker: str, names: Collection[str] | None = None) -> None:
+    """Before any work: ``out`` (the setting ``key``) must be a new or empty folder, or one ``writer`` wrote earlier
+    (``marker`` inside and, when ``names`` is given, nothing but ``names``: what fnf writes there), and writable."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file; expected a folder to write into")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise ValueError(f"--out {out}: exists and was not written by fnf {command} (no {marker}); choose a new "
-                         "folder or remove it")
-    check_writable(out, "--out")
+        raise ValueError(f"{key}: {out} is a file; expected a folder to write into")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    other = [name for name in found if names is not None and name not in names]
+    if found and (other or not (out / marker).is_file()):
+        holds = f"holds {', '.join(other[:3])}{' ...' if other[3:] else ''} and" if other else "exists and"
+        raise ValueError(f"{key}: {out} {holds} was not written by {writer} (no {marker}); choose a new folder or "
+                         "remove it")
+    check_writable(out, key)
 
 
 @contextmanager

@@ -168,7 +168,7 @@ class PreviewCLI(FnfCLI):
         if self.config.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.config.n}")
         self.thresholds = parse_thresholds(self.config.thresholds, self.config.model.masks.threshold)
-        check_output_folder(Path(self.config.out), MARKER, "preview")
+        check_output_folder(Path(self.config.out), "--out", "fnf preview", MARKER)
 
 
 def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:

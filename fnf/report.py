@@ -252,7 +252,7 @@ def render_html(runs: list[dict]) -> str:
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
     """``out`` written whole once every run has been read and the page rendered (a bad run leaves nothing)."""
-    check_output_folder(out, MARKER, "report")
+    check_output_folder(out, "--out", "fnf report", MARKER)
     runs = [load_run(Path(d)) for d in run_dirs]
     if len({run["name"] for run in runs}) < len(runs):  # same folder name in different places: use the paths
         for run in runs:

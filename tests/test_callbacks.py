@@ -69,8 +69,8 @@ def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "notes.txt").write_text("precious\n")
     trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None,
                                                                           broadcast=lambda obj: obj))
-    with pytest.raises(ValueError, match=r"predict_writer.output_dir: .* holds notes.txt and no earlier fnf predict"):
+    with pytest.raises(ValueError, match=r"predict_writer.output_dir: .* holds notes.txt and was not written by fnf predict \(no prompts.tsv\)"):
         PngWriter(str(tmp_path)).on_predict_start(trainer, None)
-    with pytest.raises(ValueError, match="notes.txt is a file; expected a folder"):
+    with pytest.raises(ValueError, match="notes.txt is a file; expected a folder to write into"):
         PngWriter(str(tmp_path / "notes.txt")).on_predict_start(trainer, None)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

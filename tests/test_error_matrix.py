@@ -169,11 +169,11 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "unwritable LoRA export folder": (_under_a_file("lora_export.dirpath"), [], "lora_export.dirpath: cannot write to"),
     "unwritable log folder": (_under_a_file("trainer.default_root_dir"), [], "trainer.default_root_dir"),
     "LoRA export folder is a file": (_file("lora_export.dirpath", "notes\n", "notes.txt"), [],
-                                     "notes.txt is a file; expected a folder for pytorch_lora_weights.safetensors"),
+                                     "notes.txt is a file; expected a folder to write into"),
     "LoRA export folder is the run's": (_file("lora_export.dirpath", None, "run"), [],
                                         "run holds trainer.default_root_dir"),
     "LoRA export folder holds other files": (_folder_of_notes("lora_export.dirpath"), [],
-                                             "docs holds notes.txt; the export replaces the folder whole"),
+                                             "docs holds notes.txt and was not written by fnf's LoRA export"),
     # checkpoints
     "checkpoint missing": (None, ["--ckpt_path", "/no/such.ckpt"], "ckpt_path: checkpoint /no/such.ckpt not found"),
     "checkpoint is random bytes": (_checkpoint(lambda p: p.write_bytes(os.urandom(4096))), [],

@@ -309,7 +309,7 @@ def test_out_is_replaced_whole_and_only_when_an_export_wrote_it(tmp_path, tiny_m
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     message = _fail(capsys, "--ckpt_path", str(ckpt), "--format", "kohya", "--out", str(mine))
-    assert f"--out {mine}: exists and was not written by fnf export" in message, message
+    assert f"--out: {mine} exists and was not written by fnf export" in message, message
     assert (mine / "notes.txt").read_text() == "keep me"
     (tmp_path / "a_file").write_text("")
     message = _fail(capsys, "--ckpt_path", str(ckpt), "--format", "kohya", "--out", str(tmp_path / "a_file" / "x"))

@@ -144,11 +144,11 @@ def test_out_never_replaces_a_folder_preview_did_not_write(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--out", str(mine)])
     message = str(exit_info.value.code)
-    assert message == (f"fnf: error: --out {mine}: exists and was not written by fnf preview (no fnf_preview.json); "
+    assert message == (f"fnf: error: --out: {mine} exists and was not written by fnf preview (no fnf_preview.json); "
                        "choose a new folder or remove it")
     assert [p.name for p in mine.iterdir()] == ["index.html"]
     afile = tmp_path / "afile.html"
     afile.write_text("x")
     with pytest.raises(SystemExit) as exit_info:
         main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--out", str(afile)])
-    assert str(exit_info.value.code) == f"fnf: error: --out {afile}: a file; expected a folder to write into"
+    assert str(exit_info.value.code) == f"fnf: error: --out: {afile} is a file; expected a folder to write into"

@@ -232,10 +232,10 @@ def test_out_replaces_only_an_earlier_report(tmp_path):
     (mine / "index.html").write_text("my own page")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for target, expected in ((mine, "exists and was not written by fnf report"), (afile, "a file")):
+    for target, expected in ((mine, "exists and was not written by fnf report"), (afile, "is a file")):
         with pytest.raises(SystemExit) as exit_info:
             main(["report", str(run), "--out", str(target)])
-        assert f"--out {target}: {expected}" in str(exit_info.value.code)
+        assert f"--out: {target} {expected}" in str(exit_info.value.code)
     assert (mine / "index.html").read_text() == "my own page" and afile.read_text() == "x"
 
 
