@@ -19,6 +19,7 @@ training starts (Lightning installs its own after ``on_fit_start``) and restored
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ class PreemptionCheckpoint(L.Callback):
     signal: int = signal.SIGTERM  # the signal that stopped the run (SIGTERM unless SIGUSR1 or SIGINT came)
     _pending: int = 0  # a signal this process received that the ranks have not yet agreed on
     _stepped: bool = False  # the last training batch completed an optimizer step (a checkpoint now is exact)
+    _announce: bool = True  # this rank says when a signal arrives
 
     @staticmethod
     def last_path(trainer: L.Trainer) -> Path | None:
@@ -59,13 +61,19 @@ class PreemptionCheckpoint(L.Callback):
 
     def _note(self, signum, frame) -> None:
         self._pending = signum  # no collective, no flag yet: on_train_batch_end decides with the other ranks
+        again = ""
         if signum == signal.SIGINT:  # the next Ctrl-C does what it did before (KeyboardInterrupt)
             signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            again = "; Ctrl-C again stops at once"
+        if self._announce:  # at once, so a Ctrl-C is seen to work; os.write: print may not re-enter from a handler
+            os.write(2, f"\nfnf: {signal.Signals(signum).name}: stopping after the current training step, with "
+                        f"last.ckpt{again}\n".encode())
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._note)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._announce = trainer.is_global_zero  # every rank of a node gets a terminal's Ctrl-C: one says so
         signal.signal(signal.SIGTERM, self._note)
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: leave it so
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)

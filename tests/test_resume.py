@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,7 +162,6 @@ def test_a_signal_during_validation_stops_it_saves_the_last_step_and_resumes_exa
 def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_number(tmp_path):
     """The race itself, made certain: both loggers' listings say version_0 is free (Lightning would give both
     runs version_0); the exclusive mkdir gives the second run version_1."""
-    from types import SimpleNamespace
 
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -177,7 +177,6 @@ def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_numbe
 
 
 def test_loggers_of_one_run_sharing_a_save_dir_share_its_version_folder(tmp_path):
-    from types import SimpleNamespace
 
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -301,24 +300,27 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
 
 
-def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored():
+def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored(capfd):
     from fnf.preemption import PreemptionCheckpoint
 
     before, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # Lightning restores SIGTERM
+    trainer = SimpleNamespace(is_global_zero=True)
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even for a background suite
         callback = PreemptionCheckpoint()
-        callback.on_fit_start(None, None)
-        callback.on_train_start(None, None)
-        os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step finishes
+        callback.on_fit_start(trainer, None)
+        callback.on_train_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGINT)  # the first: noted and said at once, the step finishes
         assert callback._pending == signal.SIGINT
+        assert capfd.readouterr().err == ("\nfnf: SIGINT: stopping after the current training step, with last.ckpt; "
+                                          "Ctrl-C again stops at once\n")
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
         callback.teardown(None, None, "fit")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: Ctrl-C to the group must not stop it
-        callback.on_fit_start(None, None)
-        callback.on_train_start(None, None)
+        callback.on_fit_start(trainer, None)
+        callback.on_train_start(trainer, None)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         callback.teardown(None, None, "fit")
     finally:
