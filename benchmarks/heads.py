@@ -11,7 +11,8 @@ not depend on the values): OpenCLIP ViT-H-14 (the configs' alignment model), RAH
 ViT-B/16 + T5-base size, and the public RAHF reproduction's checkpoint size (ViT-L/16-384 + t5-base; a
 word-level stand-in tokenizer). NudeNet is the real bundled detector (optional extra; skipped without it).
 ``--only NAME`` (a substring of the head names) measures a subset, always against the UNet step.
-Times: median of ``--repeats`` after one warm-up.
+Times: median of ``--repeats`` after one warm-up; each head's ratio is the median of (head step / UNet step) over
+pairs timed one after the other, so a change in machine load between heads does not move the ratios.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ from provenance import provenance
 from fnf.rewards import RewardHead
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: lazy initialisation, allocator growth
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def paired(fn, reference, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and median ratio to ``reference``, the two timed in alternation after a warm-up."""
+    fn(), reference()  # warm-up: lazy initialisation, allocator growth
+    pairs = [(seconds(fn), seconds(reference)) for _ in range(repeats)]
+    return statistics.median(t for t, _ in pairs), statistics.median(t / r for t, r in pairs)
 
 
 def unet_step(device: str):
@@ -108,10 +112,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="measure only heads whose name contains this")
     args = parser.parse_args()
-    unet = median_seconds(unet_step(args.device), args.repeats)
+    unet = unet_step(args.device)
+    alone, _ = paired(unet, unet, args.repeats)
     print(f"# {provenance(args.device)}, threads {torch.get_num_threads()}, "
-          f"images {args.side}², batch 1\n\n| head | forward + backward s | × one UNet step |\n|---|---|---|\n"
-          f"| SD1.5-shaped UNet step (CFG, batch 2, 64² latents) | {unet:.3f} | 1.00 |", flush=True)
+          f"images {args.side}², batch 1\n\n| head | forward + backward s | × one UNet step (paired) |\n|---|---|---|\n"
+          f"| SD1.5-shaped UNet step (CFG, batch 2, 64² latents) | {alone:.3f} | 1.00 |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in heads(Path(tmp)).items():
             if args.only not in name:
@@ -125,8 +130,8 @@ def main() -> None:
 
             def step():
                 head(image, ["a photo of a cat on a sofa"]).score.sum().backward()
-            seconds = median_seconds(step, args.repeats)
-            print(f"| {name} | {seconds:.3f} | {seconds / unet:.3g} |", flush=True)
+            head_s, ratio = paired(step, unet, args.repeats)
+            print(f"| {name} | {head_s:.3f} | {ratio:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
