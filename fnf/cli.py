@@ -33,15 +33,42 @@ from fnf.plugins import load_reward_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.resume import (RunFolderLock, check_settings, checkpoints_parent, claim_version_folder,
+from fnf.resume import (RunFolderGuard, check_settings, checkpoints_parent, claim_version_folder,
                         continue_run_folder, export_if_complete, find_last, remove_if_unstarted)
 
 
+def started_on_their_own(trainer) -> bool:
+    """All ranks exist before the run starts (torchrun, srun), rather than started by Lightning from rank 0."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    return trainer.world_size > 1 and environment is not None and environment.creates_processes_externally
+
+
 class RunCLI(LightningCLI):
-    """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run that fails before
-    its first checkpoint leaves no version folder behind."""
+    """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run folder of its own,
+    settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first checkpoint leaves no
+    version folder behind."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
+    guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
+
+    def claim_run_folder(self, lock: bool = False) -> None:
+        """Rank 0 claims a version folder (fnf.resume.claim_version_folder) and, with ``lock``, will lock the folder
+        of its checkpoints. An error is raised at once where the other ranks do not exist yet, else in setup on
+        every rank."""
+        problem = None
+        try:
+            self.claimed = claim_version_folder(self.trainer)
+        except (ValueError, OSError) as error:
+            if not started_on_their_own(self.trainer):
+                raise
+            problem = error
+        lock = lock and problem is None and self.trainer.global_rank == 0
+        self.add_guard(problem, checkpoints_parent(self.trainer, self.claimed) if lock else None)
+
+    def add_guard(self, problem: Exception | None, lock_folder: Path | None) -> None:
+        """Every rank adds one (its collective in setup pairs up across ranks); rank 0 alone locks."""
+        self.guard = RunFolderGuard(problem, lock_folder if self.trainer.global_rank == 0 else None)
+        self.trainer.callbacks.insert(0, self.guard)  # before LightningCLI's config.yaml is saved
 
     def parse_arguments(self, parser, args) -> None:
         """Unknown keys get a close-match suggestion from the subcommand's own keys."""
@@ -56,21 +83,18 @@ class RunCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as error:
             remove_if_unstarted(self.claimed)
+            if self.guard is not None and self.guard.problem is not None:  # the cause, though Lightning's setup
+                raise self.guard.problem from error  # stumbled over it first (its logger in the same folder)
             raise
+        finally:
+            if self.guard is not None:
+                self.guard.release()  # the run folder is free for a later --ckpt_path last
 
 
 class FnfCLI(RunCLI):
     searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
-    lock = None  # the run folder's lock while fit trains in it (fnf.resume.RunFolderLock)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        finally:
-            if self.lock is not None:
-                self.lock.release()  # the run folder is free for a later --ckpt_path last
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
@@ -123,19 +147,16 @@ class FnfCLI(RunCLI):
         restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if self.searched_ckpt:
-            run = continue_run_folder(self.trainer, ckpt_path)
-        else:  # a --ckpt_path last started meanwhile is refused until this run ends
-            self.claimed = claim_version_folder(self.trainer)
-            run = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
-        self.lock = RunFolderLock(run)
-        self.trainer.callbacks.insert(0, self.lock)  # taken in setup, when every rank can be told of a refusal
+            self.add_guard(None, lock_folder=continue_run_folder(self.trainer, ckpt_path))
+        else:  # locked: a --ckpt_path last started meanwhile is refused until this run ends
+            self.claim_run_folder(lock=True)
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
 
     def _before_evaluation(self, subcommand: str) -> None:
         """A version folder of its own (removed again if the run fails), and a note when no checkpoint is given."""
-        self.claimed = claim_version_folder(self.trainer)
+        self.claim_run_folder()
         if self.config_init[subcommand].get("ckpt_path") is None:
             rank_zero_info(f"fnf: {subcommand} without --ckpt_path: the LoRA as initialised, so tuned = base; "
                            "--ckpt_path last takes the newest checkpoint under trainer.default_root_dir")

@@ -143,23 +143,25 @@ def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
     return Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
 
 
-class RunFolderLock(Callback):
-    """Holds ``lock_run_folder(folder)`` on rank 0 from fit's setup to the end of the process (or ``release``).
+class RunFolderGuard(Callback):
+    """Rank 0's run folder, settled with every rank in setup, once the process group exists: an error rank 0 met
+    claiming it (``problem``), or another fit holding the lock of ``lock_folder`` (then held here to the end of the
+    process, or ``release``), stops every rank. Ranks started on their own (torchrun, srun) would otherwise wait for
+    a stopped rank 0 until the process group's timeout. First among the callbacks, so a refused run writes nothing
+    (LightningCLI saves its config.yaml in setup)."""
 
-    Taken in setup, once the process group exists, and a refusal stops every rank: ranks started on their own
-    (torchrun, srun) would otherwise wait for a stopped rank 0 until the process group's timeout. First among the
-    callbacks, so a refused run writes nothing (LightningCLI saves its config.yaml in setup)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.file = folder, None
+    def __init__(self, problem: Exception | None, lock_folder: Path | None = None) -> None:
+        self.problem, self.lock_folder, self.file = problem, lock_folder, None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            on_every_rank(trainer, self._lock)
+        on_every_rank(trainer, self._settle)
 
-    def _lock(self) -> None:
-        self.file = lock_run_folder(self.folder)
+    def _settle(self) -> None:
+        if self.problem is not None:
+            raise self.problem
+        if self.lock_folder is not None:
+            self.file = lock_run_folder(self.lock_folder)
 
     def release(self) -> None:
         if self.file is not None:

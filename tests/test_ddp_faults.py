@@ -45,24 +45,44 @@ def test_a_killed_rank_stops_the_run_with_one_line_and_last_resumes_exactly(tiny
         torch.testing.assert_close(got["state_dict"][name], value, rtol=0, atol=1e-7, msg=name)
 
 
+def _every_rank_stops_with(tmp_path, ranks: list, expected: str) -> None:
+    """Each rank started on its own ends at once (not at the process group's timeout) with ``expected`` as its
+    last line."""
+    started = time.monotonic()
+    try:
+        errors = [rank.communicate(timeout=TIMEOUT_S + 60)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert time.monotonic() - started < STOPS_WITHIN_S
+    for rank, error in zip(ranks, errors):
+        assert rank.returncode == 1, error[-3000:]
+        assert error.strip().splitlines()[-1].startswith(expected), error[-3000:]
+
+
 def test_a_locked_run_folder_stops_every_rank_started_on_its_own(tiny_model_dir, tmp_path):
     """Ranks started by srun / torchrun (no Lightning launcher): rank 0 is refused the run folder's lock, and the
     other rank stops with it at once instead of waiting for rank 0 until the process group's timeout."""
     from fnf.resume import lock_run_folder
 
     held = lock_run_folder(tmp_path / "run")  # another fit trains in this folder
-    started = time.monotonic()
-    ranks = launch_each_rank(tmp_path, tiny_model_dir, "run", 2, **DDP)
     try:
-        errors = [rank.communicate(timeout=TIMEOUT_S + 60)[1] for rank in ranks]
+        _every_rank_stops_with(tmp_path, launch_each_rank(tmp_path, tiny_model_dir, "run", 2, **DDP),
+                               f"fnf: error: {tmp_path / 'run'}: another fnf fit is training here (it holds "
+                               f"{tmp_path / 'run' / '.fnf.lock'}); wait for it to end, or stop it first")
     finally:
-        for rank in ranks:
-            rank.kill()
         held.close()
-    assert time.monotonic() - started < STOPS_WITHIN_S
-    for rank, error in zip(ranks, errors):
-        assert rank.returncode == 1, error[-3000:]
-        assert error.strip().splitlines()[-1] == (f"fnf: error: {tmp_path / 'run'}: another fnf fit is training here "
-                                                  f"(it holds {tmp_path / 'run' / '.fnf.lock'}); wait for it to end, "
-                                                  "or stop it first"), error[-3000:]
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".fnf.lock"]  # nothing written into the other's folder
+
+
+def test_a_run_folder_rank_0_cannot_claim_stops_every_rank_started_on_its_own(tiny_model_dir, tmp_path):
+    """Rank 0 alone claims the run's version folder, before the process group exists: with its error (here an
+    unwritable root) rank 0 joins the process group and stops there, so the other rank stops with it instead of
+    waiting for rank 0; rank 0 names the cause, the other rank the stopped process."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ranks = launch_each_rank(tmp_path, tiny_model_dir, "run", 2, default_root_dir=str(blocker / "run"), logger=True,
+                             **DDP)
+    _every_rank_stops_with(tmp_path, ranks[:1], "fnf: error: trainer.default_root_dir (or the logger's save_dir): "
+                                                f"cannot write to {blocker / 'run' / 'lightning_logs'}")
+    _every_rank_stops_with(tmp_path, ranks[1:], "fnf: error: a training process stopped")

@@ -15,7 +15,6 @@ from fnf.cli import RunCLI
 from fnf.errors import check_config_files, one_line_errors
 from fnf.rahf.data import RichHFDataModule
 from fnf.rahf.module import RAHFTraining
-from fnf.resume import claim_version_folder
 
 
 class RAHFCLI(RunCLI):
@@ -23,7 +22,7 @@ class RAHFCLI(RunCLI):
         parser.link_arguments("model.config.image_size", "data.image_size")  # one resolution for model and data
 
     def before_fit(self) -> None:
-        self.claimed = claim_version_folder(self.trainer)  # removed again if the run fails before a checkpoint
+        self.claim_run_folder()  # removed again if the run fails before a checkpoint
 
     before_validate = before_test = before_fit
 
