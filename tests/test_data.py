@@ -48,6 +48,23 @@ def test_jsonl_with_and_without_seed(tmp_path):
     assert got == [{"prompt": "a cat", "seed": 5}, {"prompt": "a dog", "seed": 1}]
 
 
+def test_a_seed_of_zero_is_a_seed(tmp_path):
+    """0 is a valid x_T seed on any line, not a missing one (which would take data.seed + the line's index)."""
+    lines = [json.dumps({"prompt": "a cat", "seed": 4}), json.dumps({"prompt": "a dog", "seed": 0})]
+    assert [i["seed"] for i in items(tmp_path, "p.jsonl", "\n".join(lines) + "\n", seed=100)] == [4, 0]
+    assert [i["seed"] for i in items(tmp_path, "p.csv", "prompt,seed\na,5\nb,0\n", seed=100)] == [5, 0]
+
+
+def test_a_checkpoint_of_an_epoch_s_last_batch_resumes_with_a_whole_next_epoch(tmp_path):
+    """A run saved after the last batch of an epoch starts the next epoch from its first batch: nothing skipped."""
+    dm = PromptDataModule(train_file=write(tmp_path / "p.txt", "".join(f"p{i}\n" for i in range(5))), batch_size=2)
+    dm.setup("fit")
+    whole = [batch["prompt"] for batch in dm.train_dataloader()]
+    for done, expected in ((3, whole), (2, whole[2:]), (1, whole[1:])):  # 5 items of batch 2: 3 batches per epoch
+        dm.load_state_dict({"batches_done_in_epoch": done, "shuffle_seed": dm.shuffle_seed})
+        assert [batch["prompt"] for batch in dm.train_dataloader()] == expected, done
+
+
 def test_seeds_per_prompt_expansion_is_distinct(tmp_path):
     got = items(tmp_path, "p.txt", "a\nb\nc\n", seed=3, seeds_per_prompt=3)
     assert [i["prompt"] for i in got] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3

@@ -175,6 +175,17 @@ def test_cross_attention_projects_the_prompt_once_per_gradient_free_pass(model, 
     assert set(called.values()) == {STEPS - K} and set(computed.values()) == {1}
 
 
+def test_a_reused_projection_is_recomputed_for_another_prompt_tensor():
+    """Reuse is by tensor identity: another prompt embedding (even with equal values) gets its own projection."""
+    calls = []
+    project = lora_passes._reusing_last_output(lambda x: calls.append(x) or x * 2)
+    first, second = torch.ones(2), torch.full((2,), 3.0)
+    assert torch.equal(project(first), 2 * first) and torch.equal(project(first), 2 * first)
+    assert torch.equal(project(second), 2 * second)
+    assert torch.equal(project(first.clone()), 2 * first)
+    assert len(calls) == 3
+
+
 def test_sharded_weights_are_not_folded(tiny_model_dir):
     """FSDP1 leaves a 1-D view of the rank's slice where a weight was (FSDP2 a DTensor, covered by its tests):
     such layers keep peft's forward instead of folding a weight that is not all there."""

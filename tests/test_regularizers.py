@@ -53,9 +53,14 @@ def test_gradient_at_identity_is_zero_not_nan():
 
 
 def test_latent_uses_the_area_resized_mask():
-    base, keep = _pair()
+    """Each latent cell is kept by the fraction of its 2×2 pixels outside the mask: a mask edge across a cell
+    counts half (a hole off the latent grid, so nearest-neighbour resizing would differ)."""
+    base, _ = _pair()
+    keep = torch.ones(2, 1, 8, 8)
+    keep[:, :, 1:5, 1:5] = 0  # its edges cut through latent cells
     tuned = Sample(base.latents + 1.0, base.images)
-    keep_latent = torch.nn.functional.interpolate(keep, size=(4, 4), mode="area")
+    keep_latent = keep.reshape(2, 1, 4, 2, 4, 2).mean(dim=(3, 5))  # the mean over each cell's pixels
+    assert set(keep_latent.unique().tolist()) == {0.0, 0.5, 0.75, 1.0}
     expected = (keep_latent.expand(-1, 4, -1, -1) ** 2).sum(dim=(1, 2, 3)).sqrt()
     torch.testing.assert_close(LatentFrobenius()(tuned, base, keep), expected)
 

@@ -300,6 +300,24 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.parametrize("batch_idx, saved", [(0, False), (1, True)], ids=["mid-accumulation", "optimizer-step"])
+def test_a_signal_mid_accumulation_keeps_the_previous_checkpoint(tmp_path, batch_idx, saved):
+    """With gradient accumulation, a checkpoint written between optimizer steps would lose the accumulated partial
+    gradients: the run stops, but last.ckpt is written only after a batch that completed an optimizer step."""
+    from fnf.preemption import PreemptionCheckpoint
+
+    written = []
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=2, world_size=1, global_step=3, _signal_connector=SimpleNamespace(received_sigterm=False),
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path), CHECKPOINT_NAME_LAST="last", FILE_EXTENSION=".ckpt"),
+        save_checkpoint=written.append)
+    callback = PreemptionCheckpoint()
+    callback._pending = signal.SIGTERM
+    callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert trainer._signal_connector.received_sigterm  # the run stops after this batch either way
+    assert written == ([tmp_path / "last.ckpt"] if saved else [])
+
+
 def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored(capfd):
     from fnf.preemption import PreemptionCheckpoint
 

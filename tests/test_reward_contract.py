@@ -20,10 +20,31 @@ def test_heatmap_values_outside_unit_interval_name_the_head(bad):
     assert check_reward_output(ColorRegion(), output, IMAGES, values=False) is output  # shapes-only check
 
 
-def test_heatmap_shape_is_checked_even_without_values():
-    output = RewardOutput(score=torch.zeros(2), heatmap=torch.rand(2, 1, 4, 4))
+@pytest.mark.parametrize("shape", [(2, 1, 4, 4), (2, 3, 8, 8), (1, 1, 8, 8), (2, 8, 8)])
+def test_heatmap_shape_is_checked_even_without_values(shape):
+    """One single-channel map per image at the image's size: no channels, batch or size broadcast silently."""
+    output = RewardOutput(score=torch.zeros(2), heatmap=torch.rand(shape))
     with pytest.raises(ValueError, match=r"heatmap must have shape \(2, 1, 8, 8\)"):
         check_reward_output(ColorRegion(), output, IMAGES, values=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (1,), (), (4,)])
+def test_score_shape_is_one_number_per_image(shape):
+    output = RewardOutput(score=torch.zeros(shape), heatmap=None)
+    with pytest.raises(ValueError, match=r"ColorRegion: score must have shape \(2,\), got"):
+        check_reward_output(ColorRegion(), output, IMAGES)
+
+
+def test_color_region_scores_and_marks_exactly_its_box():
+    """box (0, 0, 0.5, 0.5) of an 8 px image is rows and columns 0-3: the heatmap is the colour distance there
+    and zero elsewhere; the score is minus the mean distance over the box."""
+    images = torch.rand(2, 3, 8, 8)
+    output = ColorRegion(color=(1.0, 0.0, 0.0), box=(0.0, 0.0, 0.5, 0.5))(images, ["", ""])
+    distance = ((images - torch.tensor([1.0, 0.0, 0.0])[:, None, None]) ** 2).mean(dim=1, keepdim=True)
+    expected = torch.zeros_like(distance)
+    expected[..., :4, :4] = distance[..., :4, :4]
+    torch.testing.assert_close(output.heatmap, expected)
+    torch.testing.assert_close(output.score, -distance[..., :4, :4].mean(dim=(1, 2, 3)))
 
 
 def test_a_valid_output_passes():

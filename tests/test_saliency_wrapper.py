@@ -58,6 +58,29 @@ def test_heatmap_marks_what_lowers_the_score(method, layer):
     assert head.name == f"RednessInBoxPenalty+{method}"
 
 
+def test_gradcam_is_selvaraju_s_on_the_negated_score(scenes):
+    """Grad-CAM computed here step by step (Selvaraju et al. 2017, of −score): channel weights = the spatial mean of
+    −score's gradient, ReLU of the weighted activations, upsampled, smoothed by ``sigma``, peak-normalised."""
+    from fnf.masks import blur
+
+    images, _, prompts = scenes["unsafe"]
+    safety = ShapesSafety(heatmap="none").requires_grad_(False)
+    captured = []
+    hook = dict(safety.named_modules())[SAFETY_LAYER].register_forward_hook(lambda m, i, out: captured.append(out))
+    (gradient,) = torch.autograd.grad(-safety(images.clone().requires_grad_(True), prompts).score.sum(), captured[0])
+    hook.remove()
+    cam = F.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured[0]).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    maps = []
+    for sigma in (0.0, 2.0):
+        expected = blur(cam, sigma) if sigma else cam
+        expected = expected / expected.amax(dim=(1, 2, 3), keepdim=True)
+        got = Saliency(safety, method="gradcam", layer=SAFETY_LAYER, sigma=sigma)(images, prompts).heatmap
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        maps.append(got)
+    assert not torch.allclose(*maps, atol=1e-2)  # sigma smooths
+
+
 @pytest.mark.parametrize("method, layer", [("gradient", None), ("gradcam", SAFETY_LAYER)])
 def test_shapes_safety_heatmap_peaks_on_the_mark(scenes, method, layer):
     """The pointing game of REWARDS_CARD.md: the heatmap's peak within 1 px of the forbidden mark."""

@@ -75,6 +75,38 @@ def test_safety_heatmap_none_and_alignment_features(heads, scenes):
         ShapesSafety(heatmap="saliency")
 
 
+def test_alignment_score_is_scale_times_the_cosine_of_open_clip_embeddings(scenes):
+    """score = scale · cos(image, prompt), computed here from open_clip's own encoders; the prompt count must
+    match the images; words outside the world's vocabulary are UNK (1), not padding (0)."""
+    images, prompts = scenes["images"][:3], scenes["prompts"][:3]
+    for scale in (100.0, 2.5):
+        head = ShapesAlignment(scale=scale).requires_grad_(False)
+        with torch.no_grad():
+            pixels = (images - head.mean) / head.std  # the generator's images are at the heads' 32 px already
+            image = head.model.encode_image(pixels)
+            text = head.model.encode_text(head.tokens(prompts))
+            cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1)
+            torch.testing.assert_close(head(images, prompts).score, scale * cosine, rtol=1e-5, atol=1e-4)
+            raw = head.image_features(images, normalize=False)
+            torch.testing.assert_close(raw, image)
+            assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-2)  # FID statistics see raw features
+    with pytest.raises(ValueError, match="got 2 images but 1 prompts"):
+        head(images[:2], prompts[:1])
+    assert 1 in head.tokens(["a zebra"])[0].tolist()
+
+
+def test_heads_see_an_antialiased_image_at_their_resolution():
+    """1-px lines every 4 px at 128 px become a uniform 0.25 grey at the heads' 32 px: each output pixel averages
+    its neighbourhood (sampling between the lines, as plain bilinear does, would lose them)."""
+    from fnf.rewards.shapes import IMAGE_SIZE, to_native
+
+    lines = (torch.arange(128) % 4 == 0).float().expand(1, 3, 128, 128)
+    native = to_native(lines)
+    assert native.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    inside = native[..., 1:-1]  # the edge columns average fewer pixels
+    torch.testing.assert_close(inside, torch.full_like(inside, 0.25), atol=0.01, rtol=0)
+
+
 @pytest.mark.parametrize(("name", "key"), [("ShapesArtifact", "defect"), ("ShapesSafety", "unsafe")])
 def test_heatmap_localises_and_score_separates(heads, scenes, name, key):
     with torch.no_grad():
