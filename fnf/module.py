@@ -206,15 +206,15 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         return term_heatmaps(self.terms, self.heads, images, prompts, self.mask_args.saliency_sigma)
 
     def _fidelity(self, tuned: Sample, base: BaseReference) -> tuple[Tensor, Tensor]:
-        """(mean fidelity term, λ-weighted penalty) for the union mask or per-head masks."""
+        """(fidelity term per mask and image (masks, B), λ-weighted penalty) for the union mask or per-head masks."""
         if self.mask_mode == "union":
             keep = 1 - base.masks.amax(dim=1, keepdim=True)  # (B, heads, H, W) -> (B, 1, H, W)
-            fidelity = self.regularizer(tuned, base.sample, keep).mean()
-            return fidelity, self.lam * fidelity
+            fidelity = self.regularizer(tuned, base.sample, keep)[None]
+            return fidelity, self.lam * fidelity.mean()
         masked = [i for i, t in enumerate(self.terms) if t.mask != "none"]
-        terms = [self.regularizer(tuned, base.sample, 1 - base.masks[:, i:i + 1]).mean() for i in masked]
+        terms = torch.stack([self.regularizer(tuned, base.sample, 1 - base.masks[:, i:i + 1]) for i in masked])
         lams = [self.terms[i].lam if self.terms[i].lam is not None else self.lam for i in masked]
-        return torch.stack(terms).mean(), sum(lam * term for lam, term in zip(lams, terms))
+        return terms, sum(lam * term.mean() for lam, term in zip(lams, terms))
 
     # ---- helpers --------------------------------------------------------------------------------
     @property
@@ -228,13 +228,13 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
 
     def _usable(self, loss: Tensor, scores: Tensor, base: BaseReference | None, fidelity: Tensor | None) -> bool:
-        """One device sync per step: every value finite and the fidelity term >= 0. On failure, name the culprit: a
-        reward on I0 or a negative fidelity term (always fatal: a broken head or regularizer), a reward on I, the
-        fidelity term or the loss (``model.nonfinite`` decides)."""
+        """One device sync per step: every value finite and the fidelity term >= 0 on every image. On failure, name
+        the culprit: a reward on I0 or a negative fidelity term (always fatal: a broken head or regularizer), a
+        reward on I, the fidelity term or the loss (``model.nonfinite`` decides)."""
         base_scores = scores.new_zeros(0, scores.shape[1]) if base is None else base.scores  # (B or 0, heads)
-        fidelity = scores.new_zeros(()) if fidelity is None else fidelity.detach()
-        values = torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten(), fidelity.reshape(1)])
-        if (torch.isfinite(values).all() & (fidelity >= 0)).item():
+        fidelity = scores.new_zeros(0) if fidelity is None else fidelity.detach().flatten()
+        values = torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten(), fidelity])
+        if (torch.isfinite(values).all() & (fidelity >= 0).all()).item():
             self._skipped_in_a_row = 0
             return True
         names = [head.name for head in self.heads]
@@ -243,10 +243,10 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         regularizer = type(self.regularizer).__name__
         if bad_base:
             raise FloatingPointError(f"non-finite reward {bad_base[0]} on the base image at step {self.global_step}")
-        if fidelity < 0:  # the batch mean (one sync per step): a penalty < 0 on some images only can pass
-            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0, got a mean of {float(fidelity):.4g} "
-                             f"at step {self.global_step}")
-        what = (f"reward {bad_tuned[0]}" if bad_tuned else "loss" if torch.isfinite(fidelity)
+        if (fidelity < 0).any():
+            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0 on every image, got "
+                             f"{float(fidelity.min()):.4g} at step {self.global_step}")
+        what = (f"reward {bad_tuned[0]}" if bad_tuned else "loss" if torch.isfinite(fidelity).all()
                 else f"fidelity term ({regularizer})")
         if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
@@ -261,7 +261,7 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
     def _log_step(self, stage, loss, scores, base: BaseReference | None, fidelity, batch_size) -> None:
         logs = {f"{stage}/reward/{head.name}": scores[:, i].mean() for i, head in enumerate(self.heads)}
         if base is not None:
-            logs |= {f"{stage}/fidelity": fidelity, f"{stage}/mask_area": base.masks.amax(1).mean()}
+            logs |= {f"{stage}/fidelity": fidelity.mean(), f"{stage}/mask_area": base.masks.amax(1).mean()}
             logs |= {f"{stage}/reward_gain/{head.name}": (scores[:, i] - base.scores[:, i]).mean()
                      for i, head in enumerate(self.heads)}
         self.log_dict(logs, batch_size=batch_size, prog_bar=False, sync_dist=stage != "train")

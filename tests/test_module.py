@@ -211,19 +211,23 @@ def _reference(masks: torch.Tensor) -> BaseReference:
 class _Penalty(Regularizer):
     """A regularizer returning ``value`` per image (``per_image``) or as one number."""
 
-    def __init__(self, value: float, per_image: bool = True) -> None:
+    def __init__(self, value: float, per_image: bool = True, first_only: bool = False) -> None:
         super().__init__()
-        self.value, self.per_image = value, per_image
+        self.value, self.per_image, self.first_only = value, per_image, first_only
 
     def forward(self, tuned, base, keep):
         penalty = (tuned.images - base.images).abs().sum((1, 2, 3)) * 0 + self.value
+        if self.first_only:  # the value on the first image, 1 on the others
+            penalty = torch.cat([penalty[:1], torch.ones_like(penalty[1:])])
         return penalty if self.per_image else penalty.mean()
 
 
 @pytest.mark.parametrize("regularizer, error, message", [
     (_Penalty(1.0, per_image=False), ValueError, r"regularizer _Penalty: forward must return one penalty per image, "
                                                  r"shape \(4,\), got \(\)"),
-    (_Penalty(-1.0), ValueError, "regularizer _Penalty: penalty must be >= 0, got a mean of -1 at step 0"),
+    (_Penalty(-1.0), ValueError, "regularizer _Penalty: penalty must be >= 0 on every image, got -1 at step 0"),
+    (_Penalty(-1.0, first_only=True), ValueError, "regularizer _Penalty: penalty must be >= 0 on every image, got -1 "
+                                                  "at step 0"),  # a batch mean of 0.5 would hide it
     (_Penalty(float("nan")), FloatingPointError, r"non-finite fidelity term \(_Penalty\) at step 0"),
 ])
 def test_a_broken_regularizer_is_named(tiny_model_dir, regularizer, error, message):
@@ -242,7 +246,7 @@ def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_d
     fidelity, penalty = module._fidelity(Sample(torch.zeros(1, 4, 2, 2), tuned), _reference(_halves(3)))
     half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
     assert penalty.item() == pytest.approx(3.0 * half)  # head 1's λ times the change outside its mask
-    assert fidelity.item() == pytest.approx(half / 2)  # the mean over the two masked heads' terms
+    torch.testing.assert_close(fidelity, torch.tensor([[0.0], [half]]))  # per masked head and image: no none head
 
 
 def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
