@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fnf.cli import main
-from fnf.masks import heatmap_to_mask
-from fnf.preview import run_preview
+from fnf.masks import MaskArgs, heatmap_to_mask
+from fnf.preview import Preview, parse_thresholds, run_preview, summary
 from fnf.worlds.shapes.judge import judge
 
 ROOT = Path(__file__).parents[1]
@@ -113,6 +114,7 @@ def test_saliency_config_through_the_cli(tmp_path, capsys):
     (["--model.masks.treshold", "0.4"], "--model.masks.treshold: unknown key; did you mean --model.masks.threshold"),
     (["--thresholds", "0.3,high"], "--thresholds: expected comma-separated numbers in (0, 1]"),
     (["--thresholds", "0.5,1.5"], "--thresholds: expected comma-separated numbers in (0, 1]"),
+    (["--thresholds", "0,0.5"], "--thresholds: expected comma-separated numbers in (0, 1]"),
     (["--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line(flags, expected, tmp_path):
@@ -152,3 +154,81 @@ def test_out_never_replaces_a_folder_preview_did_not_write(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--out", str(afile)])
     assert str(exit_info.value.code) == f"fnf: error: --out: {afile} is a file; expected a folder to write into"
+
+
+def test_zero_is_no_threshold():
+    """A threshold must be in (0, 1]: 0 would mask every pixel, so it is refused like any bad value."""
+    with pytest.raises(ValueError, match=r"^--thresholds: expected comma-separated numbers in \(0, 1\]"):
+        parse_thresholds("0,0.5", 0.7)
+    assert parse_thresholds("0.5,0.001,1", 0.7) == [0.001, 0.5, 1.0]
+
+
+def _two_head_preview() -> Preview:
+    """One threshold, 3 items of 2×2 pixels, two masked heads A, B and an unmasked C: A only; none; A and B
+    (overlapping in one pixel)."""
+    a = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    b = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]])
+    masks = torch.stack([a, b, torch.zeros_like(a)], dim=1)[None]  # (T=1, N=3, heads=3, 2, 2)
+    empty = torch.tensor([[[False, True, False], [True, True, False], [False, False, False]]])
+    return Preview(prompts=["p0", "p1", "p2"], seeds=[0, 1, 2], images=torch.zeros(3, 3, 2, 2),
+                   heatmaps=torch.zeros(3, 3, 2, 2), masks=masks, empty=empty, scores=torch.zeros(3, 3),
+                   thresholds=[0.5], heads=["A", "B", "C"], sources=["heatmap", "saliency", "none"],
+                   mask_args=MaskArgs())
+
+
+def test_union_of_two_heads_is_their_max_and_empty_only_when_every_mask_is():
+    """The union mask is max over the masked heads: its area is that of the pixel-wise max (not a mean), and it is
+    empty only when every head's mask is."""
+    numbers = summary(_two_head_preview(), "config.yaml", "prompts.txt")
+    union = numbers["union"]["thresholds"]["0.5"]
+    assert union["area_percent"] == pytest.approx([25.0, 0.0, 100.0])  # 1, 0 and 4 of 4 pixels
+    assert union["empty_per_item"] == [False, True, False] and union["empty"] == 1
+    for head, areas in (("A", [25.0, 0.0, 50.0]), ("B", [0.0, 0.0, 75.0])):
+        assert numbers["heads"][head]["thresholds"]["0.5"]["area_percent"] == pytest.approx(areas)
+        assert all(u >= a for u, a in zip(union["area_percent"], areas))
+    assert "thresholds" not in numbers["heads"]["C"]  # mask: none: no statistics, not in the union
+
+
+def test_histogram_counts_only_the_non_empty_masks():
+    """The histogram of mask areas holds one count per non-empty mask: its counts sum to the non-empty masks."""
+    numbers = summary(_two_head_preview(), "config.yaml", "prompts.txt")
+    for stats, non_empty in ((numbers["heads"]["A"]["thresholds"]["0.5"], 2),
+                             (numbers["heads"]["B"]["thresholds"]["0.5"], 1),
+                             (numbers["union"]["thresholds"]["0.5"], 2)):
+        assert sum(stats["histogram_of_non_empty"]["counts"]) == non_empty == 3 - stats["empty"]
+
+
+def test_the_shipped_histogram_leaves_out_the_empty_masks(artifacts):
+    """On the artifacts preview (clean images: empty masks), each histogram counts the non-empty masks only."""
+    _, numbers, _ = artifacts
+    for t in THRESHOLDS:
+        stats = numbers["heads"]["ShapesArtifact"]["thresholds"][str(t)]
+        assert stats["empty"] >= len(CLEAN)
+        assert sum(stats["histogram_of_non_empty"]["counts"]) == 4 - stats["empty"]
+
+
+def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path):
+    """Two masked heads through ``fnf preview``: ColorRegion (top left, never empty here) and a saliency head that
+    finds every image clean (empty masks): the union is ColorRegion's mask, never empty, and no histogram counts
+    the empty masks."""
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["rewards"] = [
+        {"head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.0, 0.0, 0.5, 0.5]}},
+         "mask": "heatmap"},
+        {"head": {"class_path": "fnf.rewards.Saliency", "init_args": {
+            "head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.5, 0.5, 1.0, 1.0]}},
+            "sigma": 0.0, "clean_score": -2.0}}, "mask": "heatmap"}]  # ColorRegion's score is >= -1: all clean
+    settings["model"]["masks"] = {"threshold": 0.05, "dilation": 0}
+    (tmp_path / "two_heads.yaml").write_text(yaml.safe_dump(settings))
+    preview, numbers, _ = run_preview(["--config", str(tmp_path / "two_heads.yaml"), "--trainer.accelerator", "cpu",
+                                       "--n", "4", "--out", str(tmp_path / "out")])
+    assert preview.heads == ["ColorRegion", "ColorRegion+gradient"] and preview.masked == [0, 1]
+    region, clean = (numbers["heads"][name]["thresholds"]["0.05"] for name in preview.heads)
+    union = numbers["union"]["thresholds"]["0.05"]
+    assert region["empty"] == 0 and clean["empty_per_item"] == [True] * 4  # the premise: one head always empty
+    assert union["empty_per_item"] == [False] * 4
+    assert union["area_percent"] == pytest.approx(region["area_percent"])  # max(M, 0) = M, not its mean with 0
+    assert all(u >= max(a, b) for u, a, b in zip(union["area_percent"], region["area_percent"],
+                                                 clean["area_percent"]))
+    assert sum(clean["histogram_of_non_empty"]["counts"]) == 0
+    assert sum(region["histogram_of_non_empty"]["counts"]) == sum(union["histogram_of_non_empty"]["counts"]) == 4

@@ -243,3 +243,57 @@ def test_a_usage_error_is_one_line_exit_1():
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--out"])
     assert exit_info.value.code == "fnf: error: argument --out: expected one argument"
+
+
+def test_rms_change_is_the_rms_pixel_change_in_0_255_levels():
+    """PSNR = 20·log10(1 / RMS) at data range 1, so RMS in 0–255 levels is 255·10^(−PSNR/20): 20 dB = 25.5."""
+    assert rms_change(20.0) == pytest.approx(25.5)  # RMS 0.1 of the range
+    assert rms_change(40.0) == pytest.approx(2.55)  # RMS 0.01
+    assert rms_change(0.0) == pytest.approx(255.0)  # RMS = the whole range
+    assert rms_change(200.0) == pytest.approx(0.0, abs=1e-6)  # identical images
+
+
+def test_runs_with_the_same_folder_name_are_named_by_their_paths(tmp_path):
+    """Two run folders with one basename (a/run, b/run) keep one row each, named by their folders."""
+    first = _tested_run(tmp_path / "a" / "run", '{"test_eval/reward_change/ShapesArtifact": 0.5}')
+    second = _tested_run(tmp_path / "b" / "run", '{"test_eval/reward_change/ShapesArtifact": 0.25}')
+    main(["report", str(first), str(second), "--out", str(tmp_path / "report")])
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics == {str(first): {"test_eval/reward_change/ShapesArtifact": 0.5},
+                       str(second): {"test_eval/reward_change/ShapesArtifact": 0.25}}
+
+
+def test_judge_cells_read_base_then_tuned_and_sort_by_tuned():
+    """A judge or CLIP-score column shows 'base → tuned', keeps both full values in its tooltip, sorts by tuned."""
+    runs = [{"name": "r", "metrics": {"judge_defect_rate_base": 0.25, "judge_defect_rate_tuned": 0.125,
+                                      "clip_score_base": 0.3125, "clip_score_tuned": 0.34375}}]
+    table = summary_table(runs)
+    assert ("<td data-value='0.125' title='judge_defect_rate_base = 0.25, judge_defect_rate_tuned = 0.125'>"
+            "0.25 → 0.125</td>") in table
+    assert ("<td data-value='0.34375' title='clip_score_base = 0.3125, clip_score_tuned = 0.34375'>"
+            "0.312 → 0.344</td>") in table
+    assert "| run | clip_score_base → clip_score_tuned | judge_defect_rate_base → judge_defect_rate_tuned |" in (
+        fnf.report.summary_markdown(runs))
+
+
+def test_sample_captions_read_base_then_tuned_per_head():
+    """Each sample's caption gives per head the reward of the base image, then of the tuned one."""
+    sample = {"png": "", "prompt": "a red circle", "seed": 7, "mean_abs_change": 0.0125,
+              "reward_base/ColorRegion": -0.5, "reward_tuned/ColorRegion": -0.125,
+              "reward_base/ShapesArtifact": 0.75, "reward_tuned/ShapesArtifact": 0.25}
+    section = run_section({"name": "r", "folder": "/runs/r", "curves": {}, "samples": [sample]})
+    caption = re.search(r"<figcaption>(.*?)</figcaption>", section).group(1)
+    assert caption == ("a red circle (seed 7)<br>mean |tuned − base| 0.0125; ColorRegion -0.5 → -0.125; "
+                       "ShapesArtifact 0.75 → 0.25")
+
+
+def test_tradeoff_uses_each_runs_own_mask_unless_every_run_has_the_reference():
+    """One run without reference_outside_psnr: every chart reads outside_psnr and plots every run."""
+    runs = [{"name": "with-ref", "metrics": {"reward_change/ColorRegion": 0.5, "outside_psnr": 30.0,
+                                             "reference_outside_psnr": 35.0}},
+            {"name": "without-ref", "metrics": {"reward_change/ColorRegion": 0.25, "outside_psnr": 20.0}}]
+    charts = fnf.report.tradeoff_charts(runs)
+    assert "from outside_psnr)" in charts and "reference_outside_psnr" not in charts
+    assert "not plotted" not in charts and "with-ref" in charts and "without-ref" in charts  # the legend
+    runs[1]["metrics"]["reference_outside_psnr"] = 25.0  # every run has it now: the reference mask
+    assert "from reference_outside_psnr)" in fnf.report.tradeoff_charts(runs)

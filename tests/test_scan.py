@@ -22,7 +22,8 @@ from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.rewards.shapes import ShapesArtifact
 from fnf.sampling import SamplerArgs
-from fnf.scan_file import FILTERED_OUT, ScanFilter, append_rows, read_rows
+from fnf.scan import summary
+from fnf.scan_file import FILTERED_OUT, ScanFilter, append_rows, read_rows, settings_difference
 from fnf.worlds.shapes.evaluate_fnf import sample_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +238,64 @@ def test_a_row_appended_after_a_torn_line_cuts_it_off(tmp_path):
     out.write_bytes(out.read_bytes() + b'{"prompt": "a blue squ')
     append_rows(out, [row | {"seed": 3}])
     assert [r["seed"] for r in read_rows(out)] == [1, 3]  # the torn item has no row: a resumed scan redoes it
+
+
+def _row(seed: int, areas: dict[str, float | None], union: float | None, score: float = -0.5) -> dict:
+    """A hand-written scan row of the prompt 'a red circle'."""
+    return {"prompt": "a red circle", "seed": seed, "scores": {name: score for name in areas}, "mask_area": areas,
+            "union_mask_area": union, "settings": {}}
+
+
+def test_mask_area_above_of_a_named_head_reads_that_heads_mask_not_the_union(tmp_path):
+    """With ``head``, mask_area_above reads that head's area: an empty mask of A is dropped however large the union."""
+    out = tmp_path / "scan.jsonl"
+    append_rows(out, [_row(1, {"A": 0.0, "B": 0.5}, 0.5), _row(2, {"A": 0.1, "B": 0.0}, 0.1)])
+    items = [{"prompt": "a red circle", "seed": 1}, {"prompt": "a red circle", "seed": 2}]
+    kept, dropped = ScanFilter(str(out), head="A", mask_area_above=0.0).split(items)
+    assert [i["seed"] for i in kept] == [2] and [i["seed"] for i in dropped] == [1]
+    kept, dropped = ScanFilter(str(out), mask_area_above=0.0).split(items)  # no head: the union, non-empty on both
+    assert [i["seed"] for i in kept] == [1, 2] and dropped == []
+
+
+def test_settings_difference_names_a_key_only_one_side_has():
+    """A setting present on one side only is a difference, whichever side lacks it."""
+    assert settings_difference({"a": 1}, {"a": 1, "b": 2}) == ("b", "null", "2")
+    assert settings_difference({"a": 1, "b": 2}, {"a": 1}) == ("b", "2", "null")
+    assert settings_difference({"s": {"x": 1}}, {"s": {"x": 1, "y": [3]}}) == ("s.y", "null", "[3]")
+    assert settings_difference({"a": 1, "s": {"x": 1}}, {"a": 1, "s": {"x": 1}}) is None
+
+
+def test_summary_counts_only_non_empty_masks():
+    """'mask not empty on X%' is the share of items whose mask area is > 0 (heads without a mask: no share)."""
+    rows = [_row(1, {"A": 0.0, "N": None}, 0.0, score=-1.0), _row(2, {"A": 0.25, "N": None}, 0.25, score=0.5)]
+    assert summary(rows, ["A", "N"]) == ("A: mean base score -0.25, mask not empty on 50.0%; "
+                                         "N: mean base score -0.25")
+
+
+def _two_box_config(config: Path, tmp_path: Path) -> Path:
+    """The tiny-model config with two masked heads on disjoint quarters of the image: ColorRegion top left, and the
+    gradient saliency of a ColorRegion bottom right (another head name); no dilation, so no mask leaves its quarter."""
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["rewards"] = [
+        {"head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.0, 0.0, 0.5, 0.5]}},
+         "mask": "heatmap"},
+        {"head": {"class_path": "fnf.rewards.Saliency", "init_args": {
+            "head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.5, 0.5, 1.0, 1.0]}},
+            "sigma": 0.0}}, "mask": "heatmap"}]
+    settings["model"]["masks"] = {"threshold": 0.05, "dilation": 0}
+    path = tmp_path / "two_heads.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_union_mask_area_is_the_area_of_the_max_over_the_heads_masks(config, tmp_path):
+    """union_mask_area is the area of max_i M_i: with masks in disjoint quarters, the sum of the heads' areas."""
+    out = tmp_path / "scan.jsonl"
+    main(["scan", "--config", str(_two_box_config(config, tmp_path)), "--out", str(out)])
+    rows = read_rows(out)
+    assert len(rows) == 4 and all(list(r["mask_area"]) == ["ColorRegion", "ColorRegion+gradient"] for r in rows)
+    for row in rows:
+        top_left, bottom_right = row["mask_area"]["ColorRegion"], row["mask_area"]["ColorRegion+gradient"]
+        assert 0 < top_left <= 0.25 and 0 < bottom_right <= 0.25, row  # both heads mask something, in their quarter
+        assert row["union_mask_area"] == pytest.approx(top_left + bottom_right, abs=1e-6)
+        assert row["union_mask_area"] >= max(top_left, bottom_right)
