@@ -244,11 +244,16 @@ def test_bad_weights_files_are_named(tmp_path):
     ('{"image": "0.png"}', r"data.jsonl:2: missing keys \['prompt', 'artifact_map'"),
     ("SCORE", r"data.jsonl:2: 'overall_score' must be a number in \[1, 5\] \(score_scale: likert\), got 7"),
     ("IMAGE", r"data.jsonl:2: image file .*absent.png not found"),
+    ("NOT_AN_IMAGE", r"data.jsonl:2: image file .*page.png is not an image Pillow reads \(cannot identify"),
+    ("NOT_AN_ARRAY", r"data.jsonl:2: misalignment_map file .*page.npy is not a .npy array \("),
 ])
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, message):
     path = write_dataset(tmp_path, 1, seed=0)
     row = json.loads(path.read_text())
-    edits = {"SCORE": row | {"overall_score": 7}, "IMAGE": row | {"image": "absent.png"}}
+    for name in ("page.png", "page.npy"):  # what a failed download leaves: an error page, not the file
+        (tmp_path / name).write_text("<html>404 Not Found</html>")
+    edits = {"SCORE": row | {"overall_score": 7}, "IMAGE": row | {"image": "absent.png"},
+             "NOT_AN_IMAGE": row | {"image": "page.png"}, "NOT_AN_ARRAY": row | {"misalignment_map": "page.npy"}}
     line = json.dumps(edits[line]) if line in edits else line
     path.write_text(path.read_text() + line + "\n")
     with pytest.raises(ValueError, match=message):

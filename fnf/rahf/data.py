@@ -55,11 +55,23 @@ class Record(NamedTuple):
 
 
 def _path(base: Path, value: Any, key: str, where: str) -> Path:
+    """The file ``value`` names, opened far enough to know it is an image (Pillow) or an array (.npy): a file that is
+    not one stops the run when the file list is read, not hours into training (a corrupt body still shows only
+    when the item is loaded; its error names the line too)."""
     if not isinstance(value, str) or not value:
         raise RichHFFileError(f"{where}: '{key}' must be a file path, got {value!r}")
     path = base / value
     if not path.is_file():
         raise RichHFFileError(f"{where}: {key} file {path} not found")
+    try:
+        if path.suffix.lower() == ".npy":
+            np.load(path, mmap_mode="r", allow_pickle=False)  # the header only
+        else:
+            Image.open(path).close()  # the header only
+    except (OSError, ValueError) as error:
+        kind = "a .npy array" if path.suffix.lower() == ".npy" else "an image Pillow reads"
+        reason = str(error).splitlines()[0][:200]
+        raise RichHFFileError(f"{where}: {key} file {path} is not {kind} ({reason})") from None
     return path
 
 
