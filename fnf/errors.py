@@ -157,7 +157,34 @@ def peer_lost(error: BaseException) -> str | None:
     return text.split("] ", 1)[-1].split(". ")[0]  # "[.../pair.cc:545] Read error [addr]: Connection reset by peer. ..."
 
 
+IN_COMPONENT = "raised in "  # the note naming the reward head or regularizer an error came from
+
+
+@contextmanager
+def named_component(name: str):
+    """Errors raised inside carry ``name`` (a reward head, a regularizer: the innermost one when heads wrap heads),
+    so that their one line says where they came from."""
+    try:
+        yield
+    except Exception as error:
+        if component(error) is None:
+            error.add_note(IN_COMPONENT + name)
+        raise
+
+
+def component(error: BaseException) -> str | None:
+    return next((note.removeprefix(IN_COMPONENT) for note in getattr(error, "__notes__", ())
+                 if note.startswith(IN_COMPONENT)), None)
+
+
 def one_line(error: BaseException) -> str:
+    """The error as one line for the user, prefixed with the reward head or regularizer it was raised in (unless
+    the message names it already)."""
+    line, where = _one_line(error), component(error)
+    return f"{where}: {line}" if where and where.rsplit(" ", 1)[-1] not in line else line
+
+
+def _one_line(error: BaseException) -> str:
     if (lost := peer_lost(error)) is not None:
         return f"a training process stopped ({lost}); see the other processes' output, then resume with --ckpt_path last"
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:

@@ -113,8 +113,8 @@ class Evaluation(Callback):
         masks = ["", "reference_"] if self.reference is not None else [""]
         metrics = {f"{mask}{region}_{name}": kind(region=region) for mask in masks for region in REGIONS
                    if not (mask and region == "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
-        for head in pl_module.heads:
-            metrics[f"reward_base/{head.name}"], metrics[f"reward_tuned/{head.name}"] = MeanMetric(), MeanMetric()
+        for name in pl_module.head_names:
+            metrics[f"reward_base/{name}"], metrics[f"reward_tuned/{name}"] = MeanMetric(), MeanMetric()
         if self.clip is not None:
             metrics["clip_score_base"], metrics["clip_score_tuned"] = CLIPScore(self.clip), CLIPScore(self.clip)
         if fid and self.fid_features is not None:
@@ -159,7 +159,7 @@ class Evaluation(Callback):
             elif name.startswith("pair_judge"):
                 metric.update(base, tuned, prompts)
             elif name.startswith("reward_"):
-                head = [h.name for h in pl_module.heads].index(name.split("/", 1)[1])
+                head = pl_module.head_names.index(name.split("/", 1)[1])
                 metric.update(outputs["base_scores" if name.startswith("reward_base") else "scores"][:, head])
             elif name == "fid_tuned_vs_base":
                 metric.update(base, real=True)
@@ -179,13 +179,13 @@ class Evaluation(Callback):
                     values |= {f"{prefix}{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
                 else:
                     values[prefix + name] = float(value)
-            for head in pl_module.heads:
-                values[f"{prefix}reward_change/{head.name}"] = (values[f"{prefix}reward_tuned/{head.name}"]
-                                                                - values[f"{prefix}reward_base/{head.name}"])
+            for head in pl_module.head_names:
+                values[f"{prefix}reward_change/{head}"] = (values[f"{prefix}reward_tuned/{head}"]
+                                                           - values[f"{prefix}reward_base/{head}"])
         pl_module.log_dict({f"{stage}_eval/{k}": v for k, v in values.items()}, sync_dist=False)
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
         if stage == "test" and trainer.is_global_zero:
-            write_samples(self.samples, [h.name for h in pl_module.heads], folder / "test_samples")
+            write_samples(self.samples, pl_module.head_names, folder / "test_samples")
             for n, sample in enumerate(self.samples):  # and to the run's loggers (W&B, MLflow, ...)
                 log_image(trainer, f"test_samples/{n:03d}", sample_row(sample), trainer.global_step)
         self.samples = []

@@ -28,7 +28,7 @@ from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.objective import RewardTerm, check_objective, term_heatmaps
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
-from fnf.rewards.base import check_reward_output
+from fnf.rewards.base import check_reward_output, scores_only
 from fnf.resume import LoraOnlyCheckpoints
 from fnf.sampling import Sample, SamplerArgs, initial_noise, make_sampler
 from fnf.sharding import ShardedUnet
@@ -115,6 +115,7 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         self.model.latent_shape(self.sampler.resolution)  # fails now, not at the first step, if it does not fit the VAE
         self.terms = rewards
         self.heads = nn.ModuleList([t.head.requires_grad_(False).eval() for t in rewards])
+        self.head_names = [t.label for t in rewards]  # in logs, metrics, masks and scans
         self.register_buffer("reward_weights", torch.tensor([t.weight for t in rewards]), persistent=False)  # w_i
         self.regularizer = regularizer if regularizer is not None else PixelFrobenius()
         self.lam, self.mask_mode, self.mask_args = lam, mask_mode, masks
@@ -157,9 +158,10 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         if base is not None:
             base = base.map(lambda t: t.repeat(n, *[1] * (t.dim() - 1)))
 
-        scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False,
-                                                  trained_on=term.weight > 0).score
-                              for term, head in zip(self.terms, self.heads)], dim=1)  # (B, heads)
+        with scores_only():  # heads may skip heatmaps here
+            scores = torch.stack([check_reward_output(head, head(tuned.images, prompts), tuned.images, values=False,
+                                                      trained_on=term.weight > 0).score
+                                  for term, head in zip(self.terms, self.heads)], dim=1)  # (B, heads)
         active = base.active if base is not None else 1.0  # the empty-mask policy "skip" needs I0's masks
         reward_loss = -(self.reward_weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
@@ -237,7 +239,7 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         if (torch.isfinite(values).all() & (fidelity >= 0).all()).item():
             self._skipped_in_a_row = 0
             return True
-        names = [head.name for head in self.heads]
+        names = self.head_names
         bad_base = [n for n, ok in zip(names, torch.isfinite(base_scores).all(0)) if not ok]
         bad_tuned = [n for n, ok in zip(names, torch.isfinite(scores).all(0)) if not ok]
         regularizer = type(self.regularizer).__name__
@@ -259,11 +261,11 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         return False
 
     def _log_step(self, stage, loss, scores, base: BaseReference | None, fidelity, batch_size) -> None:
-        logs = {f"{stage}/reward/{head.name}": scores[:, i].mean() for i, head in enumerate(self.heads)}
+        logs = {f"{stage}/reward/{name}": scores[:, i].mean() for i, name in enumerate(self.head_names)}
         if base is not None:
             logs |= {f"{stage}/fidelity": fidelity.mean(), f"{stage}/mask_area": base.masks.amax(1).mean()}
-            logs |= {f"{stage}/reward_gain/{head.name}": (scores[:, i] - base.scores[:, i]).mean()
-                     for i, head in enumerate(self.heads)}
+            logs |= {f"{stage}/reward_gain/{name}": (scores[:, i] - base.scores[:, i]).mean()
+                     for i, name in enumerate(self.head_names)}
         self.log_dict(logs, batch_size=batch_size, prog_bar=False, sync_dist=stage != "train")
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=stage != "train")
 

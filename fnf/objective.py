@@ -28,6 +28,13 @@ class RewardTerm:
     clean_score: float | None = None
     """mask: saliency: a base score at or above this (in the head's units) means nothing to fix: the mask is
     empty and masks.empty applies (saliency is peak-normalised, so otherwise every image gets a region)."""
+    name: str | None = None
+    """The head's name in this run's logs, metrics, masks and scans (None: the head's own, its class name): two
+    heads of one class need one here."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.head.name
 
 
 def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
@@ -48,6 +55,11 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
         if term.lam is not None and mask_mode == "union":
             raise ValueError(f"model.rewards[{i}].lam is only used with model.mask_mode=per_head (union applies "
                              f"model.lam to the one union mask); remove it or set mask_mode: per_head")
+    labels = [term.label for term in rewards]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:  # logs, metrics, masks and scans are keyed by head name
+            raise ValueError(f"model.rewards[{i}]: its head is named {label}, like model.rewards"
+                             f"[{labels.index(label)}]'s; two heads of one run need two names: set model.rewards[{i}].name")
     if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
         raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
 

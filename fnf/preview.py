@@ -110,7 +110,7 @@ def preview_items(model: FocusNFix, items: list[dict], thresholds: list[float], 
     return Preview(prompts=sum(prompts, []), seeds=sum(seeds, []), images=torch.cat(images).float().cpu(),
                    heatmaps=torch.cat(heatmaps).float().cpu(), masks=torch.cat(masks, dim=1).float().cpu(),
                    empty=torch.cat(empty, dim=1).cpu(), scores=torch.cat(scores).float().cpu(), thresholds=thresholds,
-                   heads=[head.name for head in model.heads], sources=[term.mask for term in model.terms],
+                   heads=model.head_names, sources=[term.mask for term in model.terms],
                    mask_args=model.mask_args)
 
 

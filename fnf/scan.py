@@ -49,8 +49,8 @@ class PromptScanner(FocusNFix):
                 "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
                             "resolution": self.sampler.resolution},
                 "masks": masks,
-                "heads": {head.name: {"mask": term.mask, "clean_score": term.clean_score}
-                          for head, term in zip(self.heads, self.terms)}}
+                "heads": {name: {"mask": term.mask, "clean_score": term.clean_score}
+                          for name, term in zip(self.head_names, self.terms)}}
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ class PromptScanner(FocusNFix):
         with torch.no_grad(), self.model.adapter_disabled():
             base = self.sampler(noise, text, uncond, "none")  # I0
         masks, _, scores = self._localise(base.images, prompts)  # (B, heads, H, W), _, (B, heads)
-        names = [head.name for head in self.heads]
+        names = self.head_names
         bad = (~torch.isfinite(scores)).nonzero()  # (n, 2): (item, head) pairs
         if len(bad):
             item, head = bad[0].tolist()
@@ -185,9 +185,7 @@ def main(args: list[str]) -> None:
                                  "description": __doc__.splitlines()[0]},
                   trainer_defaults={"logger": False, "enable_checkpointing": False})
     data, out = cli.datamodule, Path(cli.config.out)
-    heads = [head.name for head in cli.model.heads]
-    if len(set(heads)) < len(heads):
-        raise ValueError(f"model.rewards: a scan names its columns by head; these repeat a name: {', '.join(heads)}")
+    heads = cli.model.head_names
     out.parent.mkdir(parents=True, exist_ok=True)
     pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
     cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)

@@ -113,6 +113,32 @@ def test_a_score_without_gradient_is_refused_unless_its_weight_is_zero(tiny_mode
     assert module._common_step(batch, "train")["loss"].requires_grad
 
 
+class _ConstantLeaf(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=torch.zeros(images.shape[0], requires_grad=True))  # requires grad, not from pixels
+
+
+class _Raises(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(1, 2, 3))[[5]])  # an indexing bug
+
+
+@pytest.mark.parametrize("head, mask, message", [
+    (_ConstantLeaf(), "none", "reward head _ConstantLeaf: score has no gradient with respect to the images"),
+    (_Detached(), "saliency", "reward head _Detached: mask: saliency needs a score differentiable with respect to "
+                              "the images; give the head a heatmap, or mask: none"),
+    (_Raises(), "none", "reward head _Raises: IndexError: index 5 is out of bounds"),
+])
+def test_a_head_s_errors_name_the_head(tiny_model_dir, head, mask, message):
+    """Whatever goes wrong in or with a head, its one line names it (an error raised inside carries the name)."""
+    from fnf.errors import one_line
+
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(head, mask=mask)])
+    with pytest.raises(Exception) as error:
+        module._common_step(next(iter(_loader(4))), "train")
+    assert one_line(error.value).startswith(message), one_line(error.value)
+
+
 def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="heatmap")])
     with pytest.raises(ValueError, match="_WrongShape"):
@@ -141,7 +167,7 @@ def test_empty_mask_policy(tiny_model_dir, policy, expected_active):
     """An empty mask of a localising head follows the policy; a mask: none head has no mask to be empty."""
     module = _module(tiny_model_dir, lam=1.0, masks=MaskArgs(threshold=1.0, empty=policy),  # nothing reaches 1.0
                      rewards=[RewardTerm(ColorRegion(color=(1.0, 0.0, 0.0), box=BOX)),
-                              RewardTerm(ColorRegion(), mask="none")])
+                              RewardTerm(ColorRegion(), mask="none", name="whole")])
     images = torch.rand(2, 3, 16, 16) * 0.5
     masks, active, _ = module._localise(images, ["a", "b"])
     assert torch.equal(active, torch.tensor([[expected_active, 1.0]] * 2))
@@ -216,6 +242,8 @@ class _Penalty(Regularizer):
         self.value, self.per_image, self.first_only = value, per_image, first_only
 
     def forward(self, tuned, base, keep):
+        if self.first_only is None:
+            raise TypeError("boom")
         penalty = (tuned.images - base.images).abs().sum((1, 2, 3)) * 0 + self.value
         if self.first_only:  # the value on the first image, 1 on the others
             penalty = torch.cat([penalty[:1], torch.ones_like(penalty[1:])])
@@ -229,18 +257,23 @@ class _Penalty(Regularizer):
     (_Penalty(-1.0, first_only=True), ValueError, "regularizer _Penalty: penalty must be >= 0 on every image, got -1 "
                                                   "at step 0"),  # a batch mean of 0.5 would hide it
     (_Penalty(float("nan")), FloatingPointError, r"non-finite fidelity term \(_Penalty\) at step 0"),
+    (_Penalty(1.0, first_only=None), TypeError, "boom"),  # raised inside: its one line names it (below)
 ])
 def test_a_broken_regularizer_is_named(tiny_model_dir, regularizer, error, message):
+    from fnf.errors import one_line
+
     module = _module(tiny_model_dir, lam=1.0, regularizer=regularizer)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         module._common_step(next(iter(_loader(4))), "train")
+    assert "_Penalty" in one_line(raised.value)
 
 
 def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):
     """I changes the left half only: head 0's mask allows it, head 1's does not, a mask: none head has no term."""
     left, right = ColorRegion(box=(0.0, 0.0, 1.0, 0.5)), ColorRegion(box=(0.0, 0.5, 1.0, 1.0))
     module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", rewards=[
-        RewardTerm(left, lam=2.0), RewardTerm(right, lam=3.0), RewardTerm(ColorRegion(), mask="none")])
+        RewardTerm(left, lam=2.0, name="left"), RewardTerm(right, lam=3.0, name="right"),
+        RewardTerm(ColorRegion(), mask="none")])
     tuned = torch.zeros(1, 3, 4, 4)
     tuned[..., :2] = 1
     fidelity, penalty = module._fidelity(Sample(torch.zeros(1, 4, 2, 2), tuned), _reference(_halves(3)))
@@ -250,7 +283,7 @@ def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_d
 
 
 def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
-    module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion())])
+    module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion(), name="b")])
     everywhere = Sample(torch.zeros(1, 4, 2, 2), torch.ones(1, 3, 4, 4))
     fidelity, penalty = module._fidelity(everywhere, _reference(_halves(2)))
     assert fidelity.item() == penalty.item() == 0  # the two halves together cover the image
@@ -261,9 +294,27 @@ def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
     assert penalty.item() == pytest.approx(0.5 * fidelity.item())
 
 
+def test_two_heads_of_one_name_are_refused_unless_named_and_names_key_the_logs(tiny_model_dir):
+    """Logs, metrics, masks and scans are keyed by head name: a second head of one class needs a name of its own."""
+    with pytest.raises(ValueError, match=r"model.rewards\[1\]: its head is named ColorRegion, like model.rewards\[0\]'s; "
+                                         r"two heads of one run need two names: set model.rewards\[1\].name"):
+        _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion())])
+    module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()),
+                                                       RewardTerm(ColorRegion(box=(0.5, 0.5, 1, 1)), name="corner")])
+    logged = {}
+    module.log_dict = lambda logs, **kwargs: logged.update(logs)
+    module.log = lambda name, value, **kwargs: logged.update({name: value})
+    with torch.no_grad():
+        out = module._common_step(next(iter(_loader(4))), "val")
+    assert module.head_names == ["ColorRegion", "corner"]
+    torch.testing.assert_close(logged["val/reward/corner"], out["scores"][:, 1].mean())
+    torch.testing.assert_close(logged["val/reward/ColorRegion"], out["scores"][:, 0].mean())
+
+
 def test_reward_weights_scale_each_heads_score_in_the_loss(tiny_model_dir):
     module = _module(tiny_model_dir, lam=0.0, rewards=[RewardTerm(ColorRegion(), weight=2.0),
-                                                       RewardTerm(ColorRegion(box=(0.5, 0.5, 1, 1)), weight=0.0)])
+                                                       RewardTerm(ColorRegion(box=(0.5, 0.5, 1, 1)), weight=0.0,
+                                                                  name="corner")])
     with torch.no_grad():
         out = module._common_step(next(iter(_loader(4))), "val")
     assert not torch.allclose(out["scores"][:, 0], out["scores"][:, 1])  # the weight, not the score, removes head 1

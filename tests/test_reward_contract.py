@@ -28,6 +28,21 @@ def test_heatmap_shape_is_checked_even_without_values(shape):
         check_reward_output(ColorRegion(), output, IMAGES, values=False)
 
 
+@pytest.mark.parametrize("score, got", [([0.0, 0.0], "list"), (torch.zeros(2, dtype=torch.long), "torch.int64 on cpu"),
+                                        (torch.zeros(2, device="meta"), "torch.float32 on meta")])
+def test_score_is_a_floating_point_tensor_on_the_images_device(score, got):
+    output = RewardOutput(score=score, heatmap=None)
+    with pytest.raises(ValueError, match=rf"ColorRegion: score must be a floating-point tensor on the images' device "
+                                         rf"\(cpu\), got {got}"):
+        check_reward_output(ColorRegion(), output, IMAGES)
+
+
+def test_a_heatmap_out_of_range_shows_the_range_it_has():
+    output = RewardOutput(score=torch.zeros(2), heatmap=torch.full((2, 1, 8, 8), 255.0))
+    with pytest.raises(ValueError, match=r"heatmap values must be finite and in \[0, 1\], got \[255, 255\]"):
+        check_reward_output(ColorRegion(), output, IMAGES)
+
+
 @pytest.mark.parametrize("shape", [(2, 1), (1,), (), (4,)])
 def test_score_shape_is_one_number_per_image(shape):
     output = RewardOutput(score=torch.zeros(shape), heatmap=None)

@@ -123,6 +123,22 @@ def test_the_empty_mask_policy_applies_to_clean_images(tiny_model_dir, scenes, p
     assert (unsafe_masks * marks).sum() / marks.sum() > 0.5  # ... over most of the mark
 
 
+def test_the_wrapper_costs_no_more_head_calls_per_step_than_mask_saliency(tiny_model_dir):
+    """The tuned pass reads scores only (``scores_only``): a Saliency head skips its heatmap's gradient pass there,
+    so wrapping a scalar head costs what ``mask: saliency`` on it costs: one scoring call of I, two of I0."""
+    from fnf.data import collate
+
+    calls = {}
+    for via in ("Saliency head", "mask: saliency"):
+        inner = RednessInBoxPenalty()
+        inner.register_forward_hook(lambda *args, via=via: calls.__setitem__(via, calls.get(via, 0) + 1))
+        term = (RewardTerm(Saliency(inner), mask="heatmap") if via == "Saliency head"
+                else RewardTerm(inner, mask="saliency"))
+        module = FocusNFix(rewards=[term], pretrained=tiny_model_dir, lam=1.0, sampler=SamplerArgs(num_steps=2))
+        module._common_step(collate([{"prompt": "a red circle", "seed": 0}]), "train")
+    assert calls == {"Saliency head": 3, "mask: saliency": 3}
+
+
 def test_wrapping_a_heatmap_head_replaces_its_heatmap():
     images = torch.rand(1, 3, 16, 16)
     out = Saliency(ColorRegion(box=(0.0, 0.0, 0.5, 0.5)), sigma=0.0)(images, [""])

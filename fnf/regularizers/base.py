@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
 
+from fnf.errors import named_component
 from fnf.sampling import Sample
 
 
@@ -19,7 +20,8 @@ class Regularizer(nn.Module, ABC):
     def __call__(self, tuned: Sample, base: Sample, keep: Tensor) -> Tensor:
         """``forward``, its shape held to the contract (a scalar would be averaged without a word); the batch's
         mean is checked (finite, >= 0) with the step's one device sync (``FocusNFix._usable``)."""
-        penalty = super().__call__(tuned, base, keep)
+        with named_component(f"regularizer {type(self).__name__}"):  # its errors' one line names it
+            penalty = super().__call__(tuned, base, keep)
         if not isinstance(penalty, Tensor) or penalty.shape != keep.shape[:1]:
             got = tuple(penalty.shape) if isinstance(penalty, Tensor) else type(penalty).__name__
             raise ValueError(f"regularizer {type(self).__name__}: forward must return one penalty per image, shape "

@@ -1,4 +1,4 @@
-"""The reward-head contract every head follows (STYLE rule 3).
+"""The reward-head contract every head follows.
 
 A head maps decoded images (RGB in [0, 1], shape (B, 3, H, W), at the generator's resolution) and
 their prompts to a differentiable score per image (higher is better) and, optionally, a heatmap of
@@ -9,10 +9,32 @@ score (``fnf.masks.saliency``), which is how the paper masks scalar safety class
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from torch import Tensor, nn
+
+from fnf.errors import named_component
+
+_heatmaps_wanted = ContextVar("fnf_heatmaps_wanted", default=True)
+
+
+@contextmanager
+def scores_only() -> Iterator[None]:
+    """Head calls inside use the scores only (the tuned pass, saliency's gradient): a head whose heatmap costs
+    extra work may skip it when ``heatmap_wanted()`` is False (``Saliency`` does: a gradient pass per call)."""
+    token = _heatmaps_wanted.set(False)
+    try:
+        yield
+    finally:
+        _heatmaps_wanted.reset(token)
+
+
+def heatmap_wanted() -> bool:
+    return _heatmaps_wanted.get()
 
 
 @dataclass
@@ -36,8 +58,13 @@ class RewardHead(nn.Module, ABC):
 
     @property
     def name(self) -> str:
-        """Short name used in logs and error messages (the class name unless overridden)."""
+        """Short name used in logs, metrics, masks, scans and error messages (the class name unless overridden;
+        two heads of one run need two names)."""
         return type(self).__name__
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> RewardOutput:
+        with named_component(f"reward head {self.name}"):  # its errors' one line names it
+            return super().__call__(images, prompts)
 
     @abstractmethod
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput: ...
@@ -53,10 +80,16 @@ def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, 
     """
     batch, _, height, width = images.shape
     if not isinstance(output, RewardOutput):
-        raise TypeError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
+        raise ValueError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
+    for key, value in (("score", output.score), ("heatmap", output.heatmap)):
+        if value is not None and not (isinstance(value, Tensor) and value.is_floating_point()
+                                      and value.device == images.device):
+            got = f"{value.dtype} on {value.device}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"reward head {head.name}: {key} must be a floating-point tensor on the images' device "
+                             f"({images.device}), got {got}")
     if output.score.shape != (batch,):
         raise ValueError(f"reward head {head.name}: score must have shape ({batch},), got {tuple(output.score.shape)}")
-    if trained_on and images.requires_grad and not output.score.requires_grad:
+    if trained_on and images.requires_grad and output.score.grad_fn is None:  # detached, or a constant leaf
         raise ValueError(f"reward head {head.name}: score has no gradient with respect to the images (detached, "
                          "computed under no_grad or not from the pixels); training needs a differentiable score, "
                          "or give the head weight 0 to use it for masks only")
@@ -68,5 +101,6 @@ def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, 
                 f"got {tuple(heatmap.shape)}"
             )
         if values and not ((heatmap >= 0) & (heatmap <= 1)).all():  # NaN fails both comparisons
-            raise ValueError(f"reward head {head.name}: heatmap values must be finite and in [0, 1]")
+            raise ValueError(f"reward head {head.name}: heatmap values must be finite and in [0, 1], got "
+                             f"[{float(heatmap.min()):.4g}, {float(heatmap.max()):.4g}]")
     return output

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnf.masks import blur, clear_clean_images, peak_normalised, saliency_heatmap
-from fnf.rewards.base import RewardHead, RewardOutput
+from fnf.rewards.base import RewardHead, RewardOutput, heatmap_wanted, scores_only
 
 
 class Saliency(RewardHead):
@@ -67,7 +67,10 @@ class Saliency(RewardHead):
         return f"{self.head.name}+{self.method}"
 
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
-        score = self.head(images, prompts).score
+        with scores_only():
+            score = self.head(images, prompts).score
+        if not heatmap_wanted():  # the tuned pass: no gradient pass for a heatmap nobody reads
+            return RewardOutput(score=score)
         with torch.no_grad():
             if self.method == "gradient":
                 heatmap = saliency_heatmap(self.head, images, prompts, self.sigma)
@@ -81,7 +84,8 @@ class Saliency(RewardHead):
         hook = dict(self.head.named_modules())[self.layer].register_forward_hook(lambda m, i, out: captured.append(out))
         try:
             with torch.inference_mode(False), torch.enable_grad():  # Lightning validates/tests in inference mode
-                score = self.head(images.detach().clone().requires_grad_(True), prompts).score
+                with scores_only():
+                    score = self.head(images.detach().clone().requires_grad_(True), prompts).score
                 (gradient,) = torch.autograd.grad(-score.sum(), captured[0])  # evidence against the score
         finally:
             hook.remove()
