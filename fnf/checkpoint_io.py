@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _load as pl_load
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
@@ -113,3 +114,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"ckpt_path: {path} is a torch file but not a Lightning checkpoint (no state_dict)")
         return checkpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is also the run's final step: Lightning keeps the last periodic one
+    when max_steps is not a multiple of every_n_train_steps, so ``fnf test --ckpt_path last`` would evaluate
+    another LoRA than the run exported, and ``--ckpt_path auto`` would retrain the steps after it."""
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)

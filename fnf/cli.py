@@ -13,6 +13,7 @@ import importlib
 import sys
 import warnings
 from argparse import ArgumentError
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
-from fnf.checkpoint_io import AtomicCheckpointIO
+from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
@@ -34,7 +35,7 @@ from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.resume import (RunFolderGuard, check_settings, checkpoints_parent, claim_version_folder,
-                        continue_run_folder, export_if_complete, find_last, remove_if_unstarted)
+                        continue_run_folder, export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
 
 
 def started_on_their_own(trainer) -> bool:
@@ -45,30 +46,34 @@ def started_on_their_own(trainer) -> bool:
 
 class RunCLI(LightningCLI):
     """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run folder of its own,
-    settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first checkpoint leaves no
-    version folder behind."""
+    settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first training step (a config
+    error) leaves no version folder behind, one stopped later keeps its logs."""
 
-    claimed = None  # the version folder this run created (removed again if the run fails before a checkpoint)
+    claimed = None  # the version folder this run created (removed again if the run fails before training)
     guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
 
-    def claim_run_folder(self, lock: bool = False) -> None:
-        """Rank 0 claims a version folder (fnf.resume.claim_version_folder) and, with ``lock``, will lock the folder
-        of its checkpoints. An error is raised at once where the other ranks do not exist yet, else in setup on
-        every rank."""
-        problem = None
+    def settle_run_folder(self, prepare: Callable[[], Path | None]) -> None:
+        """Rank 0's ``prepare`` claims the run's folder and returns the folder to lock (or None); rank 0 locks it
+        before anything is written there. An error is raised at once where the other ranks do not exist yet; where
+        they do (torchrun, srun), rank 0 drops its loggers (nothing written) and every rank raises it in setup."""
+        problem, lock = None, None
         try:
-            self.claimed = claim_version_folder(self.trainer)
+            folder = prepare()
+            if folder is not None and self.trainer.global_rank == 0:
+                lock = lock_run_folder(folder)
         except (ValueError, OSError) as error:
             if not started_on_their_own(self.trainer):
                 raise
-            problem = error
-        lock = lock and problem is None and self.trainer.global_rank == 0
-        self.add_guard(problem, checkpoints_parent(self.trainer, self.claimed) if lock else None)
+            problem, self.trainer.loggers = error, []
+        self.guard = RunFolderGuard(problem, lock)  # every rank adds one: its collective in setup pairs up
+        self.trainer.callbacks.insert(0, self.guard)
 
-    def add_guard(self, problem: Exception | None, lock_folder: Path | None) -> None:
-        """Every rank adds one (its collective in setup pairs up across ranks); rank 0 alone locks."""
-        self.guard = RunFolderGuard(problem, lock_folder if self.trainer.global_rank == 0 else None)
-        self.trainer.callbacks.insert(0, self.guard)  # before LightningCLI's config.yaml is saved
+    def claim_run_folder(self) -> None:
+        """A version folder of this run's own (no lock: evaluation and rahf-train runs)."""
+        def claim() -> None:
+            self.claimed = claim_version_folder(self.trainer)
+
+        self.settle_run_folder(claim)
 
     def parse_arguments(self, parser, args) -> None:
         """Unknown keys get a close-match suggestion from the subcommand's own keys."""
@@ -84,9 +89,10 @@ class RunCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except BaseException as error:
-            remove_if_unstarted(self.claimed)
-            if self.guard is not None and self.guard.problem is not None:  # the cause, though Lightning's setup
-                raise self.guard.problem from error  # stumbled over it first (its logger in the same folder)
+            if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
+                remove_if_unstarted(self.claimed)
+            if self.guard is not None and self.guard.problem is not None:  # the cause, whatever else then failed
+                raise self.guard.problem from error
             raise
         finally:
             if self.guard is not None:
@@ -101,9 +107,9 @@ class FnfCLI(RunCLI):
         parser.add_lightning_class_args(LoraExporter, "lora_export")
         parser.add_lightning_class_args(PngWriter, "predict_writer")
         # Mid-epoch checkpoints by default: last.ckpt (LoRA, optimizer, loops, RNG) every N optimizer steps.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # one last.ckpt per run, at its final step too
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
-                             "checkpoint.save_top_k": 0})
+                             "checkpoint.save_top_k": 0, "checkpoint.enable_version_counter": False})
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path``: ``last`` (the newest last.ckpt under trainer.default_root_dir, required) or ``auto`` (the
@@ -115,7 +121,8 @@ class FnfCLI(RunCLI):
             return
         if config.ckpt_path in ("last", "auto"):
             root = config.trainer.default_root_dir or "."
-            config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit")
+            config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit",
+                                         one_run=subcommand == "fit")
             self.searched_ckpt = config.ckpt_path is not None
             if config.ckpt_path is None:
                 return
@@ -146,10 +153,14 @@ class FnfCLI(RunCLI):
         even when other runs start in the same root at the same moment; a checkpoint already at max_steps: say so,
         restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
-        if self.searched_ckpt:
-            self.add_guard(None, lock_folder=continue_run_folder(self.trainer, ckpt_path))
-        else:  # locked: a --ckpt_path last started meanwhile is refused until this run ends
-            self.claim_run_folder(lock=True)
+
+        def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
+            if self.searched_ckpt:
+                return continue_run_folder(self.trainer, ckpt_path)
+            self.claimed = claim_version_folder(self.trainer)
+            return checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+
+        self.settle_run_folder(prepare)
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)

@@ -102,10 +102,17 @@ def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor])
                              f"{tuple(own[name])} in the model for {name}; {hint}")
 
 
-def find_last(root: str | Path, required: bool) -> str | None:
+def find_last(root: str | Path, required: bool, one_run: bool = False) -> str | None:
     """The newest ``last*.ckpt`` under ``root`` (``trainer.default_root_dir``); None when there is none and the
-    caller may start a new run instead (``--ckpt_path auto``)."""
+    caller may start a new run instead (``--ckpt_path auto``). ``one_run`` (a resumed fit): the root must hold one
+    run's checkpoints, or a job of an array sharing a root would continue another job's run."""
     found = sorted(Path(root).rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    runs = sorted({str(path.parent.parent) for path in found})  # <run>/checkpoints/last.ckpt
+    if one_run and len(runs) > 1:
+        raise ValueError(f"--ckpt_path last / auto: {root} (trainer.default_root_dir) holds {len(runs)} runs' "
+                         f"checkpoints ({', '.join(runs[:3])}{', ...' if runs[3:] else ''}); a resume must not pick "
+                         "another run's: give each run (each job of an array) a default_root_dir of its own, or "
+                         "pass the checkpoint's path")
     if found:
         return str(found[-1])
     if required:
@@ -145,13 +152,13 @@ def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
 
 class RunFolderGuard(Callback):
     """Rank 0's run folder, settled with every rank in setup, once the process group exists: an error rank 0 met
-    claiming it (``problem``), or another fit holding the lock of ``lock_folder`` (then held here to the end of the
-    process, or ``release``), stops every rank. Ranks started on their own (torchrun, srun) would otherwise wait for
-    a stopped rank 0 until the process group's timeout. First among the callbacks, so a refused run writes nothing
-    (LightningCLI saves its config.yaml in setup)."""
+    preparing it before (``problem``: claiming a version folder, another fit holding its lock) stops every rank
+    there. Ranks started on their own (torchrun, srun) would otherwise wait for a stopped rank 0 until the process
+    group's timeout. Holds the run folder's lock (``file``, from ``lock_run_folder``) to the end of the process, or
+    ``release``."""
 
-    def __init__(self, problem: Exception | None, lock_folder: Path | None = None) -> None:
-        self.problem, self.lock_folder, self.file = problem, lock_folder, None
+    def __init__(self, problem: Exception | None, file: IO | None) -> None:
+        self.problem, self.file = problem, file
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -160,8 +167,6 @@ class RunFolderGuard(Callback):
     def _settle(self) -> None:
         if self.problem is not None:
             raise self.problem
-        if self.lock_folder is not None:
-            self.file = lock_run_folder(self.lock_folder)
 
     def release(self) -> None:
         if self.file is not None:
@@ -253,8 +258,9 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
 
 
 def remove_if_unstarted(folder: Path | None) -> None:
-    """A run that failed before writing a checkpoint leaves no stub version folder (config, empty event files), nor
-    an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``)."""
+    """A run that failed before training (a config error) leaves no stub version folder (config, empty event files),
+    nor an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``);
+    a folder holding a checkpoint is always kept."""
     if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: other runs' folders

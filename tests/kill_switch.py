@@ -33,6 +33,17 @@ class KillAtStep(Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class RaiseAtStep(Callback):
+    """Raise RuntimeError when the batch after optimizer step ``step`` starts (a run failing mid-training)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"kill_switch: failing at step {self.step}")
+
+
 class ExpectRunFolderLocked(Callback):
     """Fails the run unless its folder is locked against a second fit while it trains (fnf.resume.lock_run_folder)."""
 

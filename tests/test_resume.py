@@ -243,9 +243,11 @@ def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path
           "--trainer.callbacks+=kill_switch.ExpectRunFolderLocked"])  # a new run holds the lock while it trains
     run = tmp_path / "run" / ("lightning_logs/version_0" if logger else "")
     other_run = lock_run_folder(run)  # what a still running fit holds
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
               str(logger).lower()])
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # refused before writing (logs, config)
     assert str(exit_info.value.code) == (f"fnf: error: {run}: another fnf fit is training here (it holds "
                                          f"{run / '.fnf.lock'}); wait for it to end, or stop it first")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
@@ -253,6 +255,44 @@ def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path
     main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
           str(logger).lower()])
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_last_ckpt_is_the_final_step_and_stays_one_file_across_resumes(config, tmp_path, monkeypatch):
+    """max_steps 3 with a checkpoint every 2 steps: last.ckpt is step 3, the step the LoRA export holds (Lightning
+    keeps step 2); a preempted and resumed run keeps writing that one file (no last-v1.ckpt beside it)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "2"])
+    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "5"])
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_resuming_a_root_of_several_runs_is_refused(config, tmp_path):
+    """Jobs of an array sharing a root: --ckpt_path last / auto would continue whichever run saved last."""
+    for _ in range(2):
+        main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
+    for value in ("last", "auto"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--ckpt_path", value])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"fnf: error: --ckpt_path last / auto: {tmp_path / 'run'} (trainer.default_root_dir) "
+                                  "holds 2 runs' checkpoints (") and "default_root_dir of its own" in message, message
+
+
+def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_before_leaves_nothing(config, tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+              "--trainer.callbacks.step=1"])
+    assert any((tmp_path / "run" / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+              "--trainer.callbacks.step=0"])
+    assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
 
 
 def test_a_foreign_checkpoint_at_max_steps_is_refused_not_exported(config, tmp_path):

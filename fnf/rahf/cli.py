@@ -22,7 +22,7 @@ class RAHFCLI(RunCLI):
         parser.link_arguments("model.config.image_size", "data.image_size")  # one resolution for model and data
 
     def before_fit(self) -> None:
-        self.claim_run_folder()  # removed again if the run fails before a checkpoint
+        self.claim_run_folder()  # removed again if the run fails before training
 
     before_validate = before_test = before_fit
 
