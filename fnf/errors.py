@@ -80,8 +80,13 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
         return f"{'.'.join(keys)}: {argument}"
     if keys and (name := re.search(r"Expected a dot import path string: (\S+)", str(error))):
         close = difflib.get_close_matches(name[1], short_class_names(), n=2, cutoff=0.6)
+        from fnf.plugins import UNIMPORTABLE
+
+        listed = ("; `fnf rewards` lists the heads usable by name" if "rewards" in ".".join(keys)
+                  else "; a class of your own: its full class_path, e.g. my_package.module.MyClass")
+        listed = f"; its plugin is installed but {UNIMPORTABLE[name[1]]}" if name[1] in UNIMPORTABLE else listed
         return f"{'.'.join(keys)}: unknown class {name[1]}" + (
-            f"; did you mean {' or '.join(close)}?" if close else " (`fnf rewards` lists the reward heads)")
+            f"; did you mean {' or '.join(close)}?" if close else listed)
     missing = re.search(r"class_path '([\w.]+)':\s+module '([\w.]+)' has no attribute '(\w+)'", str(error))
     if keys and missing and missing[1] == f"{missing[2]}.{missing[3]}":  # the class_path's own class, not an import
         return f"{'.'.join(keys)}: {missing_class(missing[2], missing[3])}"

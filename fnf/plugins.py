@@ -12,23 +12,29 @@ subclasses (``class_path: MyHead``), and ``fnf rewards`` lists it beside the bui
 from __future__ import annotations
 
 import inspect
+import sys
 from importlib.metadata import entry_points
 
 import fnf.rewards
 from fnf.rewards.base import RewardHead
 
 GROUP = "fnf.rewards"
+UNIMPORTABLE: dict[str, str] = {}  # entry point name -> why it could not be imported (named if a config uses it)
 
 
 def load_reward_plugins() -> dict[str, type[RewardHead]]:
-    """Import every installed ``fnf.rewards`` entry point; one clear error naming a broken one."""
+    """Import every installed ``fnf.rewards`` entry point. One that cannot be imported is a warning (it must not
+    stop runs that do not use it) and is named again if a config uses its head; one that imports but could not be
+    named in YAML, or would shadow a built-in head, is an error."""
     plugins = {}
     for point in entry_points(group=GROUP):
         where = f"entry point {point.name} = {point.value} ({point.dist.name if point.dist else 'unknown package'})"
         try:
             head = point.load()
         except Exception as error:
-            raise ValueError(f"{GROUP} {where}: cannot import it ({type(error).__name__}: {error})") from None
+            UNIMPORTABLE[point.name] = f"{GROUP} {where}: cannot import it ({type(error).__name__}: {error})"
+            print(f"fnf: warning: {UNIMPORTABLE[point.name]}; its head is unavailable", file=sys.stderr)
+            continue
         if not (inspect.isclass(head) and issubclass(head, RewardHead)):
             raise ValueError(f"{GROUP} {where}: expected a RewardHead subclass, got {head!r}")
         if point.name != head.__name__:  # YAML's short names are class names

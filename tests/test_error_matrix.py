@@ -97,14 +97,16 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "wrong type on the command line": (None, ["--trainer.max_steps", "ten"], "trainer.max_steps: Expected a <class "
                                                                                "'int'>"),
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
-    "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head:"),
+    "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head: unknown class NoSuchHead; `fnf rewards` "
+                                                      "lists the heads usable by name"),
     "misspelled reward class": (_head("ShapesArtefact"), [], "model.rewards.head: unknown class ShapesArtefact; "
                                                               "did you mean ShapesArtifact"),
     "misspelled optimizer argument": (_set("model.optimizer", {"class_path": "torch.optim.AdamW",
                                                                "init_args": {"lrr": 0.1}}), [],
                                       "model.optimizer: torch.optim.AdamW has no argument 'lrr'; did you mean lr?"),
-    "unknown regularizer class": (_set("model.regularizer", {"class_path": "NoSuchRegularizer"}), [],
-                                  "model.regularizer:"),
+    "unknown regularizer class": (_set("model.regularizer", {"class_path": "Zzzq"}), [],
+                                  "model.regularizer: unknown class Zzzq; a class of your own: its full "
+                                  "class_path"),
     "list item by index": (None, ["--model.rewards.0.weight", "2"],
                            "list items cannot be set by index on the command line; set the list in the config"),
     "regularizer of another kind": (None, ["--model.regularizer", "torch.nn.MSELoss"],

@@ -64,17 +64,25 @@ def test_installed_heads_are_listed_and_train_by_their_short_name(site, config, 
     assert "DemoBlueness" in next((tmp_path / "run").rglob("config.yaml")).read_text()
 
 
-def test_a_broken_entry_point_is_one_line(site, tmp_path, monkeypatch):
+def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(site, tmp_path, monkeypatch, capsys):
+    """An unrelated broken plugin must not stop every run: a warning; a config naming its head is one line."""
     broken = tmp_path / "broken-site"
     (broken / "fnf_broken-0.1.dist-info").mkdir(parents=True)
     (broken / "fnf_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-broken\n"
                                                                    "Version: 0.1\n")
     (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text("[fnf.rewards]\nGone = no_such_module:Gone\n")
     monkeypatch.syspath_prepend(str(broken))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "/dev/null"])
-    assert str(exit_info.value.code).startswith("fnf: error: fnf.rewards entry point Gone = no_such_module:Gone "
-                                                "(fnf-broken): cannot import it (ModuleNotFoundError")
+    monkeypatch.setattr("fnf.plugins.UNIMPORTABLE", {})
+    code, out, err = _fnf(capsys, "rewards")
+    assert code == 0 and "ShapesArtifact" in out
+    assert err.startswith("fnf: warning: fnf.rewards entry point Gone = no_such_module:Gone (fnf-broken): cannot "
+                          "import it (ModuleNotFoundError"), err
+    config = tmp_path / "gone.yaml"
+    config.write_text(yaml.safe_dump({"model": {"rewards": [{"head": {"class_path": "Gone"}}]}}))
+    code, _, err = _fnf(capsys, "fit", "--config", str(config))
+    assert err.strip().splitlines()[-1].startswith(
+        "fnf: error: model.rewards.head: unknown class Gone; its plugin is installed but fnf.rewards entry point Gone "
+        "= no_such_module:Gone (fnf-broken): cannot import it"), err
 
 
 @pytest.mark.parametrize("entry, message", [
