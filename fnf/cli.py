@@ -34,8 +34,9 @@ from fnf.plugins import load_reward_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.resume import (RunFolderGuard, check_settings, checkpoints_parent, claim_version_folder,
-                        continue_run_folder, export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
+from fnf.resume import (RunFolderGuard, RunRecipe, check_settings, checkpoints_parent, claim_version_folder,
+                        continue_run_folder, export_if_complete, find_last, lock_run_folder, remove_if_unstarted,
+                        run_recipe)
 
 
 def started_on_their_own(trainer) -> bool:
@@ -128,8 +129,12 @@ class FnfCLI(RunCLI):
                 return
         if Path(config.ckpt_path).is_dir():  # a distributed (DCP) checkpoint folder: the strategy reads it
             return
-        saved = AtomicCheckpointIO().load_checkpoint(config.ckpt_path).get("hyper_parameters", {})
-        changed = check_settings(config.model.as_dict(), saved, config.ckpt_path, resuming=subcommand == "fit")
+        checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)
+        saved = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
+        ours = run_recipe(config)
+        if subcommand != "fit":  # evaluation: other data and devices are its own business
+            ours, saved = {"model": ours["model"]}, {"model": saved.get("model", {})}
+        changed = check_settings(ours, saved, config.ckpt_path, resuming=subcommand == "fit")
         if changed:
             rank_zero_info(f"fnf: {subcommand} with settings that differ from the checkpoint's: {', '.join(changed)}")
 
@@ -161,6 +166,7 @@ class FnfCLI(RunCLI):
             return checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
 
         self.settle_run_folder(prepare)
+        self.trainer.callbacks.append(RunRecipe(run_recipe(self.config["fit"])))  # for the next --ckpt_path
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
         if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)

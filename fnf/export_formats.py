@@ -62,7 +62,7 @@ def model_settings(ckpt_path: Path, checkpoint: dict, config: Path | None) -> di
     if not isinstance(model, dict):
         raise ValueError(f"--config {config}: model: expected a mapping of model settings")
     ours = {key: model[key] for key in ("pretrained", "lora") if key in model}
-    for changed in check_settings(ours, saved, str(ckpt_path), resuming=False):  # LoRA differences raise
+    for changed in check_settings({"model": ours}, {"model": saved}, str(ckpt_path), resuming=False):  # LoRA: raise
         print(f"fnf export: {changed}, from {config}")
     return {**settings, **({"pretrained": ours["pretrained"]} if "pretrained" in ours else {})}
 

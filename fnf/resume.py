@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import shutil
 from pathlib import Path
 from typing import IO
@@ -185,22 +186,60 @@ def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
     return run
 
 
-MAY_DIFFER_ON_RESUME = ("pretrained", "compute.")  # where the base model lives, speed levers: not the run's recipe
+MAY_DIFFER_ON_RESUME = ("model.pretrained", "model.compute.", "model.base_cache")  # where, how fast: not what
+RECIPE_DATA = ("train_file", "csv_column", "seeds_per_prompt", "val_fraction", "batch_size", "filter")
+RECIPE_TRAINER = ("devices", "num_nodes", "accumulate_grad_batches")  # the global batch and the data position
 
 
-def check_settings(config: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:
-    """Compare the model settings of the config (``model.*``) with those a checkpoint was trained with.
+def run_recipe(config) -> dict:
+    """What a resumed fit must keep (JSON types): the model's settings (rewards, regularizer, optimizer, schedule
+    included), the training data and the global batch. ``config``: the fit's parsed LightningCLI config."""
+    recipe = {"model": config.model.as_dict(),
+              "data": {key: config.data.get(key) for key in RECIPE_DATA},
+              "trainer": {key: config.trainer.get(key) for key in RECIPE_TRAINER}}
+    return json.loads(json.dumps(recipe, default=str))  # tuples as lists, as a checkpoint gives them back
+
+
+class RunRecipe(Callback):
+    """Writes the run's recipe (``run_recipe``) into every checkpoint, for the next ``--ckpt_path`` to compare."""
+
+    def __init__(self, recipe: dict) -> None:
+        self.recipe = recipe
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["fnf_recipe"] = self.recipe
+
+
+def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:
+    """Compare a run's recipe (``run_recipe``; or only its ``model`` part, as older checkpoints held) with the one
+    a checkpoint was trained with, key by key.
 
     LoRA settings must match (they fix the shapes of the weights); a resumed fit must match in everything but
     MAY_DIFFER_ON_RESUME, so a run is one recipe. Returns the other differences (evaluation may change them)."""
-    ours, theirs = _flatten(config), _flatten(saved)
+    ours, theirs = _flatten(ours), _flatten(saved)
     differences = [key for key in theirs if key in ours and ours[key] != theirs[key]]
+    for one, other in ((ours, theirs), (theirs, ours)):  # a value on one side, settings under it on the other
+        differences += sorted({parent for key in one.keys() - other.keys()
+                               for parent in _parents(key) if parent in other})  # (null vs a class_path)
     for key in differences:
-        if key.startswith("lora.") or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
-            action = "set it to the checkpoint's value" + ("" if key.startswith("lora.") else
+        lora = key.startswith("model.lora.")
+        if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
+            action = "set it to the checkpoint's value" + ("" if lora else
                                                            " or start a new run (leave out --ckpt_path)")
-            raise ValueError(f"model.{key}: {ours[key]!r} in the config but {theirs[key]!r} in {ckpt_path}; {action}")
-    return [f"model.{key}={ours[key]!r} (trained with {theirs[key]!r})" for key in differences]
+            raise ValueError(f"{key}: {_value(ours, key)!r} in the config but {_value(theirs, key)!r} in "
+                             f"{ckpt_path}; {action}")
+    return [f"{key}={_value(ours, key)!r} (trained with {_value(theirs, key)!r})" for key in differences]
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _value(flat: dict, key: str):
+    """``key``'s value, or the settings under it as a (flat) dict."""
+    return flat[key] if key in flat else {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
 
 
 def _flatten(settings: dict, prefix: str = "") -> dict:

@@ -254,6 +254,16 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     (["--model.lora.target_modules", "[to_q]"], "model.lora.target_modules: ['to_q'] in the config but"),
     (["--model.lam", "0.5"], "model.lam: 0.5 in the config but 0.1 in "),
     (["--model.sampler.num_steps", "4"], "model.sampler.num_steps: 4 in the config but 3 in "),
+    # the rest of the recipe: the optimizer's state would keep the old lr, another reward is another objective,
+    # and another batch size or device count would restart the epoch at another item
+    (["--model.optimizer.init_args.lr", "0.5"], "model.optimizer.init_args.lr: 0.5 in the config but 0.001 in "),
+    (["--model.rewards", "[{head: {class_path: ColorRegion, init_args: {box: [0.5, 0.5, 1, 1]}}}]"],
+     "model.rewards: [{'head': {'class_path': 'fnf.rewards.ColorRegion', 'init_args': {'color': [1.0, 0.0, 0.0], "
+     "'box': [0.5, 0.5, 1.0, 1.0]}}"),
+    (["--model.regularizer", "LatentFrobenius"], "model.regularizer: {'class_path': 'fnf.regularizers.LatentFrobenius'"
+                                                 "} in the config but None in "),
+    (["--data.batch_size", "1"], "data.batch_size: 1 in the config but 2 in "),
+    (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: 2 in the config but 1 in "),
 ])
 def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(trained, extra, expected, capsys):
     """Lightning would silently replace the config's model settings by the checkpoint's; fnf refuses instead."""
