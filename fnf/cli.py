@@ -232,6 +232,7 @@ def main(args: list[str] | None = None) -> None:
             FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                    save_config_kwargs={"overwrite": True},
                    parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,  # parse errors: one line
+                                  "allow_abbrev": False,  # --trainer.max_step is a typo, not --trainer.max_steps
                                   "description": "Focus-N-Fix fine-tuning (LightningCLI)", "epilog": EPILOG},
                    trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"},  # no torn files
                                      "callbacks": [preemption]})

@@ -191,7 +191,8 @@ def one_line(error: BaseException) -> str:
 
 def _one_line(error: BaseException) -> str:
     if (lost := peer_lost(error)) is not None:
-        return f"a training process stopped ({lost}); see the other processes' output, then resume with --ckpt_path last"
+        return (f"a training process stopped ({lost}); the first error in the processes' output is the cause; "
+                "--ckpt_path last resumes from the last checkpoint, if one was written")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"no space left on device: {error.filename or '(the file being written)'}"
     if isinstance(error, ArgumentError):

@@ -90,6 +90,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     # the parser: keys, types, class paths
     "unknown key in the config": (_set("model.lamda", 0.1), [], "model.lamda: unknown key; did you mean model.lam?"),
     "unknown flag": (None, ["--model.lamda", "1"], "--model.lamda: unknown key; did you mean --model.lam?"),
+    "abbreviated flag": (None, ["--trainer.max_step", "1"], "--trainer.max_step: unknown key; did you mean "
+                                                           "--trainer.max_steps"),  # argparse took prefixes
     "unknown section": (_set("modle", {"lam": 1}), [], "modle.lam: unknown key; did you mean model.lam?"),
     "unknown trainer key": (_set("trainer.max_step", 3), [], "trainer.max_step: unknown key; did you mean "
                                                              "trainer.max_steps"),
