@@ -11,6 +11,7 @@ resumes: items that have a row are skipped, and a torn last line is cut off and 
 
 from __future__ import annotations
 
+import json
 from argparse import ArgumentError
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,6 +36,8 @@ from fnf.scan_file import append_rows, read_rows, row_key, settings_difference
 class PromptScanner(FocusNFix):
     """FocusNFix whose predict step scans: base image I0 -> each head's base score and mask area, one row per item."""
 
+    head_args: list[dict] | None = None  # each head's class_path and init_args, from the config (fnf.scan.main)
+
     @override
     def on_predict_start(self) -> None:
         """Mask areas say where I0 is wrong: the empty-mask policy (what training does with an empty mask) does not
@@ -49,8 +52,9 @@ class PromptScanner(FocusNFix):
                 "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
                             "resolution": self.sampler.resolution},
                 "masks": masks,
-                "heads": {name: {"mask": term.mask, "clean_score": term.clean_score}
-                          for name, term in zip(self.head_names, self.terms)}}
+                "heads": {name: {"mask": term.mask, "clean_score": term.clean_score, "head": args}
+                          for name, term, args in zip(self.head_names, self.terms,
+                                                      self.head_args or [None] * len(self.terms))}}
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
@@ -187,6 +191,8 @@ def main(args: list[str]) -> None:
     data, out = cli.datamodule, Path(cli.config.out)
     heads = cli.model.head_names
     out.parent.mkdir(parents=True, exist_ok=True)
+    rewards = json.loads(json.dumps(cli.config.model.as_dict()["rewards"], default=str))
+    cli.model.head_args = [term["head"] for term in rewards]  # scores depend on them too (weights, thresholds)
     pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
     cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
     cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file

@@ -189,6 +189,9 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert ("its rows were scanned with sampler.num_steps=2, this config has 3; scan into another file"
             in fail(scan_args(prompts, other_steps, "--data.seeds_per_prompt=3", "--model.sampler.num_steps=3")))
     assert read_rows(other_steps) == read_rows(out)  # refused before anything was appended
+    artifact = "[{head: {class_path: ShapesArtifact, init_args: {topk: 4}}, mask: heatmap}]"  # the head's own args
+    assert ("its rows were scanned with heads.ShapesArtifact.head.init_args.topk=16, this config has 4" in
+            fail(scan_args(prompts, other_steps, "--data.seeds_per_prompt=3", f"--model.rewards={artifact}")))
     other_heads = tmp_path / "other.jsonl"
     other_heads.write_text(out.read_text().replace('"ShapesArtifact"', '"ShapesSafety"'))
     assert "its rows score the heads ShapesSafety, this config's are ShapesArtifact" in fail(
