@@ -123,7 +123,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):  # "link": Lightning's way
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         else:
             super().on_train_end(trainer, pl_module)

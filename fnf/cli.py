@@ -34,9 +34,9 @@ from fnf.plugins import load_reward_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.resume import (RunFolderGuard, RunRecipe, check_settings, checkpoints_parent, claim_version_folder,
-                        continue_run_folder, export_if_complete, find_last, lock_run_folder, remove_if_unstarted,
-                        run_recipe)
+from fnf.recipe import RunRecipe, check_settings, run_recipe
+from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_version_folder, continue_run_folder,
+                        export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
 
 
 def started_on_their_own(trainer) -> bool:
@@ -92,8 +92,9 @@ class RunCLI(LightningCLI):
         except BaseException as error:
             if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
                 remove_if_unstarted(self.claimed)
-            if self.guard is not None and self.guard.problem is not None:  # the cause, whatever else then failed
-                raise self.guard.problem from error
+            problem = self.guard.problem if self.guard is not None else None
+            if problem is not None and problem is not error:  # the cause, whatever else then failed
+                raise problem from error
             raise
         finally:
             if self.guard is not None:
@@ -102,6 +103,7 @@ class RunCLI(LightningCLI):
 
 class FnfCLI(RunCLI):
     searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+    saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
@@ -123,15 +125,16 @@ class FnfCLI(RunCLI):
         if config.ckpt_path in ("last", "auto"):
             root = config.trainer.default_root_dir or "."
             config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit",
-                                         one_run=subcommand == "fit")
+                                         max_steps=config.trainer.max_steps if subcommand == "fit" else None)
             self.searched_ckpt = config.ckpt_path is not None
             if config.ckpt_path is None:
                 return
         if Path(config.ckpt_path).is_dir():  # a distributed (DCP) checkpoint folder: the strategy reads it
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)
-        saved = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
-        ours = run_recipe(config)
+        self.saved_recipe = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
+        saved, ours = {**self.saved_recipe}, run_recipe(config)  # the trainer's part: before_fit (it needs one)
+        saved.pop("trainer", None)
         if subcommand != "fit":  # evaluation: other data and devices are its own business
             ours, saved = {"model": ours["model"]}, {"model": saved.get("model", {})}
         changed = check_settings(ours, saved, config.ckpt_path, resuming=subcommand == "fit")
@@ -158,6 +161,9 @@ class FnfCLI(RunCLI):
         even when other runs start in the same root at the same moment; a checkpoint already at max_steps: say so,
         restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
+        ours = run_recipe(self.config["fit"], self.trainer)
+        if self.saved_recipe is not None and "trainer" in self.saved_recipe:  # the global batch: processes resolved
+            check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)
 
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
             if self.searched_ckpt:
@@ -166,9 +172,9 @@ class FnfCLI(RunCLI):
             return checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
 
         self.settle_run_folder(prepare)
-        self.trainer.callbacks.append(RunRecipe(run_recipe(self.config["fit"])))  # for the next --ckpt_path
+        self.trainer.callbacks.append(RunRecipe(ours))  # for a later resume
         single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
-        if single_file and export_if_complete(self.trainer, self.model, ckpt_path):
+        if single_file and self.guard.problem is None and export_if_complete(self.trainer, self.model, ckpt_path):
             sys.exit(0)
 
     def _before_evaluation(self, subcommand: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fnf.masks import clear_clean_images, saliency_heatmap
-from fnf.rewards.base import RewardHead, check_reward_output
+from fnf.rewards.base import RewardHead, check_reward_output, scores_only
 
 
 @dataclass
@@ -59,7 +60,8 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
     for i, label in enumerate(labels):
         if label in labels[:i]:  # logs, metrics, masks and scans are keyed by head name
             raise ValueError(f"model.rewards[{i}]: its head is named {label}, like model.rewards"
-                             f"[{labels.index(label)}]'s; two heads of one run need two names: set model.rewards[{i}].name")
+                             f"[{labels.index(label)}]'s; two heads of one run need two names: set "
+                             f"model.rewards[{i}].name")
     if mask_mode == "per_head" and all(t.mask == "none" for t in rewards):
         raise ValueError("model.mask_mode=per_head needs at least one reward with mask: heatmap or saliency")
 
@@ -70,7 +72,7 @@ def term_heatmaps(terms: list[RewardTerm], heads, images: Tensor, prompts: list[
     mask: none), and the scores (B, heads): what training, evaluation and ``fnf preview`` all localise with."""
     heatmaps, scores = [], []
     for term, head in zip(terms, heads):
-        with torch.no_grad():
+        with torch.no_grad(), scores_only() if term.mask != "heatmap" else nullcontext():  # (saliency: below)
             out = check_reward_output(head, head(images, prompts), images)
         if term.mask == "heatmap":
             if out.heatmap is None:

@@ -12,6 +12,7 @@ subclasses (``class_path: MyHead``), and ``fnf rewards`` lists it beside the bui
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -32,8 +33,10 @@ def load_reward_plugins() -> dict[str, type[RewardHead]]:
         try:
             head = point.load()
         except Exception as error:
-            UNIMPORTABLE[point.name] = f"{GROUP} {where}: cannot import it ({type(error).__name__}: {error})"
-            print(f"fnf: warning: {UNIMPORTABLE[point.name]}; its head is unavailable", file=sys.stderr)
+            reason = str(error).splitlines()[0] if str(error) else ""
+            UNIMPORTABLE[point.name] = f"{GROUP} {where}: cannot import it ({type(error).__name__}: {reason})"
+            if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":  # once per run
+                print(f"fnf: warning: {UNIMPORTABLE[point.name]}; its head is unavailable", file=sys.stderr)
             continue
         if not (inspect.isclass(head) and issubclass(head, RewardHead)):
             raise ValueError(f"{GROUP} {where}: expected a RewardHead subclass, got {head!r}")

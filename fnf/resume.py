@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import shutil
 from pathlib import Path
 from typing import IO
@@ -103,17 +102,21 @@ def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor])
                              f"{tuple(own[name])} in the model for {name}; {hint}")
 
 
-def find_last(root: str | Path, required: bool, one_run: bool = False) -> str | None:
+def find_last(root: str | Path, required: bool, max_steps: int | None = None) -> str | None:
     """The newest ``last*.ckpt`` under ``root`` (``trainer.default_root_dir``); None when there is none and the
-    caller may start a new run instead (``--ckpt_path auto``). ``one_run`` (a resumed fit): the root must hold one
-    run's checkpoints, or a job of an array sharing a root would continue another job's run."""
+    caller may start a new run instead (``--ckpt_path auto``). ``max_steps`` (a resumed fit): the one run short of
+    it, if any; two such runs are refused, or jobs of an array sharing a root would continue each other's runs."""
     found = sorted(Path(root).rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
-    runs = sorted({str(path.parent.parent) for path in found})  # <run>/checkpoints/last.ckpt
-    if one_run and len(runs) > 1:
-        raise ValueError(f"--ckpt_path last / auto: {root} (trainer.default_root_dir) holds {len(runs)} runs' "
-                         f"checkpoints ({', '.join(runs[:3])}{', ...' if runs[3:] else ''}); a resume must not pick "
-                         "another run's: give each run (each job of an array) a default_root_dir of its own, or "
-                         "pass the checkpoint's path")
+    newest = {path.parent.parent: path for path in found}  # <run>/checkpoints/last.ckpt, per run
+    unfinished = sorted(str(run) for run, path in newest.items()
+                        if max_steps is not None and _short_of(path, max_steps))
+    if len(unfinished) > 1:
+        raise ValueError(f"--ckpt_path last / auto: {root} (trainer.default_root_dir) holds {len(unfinished)} "
+                         f"unfinished runs ({', '.join(unfinished[:3])}{', ...' if unfinished[3:] else ''}); a resume "
+                         "must not pick another run's: give each run (each job of an array) a default_root_dir of its "
+                         "own")
+    if unfinished:
+        return str(newest[Path(unfinished[0])])
     if found:
         return str(found[-1])
     if required:
@@ -121,6 +124,15 @@ def find_last(root: str | Path, required: bool, one_run: bool = False) -> str | 
                                 "leave out --ckpt_path (or use --ckpt_path auto) to start a new run")
     rank_zero_info(f"fnf: no last.ckpt under {root}; starting a new run")
     return None
+
+
+def _short_of(checkpoint: Path, max_steps: int) -> bool:
+    """The checkpoint has fewer than ``max_steps`` steps (unbounded: -1), or cannot be read (a torn file)."""
+    try:  # mmap: the step number, not the weights, is read
+        step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0)
+    except Exception:  # noqa: BLE001 (what is wrong with it is said when it is loaded)
+        return True
+    return max_steps < 0 or step < max_steps
 
 
 def lock_run_folder(run: Path) -> IO:
@@ -184,72 +196,6 @@ def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
             logger._version = run.name  # a str version is the folder name itself
     rank_zero_info(f"fnf: resuming from {ckpt_path}")
     return run
-
-
-MAY_DIFFER_ON_RESUME = ("model.pretrained", "model.compute.", "model.base_cache")  # where, how fast: not what
-RECIPE_DATA = ("train_file", "csv_column", "seeds_per_prompt", "val_fraction", "batch_size", "filter")
-RECIPE_TRAINER = ("devices", "num_nodes", "accumulate_grad_batches")  # the global batch and the data position
-
-
-def run_recipe(config) -> dict:
-    """What a resumed fit must keep (JSON types): the model's settings (rewards, regularizer, optimizer, schedule
-    included), the training data and the global batch. ``config``: the fit's parsed LightningCLI config."""
-    recipe = {"model": config.model.as_dict(),
-              "data": {key: config.data.get(key) for key in RECIPE_DATA},
-              "trainer": {key: config.trainer.get(key) for key in RECIPE_TRAINER}}
-    return json.loads(json.dumps(recipe, default=str))  # tuples as lists, as a checkpoint gives them back
-
-
-class RunRecipe(Callback):
-    """Writes the run's recipe (``run_recipe``) into every checkpoint, for the next ``--ckpt_path`` to compare."""
-
-    def __init__(self, recipe: dict) -> None:
-        self.recipe = recipe
-
-    @override
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint["fnf_recipe"] = self.recipe
-
-
-def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:
-    """Compare a run's recipe (``run_recipe``; or only its ``model`` part, as older checkpoints held) with the one
-    a checkpoint was trained with, key by key.
-
-    LoRA settings must match (they fix the shapes of the weights); a resumed fit must match in everything but
-    MAY_DIFFER_ON_RESUME, so a run is one recipe. Returns the other differences (evaluation may change them)."""
-    ours, theirs = _flatten(ours), _flatten(saved)
-    differences = [key for key in theirs if key in ours and ours[key] != theirs[key]]
-    for one, other in ((ours, theirs), (theirs, ours)):  # a value on one side, settings under it on the other
-        differences += sorted({parent for key in one.keys() - other.keys()
-                               for parent in _parents(key) if parent in other})  # (null vs a class_path)
-    for key in differences:
-        lora = key.startswith("model.lora.")
-        if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
-            action = "set it to the checkpoint's value" + ("" if lora else
-                                                           " or start a new run (leave out --ckpt_path)")
-            raise ValueError(f"{key}: {_value(ours, key)!r} in the config but {_value(theirs, key)!r} in "
-                             f"{ckpt_path}; {action}")
-    return [f"{key}={_value(ours, key)!r} (trained with {_value(theirs, key)!r})" for key in differences]
-
-
-def _parents(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _value(flat: dict, key: str):
-    """``key``'s value, or the settings under it as a (flat) dict."""
-    return flat[key] if key in flat else {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
-
-
-def _flatten(settings: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
 
 
 def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> bool:

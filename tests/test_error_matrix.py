@@ -260,8 +260,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     # and another batch size or device count would restart the epoch at another item
     (["--model.optimizer.init_args.lr", "0.5"], "model.optimizer.init_args.lr: 0.5 in the config but 0.001 in "),
     (["--model.rewards", "[{head: {class_path: ColorRegion, init_args: {box: [0.5, 0.5, 1, 1]}}}]"],
-     "model.rewards: [{'head': {'class_path': 'fnf.rewards.ColorRegion', 'init_args': {'color': [1.0, 0.0, 0.0], "
-     "'box': [0.5, 0.5, 1.0, 1.0]}}"),
+     "model.rewards.0.head.init_args.box: [0.5, 0.5, 1.0, 1.0] in the config but [0.0, 0.0, 0.5, 0.5] in "),
     (["--model.regularizer", "LatentFrobenius"], "model.regularizer: {'class_path': 'fnf.regularizers.LatentFrobenius'"
                                                  "} in the config but None in "),
     (["--data.batch_size", "1"], "data.batch_size: 1 in the config but 2 in "),

@@ -270,16 +270,21 @@ def test_last_ckpt_is_the_final_step_and_stays_one_file_across_resumes(config, t
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
-def test_resuming_a_root_of_several_runs_is_refused(config, tmp_path):
-    """Jobs of an array sharing a root: --ckpt_path last / auto would continue whichever run saved last."""
-    for _ in range(2):
-        main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
-    for value in ("last", "auto"):
+def test_a_resume_continues_the_one_unfinished_run_of_its_root_and_refuses_two(config, tmp_path):
+    """Runs one after another in one root: last / auto continue the run short of max_steps, not the newest one.
+    Jobs of an array sharing a root leave several unfinished runs: a resume would pick any, so it is refused."""
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1"])  # version_0: step 1, a preempted run
+    main(["fit", "--config", str(config), "--trainer.max_steps", "2"])  # version_1: finished at step 2 (newest)
+    main(["fit", "--config", str(config), "--ckpt_path", "auto", "--trainer.max_steps", "2"])
+    steps = [torch.load(tmp_path / "run" / "lightning_logs" / f"version_{v}" / "checkpoints" / "last.ckpt",
+                        weights_only=True)["global_step"] for v in (0, 1)]
+    assert steps == [2, 2]  # version_0 continued
+    for value in ("last", "auto"):  # now both are short of 3
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(config), "--ckpt_path", value])
+            main(["fit", "--config", str(config), "--ckpt_path", value, "--trainer.max_steps", "3"])
         message = str(exit_info.value.code)
         assert message.startswith(f"fnf: error: --ckpt_path last / auto: {tmp_path / 'run'} (trainer.default_root_dir) "
-                                  "holds 2 runs' checkpoints (") and "default_root_dir of its own" in message, message
+                                  "holds 2 unfinished runs (") and "default_root_dir of its own" in message, message
 
 
 def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_before_leaves_nothing(config, tmp_path,

@@ -1,0 +1,94 @@
+"""A fit's recipe: what a resumed run must keep. Written into every checkpoint (``RunRecipe``) and compared, key by
+key, with the config of the next ``--ckpt_path`` (``check_settings``), since Lightning would silently keep the
+checkpoint's optimizer state (its lr) and restart the epoch at a position counted in the old batches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+from lightning import Callback
+from typing_extensions import override
+
+MAY_DIFFER_ON_RESUME = ("model.pretrained", "model.compute.", "model.base_cache")  # where the base model lives, and
+# speed levers: the I0 cache holds the same I0 a step would sample again
+RECIPE_DATA = ("train_file", "csv_column", "seeds_per_prompt", "val_fraction", "batch_size", "filter")
+
+
+def run_recipe(config, trainer: L.Trainer | None = None) -> dict:
+    """The model's settings (rewards, regularizer, optimizer, schedule included), the training data and, given the
+    trainer, the global batch (processes as resolved, so ``devices: auto`` counts), as JSON types. ``config``: the
+    parsed fit config."""
+    recipe = {"model": config.model.as_dict(), "data": {key: config.data.get(key) for key in RECIPE_DATA}}
+    if trainer is not None:
+        recipe["trainer"] = {"processes": trainer.num_nodes * trainer.num_devices,
+                             "accumulate_grad_batches": trainer.accumulate_grad_batches}
+    recipe = json.loads(json.dumps(recipe, default=str))  # tuples as lists, as a checkpoint gives them back
+    data = recipe["data"]
+    if data["train_file"]:
+        data["train_file"] = os.path.abspath(data["train_file"])  # one file, however it is spelled
+    if isinstance(data["filter"], dict) and data["filter"].get("scan"):
+        data["filter"]["scan"] = os.path.abspath(data["filter"]["scan"])
+    return recipe
+
+
+class RunRecipe(Callback):
+    """Writes the run's recipe (``run_recipe``) into every checkpoint, for the next ``--ckpt_path`` to compare."""
+
+    def __init__(self, recipe: dict) -> None:
+        self.recipe = recipe
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["fnf_recipe"] = self.recipe
+
+
+def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:
+    """Compare a run's recipe (or only its ``model`` part, as older checkpoints held) with the one a checkpoint was
+    trained with, key by key (list items by index). A setting one side lacks is new or old code, not a difference,
+    unless the other side holds a value there (null against a class).
+
+    LoRA settings must match (they fix the shapes of the weights); a resumed fit must match in everything but
+    MAY_DIFFER_ON_RESUME, so a run is one recipe. Returns the other differences (evaluation may change them)."""
+    ours, theirs = _flatten(ours), _flatten(saved)
+    differences = [key for key in theirs if key in ours and ours[key] != theirs[key]]
+    for one, other in ((ours, theirs), (theirs, ours)):
+        differences += sorted({parent for key in one.keys() - other.keys() for parent in _parents(key)
+                               if parent in other})
+    for key in differences:
+        lora = key.startswith("model.lora.")
+        if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
+            action = "set it to the checkpoint's value" + ("" if lora else
+                                                           " or start a new run (leave out --ckpt_path)")
+            raise ValueError(f"{key}: {_shown(ours, key)} in the config but {_shown(theirs, key)} in {ckpt_path}; "
+                             f"{action}")
+    return [f"{key}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _shown(flat: dict, key: str) -> str:
+    """``key``'s value, or the settings under it, short enough for one line."""
+    value = flat[key] if key in flat else {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _flatten(settings: dict | list, prefix: str = "") -> dict:
+    """Dotted keys to values; lists of settings (reward terms) item by item, with their length under ``key[len]``;
+    lists of plain values (target modules, a box) whole."""
+    flat = {}
+    items = enumerate(settings) if isinstance(settings, list) else settings.items()
+    if isinstance(settings, list):
+        flat[f"{prefix.rstrip('.')}[len]"] = len(settings)
+    for key, value in items:
+        value = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
