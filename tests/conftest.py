@@ -105,3 +105,20 @@ def tiny_rahf_reproduction(tmp_path_factory) -> tuple[str, str]:
                                 heatmap_stem=(8, 8), heatmap_ups=(8, 4), heatmap_last=4)
     save_reproduction(RAHFReproduction(config), folder / "rahf.safetensors")
     return str(folder / "rahf.safetensors"), str(folder / "tokenizer")
+
+
+def two_box_config(config: Path, tmp_path: Path, **saliency) -> Path:
+    """``config`` with two masked heads on disjoint quarters of the image: ColorRegion top left, and the gradient
+    saliency of a ColorRegion bottom right (``saliency``: more Saliency arguments); no dilation, so no mask leaves
+    its quarter."""
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["rewards"] = [
+        {"head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.0, 0.0, 0.5, 0.5]}},
+         "mask": "heatmap"},
+        {"head": {"class_path": "fnf.rewards.Saliency", "init_args": {
+            "head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.5, 0.5, 1.0, 1.0]}},
+            "sigma": 0.0, **saliency}}, "mask": "heatmap"}]
+    settings["model"]["masks"] = {"threshold": 0.05, "dilation": 0}
+    path = tmp_path / "two_heads.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path

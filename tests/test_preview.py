@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import two_box_config  # tests/conftest.py
 from fnf.cli import main
 from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.preview import Preview, parse_thresholds, run_preview, summary
@@ -211,16 +212,8 @@ def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path):
     """Two masked heads through ``fnf preview``: ColorRegion (top left, never empty here) and a saliency head that
     finds every image clean (empty masks): the union is ColorRegion's mask, never empty, and no histogram counts
     the empty masks."""
-    settings = yaml.safe_load(config.read_text())
-    settings["model"]["rewards"] = [
-        {"head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.0, 0.0, 0.5, 0.5]}},
-         "mask": "heatmap"},
-        {"head": {"class_path": "fnf.rewards.Saliency", "init_args": {
-            "head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.5, 0.5, 1.0, 1.0]}},
-            "sigma": 0.0, "clean_score": -2.0}}, "mask": "heatmap"}]  # ColorRegion's score is >= -1: all clean
-    settings["model"]["masks"] = {"threshold": 0.05, "dilation": 0}
-    (tmp_path / "two_heads.yaml").write_text(yaml.safe_dump(settings))
-    preview, numbers, _ = run_preview(["--config", str(tmp_path / "two_heads.yaml"), "--trainer.accelerator", "cpu",
+    two_heads = two_box_config(config, tmp_path, clean_score=-2.0)  # ColorRegion's score is >= -1: all clean
+    preview, numbers, _ = run_preview(["--config", str(two_heads), "--trainer.accelerator", "cpu",
                                        "--n", "4", "--out", str(tmp_path / "out")])
     assert preview.heads == ["ColorRegion", "ColorRegion+gradient"] and preview.masked == [0, 1]
     region, clean = (numbers["heads"][name]["thresholds"]["0.05"] for name in preview.heads)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import two_box_config  # tests/conftest.py
 from distributed_fit import free_port  # tests/distributed_fit.py
 from fnf.cli import main
 from fnf.data import PromptDataModule
@@ -275,26 +276,10 @@ def test_summary_counts_only_non_empty_masks():
                                          "N: mean base score -0.25")
 
 
-def _two_box_config(config: Path, tmp_path: Path) -> Path:
-    """The tiny-model config with two masked heads on disjoint quarters of the image: ColorRegion top left, and the
-    gradient saliency of a ColorRegion bottom right (another head name); no dilation, so no mask leaves its quarter."""
-    settings = yaml.safe_load(config.read_text())
-    settings["model"]["rewards"] = [
-        {"head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.0, 0.0, 0.5, 0.5]}},
-         "mask": "heatmap"},
-        {"head": {"class_path": "fnf.rewards.Saliency", "init_args": {
-            "head": {"class_path": "fnf.rewards.ColorRegion", "init_args": {"box": [0.5, 0.5, 1.0, 1.0]}},
-            "sigma": 0.0}}, "mask": "heatmap"}]
-    settings["model"]["masks"] = {"threshold": 0.05, "dilation": 0}
-    path = tmp_path / "two_heads.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    return path
-
-
 def test_union_mask_area_is_the_area_of_the_max_over_the_heads_masks(config, tmp_path):
     """union_mask_area is the area of max_i M_i: with masks in disjoint quarters, the sum of the heads' areas."""
     out = tmp_path / "scan.jsonl"
-    main(["scan", "--config", str(_two_box_config(config, tmp_path)), "--out", str(out)])
+    main(["scan", "--config", str(two_box_config(config, tmp_path)), "--out", str(out)])
     rows = read_rows(out)
     assert len(rows) == 4 and all(list(r["mask_area"]) == ["ColorRegion", "ColorRegion+gradient"] for r in rows)
     for row in rows:
