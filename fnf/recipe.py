@@ -16,6 +16,12 @@ MAY_DIFFER_ON_RESUME = ("model.pretrained", "model.compute.", "model.base_cache"
 RECIPE_DATA = ("train_file", "csv_column", "seeds_per_prompt", "val_fraction", "batch_size", "filter")
 
 
+def json_types(value):
+    """``value`` (parsed config settings) as JSON types: tuples as lists, as a checkpoint or a JSON file gives them
+    back, anything else as its string."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def run_recipe(config, trainer: L.Trainer | None = None) -> dict:
     """The model's settings (rewards, regularizer, optimizer, schedule included), the training data and, given the
     trainer, the global batch (processes as resolved, so ``devices: auto`` counts), as JSON types. ``config``: the
@@ -24,7 +30,7 @@ def run_recipe(config, trainer: L.Trainer | None = None) -> dict:
     if trainer is not None:
         recipe["trainer"] = {"processes": trainer.num_nodes * trainer.num_devices,
                              "accumulate_grad_batches": trainer.accumulate_grad_batches}
-    recipe = json.loads(json.dumps(recipe, default=str))  # tuples as lists, as a checkpoint gives them back
+    recipe = json_types(recipe)
     data = recipe["data"]
     if data["train_file"]:
         data["train_file"] = os.path.abspath(data["train_file"])  # one file, however it is spelled

@@ -11,7 +11,6 @@ resumes: items that have a row are skipped, and a torn last line is cut off and 
 
 from __future__ import annotations
 
-import json
 from argparse import ArgumentError
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from fnf.data import PromptDataModule, collate
 from fnf.errors import check_config_files, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_reward_plugins
+from fnf.recipe import json_types
 from fnf.sampling import initial_noise
 from fnf.scan_file import append_rows, read_rows, row_key, settings_difference
 
@@ -191,7 +191,7 @@ def main(args: list[str]) -> None:
     data, out = cli.datamodule, Path(cli.config.out)
     heads = cli.model.head_names
     out.parent.mkdir(parents=True, exist_ok=True)
-    rewards = json.loads(json.dumps(cli.config.model.as_dict()["rewards"], default=str))
+    rewards = json_types(cli.config.model.as_dict()["rewards"])
     cli.model.head_args = [term["head"] for term in rewards]  # scores depend on them too (weights, thresholds)
     pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
     cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
