@@ -36,7 +36,7 @@ from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.recipe import RunRecipe, check_settings, run_recipe
 from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_version_folder, continue_run_folder,
-                        export_if_complete, find_last, lock_run_folder, remove_if_unstarted)
+                        export_if_complete, find_last, is_run_last, lock_run_folder, remove_if_unstarted)
 
 
 def started_on_their_own(trainer) -> bool:
@@ -102,7 +102,7 @@ class RunCLI(LightningCLI):
 
 
 class FnfCLI(RunCLI):
-    searched_ckpt = False  # ckpt_path was "last" / "auto": continue the found run's folder
+    continues_run = False  # ckpt_path is a run's last.ckpt (found by last / auto, or given): continue its folder
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -126,9 +126,9 @@ class FnfCLI(RunCLI):
             root = config.trainer.default_root_dir or "."
             config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit",
                                          max_steps=config.trainer.max_steps if subcommand == "fit" else None)
-            self.searched_ckpt = config.ckpt_path is not None
             if config.ckpt_path is None:
                 return
+        self.continues_run = subcommand == "fit" and is_run_last(config.ckpt_path, config.trainer.default_root_dir)
         if Path(config.ckpt_path).is_dir():  # a distributed (DCP) checkpoint folder: the strategy reads it
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)
@@ -157,18 +157,21 @@ class FnfCLI(RunCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
-        """A found checkpoint (last / auto) continues its run folder; any other run gets a version folder of its own,
-        even when other runs start in the same root at the same moment; a checkpoint already at max_steps: say so,
-        restore a missing LoRA export, and stop."""
+        """A run's last.ckpt (last / auto, or its path) continues its run folder; any other run, one starting from
+        another checkpoint too, gets a version folder of its own, even when other runs start in the same root at the
+        same moment; a checkpoint already at max_steps: say so, restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         ours = run_recipe(self.config["fit"], self.trainer)
         if self.saved_recipe is not None and "trainer" in self.saved_recipe:  # the global batch: processes resolved
             check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)
 
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
-            if self.searched_ckpt:
+            if self.continues_run:
                 return continue_run_folder(self.trainer, ckpt_path)
             self.claimed = claim_version_folder(self.trainer)
+            if ckpt_path is not None:
+                rank_zero_info(f"fnf: a new run from {ckpt_path} (not a last.ckpt under trainer.default_root_dir); "
+                               "its own run stays as it was")
             return checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
 
         self.settle_run_folder(prepare)

@@ -126,6 +126,16 @@ def find_last(root: str | Path, required: bool, max_steps: int | None = None) ->
     return None
 
 
+def is_run_last(ckpt_path: str, root: str | None) -> bool:
+    """``ckpt_path`` is the ``last*.ckpt`` of a run folder under ``root`` (``trainer.default_root_dir``): a fit from
+    it continues that run, as ``--ckpt_path last`` would. Any other checkpoint (an earlier step, another root's run)
+    is a starting point: its fit is a new run, and the run it came from stays as it was. (A distributed checkpoint
+    is a folder.)"""
+    path = Path(ckpt_path).resolve()
+    return (path.exists() and path.name.startswith("last") and path.parent.name == "checkpoints"
+            and Path(root or ".").resolve() in path.parents)
+
+
 def _short_of(checkpoint: Path, max_steps: int) -> bool:
     """The checkpoint has fewer than ``max_steps`` steps (unbounded: -1), or cannot be read (a torn file)."""
     try:  # mmap: the step number, not the weights, is read
@@ -190,9 +200,9 @@ class RunFolderGuard(Callback):
 def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
     """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
     logs and LoRA export stay together. Returns the run folder (the one to lock)."""
-    run = Path(ckpt_path).parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+    run = Path(ckpt_path).resolve().parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
     for logger in trainer.loggers:
-        if hasattr(logger, "_version") and Path(logger.root_dir) == run.parent:
+        if hasattr(logger, "_version") and Path(logger.root_dir).resolve() == run.parent:
             logger._version = run.name  # a str version is the folder name itself
     rank_zero_info(f"fnf: resuming from {ckpt_path}")
     return run

@@ -270,6 +270,29 @@ def test_last_ckpt_is_the_final_step_and_stays_one_file_across_resumes(config, t
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+def test_a_given_last_ckpt_continues_its_run_and_any_other_checkpoint_starts_a_new_one(config, tmp_path,
+                                                                                       monkeypatch):
+    """--ckpt_path <run>/checkpoints/last.ckpt is --ckpt_path last spelled out: same folder, same lock. A checkpoint
+    of an earlier step, or a run outside trainer.default_root_dir, is a starting point: a new version folder."""
+    main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
+    logs = tmp_path / "run" / "lightning_logs"
+    last = logs / "version_0" / "checkpoints" / "last.ckpt"
+    earlier = shutil.copy(last, last.with_name("step=1.ckpt"))
+    outside = tmp_path / "elsewhere" / "checkpoints" / "last.ckpt"
+    outside.parent.mkdir(parents=True)
+    shutil.copy(last, outside)
+    monkeypatch.chdir(tmp_path)  # a relative path names the same run
+    main(["fit", "--config", str(config), "--ckpt_path", str(last.relative_to(tmp_path)), "--trainer.max_steps", "2"])
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    for start, version in ((earlier, 1), (outside, 2)):
+        main(["fit", "--config", str(config), "--ckpt_path", str(start), "--trainer.max_steps", "2"])
+        assert torch.load(logs / f"version_{version}" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["global_step"] == 2
+        assert torch.load(start, weights_only=True)["global_step"] == 1  # the run it came from stays as it was
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
 def test_a_resume_continues_the_one_unfinished_run_of_its_root_and_refuses_two(config, tmp_path):
     """Runs one after another in one root: last / auto continue the run short of max_steps, not the newest one.
     Jobs of an array sharing a root leave several unfinished runs: a resume would pick any, so it is refused."""
