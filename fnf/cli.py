@@ -247,6 +247,10 @@ def main(args: list[str] | None = None) -> None:
                                      "callbacks": [preemption]})
         except SIGTERMException:  # Lightning stopped after the step; PreemptionCheckpoint has saved it
             sys.exit(exit_code(preemption.signal))
+        except SystemExit:
+            if preemption.interrupted:  # a second Ctrl-C, after which Lightning exits with 1
+                sys.exit(exit_code(preemption.signal))
+            raise
 
 
 if __name__ == "__main__":

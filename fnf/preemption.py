@@ -1,6 +1,6 @@
 """Preemption: SIGTERM (a cluster taking the node back), SIGUSR1 (SLURM's warning before the time limit, sent with
 ``#SBATCH --signal=USR1@120``) or a first Ctrl-C (SIGINT) -> finish the step, write last.ckpt, exit 128 + the
-signal's number (143 / 138 / 130). A second Ctrl-C interrupts at once, as Ctrl-C always does.
+signal's number (143 / 138 / 130). A second Ctrl-C interrupts at once, as Ctrl-C always does (exit code 130 too).
 
 Lightning's SIGTERM handler sets ``trainer.received_sigterm``, after which it stops at the end of the current batch
 by raising ``SIGTERMException`` (a ``SystemExit`` with code 0) without saving anything. Under DDP that handler also
@@ -51,6 +51,7 @@ class PreemptionCheckpoint(L.Callback):
     _pending: int = 0  # a signal this process received that the ranks have not yet agreed on
     _stepped: bool = False  # the last training batch completed an optimizer step (a checkpoint now is exact)
     _announce: bool = True  # this rank says when a signal arrives
+    interrupted: bool = False  # a Ctrl-C stopped the run at once (Lightning's KeyboardInterrupt path)
 
     @staticmethod
     def last_path(trainer: L.Trainer) -> Path | None:
@@ -68,6 +69,11 @@ class PreemptionCheckpoint(L.Callback):
         if self._announce:  # at once, so a Ctrl-C is seen to work; os.write: print may not re-enter from a handler
             os.write(2, f"\nfnf: {signal.Signals(signum).name}: stopping after the current training step, with "
                         f"last.ckpt{again}\n".encode())
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        """A second Ctrl-C: Lightning ends the run with exit code 1; ``fnf.cli.main`` makes it 130, as for the first."""
+        if isinstance(exception, KeyboardInterrupt):
+            self.signal, self.interrupted = signal.SIGINT, True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self._previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, self._note)}

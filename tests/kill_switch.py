@@ -8,18 +8,20 @@ from lightning import Callback
 
 
 class KillAtStep(Callback):
-    """Send ``signal`` (default kill -9) to this process when the batch after optimizer step ``step`` starts
-    (only in the process of global rank ``rank``, if given). ``validation``: instead, when batch 1 of the first
-    validation inside fit at or after that step starts; it prints the step, and every validation batch it sees
-    start after that, to stderr."""
+    """Send ``signal`` (default kill -9) ``times`` times to this process when the batch after optimizer step
+    ``step`` starts (only in the process of global rank ``rank``, if given). ``validation``: instead, when batch 1
+    of the first validation inside fit at or after that step starts; it prints the step, and every validation
+    batch it sees start after that, to stderr."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, validation: bool = False) -> None:
-        self.step, self.signal, self.rank, self.validation = step, signal, rank, validation
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int | None = None, validation: bool = False,
+                 times: int = 1) -> None:
+        self.step, self.signal, self.rank, self.validation, self.times = step, signal, rank, validation, times
         self.fired = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.validation and trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), getattr(signal, self.signal))
+            for _ in range(self.times):  # two Ctrl-C: the first is noted, the second interrupts
+                os.kill(os.getpid(), getattr(signal, self.signal))
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not self.validation or trainer.sanity_checking:

@@ -412,3 +412,20 @@ def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored(capfd)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_stops_the_run_at_once_with_exit_code_130(config, tmp_path, monkeypatch):
+    """Lightning ends a run interrupted by KeyboardInterrupt with exit code 1; a script must still see Ctrl-C's 130.
+    The step in progress is not finished: last.ckpt stays the scheduled one."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even for a background suite
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "1",
+                  "--trainer.callbacks+=kill_switch.KillAtStep", "--trainer.callbacks.step=2",
+                  "--trainer.callbacks.signal=SIGINT", "--trainer.callbacks.times=2"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exit_info.value.code == 130
+    last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
