@@ -80,6 +80,8 @@ def read_rows(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
     """The rows of a scan file. A torn last line (no newline: a scan stopped while writing it) is an error, or with
     ``repair`` (the scan itself, before it continues) cut off, so that its item is scanned again."""
     path = Path(path)
+    if repair and not path.exists():
+        return []  # a new scan: its file is created with its first rows, so a scan failing before leaves none
     with _locked(path, "a+b" if repair else "rb") as file:
         if repair:
             _cut_torn_line(file)

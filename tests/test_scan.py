@@ -206,6 +206,15 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert binary.read_bytes() == b"\xff\xfe\x00 not text"  # a foreign file is left as it was
 
 
+def test_a_scan_failing_before_its_first_row_leaves_no_file(scanned, tmp_path, monkeypatch):
+    prompts, _, _ = scanned
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "scan.jsonl"
+    assert "forward must return RewardOutput" in fail(scan_args(prompts, out, "--model.rewards=[{head: {class_path: "
+                                                           "bad_heads.ReturnsATensor}, mask: none}]"))
+    assert not out.exists()  # no empty file for data.filter.scan to trip on
+
+
 @pytest.mark.slow  # two processes load the model and join a gloo group: 34 s (load 3) to 100 s (load 9) here
 def test_two_processes_scan_each_item_once_with_the_single_process_rows(scanned, tmp_path):
     prompts, _, rows = scanned
