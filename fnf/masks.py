@@ -59,7 +59,7 @@ def heatmap_to_mask(heatmap: Tensor, args: MaskArgs) -> Tensor:
 
 def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma: float) -> Tensor:
     """Gradient saliency |d score / d image|, max over channels, smoothed, max-normalised per image."""
-    from fnf.rewards.base import scores_only  # here: fnf.rewards imports this module
+    from fnf.rewards.base import head_label, scores_only  # here: fnf.rewards imports this module
 
     with torch.inference_mode(False), torch.enable_grad():  # Lightning validates/tests in inference mode
         pixels = images.detach().clone().requires_grad_(True)  # a normal tensor, even from an inference one
@@ -67,8 +67,8 @@ def saliency_heatmap(head: RewardHead, images: Tensor, prompts: list[str], sigma
             score = head(pixels, prompts).score
         (grad,) = torch.autograd.grad(score.sum(), pixels, allow_unused=True) if score.grad_fn else (None,)
     if grad is None:  # images are scored independently: one backward gives every image's saliency
-        raise ValueError(f"reward head {head.name}: mask: saliency needs a score differentiable with respect to the "
-                         "images; give the head a heatmap, or mask: none")
+        raise ValueError(f"reward head {head_label(head)}: mask: saliency needs a score differentiable with respect to "
+                         "the images; give the head a heatmap, or mask: none")
     saliency = grad.abs().amax(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
     return peak_normalised(blur(saliency, sigma) if sigma > 0 else saliency)
 

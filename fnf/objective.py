@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fnf.masks import clear_clean_images, saliency_heatmap
-from fnf.rewards.base import RewardHead, check_reward_output, scores_only
+from fnf.rewards.base import RewardHead, check_reward_output, head_label, scores_only
 
 
 @dataclass
@@ -33,9 +33,13 @@ class RewardTerm:
     """The head's name in this run's logs, metrics, masks and scans (None: the head's own, its class name): two
     heads of one class need one here."""
 
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            self.head.run_name = self.name  # the head's own error lines call it by this run's name
+
     @property
     def label(self) -> str:
-        return self.name or self.head.name
+        return head_label(self.head)
 
 
 def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
@@ -76,7 +80,7 @@ def term_heatmaps(terms: list[RewardTerm], heads, images: Tensor, prompts: list[
             out = check_reward_output(head, head(images, prompts), images)
         if term.mask == "heatmap":
             if out.heatmap is None:
-                raise ValueError(f"reward head {head.name} returns no heatmap; set its mask to saliency or none")
+                raise ValueError(f"reward head {head_label(head)} returns no heatmap; set its mask to saliency or none")
             heatmap = out.heatmap
         elif term.mask == "saliency":
             heatmap = clear_clean_images(saliency_heatmap(head, images, prompts, saliency_sigma), out.score,

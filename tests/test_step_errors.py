@@ -75,6 +75,17 @@ def test_a_head_s_errors_name_the_head(tiny_model_dir, head, mask, message):
     assert one_line(error.value).startswith(message), one_line(error.value)
 
 
+@pytest.mark.parametrize("head, message", [(_Raises(), "reward head second: IndexError: index 5 is out of bounds"),
+                                           (_WrongShape(), "reward head second: score must have shape (4,)")])
+def test_a_head_renamed_in_the_config_is_called_by_that_name(tiny_model_dir, head, message):
+    """model.rewards[i].name: two heads of one class are told apart in error lines as in logs."""
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion()),
+                                                       RewardTerm(head, mask="none", name="second")])
+    with pytest.raises(Exception) as error:
+        module._common_step(next(iter(_loader(4))), "train")
+    assert one_line(error.value).startswith(message), one_line(error.value)
+
+
 def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="heatmap")])
     with pytest.raises(ValueError, match="_WrongShape"):

@@ -56,6 +56,9 @@ class RewardHead(nn.Module, ABC):
     """For ``fnf rewards``: whether ``forward`` returns a heatmap (optional: a constructor argument decides);
     heads without one are localised with ``mask: saliency`` or wrapped in ``fnf.rewards.Saliency``."""
 
+    run_name: str | None = None
+    """This run's name for the head, ``model.rewards[i].name`` (set by its RewardTerm); None: ``name``."""
+
     @property
     def name(self) -> str:
         """Short name used in logs, metrics, masks, scans and error messages (the class name unless overridden;
@@ -63,11 +66,16 @@ class RewardHead(nn.Module, ABC):
         return type(self).__name__
 
     def __call__(self, images: Tensor, prompts: list[str]) -> RewardOutput:
-        with named_component(f"reward head {self.name}"):  # its errors' one line names it
+        with named_component(f"reward head {head_label(self)}"):  # its errors' one line names it
             return super().__call__(images, prompts)
 
     @abstractmethod
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput: ...
+
+
+def head_label(head: RewardHead) -> str:
+    """The head's name in this run: ``model.rewards[i].name`` when the config gives one, else the head's own."""
+    return head.run_name or head.name
 
 
 def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, values: bool = True,
@@ -79,28 +87,29 @@ def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, 
     the score must too; otherwise the LoRA would silently get no gradient from it.
     """
     batch, _, height, width = images.shape
+    who = f"reward head {head_label(head)}"
     if not isinstance(output, RewardOutput):
-        raise ValueError(f"reward head {head.name}: forward must return RewardOutput, got {type(output).__name__}")
+        raise ValueError(f"{who}: forward must return RewardOutput, got {type(output).__name__}")
     for key, value in (("score", output.score), ("heatmap", output.heatmap)):
         if value is not None and not (isinstance(value, Tensor) and value.is_floating_point()
                                       and value.device == images.device):
             got = f"{value.dtype} on {value.device}" if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"reward head {head.name}: {key} must be a floating-point tensor on the images' device "
+            raise ValueError(f"{who}: {key} must be a floating-point tensor on the images' device "
                              f"({images.device}), got {got}")
     if output.score.shape != (batch,):
-        raise ValueError(f"reward head {head.name}: score must have shape ({batch},), got {tuple(output.score.shape)}")
+        raise ValueError(f"{who}: score must have shape ({batch},), got {tuple(output.score.shape)}")
     if trained_on and images.requires_grad and output.score.grad_fn is None:  # detached, or a constant leaf
-        raise ValueError(f"reward head {head.name}: score has no gradient with respect to the images (detached, "
+        raise ValueError(f"{who}: score has no gradient with respect to the images (detached, "
                          "computed under no_grad or not from the pixels); training needs a differentiable score, "
                          "or give the head weight 0 to use it for masks only")
     if output.heatmap is not None:
         heatmap = output.heatmap
         if heatmap.shape != (batch, 1, height, width):
             raise ValueError(
-                f"reward head {head.name}: heatmap must have shape ({batch}, 1, {height}, {width}), "
+                f"{who}: heatmap must have shape ({batch}, 1, {height}, {width}), "
                 f"got {tuple(heatmap.shape)}"
             )
         if values and not ((heatmap >= 0) & (heatmap <= 1)).all():  # NaN fails both comparisons
-            raise ValueError(f"reward head {head.name}: heatmap values must be finite and in [0, 1], got "
+            raise ValueError(f"{who}: heatmap values must be finite and in [0, 1], got "
                              f"[{float(heatmap.min()):.4g}, {float(heatmap.max()):.4g}]")
     return output
