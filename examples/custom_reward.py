@@ -18,6 +18,8 @@ from fnf.rewards import RewardHead, RewardOutput
 class BlueSky(RewardHead):
     """score = −mean distance to pure blue over the top ``fraction`` of the image (higher is better)."""
 
+    gives_heatmap = "yes"  # for `fnf rewards` and check_head
+
     def __init__(self, fraction: float = 0.33) -> None:
         super().__init__()
         self.fraction = fraction
