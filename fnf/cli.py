@@ -2,7 +2,8 @@
 ``export``, ``preview``, ``scan``, ``rewards``, ``rahf-train``, ``rahf-convert``: the modules in ``TOOLS``.
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
-here and the heads of installed plugins (``fnf.rewards`` entry points) also resolve by their short class name.
+here and the classes of installed plugins (``fnf.rewards`` / ``fnf.regularizers`` entry points) also resolve by their
+short class name.
 A config file can import code, exactly like any LightningCLI config: only run configs you trust.
 """
 
@@ -30,7 +31,7 @@ from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
-from fnf.plugins import load_reward_plugins
+from fnf.plugins import load_plugins
 from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
@@ -234,7 +235,7 @@ def main(args: list[str] | None = None) -> None:
             with unwinds:
                 return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         check_command(argv)
-        load_reward_plugins()  # installed heads resolve by short name in YAML
+        load_plugins()  # installed heads and regularizers resolve by short name in YAML
         check_config_files(argv)
         preemption = PreemptionCheckpoint()
         try:

@@ -1,12 +1,16 @@
-"""Reward heads from other packages: an ``fnf.rewards`` entry point makes a head usable by its short name in YAML.
+"""Reward heads and regularizers from other packages: an ``fnf.rewards`` or ``fnf.regularizers`` entry point makes a
+class usable by its short name in YAML.
 
 A plugin package declares, in its pyproject.toml::
 
     [project.entry-points."fnf.rewards"]
     MyHead = "my_package.heads:MyHead"
 
-``fnf`` imports every such entry point at start-up, so jsonargparse finds the class among RewardHead's
-subclasses (``class_path: MyHead``), and ``fnf rewards`` lists it beside the built-in heads.
+    [project.entry-points."fnf.regularizers"]
+    PixelL1 = "my_package.regs:PixelL1"
+
+``fnf`` imports every such entry point at start-up, so jsonargparse finds the class among RewardHead's (or
+Regularizer's) subclasses (``class_path: MyHead``), and ``fnf rewards`` lists heads beside the built-in ones.
 """
 
 from __future__ import annotations
@@ -16,36 +20,42 @@ import os
 import sys
 from importlib.metadata import entry_points
 
+import fnf.regularizers
 import fnf.rewards
+from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 
-GROUP = "fnf.rewards"
+GROUPS = {  # entry point group -> (base class, the package of built-ins, what YAML names with it)
+    "fnf.rewards": (RewardHead, fnf.rewards, "head"),
+    "fnf.regularizers": (Regularizer, fnf.regularizers, "regularizer"),
+}
 UNIMPORTABLE: dict[str, str] = {}  # entry point name -> why it could not be imported (named if a config uses it)
 
 
-def load_reward_plugins() -> dict[str, type[RewardHead]]:
-    """Import every installed ``fnf.rewards`` entry point. One that cannot be imported is a warning (it must not
-    stop runs that do not use it) and is named again if a config uses its head; one that imports but could not be
-    named in YAML, or would shadow a built-in head, is an error."""
+def load_plugins() -> dict[str, type]:
+    """Import every installed entry point of ``GROUPS``. One that cannot be imported is a warning (it must not stop
+    runs that do not use it) and is named again if a config uses its class; one that imports but could not be
+    named in YAML, or would shadow a built-in class, is an error."""
     plugins = {}
-    for point in entry_points(group=GROUP):
-        where = f"entry point {point.name} = {point.value} ({point.dist.name if point.dist else 'unknown package'})"
-        try:
-            head = point.load()
-        except Exception as error:
-            reason = str(error).splitlines()[0] if str(error) else ""
-            UNIMPORTABLE[point.name] = f"{GROUP} {where}: cannot import it ({type(error).__name__}: {reason})"
-            if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":  # once per run
-                print(f"fnf: warning: {UNIMPORTABLE[point.name]}; its head is unavailable", file=sys.stderr)
-            continue
-        if not (inspect.isclass(head) and issubclass(head, RewardHead)):
-            raise ValueError(f"{GROUP} {where}: expected a RewardHead subclass, got {head!r}")
-        if point.name != head.__name__:  # YAML's short names are class names
-            raise ValueError(f"{GROUP} {where}: the entry point's name must be its class's, {head.__name__}")
-        built_in = getattr(fnf.rewards, point.name, None)
-        if point.name in fnf.rewards.__all__ and built_in is not head:
-            raise ValueError(f"{GROUP} {where}: a built-in head is called {point.name}; rename the class")
-        plugins[point.name] = head
+    for group, (base, package, kind) in GROUPS.items():
+        for point in entry_points(group=group):
+            where = f"{group} entry point {point.name} = {point.value} " \
+                    f"({point.dist.name if point.dist else 'unknown package'})"
+            try:
+                cls = point.load()
+            except Exception as error:
+                reason = str(error).splitlines()[0] if str(error) else ""
+                UNIMPORTABLE[point.name] = f"{where}: cannot import it ({type(error).__name__}: {reason})"
+                if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":  # once per run
+                    print(f"fnf: warning: {UNIMPORTABLE[point.name]}; its {kind} is unavailable", file=sys.stderr)
+                continue
+            if not (inspect.isclass(cls) and issubclass(cls, base)):
+                raise ValueError(f"{where}: expected a {base.__name__} subclass, got {cls!r}")
+            if point.name != cls.__name__:  # YAML's short names are class names
+                raise ValueError(f"{where}: the entry point's name must be its class's, {cls.__name__}")
+            if point.name in package.__all__ and getattr(package, point.name) is not cls:
+                raise ValueError(f"{where}: a built-in {kind} is called {point.name}; rename the class")
+            plugins[point.name] = cls
     return plugins
 
 
@@ -62,7 +72,7 @@ def concrete_subclasses(base: type) -> list[type]:
 
 def reward_heads() -> list[tuple[type[RewardHead], str]]:
     """Every concrete, public RewardHead subclass imported now (built-ins and plugins), with its source."""
-    plugins = {head: "plugin" for head in load_reward_plugins().values()}
+    plugins = {cls: "plugin" for cls in load_plugins().values()}
     found = concrete_subclasses(RewardHead)
     built_in = {getattr(fnf.rewards, name) for name in fnf.rewards.__all__}
     return sorted(((head, "built-in" if head in built_in else plugins.get(head, "imported")) for head in found),

@@ -25,7 +25,7 @@ from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, parser_error
 from fnf.masks import MaskArgs
 from fnf.module import FocusNFix
-from fnf.plugins import load_reward_plugins
+from fnf.plugins import load_plugins
 from fnf.output_folder import check_output_folder
 from fnf.preview_page import MARKER, write_page
 from fnf.sampling import initial_noise
@@ -173,7 +173,7 @@ class PreviewCLI(FnfCLI):
 
 def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:
     """Parse as ``fnf fit`` does, build the model, preview its masks, write the page: (preview, summary, page)."""
-    load_reward_plugins()  # installed heads resolve by short name in YAML
+    load_plugins()  # installed heads and regularizers resolve by short name in YAML
     check_config_files(argv)
     cli = PreviewCLI(FocusNFix, PromptDataModule, args=argv, run=False,
                      parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "prog": "fnf preview",

@@ -27,7 +27,7 @@ from fnf.cli import FnfCLI
 from fnf.data import PromptDataModule, collate
 from fnf.errors import check_config_files, parser_error
 from fnf.module import FocusNFix
-from fnf.plugins import load_reward_plugins
+from fnf.plugins import load_plugins
 from fnf.recipe import json_types
 from fnf.sampling import initial_noise
 from fnf.scan_file import append_rows, read_rows, row_key, settings_difference
@@ -181,7 +181,7 @@ def summary(rows: list[dict], heads: list[str]) -> str:
 
 
 def main(args: list[str]) -> None:
-    load_reward_plugins()
+    load_plugins()
     check_config_files(args)
     cli = ScanCLI(PromptScanner, PromptDataModule, args=args, run=False, save_config_callback=None,
                   auto_configure_optimizers=False,  # nothing is optimised

@@ -1,6 +1,6 @@
-"""Reward plugins by entry point: a package installed with pip is listed by ``fnf rewards`` and its head is usable
-by its short name in YAML (tests/fixtures/fnf_plugin_demo, installed into a temporary folder, not the venv, which
-the tests put on sys.path)."""
+"""Plugins by entry point: a package installed with pip is listed by ``fnf rewards``, and its head and regularizer
+are usable by their short names in YAML (tests/fixtures/fnf_plugin_demo, installed into a temporary folder, not the
+venv, which the tests put on sys.path)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ def test_installed_heads_are_listed_and_train_by_their_short_name(site, config, 
     by ``fnf rewards`` with its heatmap kind and docs, and a config names it by its class name alone."""
     data = yaml.safe_load(config.read_text())
     data["model"]["rewards"] = [{"head": {"class_path": "DemoBlueness"}, "mask": "heatmap"}]
+    data["model"]["regularizer"] = {"class_path": "DemoPixelL1"}  # the plugin's fnf.regularizers entry point
     data["trainer"]["max_steps"] = 1
     config.write_text(yaml.safe_dump(data))
     code, out, err = _fnf(capsys, "rewards")
     assert code == 0 and "DemoBlueness" not in out and _rows(out)["ShapesSafety"].split()[1] == "optional"
     assert _rows(out)["ShapesAlignment"].split()[1] == "no" and "[plugin]" not in _rows(out)["ColorRegion"]
     code, _, err = _fnf(capsys, "fit", "--config", str(config))
-    assert code == 1 and "DemoBlueness" in err.strip().splitlines()[-1]
+    assert code == 1 and "unknown class Demo" in err.strip().splitlines()[-1]
 
     monkeypatch.syspath_prepend(str(site))  # what pip install does: the package and its dist-info on sys.path
     code, out, _ = _fnf(capsys, "rewards")
@@ -61,7 +62,8 @@ def test_installed_heads_are_listed_and_train_by_their_short_name(site, config, 
     assert "Rewards blue images" in out
     code, _, err = _fnf(capsys, "fit", "--config", str(config))
     assert code == 0, err[-2000:]
-    assert "DemoBlueness" in next((tmp_path / "run").rglob("config.yaml")).read_text()
+    saved = next((tmp_path / "run").rglob("config.yaml")).read_text()
+    assert "fnf_plugin_demo.DemoBlueness" in saved and "fnf_plugin_demo.DemoPixelL1" in saved
 
 
 def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(site, tmp_path, monkeypatch, capsys):
@@ -85,21 +87,27 @@ def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(si
         "= no_such_module:Gone (fnf-broken): cannot import it"), err
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("Bright = clash:Other", "entry point Bright = clash:Other (fnf-broken): the entry point's name must be its "
-                             "class's, Other"),
-    ("ShapesArtifact = clash:ShapesArtifact", "a built-in head is called ShapesArtifact; rename the class"),
+@pytest.mark.parametrize("group, entry, message", [
+    ("fnf.rewards", "Bright = clash:Other", "fnf.rewards entry point Bright = clash:Other (fnf-broken): the entry "
+                                           "point's name must be its class's, Other"),
+    ("fnf.rewards", "ShapesArtifact = clash:ShapesArtifact", "a built-in head is called ShapesArtifact; rename the "
+                                                             "class"),
+    ("fnf.regularizers", "Other = clash:Other", "fnf.regularizers entry point Other = clash:Other (fnf-broken): "
+                                                "expected a Regularizer subclass, got <class 'clash.Other'>"),
+    ("fnf.regularizers", "PixelFrobenius = clash:PixelFrobenius", "a built-in regularizer is called PixelFrobenius; "
+                                                                  "rename the class"),
 ])
-def test_an_entry_point_yaml_could_not_name_is_refused(tmp_path, monkeypatch, entry, message):
-    """YAML names a head by its class: an entry point under another name, or a second ShapesArtifact, would make
-    its short name fail or pick one of two heads."""
+def test_an_entry_point_yaml_could_not_name_is_refused(tmp_path, monkeypatch, group, entry, message):
+    """YAML names a head or regularizer by its class: an entry point under another name, of another kind, or a
+    second ShapesArtifact, would make its short name fail or pick one of two classes."""
     broken = tmp_path / "broken-site"
     (broken / "fnf_broken-0.1.dist-info").mkdir(parents=True)
     (broken / "fnf_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-broken\n"
                                                                    "Version: 0.1\n")
-    (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text(f"[fnf.rewards]\n{entry}\n")
-    (broken / "clash.py").write_text("from fnf.rewards import RewardHead\n\n\nclass Other(RewardHead):\n    pass\n\n\n"
-                                     "class ShapesArtifact(RewardHead):\n    pass\n")
+    (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    (broken / "clash.py").write_text("from fnf.regularizers import Regularizer\nfrom fnf.rewards import RewardHead\n\n\n"
+                                     "class Other(RewardHead):\n    pass\n\n\nclass ShapesArtifact(RewardHead):\n"
+                                     "    pass\n\n\nclass PixelFrobenius(Regularizer):\n    pass\n")
     monkeypatch.syspath_prepend(str(broken))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "/dev/null"])
