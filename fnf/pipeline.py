@@ -136,10 +136,14 @@ class Text2ImageModel(nn.Module):
 
         Weights are read from safetensors only; the scheduler is converted to DDIM (eta = 0 later).
         SDXL-layout folders (``text_encoder_2/``) load as ``fnf.sdxl.SDXLModel``; folders with a ``transformer/``
-        as ``fnf.sd3.SD3Model`` (SD3Transformer2DModel) or ``fnf.flux.FluxModel`` (FluxTransformer2DModel).
+        as ``fnf.sd3.SD3Model`` (SD3Transformer2DModel) or ``fnf.flux.FluxModel`` (FluxTransformer2DModel); folders
+        of another pipeline class with an installed ``fnf.backbones`` plugin as that plugin's family.
         """
         path = resolve_model_path(pretrained)
         index = _read_model_index(str(pretrained), path)
+        family = plugin_family(index, str(pretrained))
+        if family is not None:
+            return family.load(path, index)
         if "transformer" in index:  # rectified-flow transformers: their conditioning lives in their own files
             from fnf.flux import FluxModel
             from fnf.sd3 import SD3Model
@@ -154,6 +158,12 @@ class Text2ImageModel(nn.Module):
             from fnf.sdxl import SDXLModel  # SDXL's extra conditioning lives in its own file
 
             return SDXLModel.load(path, index)
+        return cls.load(path, index)
+
+    @classmethod
+    def load(cls, path: str, index: dict) -> Text2ImageModel:
+        """The parts of a local SD1.x/2.x-layout folder (``index``: its model_index.json). Every family has one
+        (``fnf.sdxl``, ``fnf.sd3``, ``fnf.flux``, ``fnf.backbones`` plugins)."""
         vae = load_part(path, "vae", AutoencoderKL) if index.get("vae") else None
         return cls(load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
                    load_part(path, "tokenizer", AutoTokenizer, weights=False),
@@ -248,6 +258,35 @@ class Text2ImageModel(nn.Module):
             shift = self.vae.config.get("shift_factor") or 0.0  # SD3 / FLUX VAEs centre their latents
             latents = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
         return (latents / 2 + 0.5).clamp(0, 1)
+
+
+BACKBONES = "fnf.backbones"
+"""Entry point group of other model families: a diffusers pipeline class name (``_class_name`` in a folder's
+model_index.json) -> the Text2ImageModel subclass whose ``load(path, index)`` loads such folders."""
+BUILT_IN_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def plugin_family(index: dict, pretrained: str) -> type[Text2ImageModel] | None:
+    """The family an installed ``fnf.backbones`` entry point gives the folder's pipeline class, if any. Imported only
+    when such a folder is loaded, so a broken plugin stops only the runs that need it."""
+    from importlib.metadata import entry_points
+
+    pipeline = index.get("_class_name")
+    point = next((p for p in entry_points(group=BACKBONES) if p.name == pipeline), None) if pipeline else None
+    if point is None:
+        return None
+    where = f"{BACKBONES} entry point {point.name} = {point.value} ({point.dist.name if point.dist else 'unknown'})"
+    if pipeline in BUILT_IN_PIPELINES:
+        raise ValueError(f"model.pretrained: {pretrained}: {where}: fnf loads {pipeline} folders itself; a plugin "
+                         "family needs a pipeline class of its own")
+    try:
+        family = point.load()
+    except Exception as error:
+        raise ValueError(f"model.pretrained: {pretrained} is a {pipeline} folder, but its {where} cannot be imported "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not (isinstance(family, type) and issubclass(family, Text2ImageModel)):
+        raise ValueError(f"model.pretrained: {where}: expected a Text2ImageModel subclass, got {family!r}")
+    return family
 
 
 def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> Tensor:

@@ -4,11 +4,14 @@ venv, which the tests put on sys.path)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fnf.cli import main
@@ -64,6 +67,44 @@ def test_installed_heads_are_listed_and_train_by_their_short_name(site, config, 
     assert code == 0, err[-2000:]
     saved = next((tmp_path / "run").rglob("config.yaml")).read_text()
     assert "fnf_plugin_demo.DemoBlueness" in saved and "fnf_plugin_demo.DemoPixelL1" in saved
+
+
+def test_a_backbone_plugin_loads_the_folders_of_its_pipeline_class(site, config, tiny_model_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Folders whose model_index.json names the plugin's pipeline class load as its family, wherever fnf loads a model
+    (fit, export); without the plugin such a folder loads by its layout, as before."""
+    from fnf.pipeline import Text2ImageModel
+
+    folder = tmp_path / "demo-model"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "DemoPipeline"}))
+    assert type(Text2ImageModel.from_pretrained(folder)) is Text2ImageModel
+    monkeypatch.syspath_prepend(str(site))
+    model = Text2ImageModel.from_pretrained(folder)
+    assert type(model).__name__ == "DemoBackbone"
+    plain = Text2ImageModel.from_pretrained(tiny_model_dir)
+    assert not torch.equal(model.encode_prompts(["a red circle"]).hidden, plain.encode_prompts(["a red circle"]).hidden)
+    code, _, err = _fnf(capsys, "fit", "--config", str(config), f"--model.pretrained={folder}",
+                        "--trainer.max_steps=1")
+    assert code == 0, err[-2000:]
+    code, _, err = _fnf(capsys, "export", "--ckpt_path", str(next((tmp_path / "run").rglob("last.ckpt"))),
+                        "--format", "diffusers", "--out", str(tmp_path / "exported"))
+    assert code == 0 and (tmp_path / "exported").is_dir(), err[-2000:]
+
+
+def test_a_backbone_plugin_may_not_take_a_built_in_pipeline_class(tiny_model_dir, tmp_path, monkeypatch):
+    from fnf.pipeline import Text2ImageModel
+
+    site = tmp_path / "site"
+    (site / "fnf_clash-0.1.dist-info").mkdir(parents=True)
+    (site / "fnf_clash-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-clash\nVersion: 0.1\n")
+    (site / "fnf_clash-0.1.dist-info" / "entry_points.txt").write_text(
+        "[fnf.backbones]\nStableDiffusionPipeline = fnf.pipeline:Text2ImageModel\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(ValueError, match="fnf loads StableDiffusionPipeline folders itself; a plugin family needs a "
+                                         "pipeline class of its own"):
+        Text2ImageModel.from_pretrained(tiny_model_dir)
 
 
 def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(site, tmp_path, monkeypatch, capsys):
