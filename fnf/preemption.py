@@ -112,6 +112,6 @@ class PreemptionCheckpoint(L.Callback):
         trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch, on every rank
         path = self.last_path(trainer)
         if self._stepped and path is not None:
-            trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (atomically)
+            trainer.save_checkpoint(path, weights_only=False)  # every rank calls it; rank 0 writes (atomically)
             rank_zero_info(f"fnf: {signal.Signals(self.signal).name}: saved {path} at step {trainer.global_step}; "
                            "resume with --ckpt_path last")
