@@ -29,7 +29,7 @@ def test_config_runs_one_fast_dev_step(config, tmp_path):
 def test_configs_choose_on_val_and_report_on_test_with_the_run_seed(config):
     """Validation (checkpoints, hyperparameters) never reads a test prompt, nor a training one; the data order
     follows seed_everything, so runs of different seeds differ in it (fnf.data.PromptDataModule)."""
-    from fnf.data import read_prompts
+    from fnf.prompt_file import read_prompts
 
     data = yaml.safe_load(Path(config).read_text())["data"]
     root = Path(__file__).parents[1]

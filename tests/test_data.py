@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from fnf.data import SEED_STRIDE, PromptDataModule, PromptFileError
+from fnf.data import SEED_STRIDE, PromptDataModule
+from fnf.prompt_file import PromptFileError
 
 
 def write(path, text):

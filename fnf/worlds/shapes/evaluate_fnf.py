@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from fnf.data import read_prompts
+from fnf.prompt_file import read_prompts
 from fnf.export import load_lora
 from fnf.pipeline import Text2ImageModel
 from fnf.sampling import SamplerArgs, initial_noise, make_sampler
