@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fnf.data import read_prompts
+from fnf.prompt_file import read_prompts
 from fnf.worlds.shapes.prompt_sets import PROMPTS_DIR, write
 
 TASKS = ("artifacts", "safety")
@@ -62,8 +62,13 @@ def test_validation_and_test_prompts_carry_their_own_seeds(name):
 
 # --- benchmarks/reproduce.py: hyperparameters chosen on the validation prompts, the test prompts used once ----------
 
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
 def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
+    if str(BENCHMARKS) not in sys.path:  # reproduce.py imports its sibling provenance.py, as when run as a script
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("reproduce", BENCHMARKS / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["reproduce"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
