@@ -1,11 +1,12 @@
 """Why does preservation saturate near 30 dB on shapes-flow (benchmarks/results/reproduce_flow_full.md)?
 
-    python benchmarks/flow_preservation_probe.py k5 attn
+    python benchmarks/flow_preservation_probe.py k5 attn k20
 
 One validation candidate of ``reproduce.py`` (flow_artifacts, λ = 1, threshold 0.5, dilation 2, heatmap, seed 0:
 29.2 dB outside the judge mask) refit with one change each, through the same ``fit`` / ``evaluate`` on the 128
 validation prompts: ``k5`` DRaFT-K with K = 5 instead of 2 (the fidelity gradient reaches more of the steps the
-LoRA acts in); ``attn`` LoRA on the image stream's attention only (not the text stream nor the MLP).
+LoRA acts in); ``k20`` K = 20, every step (DRaFT's full backpropagation: does the gradient reaching all the steps
+close the gap?); ``attn`` LoRA on the image stream's attention only (not the text stream nor the MLP).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import reproduce
 
 CANDIDATE = reproduce.Settings(1.0, 0.5, 2, "heatmap")
 VARIANTS = {"k5": (replace(CANDIDATE, k=5), lambda config: None),  # K is one of the settings reproduce.fit applies
+            "k20": (replace(CANDIDATE, k=20), lambda config: None),  # all 20 Euler steps
             "attn": (CANDIDATE, lambda config: config["model"]["lora"].update(
                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))}
 KEYS = ("judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned", "reference_outside_psnr",
