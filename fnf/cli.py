@@ -28,6 +28,7 @@ import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
+from fnf.compute import ComputeArgs, frozen_dtype
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
@@ -141,6 +142,12 @@ class FnfCLI(RunCLI):
         changed = check_settings(ours, saved, config.ckpt_path, resuming=subcommand == "fit")
         if changed:
             rank_zero_info(f"fnf: {subcommand} with settings that differ from the checkpoint's: {', '.join(changed)}")
+
+    def before_instantiate_classes(self) -> None:
+        """Precision settings that cannot train fail before the model loads (minutes for a large one)."""
+        config = self.config.get(self.config.get("subcommand")) or self.config
+        if config.get("model") is not None and config.model.get("compute") is not None:
+            frozen_dtype(ComputeArgs(**config.model.compute.as_dict()), config.trainer.precision or "32-true")
 
     def instantiate_classes(self) -> None:
         """A reward head or regularizer that fails to construct is named (its errors rarely say which it is)."""

@@ -43,7 +43,13 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def frozen_dtype(args: ComputeArgs, precision: str) -> torch.dtype:
+    """The frozen weights' dtype under ``precision``; settings that cannot train are refused (checked by the CLI
+    before the model loads, and again in setup)."""
     compute = compute_dtype(precision)
+    if str(precision).endswith("-true") and compute != torch.float32:  # everything, the LoRA too, in half precision
+        mixed = f"{str(precision).split('-')[0]}-mixed"
+        raise ValueError(f"trainer.precision={precision}: LoRA weights, their gradients and optimizer state stay "
+                         f"float32 in fnf; use {mixed} (the frozen weights are then stored in {str(compute)[6:]})")
     if args.frozen_dtype == "auto":
         return compute
     dtype = getattr(torch, args.frozen_dtype)

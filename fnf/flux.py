@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+from transformers import CLIPTextModel, T5EncoderModel
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, token_ids
+from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
 
 T5_TOKENS = 512
 """T5 tokens per prompt: FluxPipeline's default ``max_sequence_length`` (fewer if the tokenizer's limit is lower)."""
@@ -44,10 +44,10 @@ class FluxModel(Text2ImageModel):
         """Load the parts of a local FLUX.1 folder (``index`` = its model_index.json)."""
         return cls(
             load_part(path, "transformer", FluxTransformer2DModel), load_part(path, "text_encoder", CLIPTextModel),
-            load_part(path, "tokenizer", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer", index),
             load_part(path, "scheduler", FlowMatchEulerDiscreteScheduler, weights=False),
             load_part(path, "vae", AutoencoderKL), load_part(path, "text_encoder_2", T5EncoderModel),
-            load_part(path, "tokenizer_2", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer_2", index),
         )
 
     @property

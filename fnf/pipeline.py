@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -141,24 +143,11 @@ class Text2ImageModel(nn.Module):
         """
         path = resolve_model_path(pretrained)
         index = _read_model_index(str(pretrained), path)
-        family = plugin_family(index, str(pretrained))
-        if family is not None:
-            return family.load(path, index)
-        if "transformer" in index:  # rectified-flow transformers: their conditioning lives in their own files
-            from fnf.flux import FluxModel
-            from fnf.sd3 import SD3Model
-
-            families = {"SD3Transformer2DModel": SD3Model, "FluxTransformer2DModel": FluxModel}
-            kind = (index["transformer"] or [None, None])[-1]
-            if kind not in families:
-                raise ValueError(f"model.pretrained: {pretrained}: transformer {kind!r} is not supported; "
-                                 f"supported: {sorted(families)}")
-            return families[kind].load(path, index)
-        if "text_encoder_2" in index:
-            from fnf.sdxl import SDXLModel  # SDXL's extra conditioning lives in its own file
-
-            return SDXLModel.load(path, index)
-        return cls.load(path, index)
+        model = family_of(index, str(pretrained)).load(path, index)
+        model.check_parts(str(pretrained))
+        rank_zero_info(f"fnf: {pretrained}: {type(model).__name__} ({index.get('_class_name')}), native "
+                       f"{model.resolution}x{model.resolution}")
+        return model
 
     @classmethod
     def load(cls, path: str, index: dict) -> Text2ImageModel:
@@ -166,8 +155,17 @@ class Text2ImageModel(nn.Module):
         (``fnf.sdxl``, ``fnf.sd3``, ``fnf.flux``, ``fnf.backbones`` plugins)."""
         vae = load_part(path, "vae", AutoencoderKL) if index.get("vae") else None
         return cls(load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
-                   load_part(path, "tokenizer", AutoTokenizer, weights=False),
+                   load_tokenizer(path, "tokenizer", index),
                    load_part(path, "scheduler", DDIMScheduler, weights=False), vae)
+
+    def check_parts(self, pretrained: str) -> None:
+        """Parts that load but cannot work together: a denoiser that takes other latents than the VAE gives (an
+        inpainting or image-conditioned model: extra input channels)."""
+        if self.vae is not None and self.latent_shape(self.resolution)[0] != self.vae.config.latent_channels:
+            raise ValueError(f"model.pretrained: {pretrained}: the {self.denoiser_name} takes "
+                             f"{self.latent_shape(self.resolution)[0]} latent channels but the VAE gives "
+                             f"{self.vae.config.latent_channels}; not a text-to-image model (inpainting or "
+                             "image-conditioned?)")
 
     @property
     def denoiser(self) -> nn.Module:
@@ -176,6 +174,12 @@ class Text2ImageModel(nn.Module):
 
     # ---- LoRA -------------------------------------------------------------------------------
     def add_lora(self, args: LoraArgs) -> None:
+        names = [name for name, _ in self.denoiser.named_modules()]
+        unknown = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:  # peft drops a name that matches nothing as long as another one matches something
+            linear = sorted({_short_name(n) for n, m in self.denoiser.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"model.lora.target_modules: {', '.join(unknown)} match no module of the "
+                             f"{type(self.denoiser).__name__}; its Linear layers include {', '.join(linear[:16])}")
         self.denoiser.add_adapter(args.to_peft())
         self.lora_args, self._lora_parameters = args, None
 
@@ -266,6 +270,34 @@ model_index.json) -> the Text2ImageModel subclass whose ``load(path, index)`` lo
 BUILT_IN_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
+def _short_name(module: str) -> str:
+    """A module's name as LoRA targets name it: its last part, or the last two for a list item (``to_out.0``)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def family_of(index: dict, pretrained: str) -> type[Text2ImageModel]:
+    """The Text2ImageModel subclass that loads a folder with this model_index.json."""
+    family = plugin_family(index, pretrained)
+    if family is not None:
+        return family
+    if "transformer" in index:  # rectified-flow transformers: their conditioning lives in their own files
+        from fnf.flux import FluxModel
+        from fnf.sd3 import SD3Model
+
+        families = {"SD3Transformer2DModel": SD3Model, "FluxTransformer2DModel": FluxModel}
+        kind = (index["transformer"] or [None, None])[-1]
+        if kind not in families:
+            raise ValueError(f"model.pretrained: {pretrained}: transformer {kind!r} is not supported; "
+                             f"supported: {sorted(families)}")
+        return families[kind]
+    if "text_encoder_2" in index:
+        from fnf.sdxl import SDXLModel  # SDXL's extra conditioning lives in its own file
+
+        return SDXLModel
+    return Text2ImageModel
+
+
 def plugin_family(index: dict, pretrained: str) -> type[Text2ImageModel] | None:
     """The family an installed ``fnf.backbones`` entry point gives the folder's pipeline class, if any. Imported only
     when such a folder is loaded, so a broken plugin stops only the runs that need it."""
@@ -301,20 +333,48 @@ def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> T
 
 
 def load_part(path: str, part: str, kind, weights: bool = True):
-    """One component folder of a diffusers model (safetensors only); failures become one line naming the part."""
+    """One component folder of a diffusers model (safetensors only); failures become one line naming the part. A
+    local part whose only weights are one variant (``*.fp16.safetensors``: a download with ``variant="fp16"``)
+    loads that variant, and says so."""
+    options = {"use_safetensors": True} if weights else {}
+    folder = Path(path) / part
+    variants = {name.split(".")[-2] for name in os.listdir(folder) if name.endswith(".safetensors")
+                and name.count(".") > 1} if weights and folder.is_dir() else set()
     try:
-        return kind.from_pretrained(path, subfolder=part, **({"use_safetensors": True} if weights else {}))
+        return kind.from_pretrained(path, subfolder=part, **options)
     except Exception as error:  # missing / pickle-only / corrupt files
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise ValueError(f"model.pretrained: cannot load {part}/ from {path} (weights must be "
-                         f"safetensors): {reason}") from None
+        failure = error
+    if len(variants) == 1 and "no file named" in str(failure):
+        (options["variant"],) = variants
+        rank_zero_info(f"fnf: {folder}: only {options['variant']} variant weights there; loading those")
+        try:
+            return kind.from_pretrained(path, subfolder=part, **options)
+        except Exception as error:
+            failure = error
+    reason = " ".join(str(failure).split())[:300] or type(failure).__name__  # some messages end in a list
+    rule = " (weights must be safetensors)" if weights else ""
+    also = f"; variant weights there: {', '.join(sorted(variants))}" if variants else ""
+    raise ValueError(f"model.pretrained: cannot load {part}/ from {path}{rule}: {reason}{also}") from None
+
+
+def load_tokenizer(path: str, part: str, index: dict):
+    """The tokenizer class the folder's model_index.json names (AutoTokenizer looks for a ``config.json`` that no
+    diffusers repository has in its tokenizer folders, so from the hub cache it fails)."""
+    name = (index.get(part) or [None, None])[-1]
+    kind = getattr(transformers, name, None) if name else None
+    return load_part(path, part, kind or AutoTokenizer, weights=False)
 
 
 def _read_model_index(pretrained: str, path: str) -> dict:
     local = Path(path)
     if local.is_dir():
         index_file = local / "model_index.json"
-        return json.loads(index_file.read_text()) if index_file.is_file() else {"vae": (local / "vae").is_dir()}
+        if not index_file.is_file():  # which family, and which parts exist, would be guesses
+            raise FileNotFoundError(f"model.pretrained: {pretrained} has no model_index.json; expected a diffusers "
+                                    "model folder (save_pretrained writes model_index.json and one folder per part)")
+        return json.loads(index_file.read_text())
+    if local.is_absolute() or pretrained.startswith((".", "~")) or pretrained.count("/") > 1:  # a path, not an id
+        raise FileNotFoundError(f"model.pretrained: {pretrained}: no such folder")
     from huggingface_hub import hf_hub_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")

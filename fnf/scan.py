@@ -152,6 +152,7 @@ class ScanCLI(FnfCLI):
     @override
     def before_instantiate_classes(self) -> None:
         """The scan's own options, checked before the model loads."""
+        super().before_instantiate_classes()
         if not self.config.out:
             raise ValueError("--out: the scan file to write is required (JSON lines, appended to)")
         if Path(self.config.out).is_dir():

@@ -15,9 +15,9 @@ import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, token_ids
+from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
 
 T5_TOKENS = 256
 """T5 tokens per prompt: StableDiffusion3Pipeline's default ``max_sequence_length`` (fewer if the T5 tokenizer's
@@ -47,13 +47,13 @@ class SD3Model(Text2ImageModel):
         return cls(
             load_part(path, "transformer", SD3Transformer2DModel),
             load_part(path, "text_encoder", CLIPTextModelWithProjection),
-            load_part(path, "tokenizer", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer", index),
             load_part(path, "scheduler", FlowMatchEulerDiscreteScheduler, weights=False),
             load_part(path, "vae", AutoencoderKL),
             load_part(path, "text_encoder_2", CLIPTextModelWithProjection),
-            load_part(path, "tokenizer_2", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer_2", index),
             load_part(path, "text_encoder_3", getattr(transformers, t5[1])) if t5[1] else None,
-            load_part(path, "tokenizer_3", AutoTokenizer, weights=False) if t5[1] else None,
+            load_tokenizer(path, "tokenizer_3", index) if t5[1] else None,
         )
 
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:

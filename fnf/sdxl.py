@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, token_ids
+from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
 
 
 class SDXLModel(Text2ImageModel):
@@ -33,10 +33,10 @@ class SDXLModel(Text2ImageModel):
         """Load the parts of a local SDXL folder (``index`` = its model_index.json)."""
         return cls(
             load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
-            load_part(path, "tokenizer", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer", index),
             load_part(path, "scheduler", DDIMScheduler, weights=False), load_part(path, "vae", AutoencoderKL),
             load_part(path, "text_encoder_2", CLIPTextModelWithProjection),
-            load_part(path, "tokenizer_2", AutoTokenizer, weights=False),
+            load_tokenizer(path, "tokenizer_2", index),
             zero_unconditional=index.get("force_zeros_for_empty_prompt", True),
         )
 

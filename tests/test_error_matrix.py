@@ -117,6 +117,10 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
                                        "trainer.callbacks: fnf.evaluation has no class Evalution; did you mean "
                                        "fnf.evaluation.Evaluation?"),
     "unknown precision": (_set("trainer.precision", "17"), [], "trainer.precision:"),
+    "half-precision LoRA": (_set("trainer.precision", "bf16-true"), [], "trainer.precision=bf16-true: LoRA weights, "
+                            "their gradients and optimizer state stay float32 in fnf; use bf16-mixed"),
+    "frozen dtype without its precision": (_set("model.compute.frozen_dtype", "bfloat16"), [],
+                                           "model.compute.frozen_dtype=bfloat16 needs trainer.precision bf16-mixed"),
     # the objective
     "lam nan": (_set("model.lam", NAN), [], "model.lam must be a finite number >= 0, got nan"),
     "lam inf": (_set("model.lam", INF), [], "model.lam must be a finite number >= 0, got inf"),
@@ -143,9 +147,16 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "guidance below 1": (_set("model.sampler.guidance_scale", 0.5), [], "model.sampler.guidance_scale must be"),
     "guidance inf": (_set("model.sampler.guidance_scale", INF), [], "model.sampler.guidance_scale must be a finite"),
     "LoRA rank 0": (_set("model.lora.rank", 0), [], "model.lora.rank must be >= 1, got 0"),
+    "LoRA target that matches nothing": (_set("model.lora.target_modules", ["to_q", "to_kk"]), [],
+                                         "model.lora.target_modules: to_kk match no module of the "
+                                         "UNet2DConditionModel; its Linear layers include "),
     "CUDA graphs on a CPU": (_set("model.compute.compile", "unet+graphs"), [],
                              "model.compute.compile=unet+graphs needs a CUDA device"),
     "pretrained model missing": (_set("model.pretrained", "/no/such/model"), [], "model.pretrained:"),
+    "pretrained path that does not exist": (_file("model.pretrained", None, "no-model"), [],
+                                            "no-model: no such folder"),
+    "pretrained folder without model_index.json": (_folder_of_notes("model.pretrained"), [],
+                                                   "docs has no model_index.json; expected a diffusers model folder"),
     "pretrained model is a file": (_file("model.pretrained", b"\0" * 64, "model.safetensors"), [],
                                    "model.safetensors is a file; expected a diffusers model folder"),
     # reward heads that break the contract

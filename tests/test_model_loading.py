@@ -1,0 +1,81 @@
+"""Loading ``model.pretrained`` as users hold models: hub ids from the local cache, variant-only downloads, and
+folders that load but could not train (another kind of model) refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from fnf.pipeline import Text2ImageModel
+from fnf.worlds.random_sd import build_random_flux, build_random_sd3, build_random_sdxl
+
+
+def _cache(hub: Path, repo: str, folder: Path) -> None:
+    """``folder`` as huggingface_hub stores a download of ``repo``: models--org--name/snapshots/<commit>, refs/main."""
+    entry = hub / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_of_every_family_load_from_the_cache_offline(tiny_model_dir, tmp_path):
+    """transformers' AutoTokenizer looks for a tokenizer/config.json that no diffusers repository has, so from the
+    hub cache it failed for every family; the tokenizer class model_index.json names loads. A fresh process:
+    huggingface_hub reads HF_HOME when imported."""
+    hub = tmp_path / "hf" / "hub"
+    families = {"sd15": Path(tiny_model_dir), "sdxl": build_random_sdxl(tmp_path / "sdxl"),
+                "sd3": build_random_sd3(tmp_path / "sd3"), "flux": build_random_flux(tmp_path / "flux")}
+    for family, folder in families.items():
+        _cache(hub, f"fnf-test/tiny-{family}", folder)
+    script = ("from fnf.pipeline import Text2ImageModel\n"
+              "for family in ('sd15', 'sdxl', 'sd3', 'flux'):\n"
+              "    print(family, type(Text2ImageModel.from_pretrained(f'fnf-test/tiny-{family}')).__name__)\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["sd15", "Text2ImageModel", "sdxl", "SDXLModel", "sd3", "SD3Model", "flux",
+                                   "FluxModel"]
+
+
+def test_a_folder_of_fp16_variant_files_only_loads_them_and_says_so(tiny_model_dir, tmp_path, caplog):
+    """A download with variant="fp16" holds *.fp16.safetensors only: those weights load (diffusers would refuse)."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    with caplog.at_level("INFO"):
+        model = Text2ImageModel.from_pretrained(tmp_path / "fp16")
+    assert "unet: only fp16 variant weights there; loading those" in caplog.text
+    reference = Text2ImageModel.from_pretrained(tiny_model_dir)
+    for name, value in reference.unet.state_dict().items():
+        torch.testing.assert_close(model.unet.state_dict()[name].float(), value, rtol=0, atol=0, msg=name)
+
+
+def test_a_model_of_another_kind_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """An inpainting UNet (latents + mask + masked image: 9 input channels) loads, then would fail mid-sampling."""
+    folder = tmp_path / "inpainting"
+    shutil.copytree(tiny_model_dir, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    config = {**unet.config, "in_channels": 9}
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ValueError, match=r"the unet takes 9 latent channels but the VAE gives 4; not a text-to-image "
+                                         r"model \(inpainting or image-conditioned\?\)"):
+        Text2ImageModel.from_pretrained(folder)
+
+
+def test_the_family_loaded_is_named(tiny_model_dir, tmp_path, caplog):
+    """An SDXL folder given to an SD1.5 config trains as SDXL: the log says which family loaded."""
+    folder = build_random_sdxl(tmp_path / "sdxl")
+    with caplog.at_level("INFO"):
+        Text2ImageModel.from_pretrained(folder)
+    assert f"fnf: {folder}: SDXLModel (StableDiffusionXLPipeline), native 16x16" in caplog.text
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
