@@ -23,6 +23,7 @@ test the sample rows) to every logger of the run (fnf/image_logging.py).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +37,13 @@ from typing_extensions import override
 
 from fnf.image_logging import log_image, log_table
 from fnf.masks import MaskArgs, heatmap_to_mask
-from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM, RegionMean
 from fnf.rewards.base import RewardHead
 
 REGIONS = ("outside", "inside", "all")
 MASKS_NOTE = ("Preservation (tuned vs base): outside_* / inside_* use this run's own training mask; reference_* use "
               "the Evaluation callback's reference mask, the same pixels for every compared run; all_* the whole "
-              "image.\n\n")
+              "image. A region without pixels (every mask empty: nothing inside) has no row.\n\n")
 
 
 @dataclass
@@ -175,6 +176,8 @@ class Evaluation(Callback):
             prefix = f"category/{group}/" if group else ""
             for name, metric in metrics.items():
                 value = metric.compute()
+                if isinstance(metric, RegionMean) and math.isnan(value):  # a region without pixels: no number
+                    continue
                 if isinstance(value, dict):  # a judge: its own keys, suffixed with the model
                     values |= {f"{prefix}{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
                 else:

@@ -6,6 +6,7 @@ outside the problem mask (should not change), inside it (may change) and over th
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Literal
 
@@ -22,7 +23,7 @@ def region_weights(mask: Tensor, region: Region) -> Tensor:
     return {"outside": 1 - mask, "inside": mask, "all": torch.ones_like(mask)}[region]
 
 
-class _RegionMean(Metric, ABC):
+class RegionMean(Metric, ABC):
     """Mean of a per-pixel map of (tuned, base) over one region of the mask, pooled over all images."""
 
     higher_is_better = True
@@ -44,10 +45,11 @@ class _RegionMean(Metric, ABC):
         self.weight += weights.sum().double() * values.shape[1]
 
     def region_mean(self) -> Tensor:
-        return self.weighted_sum / self.weight.clamp_min(1e-12)
+        """NaN when the region has no pixels (every mask empty: nothing inside): no number, not a made-up one."""
+        return self.weighted_sum / self.weight if self.weight > 0 else torch.full((), math.nan, dtype=torch.float64)
 
 
-class MaskedPSNR(_RegionMean):
+class MaskedPSNR(RegionMean):
     """PSNR (data range 1) over the pixels of a region, pooled over all images like torchmetrics' PSNR."""
 
     def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
@@ -57,7 +59,7 @@ class MaskedPSNR(_RegionMean):
         return (10 * torch.log10(1 / self.region_mean().clamp_min(1e-20))).float()  # identical: 200 dB, not inf
 
 
-class MaskedSSIM(_RegionMean):
+class MaskedSSIM(RegionMean):
     """Mean of the SSIM map (Gaussian window 11, σ 1.5) weighted by a region of the mask."""
 
     def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:

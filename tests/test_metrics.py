@@ -108,6 +108,16 @@ def test_fid_with_a_tiny_feature_extractor_runs_offline():
     assert abs(same.compute().item()) < 1e-3 and shifted.compute().item() > 0.01
 
 
+@pytest.mark.parametrize("metric", [MaskedPSNR, MaskedSSIM])
+def test_a_region_without_pixels_has_no_number(metric):
+    """Every mask empty: nothing is inside, so inside_* is NaN (left out of the table), not 200 dB or SSIM 0."""
+    tuned, base, mask = _halves()
+    inside, outside = metric("inside"), metric("outside")
+    for region in (inside, outside):
+        region.update(tuned, base, torch.zeros_like(mask))
+    assert math.isnan(inside.compute().item()) and math.isfinite(outside.compute().item())
+
+
 def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
     main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
           "--trainer.callbacks+=fnf.evaluation.Evaluation",
@@ -117,6 +127,12 @@ def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
     assert values["reward_change/ColorRegion"] == 0.0
     assert values["all_ssim"] == pytest.approx(1.0, abs=1e-6)
     assert "| outside_psnr |" in (tmp_path / "eval" / "test_metrics.md").read_text()
+    assert math.isfinite(values["inside_psnr"])
+    main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
+          "--model.masks.threshold", "1.0", "--model.masks.dilation", "0",  # ColorRegion's heatmap stays below 1
+          "--trainer.callbacks+=fnf.evaluation.Evaluation", "--trainer.callbacks.output_dir", str(tmp_path / "empty")])
+    values = json.loads((tmp_path / "empty" / "test_metrics.json").read_text())
+    assert "outside_psnr" in values and not {"inside_psnr", "inside_ssim"} & values.keys()  # nothing inside
 
 
 def test_reference_mask_scores_every_run_on_the_same_pixels(tiny_model_dir):
