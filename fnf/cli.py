@@ -157,7 +157,9 @@ class FnfCLI(RunCLI):
             component = constructing(error, (RewardHead, Regularizer))
             if component is None:
                 raise
-            raise ValueError(f"{component.__module__}.{component.__qualname__}: {one_line(error)}") from error
+            line = one_line(error)
+            named = line.startswith(component.__name__)  # the head said its name itself
+            raise ValueError(line if named else f"{component.__module__}.{component.__qualname__}: {line}") from error
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # the default checkpoint callback would contradict it

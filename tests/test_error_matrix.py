@@ -162,6 +162,9 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     # reward heads that break the contract
     "head raises in __init__": (_head("bad_heads.RaisesInInit"), [],
                                 "bad_heads.RaisesInInit: RuntimeError: driver exploded (set FNF_DEBUG=1"),
+    "head weights that do not exist": (_set("model.rewards", [{"head": {"class_path": "OpenCLIPAlignment", "init_args": {
+        "model": "ViT-B-32", "pretrained": "/no/such.safetensors"}}, "mask": "none"}]), [],
+        "error: OpenCLIPAlignment.pretrained: /no/such.safetensors: no such file"),  # named once, not twice
     "head returns a tensor": (_head("bad_heads.ReturnsATensor"), [],
                               "reward head ReturnsATensor: forward must return RewardOutput, got Tensor"),
     "heatmap mask without a heatmap": (_head("bad_heads.ScoreOnly"), [], "reward head ScoreOnly returns no heatmap"),

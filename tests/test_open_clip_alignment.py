@@ -112,3 +112,12 @@ def test_saliency_marks_the_pixels_whose_change_moves_the_score(tiny_clip):
 def test_bad_model_is_one_clear_error(model, pretrained, match):
     with pytest.raises(ValueError, match=match):
         OpenCLIPAlignment(model, pretrained=pretrained)
+
+
+def test_a_weights_path_that_is_not_a_file_is_named_before_open_clip_logs(tmp_path, caplog):
+    """open_clip would log its list of tags as an error, then fail with 'not a known tag or valid file path'."""
+    for path, what in ((tmp_path / "missing.safetensors", "no such file"), (tmp_path, "a folder")):
+        with pytest.raises(FileNotFoundError, match=f"OpenCLIPAlignment.pretrained: {path}: {what}; expected a "
+                                                    ".safetensors file or an open_clip tag"):
+            OpenCLIPAlignment("ViT-B-32", pretrained=str(path))
+    assert not caplog.records

@@ -38,6 +38,11 @@ class OpenCLIPAlignment(RewardHead):
                              "file); random weights are no reward")
         if pretrained is not None and Path(pretrained).suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise ValueError(f"{self.name}.pretrained: {pretrained} is a pickle file; pass a .safetensors file")
+        if pretrained is not None and ("/" in pretrained or pretrained.endswith(".safetensors")) \
+                and not Path(pretrained).is_file():  # a path, not a tag: open_clip would log its tag list first
+            raise FileNotFoundError(f"{self.name}.pretrained: {pretrained}: "
+                                    f"{'a folder' if Path(pretrained).is_dir() else 'no such file'}; expected a "
+                                    ".safetensors file or an open_clip tag")
         try:
             self.model = open_clip.create_model(model, pretrained=pretrained, require_pretrained=pretrained is not None)
         except Exception as error:  # unknown name, offline download, corrupt file: one line

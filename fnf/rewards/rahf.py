@@ -247,7 +247,8 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], di
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{what} {path}: {path.suffix} is a pickle format; pass a .safetensors file")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: file not found")
+        raise FileNotFoundError(f"{what} {path}: {'a folder' if path.is_dir() else 'file not found'}; expected a "
+                                ".safetensors file")
     from safetensors import SafetensorError, safe_open
 
     try:
