@@ -86,7 +86,7 @@ class RunCLI(LightningCLI):
             argv = sys.argv[1:] if args is None else args
             subcommands = parser._subcommands_action._name_parser_map
             known = list(subcommands[argv[0]].get_defaults().keys()) if argv[:1] and argv[0] in subcommands else []
-            raise ValueError(parser_error(error, known)) from None
+            raise ValueError(parser_error(error, known, argv)) from None
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

@@ -61,9 +61,9 @@ def cause(error: BaseException) -> str:
     return (causes or lines or [type(error).__name__])[0]
 
 
-def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
+def parser_error(error: ArgumentError, known_keys: list[str] = (), argv: list[str] = ()) -> str:
     """jsonargparse's nested 'Parser key "k":' report -> 'k.sub: <the innermost reason>' on one line; an unknown
-    key gets the closest known ones as a suggestion."""
+    key gets the closest known ones as a suggestion. ``argv``: the command line, to name a flag whole."""
     lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
     for line in lines:
         if "does not accept option '" in line:  # a key in a config file
@@ -71,8 +71,10 @@ def parser_error(error: ArgumentError, known_keys: list[str] = ()) -> str:
         if line.startswith("unrecognized arguments:"):  # a --flag on the command line
             flags = [word for word in line.split()[2:] if word.startswith("--")]
             if flags and flags[0][2:3].isdigit():  # --model.rewards.0.weight reaches here as --0.weight
-                return (f"{flags[0].split('=')[0]}: list items cannot be set by index on the command line; set the "
-                        "list in the config file, or pass it whole (e.g. --model.rewards '[{head: ...}]')")
+                tail = "." + flags[0].split("=")[0][2:]  # .0.weight
+                flag = next((word.split("=")[0] for word in argv if word.split("=")[0].endswith(tail)), flags[0])
+                return (f"{flag}: list items cannot be set by index on the command line; set the list in the config "
+                        "file, or pass it whole (e.g. --model.rewards '[{head: ...}]')")
             if flags:
                 return unknown(flags[0].split("=")[0], [f"--{key}" for key in known_keys])
     keys = [line.removeprefix('Parser key "').removesuffix('":') for line in lines if line.startswith('Parser key "')]

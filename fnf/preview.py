@@ -161,10 +161,11 @@ class PreviewCLI(FnfCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as error:  # no subcommands here: suggest among the top-level keys
-            raise ValueError(parser_error(error, list(parser.get_defaults().keys()))) from None
+            raise ValueError(parser_error(error, list(parser.get_defaults().keys()), args)) from None
 
     def before_instantiate_classes(self) -> None:
         """The preview's own options fail before the model is built."""
+        super().before_instantiate_classes()
         if self.config.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.config.n}")
         self.thresholds = parse_thresholds(self.config.thresholds, self.config.model.masks.threshold)

@@ -147,7 +147,7 @@ class ScanCLI(FnfCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as error:
-            raise ValueError(parser_error(error, list(parser.get_defaults().keys()))) from None
+            raise ValueError(parser_error(error, list(parser.get_defaults().keys()), args)) from None
 
     @override
     def before_instantiate_classes(self) -> None:
