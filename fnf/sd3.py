@@ -9,6 +9,8 @@ shared with every other family through ``Text2ImageModel``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -44,6 +46,10 @@ class SD3Model(Text2ImageModel):
     def load(cls, path: str, index: dict) -> SD3Model:
         """Load the parts of a local SD3 folder (``index`` = its model_index.json); T5 is optional."""
         t5 = index.get("text_encoder_3") or [None, None]
+        if t5[1] and os.path.isdir(path) and not os.path.isdir(os.path.join(path, "text_encoder_3")):
+            raise ValueError(f"model.pretrained: {path}: model_index.json lists text_encoder_3 (T5) but the folder "
+                             "has none; T5 is optional: set text_encoder_3 and tokenizer_3 to [null, null] in "
+                             "model_index.json to run without it")
         return cls(
             load_part(path, "transformer", SD3Transformer2DModel),
             load_part(path, "text_encoder", CLIPTextModelWithProjection),

@@ -79,3 +79,15 @@ def test_the_family_loaded_is_named(tiny_model_dir, tmp_path, caplog):
     assert f"fnf: {folder}: SDXLModel (StableDiffusionXLPipeline), native 16x16" in caplog.text
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_an_sd3_folder_without_the_t5_its_index_lists_says_how_to_drop_it(tmp_path):
+    folder = build_random_sd3(tmp_path / "sd3")
+    shutil.rmtree(folder / "text_encoder_3")
+    with pytest.raises(ValueError, match="lists text_encoder_3 \\(T5\\) but the folder has none; T5 is optional: set "
+                                         "text_encoder_3 and tokenizer_3 to \\[null, null\\]"):
+        Text2ImageModel.from_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                         "tokenizer_3": [None, None]}))
+    assert Text2ImageModel.from_pretrained(folder).text_encoder_3 is None  # as the message says
