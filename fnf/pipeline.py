@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, ModelMixin, StableDiffusionPipeline, UNet2DConditionModel
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 from torch import Tensor, nn
@@ -181,6 +182,9 @@ class Text2ImageModel(nn.Module):
             raise ValueError(f"model.lora.target_modules: {', '.join(unknown)} match no module of the "
                              f"{type(self.denoiser).__name__}; its Linear layers include {', '.join(linear[:16])}")
         self.denoiser.add_adapter(args.to_peft())
+        for name, parameter in self.denoiser.named_parameters():  # peft gives them the layer's dtype
+            if "lora_" in name and parameter.dtype in (torch.float16, torch.bfloat16):
+                parameter.data = parameter.data.float()  # the LoRA, its gradients and optimizer state: float32
         self.lora_args, self._lora_parameters = args, None
 
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -333,28 +337,54 @@ def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> T
 
 
 def load_part(path: str, part: str, kind, weights: bool = True):
-    """One component folder of a diffusers model (safetensors only); failures become one line naming the part. A
-    local part whose only weights are one variant (``*.fp16.safetensors``: a download with ``variant="fp16"``)
-    loads that variant, and says so."""
-    options = {"use_safetensors": True} if weights else {}
-    folder = Path(path) / part
-    variants = {name.split(".")[-2] for name in os.listdir(folder) if name.endswith(".safetensors")
-                and name.count(".") > 1} if weights and folder.is_dir() else set()
+    """One component folder of a diffusers model (safetensors only); failures become one line naming the part.
+
+    Where the part's files are local (a folder, or the hub cache), diffusers models load in the dtype their files
+    hold, not upcast to float32 first (FLUX.1's bf16 transformer would take 48 GB of host memory per process before
+    ``model.compute`` casts it back); a part whose only weights are one variant (``*.fp16.safetensors``: a download
+    with ``variant="fp16"``) loads that variant, and says so."""
+    folder, options = _local_part(path, part), {}
+    files = sorted(folder.glob("*.safetensors")) if weights and folder is not None else []
+    variants = {file.name.split(".")[-2] for file in files if file.name.count(".") > 1}
+    plain = [file for file in files if file.name.count(".") == 1]
     try:
+        if weights:
+            options["use_safetensors"] = True
+            if not plain and len(variants) == 1:
+                options["variant"] = next(iter(variants))
+                plain = files
+                rank_zero_info(f"fnf: {folder}: only {options['variant']} variant weights there; loading those")
+            if plain and issubclass(kind, ModelMixin):
+                options["torch_dtype"] = stored_dtype(plain[0])
         return kind.from_pretrained(path, subfolder=part, **options)
     except Exception as error:  # missing / pickle-only / corrupt files
-        failure = error
-    if len(variants) == 1 and "no file named" in str(failure):
-        (options["variant"],) = variants
-        rank_zero_info(f"fnf: {folder}: only {options['variant']} variant weights there; loading those")
-        try:
-            return kind.from_pretrained(path, subfolder=part, **options)
-        except Exception as error:
-            failure = error
-    reason = " ".join(str(failure).split())[:300] or type(failure).__name__  # some messages end in a list
-    rule = " (weights must be safetensors)" if weights else ""
-    also = f"; variant weights there: {', '.join(sorted(variants))}" if variants else ""
-    raise ValueError(f"model.pretrained: cannot load {part}/ from {path}{rule}: {reason}{also}") from None
+        reason = " ".join(str(error).split())[:300] or type(error).__name__  # some messages end in a list
+        rule = " (weights must be safetensors)" if weights else ""
+        also = f"; variant weights there: {', '.join(sorted(variants))}" if variants and not plain else ""
+        raise ValueError(f"model.pretrained: cannot load {part}/ from {path}{rule}: {reason}{also}") from None
+
+
+def _local_part(path: str, part: str) -> Path | None:
+    """The folder holding a part's files: in the model folder, or for a hub id in the hub cache (None: not there)."""
+    if Path(path).is_dir():
+        return Path(path) / part if (Path(path) / part).is_dir() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, f"{part}/config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(file: Path) -> torch.dtype | None:
+    """The floating dtype most tensors of a .safetensors file hold (its header only is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as weights:
+        dtypes = [SAFETENSORS_FLOATS.get(weights.get_slice(key).get_dtype()) for key in weights.keys()]
+    counts = Counter(dtype for dtype in dtypes if dtype is not None)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def load_tokenizer(path: str, part: str, index: dict):

@@ -91,3 +91,26 @@ def test_an_sd3_folder_without_the_t5_its_index_lists_says_how_to_drop_it(tmp_pa
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
                                                          "tokenizer_3": [None, None]}))
     assert Text2ImageModel.from_pretrained(folder).text_encoder_3 is None  # as the message says
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_weights_load_in_the_dtype_their_files_hold_and_the_lora_is_float32(tiny_model_dir, config, tmp_path):
+    """bf16 files stay bf16 until model.compute decides (diffusers would upcast them to float32 first: twice the
+    host memory per process for a FLUX-size transformer); peft gives a new LoRA its layer's dtype: made float32."""
+    from fnf.pipeline import LoraArgs
+
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = Text2ImageModel.from_pretrained(tmp_path / "bf16")
+    assert {model.unet.dtype, model.vae.dtype, model.text_encoder.dtype} == {torch.bfloat16}
+    reference = Text2ImageModel.from_pretrained(tiny_model_dir)
+    for name, value in reference.unet.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[name], value.to(torch.bfloat16)), name
+    assert _bytes(model) * 2 == _bytes(reference)
+    model.add_lora(LoraArgs(rank=4))
+    assert {p.dtype for p in model.lora_parameters()} == {torch.float32}
+    from fnf.cli import main  # and it trains: at 32-true, model.compute stores the frozen weights in float32
+
+    main(["fit", "--config", str(config), f"--model.pretrained={tmp_path / 'bf16'}", "--trainer.max_steps=1"])
