@@ -378,12 +378,12 @@ def test_a_signal_mid_accumulation_keeps_the_previous_checkpoint(tmp_path, batch
     trainer = SimpleNamespace(
         accumulate_grad_batches=2, world_size=1, global_step=3, _signal_connector=SimpleNamespace(received_sigterm=False),
         checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path), CHECKPOINT_NAME_LAST="last", FILE_EXTENSION=".ckpt"),
-        save_checkpoint=written.append)
+        save_checkpoint=lambda path, weights_only=None: written.append((path, weights_only)))
     callback = PreemptionCheckpoint()
     callback._pending = signal.SIGTERM
     callback.on_train_batch_end(trainer, None, None, None, batch_idx)
     assert trainer._signal_connector.received_sigterm  # the run stops after this batch either way
-    assert written == ([tmp_path / "last.ckpt"] if saved else [])
+    assert written == ([(tmp_path / "last.ckpt", False)] if saved else [])  # a full checkpoint (optimizer too)
 
 
 def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored(capfd):
