@@ -32,7 +32,8 @@ from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.errors import OneLineParser, check_config_files
 from fnf.export import WEIGHT_NAME, lora_state_dict, write_lora
 from fnf.output_folder import atomic_folder, check_output_folder
-from fnf.pipeline import LoraArgs, Text2ImageModel, resolve_model_path
+from fnf.model_files import resolve_model_path
+from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.recipe import check_settings
 from fnf.resume import check_lora_state
 

@@ -16,7 +16,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
+from fnf.model_files import load_part, load_tokenizer
+from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
 T5_TOKENS = 512
 """T5 tokens per prompt: FluxPipeline's default ``max_sequence_length`` (fewer if the tokenizer's limit is lower)."""

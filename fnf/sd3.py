@@ -19,7 +19,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
+from fnf.model_files import load_part, load_tokenizer
+from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
 T5_TOKENS = 256
 """T5 tokens per prompt: StableDiffusion3Pipeline's default ``max_sequence_length`` (fewer if the T5 tokenizer's

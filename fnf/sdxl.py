@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from fnf.pipeline import Text2ImageModel, TextEmbedding, load_part, load_tokenizer, token_ids
+from fnf.model_files import load_part, load_tokenizer
+from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
 
 class SDXLModel(Text2ImageModel):

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from fnf.cli import main
 from fnf.export import WEIGHT_NAME, load_lora, save_lora
 from fnf.export_formats import KOHYA_WEIGHT_NAME, MARKER
-from fnf.pipeline import LoraArgs, Text2ImageModel, resolve_model_path
+from fnf.model_files import resolve_model_path
+from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
 from fnf.worlds.random_sd import build_random_flux, build_random_sd, build_random_sd3, build_random_sdxl
 

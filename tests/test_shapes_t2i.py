@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fnf.pipeline import Text2ImageModel, resolve_model_path
+from fnf.model_files import resolve_model_path
+from fnf.pipeline import Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs
 from fnf.worlds.shapes.evaluate_t2i import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
 from model_card import PROMPT_SETS, assert_measures_as_card, card_rates  # tests/model_card.py

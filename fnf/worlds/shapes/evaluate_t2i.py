@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fnf.pipeline import Text2ImageModel, resolve_model_path
+from fnf.model_files import resolve_model_path
+from fnf.pipeline import Text2ImageModel
 from fnf.sampling import DDIMSampler, SamplerArgs, initial_noise
 from fnf.worlds.shapes.generator import artifact_prompts, heldout_prompts, make_batch, parse_prompt, tempting_prompts
 from fnf.worlds.shapes.judge import judge
