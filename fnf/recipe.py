@@ -58,7 +58,7 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
     LoRA settings must match (they fix the shapes of the weights); a resumed fit must match in everything but
     MAY_DIFFER_ON_RESUME, so a run is one recipe. Returns the other differences (evaluation may change them)."""
     ours, theirs = _flatten(ours), _flatten(saved)
-    differences = [key for key in theirs if key in ours and ours[key] != theirs[key]]
+    differences = [key for key in theirs if key in ours and not _same(ours[key], theirs[key])]
     for one, other in ((ours, theirs), (theirs, ours)):
         differences += sorted({parent for key in one.keys() - other.keys() for parent in _parents(key)
                                if parent in other})
@@ -70,6 +70,16 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
             raise ValueError(f"{key}: {_shown(ours, key)} in the config but {_shown(theirs, key)} in {ckpt_path}; "
                              f"{action}")
     return [f"{key}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
+
+
+def _same(ours, theirs) -> bool:
+    """Equal values, or two spellings of one existing file (a head's weights, relative here and absolute there)."""
+    if ours == theirs:
+        return True
+    try:
+        return isinstance(ours, str) and isinstance(theirs, str) and os.path.samefile(ours, theirs)
+    except OSError:  # not files
+        return False
 
 
 def _parents(key: str) -> list[str]:

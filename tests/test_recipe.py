@@ -40,3 +40,16 @@ def test_settings_are_compared_item_by_item_and_a_setting_one_side_lacks_is_newe
         check_settings(a_class, saved, "x.ckpt", resuming=True)
     assert check_settings(reweighted, saved, "x.ckpt", resuming=False) == [
         "model.rewards.0.weight=2.0 (trained with 1.0)"]  # evaluation: reported, not refused
+
+
+def test_a_head_s_weights_spelled_another_way_are_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"0")
+    (tmp_path / "other.safetensors").write_bytes(b"0")
+
+    def recipe(weights: str) -> dict:
+        return {"model": {"rewards": [{"head": {"class_path": "H", "init_args": {"weights": weights}}}]}}
+
+    assert check_settings(recipe(str(tmp_path / "w.safetensors")), recipe("w.safetensors"), "x.ckpt", True) == []
+    with pytest.raises(ValueError, match="model.rewards.0.head.init_args.weights: 'other.safetensors' in the config"):
+        check_settings(recipe("other.safetensors"), recipe("w.safetensors"), "x.ckpt", True)
