@@ -52,7 +52,7 @@ def load_part(path: str, part: str, kind, weights: bool = True):
                 plain = files
                 rank_zero_info(f"fnf: {folder}: only {options['variant']} variant weights there; loading those")
             if plain and issubclass(kind, ModelMixin):
-                options["torch_dtype"] = stored_dtype(plain[0])
+                options["dtype"] = stored_dtype(plain[0])
         return kind.from_pretrained(path, subfolder=part, **options)
     except Exception as error:  # missing / pickle-only / corrupt files
         reason = " ".join(str(error).split())[:300] or type(error).__name__  # some messages end in a list

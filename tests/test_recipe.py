@@ -6,22 +6,30 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 from jsonargparse import Namespace
 
 from fnf.recipe import check_settings, run_recipe
 
 
-def _config(train_file: str) -> Namespace:
-    return Namespace(model=Namespace(lam=1.0, rewards=[Namespace(head=Namespace(class_path="A"), weight=1.0)]),
-                     data=Namespace(train_file=train_file, batch_size=2))
+def _config(train_file: str, scan: str = "scan.jsonl") -> Namespace:
+    head = Namespace(class_path="A", init_args=Namespace(box=(0.0, 0.0, 0.5, 0.5)))
+    return Namespace(model=Namespace(lam=1.0, rewards=[Namespace(head=head, weight=1.0)]),
+                     data=Namespace(train_file=train_file, batch_size=2, filter=Namespace(scan=scan, head="A")))
 
 
 def test_one_prompt_file_however_it_is_spelled_and_processes_as_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trainer = SimpleNamespace(num_nodes=2, num_devices=4, accumulate_grad_batches=1)  # devices: auto, resolved
-    relative, absolute = run_recipe(_config("p.txt"), trainer), run_recipe(_config(str(tmp_path / "p.txt")))
+    relative = run_recipe(_config("p.txt"), trainer)
+    absolute = run_recipe(_config(str(tmp_path / "p.txt"), str(tmp_path / "scan.jsonl")))
     assert relative["data"]["train_file"] == absolute["data"]["train_file"] == os.path.join(tmp_path, "p.txt")
+    assert relative["data"]["filter"] == absolute["data"]["filter"] == {"scan": os.path.join(tmp_path, "scan.jsonl"),
+                                                                         "head": "A"}
     assert relative["trainer"] == {"processes": 8, "accumulate_grad_batches": 1} and "trainer" not in absolute
+    assert relative["model"]["rewards"][0]["head"]["init_args"]["box"] == [0.0, 0.0, 0.5, 0.5]  # as JSON gives it back
+    torch.save(relative, tmp_path / "recipe.pt")  # JSON types only: a checkpoint loads with weights_only=True
+    assert torch.load(tmp_path / "recipe.pt", weights_only=True) == relative
 
 
 def test_settings_are_compared_item_by_item_and_a_setting_one_side_lacks_is_newer_code():
@@ -38,6 +46,8 @@ def test_settings_are_compared_item_by_item_and_a_setting_one_side_lacks_is_newe
     a_class = {"model": {**newer["model"], "regularizer": {"class_path": "L"}}}  # null against a class
     with pytest.raises(ValueError, match=r"^model.regularizer: \{'class_path': 'L'\} in the config but None in"):
         check_settings(a_class, saved, "x.ckpt", resuming=True)
+    with pytest.raises(ValueError, match=r"^model.regularizer: None in the config but \{'class_path': 'L'\} in"):
+        check_settings(saved, a_class, "x.ckpt", resuming=True)  # and a class against null
     assert check_settings(reweighted, saved, "x.ckpt", resuming=False) == [
         "model.rewards.0.weight=2.0 (trained with 1.0)"]  # evaluation: reported, not refused
 
@@ -53,3 +63,11 @@ def test_a_head_s_weights_spelled_another_way_are_the_same_file(tmp_path, monkey
     assert check_settings(recipe(str(tmp_path / "w.safetensors")), recipe("w.safetensors"), "x.ckpt", True) == []
     with pytest.raises(ValueError, match="model.rewards.0.head.init_args.weights: 'other.safetensors' in the config"):
         check_settings(recipe("other.safetensors"), recipe("w.safetensors"), "x.ckpt", True)
+
+
+def test_speed_levers_and_the_base_model_s_place_may_change_on_resume():
+    saved = {"model": {"pretrained": "/a", "base_cache": "off", "compute": {"frozen_dtype": "auto"}, "lam": 1.0}}
+    moved = {"model": {"pretrained": "/b", "base_cache": "memory", "compute": {"frozen_dtype": "float32"}, "lam": 1.0}}
+    assert check_settings(moved, saved, "x.ckpt", resuming=True) == [
+        "model.pretrained='/b' (trained with '/a')", "model.base_cache='memory' (trained with 'off')",
+        "model.compute.frozen_dtype='float32' (trained with 'auto')"]
