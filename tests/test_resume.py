@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.cli import main
 from fnf.export import WEIGHT_NAME
-from fnf.resume import EpochShuffle, ResumableLoader
+from fnf.resume import EpochShuffle, ResumableLoader, find_last
 
 TESTS = Path(__file__).parent
 
@@ -429,3 +429,55 @@ def test_a_second_ctrl_c_stops_the_run_at_once_with_exit_code_130(config, tmp_pa
     assert exit_info.value.code == 130
     last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+def _checkpoints(root: Path, steps: dict[str, object]) -> dict[str, Path]:
+    """Fake ``<root>/lightning_logs/<version>/checkpoints/last.ckpt`` files holding a step (or bytes: a torn file),
+    written in the order given (the later, the newer)."""
+    paths = {}
+    for n, (version, step) in enumerate(steps.items()):
+        path = root / "lightning_logs" / version / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        if isinstance(step, bytes):
+            path.write_bytes(step)
+        else:
+            torch.save({"global_step": step}, path)
+        os.utime(path, (1_000_000 + n, 1_000_000 + n))
+        paths[version] = path
+    return paths
+
+
+def test_last_finds_the_newest_run_by_time_and_counts_torn_or_unbounded_runs_unfinished(tmp_path):
+    done = _checkpoints(tmp_path / "a", {"version_9": 5, "version_10": 5})  # version_10 newer, though "smaller"
+    assert find_last(tmp_path / "a", required=True, max_steps=5) == str(done["version_10"])
+    assert find_last(tmp_path / "a", required=True) == str(done["version_10"])  # evaluation: the newest
+    torn = _checkpoints(tmp_path / "b", {"version_0": b"\x00torn", "version_1": 5})
+    assert find_last(tmp_path / "b", required=True, max_steps=5) == str(torn["version_0"])  # said when loaded
+    _checkpoints(tmp_path / "c", {"version_0": 5, "version_1": 7})
+    with pytest.raises(ValueError, match="holds 2 unfinished runs"):  # max_steps -1: no run is ever finished
+        find_last(tmp_path / "c", required=True, max_steps=-1)
+
+
+def test_an_unbounded_run_resumes_instead_of_counting_as_complete(config, tmp_path):
+    """max_steps -1 (epochs bound the run): a checkpoint at any step is not 'already at max_steps'."""
+    main(["fit", "--config", str(config)])  # 2 steps: one epoch of 4 prompts in batches of 2
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "-1",
+          "--trainer.max_epochs", "2"])
+    last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+
+
+def test_evaluation_takes_the_newest_checkpoint_and_needs_one(config, tmp_path, monkeypatch):
+    """fnf test --ckpt_path last / auto: the newest last.ckpt, whatever runs are unfinished (nothing is trained);
+    auto with none is an error (there is no new run to start)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(config), "--ckpt_path", "auto"])
+    assert str(exit_info.value.code).startswith("fnf: error: --ckpt_path last: no last.ckpt under")
+    for _ in range(2):  # two runs short of the config's max_steps: a fit would refuse to pick one
+        main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
+    import fnf.cli
+
+    found = []
+    monkeypatch.setattr(fnf.cli, "find_last", lambda *a, **k: found.append(find_last(*a, **k)) or found[-1])
+    main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"), "--ckpt_path", "last"])
+    assert found == [str(tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")]
