@@ -200,6 +200,12 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a red circle"}\n')
     assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
+    broken.write_text(json.dumps({**read_rows(out)[0], "scores": [0.5]}) + "\n")  # every key, scores not per head
+    assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
+    other_size = tmp_path / "size.jsonl"  # base images at another resolution are other images
+    shutil.copy(out, other_size)
+    assert ("its rows were scanned with sampler.resolution=32, this config has 16" in
+            fail(scan_args(prompts, other_size, "--data.seeds_per_prompt=3", "--model.sampler.resolution=16")))
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b"\xff\xfe\x00 not text")
     assert f"{binary}: not a scan file" in fail(scan_args(prompts, binary))
@@ -270,6 +276,28 @@ def test_mask_area_above_of_a_named_head_reads_that_heads_mask_not_the_union(tmp
     assert [i["seed"] for i in kept] == [1, 2] and dropped == []
 
 
+def test_criteria_are_strict_bounds(tmp_path):
+    """score_below keeps scores below it, not equal to it; mask_area_above 1.0 could keep nothing: refused."""
+    out = tmp_path / "scan.jsonl"
+    append_rows(out, [_row(1, {"A": 0.1}, 0.1, score=-0.5), _row(2, {"A": 0.1}, 0.1, score=-0.6)])
+    items = [{"prompt": "a red circle", "seed": 1}, {"prompt": "a red circle", "seed": 2}]
+    kept, _ = ScanFilter(str(out), head="A", score_below=-0.5).split(items)
+    assert [i["seed"] for i in kept] == [2]
+    with pytest.raises(ValueError, match=r"mask_area_above must be a fraction of the pixels in \[0, 1\), got 1.0"):
+        ScanFilter(str(out), mask_area_above=1.0)
+
+
+def test_rows_of_other_prompt_files_are_neither_counted_nor_summarised(scanned, tmp_path, capsys):
+    """A scan file shared by prompt files: the summary and the 'scanned before' count are this file's items only."""
+    prompts, out, _ = scanned
+    shared, two = tmp_path / "shared.jsonl", tmp_path / "two.jsonl"
+    shutil.copy(out, shared)
+    two.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
+    capsys.readouterr()
+    scan(two, shared, "--data.seeds_per_prompt=2")
+    assert f"fnf scan: {shared}: 4 items of {two} (4 scanned before); " in capsys.readouterr().out
+
+
 def test_settings_difference_names_a_key_only_one_side_has():
     """A setting present on one side only is a difference, whichever side lacks it."""
     assert settings_difference({"a": 1}, {"a": 1, "b": 2}) == ("b", "null", "2")
@@ -283,6 +311,14 @@ def test_summary_counts_only_non_empty_masks():
     rows = [_row(1, {"A": 0.0, "N": None}, 0.0, score=-1.0), _row(2, {"A": 0.25, "N": None}, 0.25, score=0.5)]
     assert summary(rows, ["A", "N"]) == ("A: mean base score -0.25, mask not empty on 50.0%; "
                                          "N: mean base score -0.25")
+
+
+def test_a_head_without_a_mask_has_no_area_and_stays_out_of_the_union(config, tmp_path):
+    out = tmp_path / "scan.jsonl"
+    main(["scan", "--config", str(config), "--out", str(out), "--model.rewards", "[{head: {class_path: ColorRegion}, "
+          "mask: heatmap}, {head: {class_path: ColorRegion}, mask: none, name: score_only}]"])
+    for row in read_rows(out):
+        assert row["mask_area"]["score_only"] is None and row["union_mask_area"] == row["mask_area"]["ColorRegion"]
 
 
 def test_union_mask_area_is_the_area_of_the_max_over_the_heads_masks(config, tmp_path):
