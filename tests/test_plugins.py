@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from fnf.cli import main
+from fnf.rewards import RewardHead
 
 PLUGIN = Path(__file__).parent / "fixtures" / "fnf_plugin_demo"
 
@@ -26,6 +27,16 @@ def site(tmp_path_factory) -> Path:
                     "--target", str(target), str(PLUGIN)], check=True, capture_output=True)
     assert (target / "fnf_plugin_demo").is_dir() and list(target.glob("fnf_plugin_demo-*.dist-info"))
     return target
+
+
+def _site(tmp_path: Path, package: str, entry_points: str) -> Path:
+    """A folder holding an installed distribution's metadata with these entry points (what pip leaves)."""
+    site = tmp_path / f"{package}-site"
+    info = site / f"{package.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return site
 
 
 def _fnf(capsys, *args: str) -> tuple[int, str, str]:
@@ -96,12 +107,8 @@ def test_a_backbone_plugin_loads_the_folders_of_its_pipeline_class(site, config,
 def test_a_backbone_plugin_may_not_take_a_built_in_pipeline_class(tiny_model_dir, tmp_path, monkeypatch):
     from fnf.pipeline import Text2ImageModel
 
-    site = tmp_path / "site"
-    (site / "fnf_clash-0.1.dist-info").mkdir(parents=True)
-    (site / "fnf_clash-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-clash\nVersion: 0.1\n")
-    (site / "fnf_clash-0.1.dist-info" / "entry_points.txt").write_text(
-        "[fnf.backbones]\nStableDiffusionPipeline = fnf.pipeline:Text2ImageModel\n")
-    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fnf-clash", "[fnf.backbones]\n"
+                                                                 "StableDiffusionPipeline = fnf.pipeline:Text2ImageModel\n")))
     with pytest.raises(ValueError, match="fnf loads StableDiffusionPipeline folders itself; a plugin family needs a "
                                          "pipeline class of its own"):
         Text2ImageModel.from_pretrained(tiny_model_dir)
@@ -109,17 +116,15 @@ def test_a_backbone_plugin_may_not_take_a_built_in_pipeline_class(tiny_model_dir
 
 def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(site, tmp_path, monkeypatch, capsys):
     """An unrelated broken plugin must not stop every run: a warning; a config naming its head is one line."""
-    broken = tmp_path / "broken-site"
-    (broken / "fnf_broken-0.1.dist-info").mkdir(parents=True)
-    (broken / "fnf_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-broken\n"
-                                                                   "Version: 0.1\n")
-    (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text("[fnf.rewards]\nGone = no_such_module:Gone\n")
-    monkeypatch.syspath_prepend(str(broken))
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fnf-broken", "[fnf.rewards]\nGone = no_such_module:Gone\n")))
     monkeypatch.setattr("fnf.plugins.UNIMPORTABLE", {})
     code, out, err = _fnf(capsys, "rewards")
     assert code == 0 and "ShapesArtifact" in out
     assert err.startswith("fnf: warning: fnf.rewards entry point Gone = no_such_module:Gone (fnf-broken): cannot "
                           "import it (ModuleNotFoundError"), err
+    monkeypatch.setenv("RANK", "1")  # the other processes of a run: the warning is said once, by rank 0
+    assert _fnf(capsys, "rewards")[2] == ""
+    monkeypatch.delenv("RANK")
     config = tmp_path / "gone.yaml"
     config.write_text(yaml.safe_dump({"model": {"rewards": [{"head": {"class_path": "Gone"}}]}}))
     code, _, err = _fnf(capsys, "fit", "--config", str(config))
@@ -141,11 +146,7 @@ def test_a_plugin_that_cannot_be_imported_warns_and_is_named_where_it_is_used(si
 def test_an_entry_point_yaml_could_not_name_is_refused(tmp_path, monkeypatch, group, entry, message):
     """YAML names a head or regularizer by its class: an entry point under another name, of another kind, or a
     second ShapesArtifact, would make its short name fail or pick one of two classes."""
-    broken = tmp_path / "broken-site"
-    (broken / "fnf_broken-0.1.dist-info").mkdir(parents=True)
-    (broken / "fnf_broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fnf-broken\n"
-                                                                   "Version: 0.1\n")
-    (broken / "fnf_broken-0.1.dist-info" / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    broken = _site(tmp_path, "fnf-broken", f"[{group}]\n{entry}\n")
     (broken / "clash.py").write_text("from fnf.regularizers import Regularizer\nfrom fnf.rewards import RewardHead\n\n\n"
                                      "class Other(RewardHead):\n    pass\n\n\nclass ShapesArtifact(RewardHead):\n"
                                      "    pass\n\n\nclass PixelFrobenius(Regularizer):\n    pass\n")
@@ -166,3 +167,30 @@ def test_fnf_rewards_shows_a_heads_first_sentence_and_has_help(capsys):
     assert describe(_Wrapped, "imported").endswith("\n    A first sentence wrapped onto a second line.")
     main(["--help"])
     assert capsys.readouterr().out.startswith("usage: fnf rewards")
+
+
+def test_an_entry_point_may_name_a_built_in_head_itself(tmp_path, monkeypatch):
+    """A package re-exporting fnf's own class under its own name is no clash (the same class either way)."""
+    from fnf.plugins import load_plugins
+    from fnf.rewards import ShapesArtifact
+
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fnf-same", "[fnf.rewards]\n"
+                                                                "ShapesArtifact = fnf.rewards:ShapesArtifact\n")))
+    assert load_plugins()["ShapesArtifact"] is ShapesArtifact
+
+
+class _PrivateHead(RewardHead):
+    def forward(self, images, prompts):
+        raise AssertionError("never called")
+
+
+class ImportedHead(_PrivateHead):
+    """A head imported by a test module, neither built in nor a plugin."""
+
+
+def test_fnf_rewards_lists_built_ins_first_and_no_private_heads(capsys):
+    code, out, _ = _fnf(capsys, "rewards")
+    rows = [_rows(out)[name] for name in list(_rows(out))[1:]]  # after the header
+    built_in = [not row.endswith("]") for row in rows]  # others end in [plugin] / [imported]
+    assert code == 0 and "_PrivateHead" not in out and _rows(out)["ImportedHead"].endswith("[imported]")
+    assert built_in == sorted(built_in, reverse=True) and sum(built_in) >= 9  # every built-in head first

@@ -481,3 +481,28 @@ def test_evaluation_takes_the_newest_checkpoint_and_needs_one(config, tmp_path, 
     monkeypatch.setattr(fnf.cli, "find_last", lambda *a, **k: found.append(find_last(*a, **k)) or found[-1])
     main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"), "--ckpt_path", "last"])
     assert found == [str(tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")]
+
+
+def test_a_signal_in_the_sanity_check_waits_for_training_and_only_rank_0_says_so(capfd):
+    """Lightning's sanity check runs before training: no step to save yet, so the signal stays pending (the run
+    stops after its first step). Every rank of a node gets a terminal's Ctrl-C: rank 0 alone announces it."""
+    from fnf.preemption import PreemptionCheckpoint
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    trainer = SimpleNamespace(is_global_zero=False, world_size=1, sanity_checking=True,
+                              state=SimpleNamespace(fn="fit"), _signal_connector=SimpleNamespace(received_sigterm=False),
+                              checkpoint_callback=None)
+    try:
+        callback = PreemptionCheckpoint()
+        callback.on_fit_start(trainer, None)
+        callback.on_train_start(trainer, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert callback._pending == signal.SIGTERM and capfd.readouterr().err == ""  # rank 1: noted, not said
+        callback.on_validation_batch_end(trainer, None, None, None, 0)
+        assert not trainer._signal_connector.received_sigterm and callback._pending == signal.SIGTERM
+        trainer.sanity_checking = False
+        callback.on_validation_batch_end(trainer, None, None, None, 0)  # validation inside fit: stops there
+        assert trainer._signal_connector.received_sigterm
+        callback.teardown(None, None, "fit")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
