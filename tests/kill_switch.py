@@ -59,3 +59,16 @@ class ExpectRunFolderLocked(Callback):
         except ValueError:
             return
         raise AssertionError(f"{trainer.log_dir} is not locked while fit trains in it")
+
+
+class WriteFileAtStart(Callback):
+    """Writes ``path`` when training starts: another program filling a folder while fnf trains."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).write_text("precious\n")

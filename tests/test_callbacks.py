@@ -31,6 +31,26 @@ def test_image_grid_logger_writes_base_tuned_mask_difference_rows(tmp_path):
     assert shape[1] == 2 * (8 + 2) + 2 and shape[2] == 4 * (8 + 2) + 2  # 2 rows × 4 columns with padding 2
 
 
+def test_image_grid_cells_are_base_tuned_mask_overlay_and_amplified_difference(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    base, tuned = torch.full((1, 3, 8, 8), 0.5), torch.full((1, 3, 8, 8), 0.5)
+    tuned[..., :4] += 0.1  # a change of 0.1 on the left half shows as 0.4
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:, :] = 1  # the bottom half may change
+    grids = []
+    logger.experiment.add_image = lambda tag, grid, step: grids.append(grid)
+    ImageGridLogger(every_n_steps=1).on_train_batch_end(_Trainer(logger, 1), None,
+                                                        {"base": base, "tuned": tuned, "mask": mask}, None, 0)
+    cells = [grids[0][:, 2:10, 2 + 10 * column: 10 + 10 * column] for column in range(4)]  # padding 2
+    torch.testing.assert_close(cells[0], base[0])
+    torch.testing.assert_close(cells[1], tuned[0])
+    red = torch.tensor([0.5, 0.0, 0.0])[:, None]
+    torch.testing.assert_close(cells[2][:, 4:], 0.25 + red.expand(3, 8)[:, None, :].expand(3, 4, 8))  # half red
+    torch.testing.assert_close(cells[2][:, :4], base[0][:, :4])
+    torch.testing.assert_close(cells[3][..., :4], torch.full((3, 8, 4), 0.4))
+    assert cells[3][..., 4:].abs().max() < 1e-6
+
+
 def test_image_grid_logger_shows_the_tuned_images_when_the_step_skipped_the_base_pass(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     written = []

@@ -355,3 +355,14 @@ def test_a_full_disk_is_named_and_the_previous_export_stays(tmp_path, tiny_model
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "out"]
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_an_export_folder_filled_during_training_is_not_replaced(config, tmp_path, monkeypatch):
+    """The folder was fine at setup; a file someone put there while the run trained makes it another's at the end."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "export"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--lora_export.dirpath", str(out),
+              "--trainer.callbacks+=kill_switch.WriteFileAtStart", f"--trainer.callbacks.path={out / 'notes.txt'}"])
+    assert "holds notes.txt and was not written by fnf's LoRA export" in str(exit_info.value.code)
+    assert (out / "notes.txt").read_text() == "precious\n" and not (out / WEIGHT_NAME).exists()
