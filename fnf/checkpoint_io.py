@@ -123,6 +123,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # a dry run leaves nothing to resume from (Lightning's on_train_end would save)
+            return
         if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):  # "link": Lightning's way
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         else:

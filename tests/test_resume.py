@@ -506,3 +506,14 @@ def test_a_signal_in_the_sanity_check_waits_for_training_and_only_rank_0_says_so
         callback.teardown(None, None, "fit")
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_a_first_run_failing_before_training_leaves_no_logs_folder_and_a_dry_run_no_checkpoint(config, tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+              "--trainer.callbacks.step=0"])
+    assert not (tmp_path / "run" / "lightning_logs").exists()  # nor the lightning_logs it created
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run=true"])  # a dry run: nothing to resume from
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
