@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -81,6 +82,10 @@ def test_png_writer_puts_each_image_under_its_own_kind(tmp_path):
         assert all(set(Image.open(f).getdata()) == {(value,) * 3} for f in files)
     assert (tmp_path / "out" / "prompts.tsv").read_text().splitlines() == [
         "file\tseed\tprompt", "0005_00_7.png\t7\ta red circle", "0005_01_8.png\t8\ta blue square"]
+    shutil.rmtree(tmp_path / "out" / "tuned")
+    (tmp_path / "out" / "tuned").write_text("")  # a file where a kind's folder goes: replaced too
+    writer.on_predict_start(trainer, None)
+    assert (tmp_path / "out" / "tuned").is_dir() and not list((tmp_path / "out" / "tuned").iterdir())
 
 
 def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
