@@ -37,8 +37,9 @@ from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.recipe import RunRecipe, check_settings, run_recipe
-from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_version_folder, continue_run_folder,
-                        export_if_complete, find_last, is_run_last, lock_run_folder, remove_if_unstarted)
+from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_run_folder, claim_version_folder,
+                        continue_run_folder, export_if_complete, find_last, is_run_last, keeps_run_folders,
+                        lock_run_folder, remove_if_unstarted, use_run_folder)
 
 
 def started_on_their_own(trainer) -> bool:
@@ -177,12 +178,19 @@ class FnfCLI(RunCLI):
 
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
             if self.continues_run:
-                return continue_run_folder(self.trainer, ckpt_path)
-            self.claimed = claim_version_folder(self.trainer)
-            if ckpt_path is not None:
-                rank_zero_info(f"fnf: a new run from {ckpt_path} (not a last.ckpt under trainer.default_root_dir); "
-                               "its own run stays as it was")
-            return checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+                run = continue_run_folder(self.trainer, ckpt_path)
+            else:
+                self.claimed = claim_version_folder(self.trainer)
+                if not keeps_run_folders(self.trainer):  # MLflow, W&B, ... first: a folder under the root still
+                    self.claimed = self.claimed or claim_run_folder(self.trainer)
+                if ckpt_path is not None:
+                    rank_zero_info(f"fnf: a new run from {ckpt_path} (not a last.ckpt under "
+                                   "trainer.default_root_dir); its own run stays as it was")
+                run = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+            if run is not None and not keeps_run_folders(self.trainer):
+                exporter = next((c for c in self.trainer.callbacks if isinstance(c, LoraExporter)), None)
+                use_run_folder(self.trainer, run, exporter)
+            return run
 
         self.settle_run_folder(prepare)
         self.trainer.callbacks.append(RunRecipe(ours))  # for a later resume

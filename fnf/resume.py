@@ -20,6 +20,7 @@ from typing import IO
 import lightning as L
 import torch
 from lightning import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
@@ -222,6 +223,39 @@ def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
         save_lora(module.model, lora)
     rank_zero_info(f"fnf: {ckpt_path} is already at max_steps={trainer.max_steps}; nothing to train. LoRA: {lora}")
     return True
+
+
+def keeps_run_folders(trainer: L.Trainer) -> bool:
+    """The first logger gives each run a version folder under its save dir (TensorBoard, CSV), or there is none; the
+    others (MLflow, W&B, ...) would put every run's checkpoints and LoRA export into one folder of their own
+    (Lightning's ``trainer.log_dir`` rule), outside ``default_root_dir`` where ``--ckpt_path last`` looks."""
+    return not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger))
+
+
+def claim_run_folder(trainer: L.Trainer) -> Path | None:
+    """For a first logger without version folders: rank 0 claims ``<default_root_dir>/lightning_logs/version_N`` for
+    the run's checkpoints and LoRA export (an exclusive mkdir, as ``claim_version_folder``)."""
+    if trainer.global_rank != 0:
+        return None
+    root = Path(trainer.default_root_dir) / "lightning_logs"
+    check_writable(root.parent, "trainer.default_root_dir")
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()] if root.is_dir() else []
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir(parents=True)
+            return root / f"version_{version}"
+        except FileExistsError:
+            version += 1
+
+
+def use_run_folder(trainer: L.Trainer, run: Path, exporter) -> None:
+    """Checkpoints in ``run/checkpoints`` and the LoRA export in ``run/lora``, unless the config chose folders."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath is None:
+        callback.dirpath = str(run / "checkpoints")
+    if exporter is not None and exporter.dirpath is None:
+        exporter.dirpath = str(run / "lora")
 
 
 def claim_version_folder(trainer: L.Trainer) -> Path | None:

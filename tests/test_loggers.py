@@ -226,3 +226,24 @@ def test_report_stops_at_a_torn_tensorboard_record_and_names_a_corrupt_one(fit_r
     corrupt.write_bytes(data[:last_start + 20] + bytes([data[last_start + 20] ^ 1]) + data[last_start + 21:])
     with pytest.raises(ValueError, match=rf"{events.name}: corrupt record {number} \(checksum mismatch\)"):
         training_curves(corrupt.parent)
+
+
+def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_folder_of_its_own(tmp_path):
+    """MLflow (or W&B) first: Lightning would put every run's checkpoints and LoRA export into the logger's save dir,
+    outside default_root_dir (--ckpt_path last finds nothing there; a second run replaces the first's export). fnf
+    gives each run <default_root_dir>/lightning_logs/version_N, and a resume continues it."""
+    pytest.importorskip("mlflow")
+    logger = json.dumps([{"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                          "init_args": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}}])
+    fit = ["fit", *TINY, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.logger", logger]
+    main([*fit, "--trainer.max_steps", "1"])
+    main([*fit, "--trainer.max_steps", "1"])  # a second run: a folder of its own
+    runs = tmp_path / "run" / "lightning_logs"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert all((runs / v / "lora" / "pytorch_lora_weights.safetensors").is_file() for v in ("version_0", "version_1"))
+    assert not list((tmp_path / "mlruns").rglob("*.ckpt")) and not (tmp_path / "mlruns" / "lora").exists()
+    (runs / "version_1" / "checkpoints" / "last.ckpt").unlink()  # version_0 is now the one to continue
+    main([*fit, "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    assert torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
