@@ -54,6 +54,7 @@ class RunCLI(LightningCLI):
     error) leaves no version folder behind, one stopped later keeps its logs."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before training)
+    new_root = None  # trainer.default_root_dir, when this run created it (removed again too, if left empty)
     guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
 
     def settle_run_folder(self, prepare: Callable[[], Path | None]) -> None:
@@ -61,6 +62,8 @@ class RunCLI(LightningCLI):
         before anything is written there. An error is raised at once where the other ranks do not exist yet; where
         they do (torchrun, srun), rank 0 drops its loggers (nothing written) and every rank raises it in setup."""
         problem, lock = None, None
+        root = Path(self.trainer.default_root_dir)
+        self.new_root = None if root.exists() else root
         try:
             folder = prepare()
             if folder is not None and self.trainer.global_rank == 0:
@@ -94,7 +97,7 @@ class RunCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException as error:
             if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
-                remove_if_unstarted(self.claimed)
+                remove_if_unstarted(self.claimed, self.new_root)
             problem = self.guard.problem if self.guard is not None else None
             if problem is not None and problem is not error:  # the cause, whatever else then failed
                 raise problem from error
@@ -258,6 +261,8 @@ def main(args: list[str] | None = None) -> None:
         try:
             FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                    save_config_kwargs={"overwrite": True},
+                   auto_configure_optimizers=False,  # model.optimizer over the LoRA; --optimizer would replace it
+
                    parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,  # parse errors: one line
                                   "allow_abbrev": False,  # --trainer.max_step is a typo, not --trainer.max_steps
                                   "description": "Focus-N-Fix fine-tuning (LightningCLI)", "epilog": EPILOG},

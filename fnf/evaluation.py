@@ -43,7 +43,8 @@ from fnf.rewards.base import RewardHead
 REGIONS = ("outside", "inside", "all")
 MASKS_NOTE = ("Preservation (tuned vs base): outside_* / inside_* use this run's own training mask; reference_* use "
               "the Evaluation callback's reference mask, the same pixels for every compared run; all_* the whole "
-              "image. A region without pixels (every mask empty: nothing inside) has no row.\n\n")
+              "image. A region without pixels (every mask empty: nothing inside), or a judge's rate of no images "
+              "(no base image had the problem), has no row.\n\n")
 
 
 @dataclass
@@ -178,8 +179,9 @@ class Evaluation(Callback):
                 value = metric.compute()
                 if isinstance(metric, RegionMean) and math.isnan(value):  # a region without pixels: no number
                     continue
-                if isinstance(value, dict):  # a judge: its own keys, suffixed with the model
-                    values |= {f"{prefix}{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()}
+                if isinstance(value, dict):  # a judge: its own keys, suffixed with the model; a rate of nothing: none
+                    values |= {f"{prefix}{key}_{name.rsplit('_', 1)[1]}": float(v) for key, v in value.items()
+                               if not math.isnan(v)}
                 else:
                     values[prefix + name] = float(value)
             for head in pl_module.head_names:

@@ -152,7 +152,7 @@ def export(ckpt_path: Path, kind: str, out: Path, config: Path | None = None, dt
 
 
 def main(argv: list[str]) -> None:
-    parser = OneLineParser(prog="fnf export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fnf export", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--ckpt_path", type=Path, required=True, help="a checkpoint of fnf fit (e.g. last.ckpt)")
     parser.add_argument("--format", choices=FORMATS, required=True,
                         help="diffusers: load_lora_weights; kohya: ComfyUI / A1111 (SD1.x/2.x, SDXL); fused: "

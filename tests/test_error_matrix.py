@@ -90,6 +90,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     # the parser: keys, types, class paths
     "unknown key in the config": (_set("model.lamda", 0.1), [], "model.lamda: unknown key; did you mean model.lam?"),
     "unknown flag": (None, ["--model.lamda", "1"], "--model.lamda: unknown key; did you mean --model.lam?"),
+    "Lightning's own optimizer flag": (None, ["--optimizer", "torch.optim.SGD"],  # it would replace model.optimizer
+                                       "--optimizer: unknown key"),
     "abbreviated flag": (None, ["--trainer.max_step", "1"], "--trainer.max_step: unknown key; did you mean "
                                                            "--trainer.max_steps"),  # argparse took prefixes
     "unknown section": (_set("modle", {"lam": 1}), [], "modle.lam: unknown key; did you mean model.lam?"),
@@ -230,8 +232,9 @@ def _fail(config: dict, tmp: Path, extra: list[str], capsys) -> str:
 
 
 def _leftovers(tmp: Path) -> list[str]:
-    """What a failed run may not leave: version folders, staging files, exported LoRA folders."""
-    return sorted(str(p.relative_to(tmp)) for pattern in ("run/**/version_*", "**/*.tmp", "**/lora", "**/out")
+    """What a failed run may not leave: its root folder (trainer.default_root_dir: it did not exist), version
+    folders, staging files, exported LoRA folders."""
+    return sorted(str(p.relative_to(tmp)) for pattern in ("run", "**/*.tmp", "**/lora", "**/out")
                   for p in tmp.glob(pattern))
 
 

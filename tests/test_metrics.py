@@ -243,3 +243,24 @@ def test_categories_in_the_prompt_file_get_their_own_metrics(config, tmp_path):
         assert f"category/{group}/outside_psnr" in values
     mean = (2 * values["category/simple/reward_base/ColorRegion"] + values["category/placed/reward_base/ColorRegion"]) / 3
     assert values["reward_base/ColorRegion"] == pytest.approx(mean, rel=1e-5)  # the categories partition the set
+
+
+def test_a_judge_rate_of_no_images_is_left_out(tmp_path):
+    """Repair rates divide by the base images that had the problem: with none, 0/0 is no number, not NaN in JSON."""
+    from torchmetrics import Metric
+
+    class _Rates(Metric):
+        def update(self) -> None: ...
+
+        def compute(self) -> dict:
+            return {"judge_repaired_rate": torch.tensor(math.nan), "judge_defect_rate": torch.tensor(0.5)}
+
+    evaluation = Evaluation(output_dir=str(tmp_path))
+    evaluation.metrics, evaluation.samples = {"validate": {"": {"judge_tuned": _Rates()}}}, []
+    logged = {}
+    module = SimpleNamespace(head_names=[], log_dict=lambda values, **kwargs: logged.update(values))
+    trainer = SimpleNamespace(is_global_zero=True, log_dir=None, default_root_dir=str(tmp_path), loggers=[],
+                              global_step=0)
+    evaluation._finish("validate", trainer, module)
+    assert json.loads((tmp_path / "validate_metrics.json").read_text()) == {"judge_defect_rate_tuned": 0.5}
+    assert logged == {"validate_eval/judge_defect_rate_tuned": 0.5}

@@ -36,7 +36,8 @@ def main(args: list[str] | None = None) -> None:
         check_config_files(argv)
         RAHFCLI(RAHFTraining, RichHFDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                 save_config_kwargs={"overwrite": True},
-                parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},  # parse errors: one line
+                parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,  # parse errors: one line
+                               "prog": "fnf rahf-train"},
                 trainer_defaults={"plugins": {"class_path": "fnf.checkpoint_io.AtomicCheckpointIO"}})
 
 

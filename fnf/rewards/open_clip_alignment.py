@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -43,12 +44,16 @@ class OpenCLIPAlignment(RewardHead):
             raise FileNotFoundError(f"{self.name}.pretrained: {pretrained}: "
                                     f"{'a folder' if Path(pretrained).is_dir() else 'no such file'}; expected a "
                                     ".safetensors file or an open_clip tag")
+        silenced = logging.root.manager.disable  # open_clip logs a failed download or unknown tag, then raises
+        logging.disable(max(silenced, logging.ERROR))
         try:
             self.model = open_clip.create_model(model, pretrained=pretrained, require_pretrained=pretrained is not None)
         except Exception as error:  # unknown name, offline download, corrupt file: one line
             reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise ValueError(f"{self.name}: cannot load open_clip model {model!r} (pretrained={pretrained!r}): "
                              f"{reason}") from None
+        finally:
+            logging.disable(silenced)
         self.tokenizer = open_clip.get_tokenizer(model)
         preprocess = self.model.visual.preprocess_cfg
         self.image_size = self.model.visual.image_size
