@@ -37,7 +37,7 @@ from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.recipe import RunRecipe, check_settings, run_recipe
-from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_run_folder, claim_version_folder,
+from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_folder_in_root, claim_version_folder,
                         continue_run_folder, export_if_complete, find_last, is_run_last, keeps_run_folders,
                         lock_run_folder, remove_if_unstarted, use_run_folder)
 
@@ -185,7 +185,7 @@ class FnfCLI(RunCLI):
             else:
                 self.claimed = claim_version_folder(self.trainer)
                 if not keeps_run_folders(self.trainer):  # MLflow, W&B, ... first: a folder under the root still
-                    self.claimed = self.claimed or claim_run_folder(self.trainer)
+                    self.claimed = self.claimed or claim_folder_in_root(self.trainer)
                 if ckpt_path is not None:
                     rank_zero_info(f"fnf: a new run from {ckpt_path} (not a last.ckpt under "
                                    "trainer.default_root_dir); its own run stays as it was")
@@ -262,7 +262,6 @@ def main(args: list[str] | None = None) -> None:
             FnfCLI(FocusNFix, PromptDataModule, args=args,  # args None: LightningCLI reads sys.argv itself
                    save_config_kwargs={"overwrite": True},
                    auto_configure_optimizers=False,  # model.optimizer over the LoRA; --optimizer would replace it
-
                    parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,  # parse errors: one line
                                   "allow_abbrev": False,  # --trainer.max_step is a typo, not --trainer.max_steps
                                   "description": "Focus-N-Fix fine-tuning (LightningCLI)", "epilog": EPILOG},

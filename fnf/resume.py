@@ -232,19 +232,24 @@ def keeps_run_folders(trainer: L.Trainer) -> bool:
     return not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger))
 
 
-def claim_run_folder(trainer: L.Trainer) -> Path | None:
+def claim_folder_in_root(trainer: L.Trainer) -> Path | None:
     """For a first logger without version folders: rank 0 claims ``<default_root_dir>/lightning_logs/version_N`` for
-    the run's checkpoints and LoRA export (an exclusive mkdir, as ``claim_version_folder``)."""
+    the run's checkpoints and LoRA export, as ``claim_version_folder`` claims a logger's."""
     if trainer.global_rank != 0:
         return None
     root = Path(trainer.default_root_dir) / "lightning_logs"
     check_writable(root.parent, "trainer.default_root_dir")
     taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()] if root.is_dir() else []
-    version = max(taken, default=-1) + 1
+    return root / f"version_{_make_next_version(root, max(taken, default=-1) + 1)}"
+
+
+def _make_next_version(root: Path, version: int) -> int:
+    """The first ``version_N`` from ``version`` on that this process creates (an exclusive mkdir: two runs listing
+    the same free number cannot both take it). The root is created too: see remove_if_unstarted."""
     while True:
         try:
             (root / f"version_{version}").mkdir(parents=True)
-            return root / f"version_{version}"
+            return version
         except FileExistsError:
             version += 1
 
@@ -273,14 +278,7 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
         root = Path(logger.root_dir)
         if root not in versions:
             check_writable(root, "trainer.default_root_dir (or the logger's save_dir)")
-            version = logger.version  # Lightning's guess from the listing
-            while True:
-                try:
-                    (root / f"version_{version}").mkdir(parents=True)  # the root too: see remove_if_unstarted
-                    break
-                except FileExistsError:
-                    version += 1
-            versions[root] = version
+            versions[root] = _make_next_version(root, logger.version)  # from Lightning's guess from the listing
         logger._version = versions[root]
         claimed = claimed or root / f"version_{versions[root]}"
     return claimed
