@@ -42,7 +42,7 @@ def load_part(path: str, part: str, kind, weights: bool = True):
     with ``variant="fp16"``) loads that variant, and says so."""
     folder, options = _local_part(path, part), {}
     files = sorted(folder.glob("*.safetensors")) if weights and folder is not None else []
-    variants = {file.name.split(".")[-2] for file in files if file.name.count(".") > 1}
+    variants = {file.name.split(".")[-2].split("-")[0] for file in files if file.name.count(".") > 1}  # shards too
     plain = [file for file in files if file.name.count(".") == 1]
     try:
         if weights:
@@ -93,6 +93,8 @@ def load_tokenizer(path: str, part: str, index: dict):
 
 
 def read_model_index(pretrained: str, path: str) -> dict:
+    """A local folder's model_index.json, or a hub id's (from the hub cache first; the network only when
+    ``HF_HUB_OFFLINE`` allows it)."""
     local = Path(path)
     if local.is_dir():
         index_file = local / "model_index.json"
