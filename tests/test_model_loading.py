@@ -102,7 +102,7 @@ def test_weights_load_in_the_dtype_their_files_hold_and_the_lora_is_float32(tiny
     host memory per process for a FLUX-size transformer); peft gives a new LoRA its layer's dtype: made float32."""
     from fnf.pipeline import LoraArgs
 
-    StableDiffusionPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = Text2ImageModel.from_pretrained(tmp_path / "bf16")
     assert {model.unet.dtype, model.vae.dtype, model.text_encoder.dtype} == {torch.bfloat16}
     reference = Text2ImageModel.from_pretrained(tiny_model_dir)
