@@ -1,5 +1,6 @@
-"""Loading ``model.pretrained`` as users hold models: hub ids from the local cache, variant-only downloads, and
-folders that load but could not train (another kind of model) refused in one line."""
+"""Loading ``model.pretrained`` as users hold models: hub ids from the local cache, variant-only downloads, weights
+in their files' dtype with a float32 LoRA, and folders that load but could not train (another kind of model)
+refused in one line."""
 
 from __future__ import annotations
 
