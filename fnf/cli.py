@@ -76,9 +76,14 @@ class RunCLI(LightningCLI):
         self.trainer.callbacks.insert(0, self.guard)
 
     def claim_run_folder(self) -> None:
-        """A version folder of this run's own (no lock: evaluation and rahf-train runs)."""
+        """A version folder of this run's own (no lock: evaluation and rahf-train runs); with MLflow, W&B, ... first
+        (one save dir shared by runs), ``<default_root_dir>/lightning_logs/version_N`` for its files."""
         def claim() -> None:
             self.claimed = claim_version_folder(self.trainer)
+            if not keeps_run_folders(self.trainer):
+                self.claimed = self.claimed or claim_folder_in_root(self.trainer)
+                if self.claimed is not None:
+                    use_run_folder(self.trainer, self.claimed)
 
         self.settle_run_folder(claim)
 
@@ -191,8 +196,7 @@ class FnfCLI(RunCLI):
                                    "trainer.default_root_dir); its own run stays as it was")
                 run = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
             if run is not None and not keeps_run_folders(self.trainer):
-                exporter = next((c for c in self.trainer.callbacks if isinstance(c, LoraExporter)), None)
-                use_run_folder(self.trainer, run, exporter)
+                use_run_folder(self.trainer, run)
             return run
 
         self.settle_run_folder(prepare)

@@ -25,8 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from fnf.callbacks import on_every_rank
+from fnf.callbacks import LoraExporter, on_every_rank
 from fnf.checkpoint_io import AtomicCheckpointIO, check_writable
+from fnf.evaluation import Evaluation
 from fnf.export import WEIGHT_NAME, save_lora
 
 
@@ -254,13 +255,17 @@ def _make_next_version(root: Path, version: int) -> int:
             version += 1
 
 
-def use_run_folder(trainer: L.Trainer, run: Path, exporter) -> None:
-    """Checkpoints in ``run/checkpoints`` and the LoRA export in ``run/lora``, unless the config chose folders."""
+def use_run_folder(trainer: L.Trainer, run: Path) -> None:
+    """Checkpoints in ``run/checkpoints``, the LoRA export in ``run/lora`` and the evaluation's metrics files and
+    ``test_samples/`` in ``run``, unless the config chose folders."""
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath is None:
         callback.dirpath = str(run / "checkpoints")
-    if exporter is not None and exporter.dirpath is None:
-        exporter.dirpath = str(run / "lora")
+    for callback in trainer.callbacks:
+        if isinstance(callback, LoraExporter) and callback.dirpath is None:
+            callback.dirpath = str(run / "lora")
+        if isinstance(callback, Evaluation) and callback.output_dir is None:
+            callback.output_dir = str(run)
 
 
 def claim_version_folder(trainer: L.Trainer) -> Path | None:

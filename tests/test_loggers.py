@@ -247,3 +247,20 @@ def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_fold
     main([*fit, "--trainer.max_steps", "2", "--ckpt_path", "last"])
     assert torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+
+
+def test_fnf_test_logged_to_mlflow_first_writes_its_files_into_a_folder_of_its_own(tmp_path):
+    """Two ``fnf test`` runs with MLflow first: each run's test_metrics.json and test_samples/ in its own
+    <default_root_dir>/lightning_logs/version_N (the MLflow save dir is shared: the second would replace the first)."""
+    pytest.importorskip("mlflow")
+    logger = json.dumps([{"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                          "init_args": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}}])
+    test = ["test", *TINY, "--trainer.limit_test_batches", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger", logger]
+    main(test)
+    main([*test, "--model.sampler.num_steps", "3"])
+    runs = tmp_path / "run" / "lightning_logs"
+    metrics = [json.loads((runs / v / "test_metrics.json").read_text()) for v in ("version_0", "version_1")]
+    assert metrics[0] != metrics[1] and all((runs / v / "test_samples" / "samples.json").is_file()
+                                            for v in ("version_0", "version_1"))
+    assert not list((tmp_path / "mlruns").rglob("test_metrics.json"))
