@@ -115,6 +115,7 @@ class RunCLI(LightningCLI):
 class FnfCLI(RunCLI):
     continues_run = False  # ckpt_path is a run's last.ckpt (found by last / auto, or given): continue its folder
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
+    saved_step = None  # and its global step (read once: a checkpoint at max_steps is not trained again)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ImageGridLogger, "image_logger")
@@ -144,6 +145,7 @@ class FnfCLI(RunCLI):
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)
         self.saved_recipe = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
+        self.saved_step = checkpoint.get("global_step", 0)
         saved, ours = {**self.saved_recipe}, run_recipe(config)  # the trainer's part: before_fit (it needs one)
         saved.pop("trainer", None)
         if subcommand != "fit":  # evaluation: other data and devices are its own business
@@ -201,8 +203,9 @@ class FnfCLI(RunCLI):
 
         self.settle_run_folder(prepare)
         self.trainer.callbacks.append(RunRecipe(ours))  # for a later resume
-        single_file = ckpt_path is not None and Path(ckpt_path).is_file()  # not a distributed checkpoint folder
-        if single_file and self.guard.problem is None and export_if_complete(self.trainer, self.model, ckpt_path):
+        complete = self.saved_step is not None and 0 <= self.trainer.max_steps <= self.saved_step  # not a DCP folder
+        if complete and self.guard.problem is None:
+            export_if_complete(self.trainer, self.model, ckpt_path)
             sys.exit(0)
 
     def _before_evaluation(self, subcommand: str) -> None:

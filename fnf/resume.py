@@ -210,12 +210,10 @@ def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
     return run
 
 
-def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> bool:
-    """True when ``ckpt_path`` is already at ``max_steps``: nothing is left to train. The run's LoRA export is
-    written from the checkpoint if it is missing (a run killed between its last checkpoint and its export)."""
+def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> None:
+    """For a checkpoint already at ``max_steps`` (nothing is left to train): the run's LoRA export is written from the
+    checkpoint if it is missing (a run killed between its last checkpoint and its export)."""
     checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)  # one-line errors for missing / corrupt files
-    if trainer.max_steps < 0 or checkpoint.get("global_step", 0) < trainer.max_steps:
-        return False
     saved = checkpoint.get("state_dict") or {}
     check_lora_state({name: p.shape for name, p in module.named_parameters() if p.requires_grad}, saved)
     lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
@@ -223,7 +221,6 @@ def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
         module.load_state_dict(saved, strict=False)  # the LoRA; frozen weights are not in it
         save_lora(module.model, lora)
     rank_zero_info(f"fnf: {ckpt_path} is already at max_steps={trainer.max_steps}; nothing to train. LoRA: {lora}")
-    return True
 
 
 def keeps_run_folders(trainer: L.Trainer) -> bool:
