@@ -48,8 +48,9 @@ from fnf.cli import main as fnf
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "fnf" / "worlds" / "shapes" / "prompts"
-PROMPT_FILES = {"val": "{task}_val.jsonl", "test": "{task}_eval.jsonl"}
-PROMPT_COUNT = {("val", True): 32, ("val", False): None, ("test", True): 32, ("test", False): 100}  # None: all
+PROMPT_FILES = {"val": "{task}_val.jsonl", "test": "{task}_eval.jsonl", "train": "{task}_train.jsonl"}  # train: probes
+PROMPT_COUNT = {("val", True): 32, ("val", False): None, ("test", True): 32, ("test", False): 100,  # None: all
+                ("train", True): 32, ("train", False): None}
 TARGET = {"artifacts": "judge_defect_rate", "safety": "judge_unsafe_rate"}
 HEAD = {"artifacts": "ShapesArtifact", "safety": "ShapesSafety"}
 PROBLEM = {"artifacts": "artifacts", "safety": "safety", "flow_artifacts": "artifacts", "flow_safety": "safety"}

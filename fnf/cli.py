@@ -112,6 +112,14 @@ class RunCLI(LightningCLI):
                 self.guard.release()  # the run folder is free for a later --ckpt_path last
 
 
+COMMAND_HELP = {  # Lightning's help for its commands is their docstrings' first lines, cut mid-sentence
+    "fit": "train the LoRA (Focus-N-Fix steps); checkpoints, and the LoRA export at the end",
+    "validate": "base vs tuned images of data.val_file: the Evaluation callback's metrics",
+    "test": "base vs tuned images of data.test_file: metrics, and test_samples/ for fnf report",
+    "predict": "tuned and base images of data.predict_file as PNGs (predict_writer.output_dir)",
+}
+
+
 class FnfCLI(RunCLI):
     continues_run = False  # ckpt_path is a run's last.ckpt (found by last / auto, or given): continue its folder
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
@@ -125,6 +133,12 @@ class FnfCLI(RunCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # one last.ckpt per run, at its final step too
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 0, "checkpoint.enable_version_counter": False})
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        kwargs = {command: {"description": line, **kwargs.get(command, {})} for command, line in COMMAND_HELP.items()}
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:  # the lines of fnf --help
+            choice.help = COMMAND_HELP[choice.dest]
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path``: ``last`` (the newest last.ckpt under trainer.default_root_dir, required) or ``auto`` (the

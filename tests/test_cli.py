@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fnf.cli import main
+from fnf.cli import COMMAND_HELP, main
 
 
 def _fail(args: list[str], capsys) -> str:
@@ -39,6 +39,10 @@ def test_help_lists_every_command_and_a_typo_gets_the_closest(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(f"{tool}:" in text for tool in ("report", "export", "preview", "scan", "rewards", "rahf-train"))
+    assert f"test {COMMAND_HELP['test']}" in text and f"fit {COMMAND_HELP['fit']}" in text  # not Lightning's cut lines
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert COMMAND_HELP["predict"] in " ".join(capsys.readouterr().out.split())
     for argv, expected in ((["reprot", "runs/x"], "fnf: error: reprot: unknown command; did you mean report"),
                            ([], "fnf: error: no command; expected one of fit, validate, test, predict, report")):
         with pytest.raises(SystemExit) as exit_info:
