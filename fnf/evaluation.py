@@ -7,7 +7,8 @@ compares the two models on identical starting noise:
 * FID between the tuned and the base images (how far the image distribution moved), with a
   configurable feature extractor (``fid_features``; the embedded world uses ShapesAlignment's tower);
 * CLIP score of base and tuned images against their prompts (``clip``);
-* preservation: PSNR and SSIM of tuned vs base outside the problem mask, inside it, whole image. Two masks:
+* preservation: PSNR, SSIM and (with ``lpips``) LPIPS of tuned vs base outside the problem mask, inside it, whole
+  image. Two masks:
   ``outside_*`` / ``inside_*`` use the run's own training mask (its heads, threshold, dilation), so runs with
   different mask settings are scored on different pixels; ``reference_outside_*`` / ``reference_inside_*`` use
   ``reference`` (a heatmap head + mask settings on I0, the same for every run of one base model, prompts and
@@ -25,7 +26,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -37,7 +40,7 @@ from typing_extensions import override
 
 from fnf.image_logging import log_image, log_table
 from fnf.masks import MaskArgs, heatmap_to_mask
-from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM, RegionMean
+from fnf.metrics import CLIPScore, ImageFeatures, MaskedLPIPS, MaskedPSNR, MaskedSSIM, RegionMean, lpips_network
 from fnf.rewards.base import RewardHead
 
 REGIONS = ("outside", "inside", "all")
@@ -89,8 +92,8 @@ def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str])
 class Evaluation(Callback):
     def __init__(self, clip: nn.Module | None = None, fid_features: nn.Module | None = None,
                  judges: list[Metric] | None = None, pair_judges: list[Metric] | None = None,
-                 reference: ReferenceMask | None = None, output_dir: str | None = None,
-                 save_samples: int = 16) -> None:
+                 reference: ReferenceMask | None = None, lpips: Literal["alex", "vgg", "squeeze"] | None = None,
+                 output_dir: str | None = None, save_samples: int = 16) -> None:
         """Evaluate base vs tuned images in validate/test.
 
         Args:
@@ -101,20 +104,27 @@ class Evaluation(Callback):
             judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
             pair_judges: extra metrics updated with (base images, tuned images, prompts), e.g. JudgeRepairRates.
             reference: the mask for the ``reference_*`` preservation metrics; None: only the run's own mask.
+            lpips: LPIPS backbone for the ``*_lpips`` preservation metrics (a distance: lower is better; the paper's
+                perceptual check outside the mask); torchvision's ImageNet weights from torch's hub cache
+                (``$TORCH_HOME/hub/checkpoints``, downloaded once where online). None skips LPIPS.
             output_dir: where ``<stage>_metrics.json`` / ``.md`` go; None means the run's log dir.
             save_samples: in test, keep this many (prompt, seed) samples for ``fnf report``: PNGs of
                 base | tuned | heatmap | mask | |difference| and their numbers in ``test_samples/``.
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
         self.pair_judges, self.reference = pair_judges or [], reference
+        self.lpips = lpips_network(lpips) if lpips is not None else None  # one network for every region and group
         self.save_samples = save_samples
         self.metrics: dict[str, dict[str, nn.ModuleDict]] = {}  # stage -> category ('' = all) -> metrics
         self.samples: list[dict] = []
 
     def _build(self, pl_module: LightningModule, fid: bool) -> nn.ModuleDict:
         masks = ["", "reference_"] if self.reference is not None else [""]
+        kinds = {"psnr": MaskedPSNR, "ssim": MaskedSSIM}
+        if self.lpips is not None:
+            kinds["lpips"] = partial(MaskedLPIPS, self.lpips)
         metrics = {f"{mask}{region}_{name}": kind(region=region) for mask in masks for region in REGIONS
-                   if not (mask and region == "all") for name, kind in (("psnr", MaskedPSNR), ("ssim", MaskedSSIM))}
+                   if not (mask and region == "all") for name, kind in kinds.items()}
         for name in pl_module.head_names:
             metrics[f"reward_base/{name}"], metrics[f"reward_tuned/{name}"] = MeanMetric(), MeanMetric()
         if self.clip is not None:
@@ -156,7 +166,7 @@ class Evaluation(Callback):
         for name, metric in metrics.items():
             if name.startswith("reference_"):
                 metric.update(tuned, base, outputs["reference_mask"].float())
-            elif name.endswith(("_psnr", "_ssim")):
+            elif name.endswith(("_psnr", "_ssim", "_lpips")):
                 metric.update(tuned, base, mask)
             elif name.startswith("pair_judge"):
                 metric.update(base, tuned, prompts)

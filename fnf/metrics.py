@@ -1,17 +1,20 @@
 """Evaluation metrics as torchmetrics ``Metric`` objects (their states sum across DDP processes).
 
 Preservation is measured between the tuned image I and the base image I0 of the same x_T, separately
-outside the problem mask (should not change), inside it (may change) and over the whole image.
+outside the problem mask (should not change), inside it (may change) and over the whole image: PSNR, SSIM and
+LPIPS.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -64,6 +67,49 @@ class MaskedSSIM(RegionMean):
 
     def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
         return structural_similarity_index_measure(tuned, base, data_range=1.0, return_full_image=True)[1]
+
+    def compute(self) -> Tensor:
+        return self.region_mean().float()
+
+
+LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}  # LPIPS name -> torchvision's
+
+
+def lpips_network(net: Literal["alex", "vgg", "squeeze"]) -> nn.Module:
+    """torchmetrics' LPIPS network (Zhang et al. 2018) in its spatial form: (tuned, base) in [0, 1] -> a (B, 1, H, W)
+    distance map. Linear layers: the LPIPS weights torchmetrics ships; backbone: torchvision's ImageNet weights,
+    read from torch's hub cache (downloaded there once where online)."""
+    from torchmetrics.functional.image.lpips import _NoTrainLpips  # the class its LPIPS metric wraps, spatial here
+    from torchvision.models import get_model_weights
+
+    url = get_model_weights(LPIPS_BACKBONES[net]).DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    try:
+        return _NoTrainLpips(net=net, spatial=True)
+    except OSError as error:  # offline and not cached (URLError), or an unreadable cache
+        raise ValueError(f"lpips: {net} needs torchvision's ImageNet weights {cached} (from {url}; torch.hub "
+                         f"downloads them there where online): {error}") from None
+
+
+class MaskedLPIPS(RegionMean):
+    """LPIPS (``lpips_network``) per pixel, averaged over a region: a distance, 0 = identical, lower is better.
+    Near the mask's edge a pixel's value also sees changes across the edge (the layers' receptive fields). Images
+    under ``MIN_SIDE`` pixels are upsampled by a whole factor first (AlexNet's pooling needs 32 at least)."""
+
+    higher_is_better = False
+    MIN_SIDE = 64
+
+    def __init__(self, network: nn.Module, region: Region = "outside", **kwargs) -> None:
+        super().__init__(region, **kwargs)
+        self.network = network  # one network shared by every region's metric
+
+    def pixel_map(self, tuned: Tensor, base: Tensor) -> Tensor:
+        scale = math.ceil(self.MIN_SIDE / min(tuned.shape[-2:]))
+        if scale > 1:  # (B, 3, H, W) -> (B, 3, sH, sW)
+            tuned, base = (F.interpolate(x, scale_factor=scale, mode="bilinear") for x in (tuned, base))
+        with torch.no_grad():
+            distance = self.network(tuned, base, normalize=True)  # (B, 1, sH, sW): [0, 1] in, LPIPS' [-1, 1] inside
+        return F.avg_pool2d(distance, scale) if scale > 1 else distance  # (B, 1, H, W)
 
     def compute(self) -> Tensor:
         return self.region_mean().float()

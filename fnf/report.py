@@ -30,7 +30,7 @@ REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment 
                                 "Preservation, tuned vs base")
 PRESERVATION_COLUMNS = {  # key -> header; ↑ / ↓: higher / lower is better (inside the mask, change is wanted)
     "outside_psnr": "PSNR out, dB ↑", "reference_outside_psnr": "PSNR out (ref.), dB ↑",
-    "outside_ssim": "SSIM out ↑",
+    "outside_ssim": "SSIM out ↑", "outside_lpips": "LPIPS out ↓", "reference_outside_lpips": "LPIPS out (ref.) ↓",
     "inside_psnr": "PSNR in, dB", "all_psnr": "PSNR all, dB", "fid_tuned_vs_base": "FID ↓"}
 # One table up to this many characters: Chromium lays the shapes world's tables out at ~5.6 px a character
 # at their narrowest, so ~1120 px of the ~1320 px a 1400-px window leaves between the page margins.

@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 from pathlib import Path  # noqa: E402
 
 import pytest
+import torch
 import yaml
 
 from fnf.worlds.random_sd import build_random_sd
@@ -122,3 +123,18 @@ def two_box_config(config: Path, tmp_path: Path, **saliency) -> Path:
     path = tmp_path / "two_heads.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+@pytest.fixture
+def alexnet_cache(tmp_path, monkeypatch):
+    """torch's hub cache holding an AlexNet (random weights: the ImageNet ones cannot be downloaded here) under the
+    file name torchvision's ImageNet weights have, where lpips_network reads them."""
+    from torchvision.models import AlexNet_Weights, alexnet
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / AlexNet_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(alexnet(weights=None).state_dict(), cached)
+    return cached

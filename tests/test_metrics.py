@@ -16,7 +16,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from fnf.cli import main
 from fnf.evaluation import Evaluation, ReferenceMask
 from fnf.masks import MaskArgs, heatmap_to_mask
-from fnf.metrics import CLIPScore, ImageFeatures, MaskedPSNR, MaskedSSIM
+from fnf.metrics import CLIPScore, ImageFeatures, MaskedLPIPS, MaskedPSNR, MaskedSSIM, lpips_network
 from fnf.module import FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
 from fnf.rewards import ColorRegion
@@ -108,6 +108,50 @@ def test_fid_with_a_tiny_feature_extractor_runs_offline():
     assert abs(same.compute().item()) < 1e-3 and shifted.compute().item() > 0.01
 
 
+def test_lpips_without_its_backbone_weights_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline_download)
+    with pytest.raises(ValueError, match=r"^lpips: alex needs torchvision's ImageNet weights .*empty/hub/checkpoints/"
+                                         r"alexnet-owt-7be5be79\.pth \(from https://.*offline") as error:
+        Evaluation(lpips="alex")
+    assert "\n" not in str(error.value)
+
+
+def _offline_download(url, *args, **kwargs):
+    from urllib.error import URLError
+
+    raise URLError("offline")
+
+
+@pytest.mark.parametrize("side", [64, 16])
+def test_masked_lpips_is_torchmetrics_lpips_split_by_region(alexnet_cache, side):
+    """Its whole-image value is torchmetrics' LPIPS (the spatial map's mean: bilinear upsampling keeps it close) of
+    the images upsampled to 64 px where smaller; the regions split it by pixel count; a change confined to the
+    mask's half scores far lower outside."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    torch.manual_seed(1)
+    base = torch.rand(2, 3, side, side)
+    tuned = base.clone()
+    tuned[..., : side // 2] = torch.rand(2, 3, side, side // 2)  # the left half changes: the mask's half
+    mask = torch.zeros(2, 1, side, side)
+    mask[..., : side // 2] = 1
+    network = lpips_network("alex")
+    values = {}
+    for region in ("outside", "inside", "all"):
+        metric = MaskedLPIPS(network, region)
+        metric.update(tuned, base, mask)
+        values[region] = metric.compute().item()
+    reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    tuned, base = (nn.functional.interpolate(x, size=(64, 64), mode="bilinear") for x in (tuned, base))
+    assert values["all"] == pytest.approx(reference(tuned, base).item(), rel=0.05)
+    assert values["all"] == pytest.approx((values["inside"] + values["outside"]) / 2, rel=1e-5)
+    assert values["outside"] < 0.5 * values["inside"]
+    same = MaskedLPIPS(network, "all")
+    same.update(base, base, torch.zeros(2, 1, 64, 64))
+    assert same.compute().item() == 0
+
+
 @pytest.mark.parametrize("metric", [MaskedPSNR, MaskedSSIM])
 def test_a_region_without_pixels_has_no_number(metric):
     """Every mask empty: nothing is inside, so inside_* is NaN (left out of the table), not 200 dB or SSIM 0."""
@@ -118,7 +162,7 @@ def test_a_region_without_pixels_has_no_number(metric):
     assert math.isnan(inside.compute().item()) and math.isfinite(outside.compute().item())
 
 
-def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
+def test_fnf_test_writes_the_evaluation_table(config, tmp_path, alexnet_cache):
     main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
           "--trainer.callbacks+=fnf.evaluation.Evaluation",
           "--trainer.callbacks.output_dir", str(tmp_path / "eval")])
@@ -128,6 +172,11 @@ def test_fnf_test_writes_the_evaluation_table(config, tmp_path):
     assert values["all_ssim"] == pytest.approx(1.0, abs=1e-6)
     assert "| outside_psnr |" in (tmp_path / "eval" / "test_metrics.md").read_text()
     assert math.isfinite(values["inside_psnr"])
+    main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
+          "--trainer.callbacks+=fnf.evaluation.Evaluation", "--trainer.callbacks.lpips", "alex",
+          "--trainer.callbacks.output_dir", str(tmp_path / "lpips")])  # LPIPS: 0 everywhere
+    values = json.loads((tmp_path / "lpips" / "test_metrics.json").read_text())
+    assert [values[f"{region}_lpips"] for region in ("outside", "inside", "all")] == pytest.approx([0] * 3, abs=1e-9)
     main(["test", "--config", str(config), "--data.test_file", str(tmp_path / "prompts.txt"),
           "--model.masks.threshold", "1.0", "--model.masks.dilation", "0",  # ColorRegion's heatmap stays below 1
           "--trainer.callbacks+=fnf.evaluation.Evaluation", "--trainer.callbacks.output_dir", str(tmp_path / "empty")])

@@ -65,7 +65,7 @@ def test_offline_the_config_fails_with_one_line(config, monkeypatch):
 
 @pytest.mark.parametrize("config", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_structure_runs_on_tiny_stand_ins(config, tiny_family_dirs, tiny_clip, tiny_rahf, tiny_rahf_reproduction,
-                                                 tmp_path):
+                                                 tmp_path, alexnet_cache):
     _skip_without_extras(config)
     model_dir = tiny_family_dirs[config.parent.name]
     data = _swap_models(yaml.safe_load(config.read_text()), model_dir, tiny_clip, tiny_rahf,
