@@ -20,6 +20,7 @@ from typing import IO
 import lightning as L
 import torch
 from lightning import Callback
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
@@ -253,8 +254,8 @@ def _make_next_version(root: Path, version: int) -> int:
 
 
 def use_run_folder(trainer: L.Trainer, run: Path) -> None:
-    """Checkpoints in ``run/checkpoints``, the LoRA export in ``run/lora`` and the evaluation's metrics files and
-    ``test_samples/`` in ``run``, unless the config chose folders."""
+    """Checkpoints in ``run/checkpoints``, the LoRA export in ``run/lora``, the evaluation's metrics files and
+    ``test_samples/`` and the run's ``config.yaml`` in ``run``, unless the config chose folders."""
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath is None:
         callback.dirpath = str(run / "checkpoints")
@@ -263,6 +264,8 @@ def use_run_folder(trainer: L.Trainer, run: Path) -> None:
             callback.dirpath = str(run / "lora")
         if isinstance(callback, Evaluation) and callback.output_dir is None:
             callback.output_dir = str(run)
+        if isinstance(callback, SaveConfigCallback):  # it joins log_dir and this: an absolute path wins the join
+            callback.config_filename = str((run / callback.config_filename).absolute())
 
 
 def claim_version_folder(trainer: L.Trainer) -> Path | None:

@@ -242,7 +242,9 @@ def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_fold
     runs = tmp_path / "run" / "lightning_logs"
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     assert all((runs / v / "lora" / "pytorch_lora_weights.safetensors").is_file() for v in ("version_0", "version_1"))
+    assert all((runs / v / "config.yaml").is_file() for v in ("version_0", "version_1"))  # each run's own config
     assert not list((tmp_path / "mlruns").rglob("*.ckpt")) and not (tmp_path / "mlruns" / "lora").exists()
+    assert not list((tmp_path / "mlruns").rglob("config.yaml"))
     (runs / "version_1" / "checkpoints" / "last.ckpt").unlink()  # version_0 is now the one to continue
     main([*fit, "--trainer.max_steps", "2", "--ckpt_path", "last"])
     assert torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
