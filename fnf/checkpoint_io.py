@@ -122,6 +122,16 @@ class RunCheckpoint(ModelCheckpoint):
     another LoRA than the run exported, and ``--ckpt_path auto`` would retrain the steps after it."""
 
     @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """The final step's last.ckpt is saved here, where the loop is still inside its epoch: saved in
+        ``on_train_end`` it would hold an epoch the loop has already ended, and a run extended from it (``--ckpt_path
+        last`` with a larger max_steps) would start a new epoch's order instead of finishing this one."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = trainer.global_step == trainer.max_steps and not trainer.fast_dev_run
+        if final and self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @override
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.fast_dev_run:  # a dry run leaves nothing to resume from (Lightning's on_train_end would save)
             return

@@ -81,7 +81,8 @@ def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    """The README's recipe: the same command plus ``--ckpt_path last``, which continues the run's own folder."""
+    """The README's recipe: the same command plus ``--ckpt_path last``, which continues the run's own folder; and a
+    finished run extended to more steps."""
     straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
     assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -97,6 +98,17 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir
 
     expected, got = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
     assert expected.keys() == got.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+    # A finished run extended: 4 steps (mid-epoch 1, no periodic checkpoint there), then --ckpt_path last to 7. Its
+    # final checkpoint is the one of its last batch, so the extension continues epoch 1 where the run stopped (one
+    # saved after the loop had ended its epoch started a new epoch's order and skipped its first batch).
+    extended = _config(tmp_path, tiny_model_dir, "extended", None, every=50)
+    assert _fnf("fit", "--config", str(extended), "--trainer.max_steps", "4").returncode == 0
+    done = _fnf("fit", "--config", str(extended), "--ckpt_path", "last")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = _lora(tmp_path / "extended")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
