@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -86,6 +87,9 @@ class PromptDataModule(L.LightningDataModule):
             order follows the run's seed (``seed_everything``) and the per-prompt base is 0.
         seeds_per_prompt: Number of (prompt, seed) items generated per prompt.
         val_fraction: Fraction in [0, 1) of training prompts held out when ``val_file`` is unset.
+        val_items: Validate on the first N items of ``val_file`` (or of the ``val_fraction`` hold-out; None: all),
+            the same items on any number of processes (``trainer.limit_val_batches`` counts batches per process);
+            ``filter``'s ``filtered_out: validate`` items come on top.
         batch_size: Items per batch and process (under DDP the global batch is this times the world size).
         num_workers: DataLoader worker processes (0 = load in the main process).
         filter: Train only on the items a ``fnf scan`` of ``train_file`` found the base model failing on
@@ -103,6 +107,7 @@ class PromptDataModule(L.LightningDataModule):
         seed: int | None = None,
         seeds_per_prompt: int = 1,
         val_fraction: float = 0.0,
+        val_items: int | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
         filter: ScanFilter | None = None,
@@ -111,6 +116,7 @@ class PromptDataModule(L.LightningDataModule):
         for key, ok, rule, value in (
             ("seeds_per_prompt", seeds_per_prompt >= 1, ">= 1", seeds_per_prompt),
             ("val_fraction", 0.0 <= val_fraction < 1.0, "in [0, 1)", val_fraction),
+            ("val_items", val_items is None or val_items >= 1, ">= 1 or null", val_items),
             ("batch_size", batch_size >= 1, ">= 1", batch_size),
             ("num_workers", num_workers >= 0, ">= 0", num_workers),
             ("seed", seed is None or 0 <= seed <= MAX_SEED, "in [0, 2**63) or null", seed),
@@ -121,7 +127,8 @@ class PromptDataModule(L.LightningDataModule):
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file = predict_file or test_file or val_file
         self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
-        self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
+        self.val_fraction, self.val_items, self.batch_size, self.num_workers = (val_fraction, val_items, batch_size,
+                                                                                num_workers)
         self.filter = filter
         self.items: dict[str, list[Item]] = {}
         self._skip_batches = 0
@@ -147,6 +154,8 @@ class PromptDataModule(L.LightningDataModule):
             elif self.val_fraction > 0:
                 self.items["val"] = [i for i in train if in_val_split(i["prompt"], self.val_fraction)]
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
+            if "val" in self.items:
+                self.items["val"] = self.items["val"][:self.val_items]
             if self.train_file:
                 if self.filter is not None:  # only the items whose base image the scan found wrong
                     train, rest = self.filter.split(train)
@@ -165,9 +174,13 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"no prompts for {split}: set --data.{key}")
             raise RuntimeError(f"PromptDataModule.setup() must run before {split}_dataloader()")
         items = self.items[split]
-        if not shuffle:
-            return DataLoader(items, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if not shuffle:  # every item once: Lightning's DistributedSampler would pad with repeats, counted twice
+            if world > 1 and len(items) < world:
+                raise ValueError(f"{split}: {len(items)} item(s) for {world} processes; each needs one at least")
+            sampler = UnrepeatedDistributedSampler(items, world, rank, shuffle=False) if world > 1 else None
+            return DataLoader(items, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=collate)
         sampler = EpochShuffle(len(items), self.shuffle_seed, num_replicas=world, rank=rank)  # this rank's shard
         skip, self._skip_batches = self._skip_batches, 0  # a restored run skips what its epoch already did
         if skip >= -(-len(sampler) // self.batch_size):  # saved at the end of an epoch: the next one starts fresh

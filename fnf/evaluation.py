@@ -82,6 +82,18 @@ def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> N
     (folder / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
+def gathered(trainer: Trainer, samples: list[dict]) -> list[dict]:
+    """Every rank's samples on rank 0 (a collective), in the prompt file's order: rank r of W evaluates items r,
+    r + W, r + 2W, ... (fnf.data: unrepeated), so its j-th sample is item j·W + r."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return samples
+    parts = [None] * trainer.world_size if trainer.is_global_zero else None
+    torch.distributed.gather_object(samples, parts, dst=0)
+    if not trainer.is_global_zero:
+        return []
+    return [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]
+
+
 def base_heatmap(pl_module: LightningModule, images: Tensor, prompts: list[str]) -> Tensor:
     """(B, 1, H, W) max over the masked reward terms of their heatmap (or saliency) on the base images."""
     heatmaps, _ = pl_module.problem_heatmaps(images, prompts)
@@ -199,9 +211,10 @@ class Evaluation(Callback):
                                                            - values[f"{prefix}reward_base/{head}"])
         pl_module.log_dict({f"{stage}_eval/{k}": v for k, v in values.items()}, sync_dist=False)
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: all ranks
+        samples = gathered(trainer, self.samples)[:self.save_samples] if stage == "test" else []  # all ranks
         if stage == "test" and trainer.is_global_zero:
-            write_samples(self.samples, pl_module.head_names, folder / "test_samples")
-            for n, sample in enumerate(self.samples):  # and to the run's loggers (W&B, MLflow, ...)
+            write_samples(samples, pl_module.head_names, folder / "test_samples")
+            for n, sample in enumerate(samples):  # and to the run's loggers (W&B, MLflow, ...)
                 log_image(trainer, f"test_samples/{n:03d}", sample_row(sample), trainer.global_step)
         self.samples = []
         if trainer.is_global_zero:
@@ -240,8 +253,9 @@ class Evaluation(Callback):
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update("test", pl_module, outputs, batch)
-        if outputs and len(self.samples) < self.save_samples:
-            keep = min(self.save_samples - len(self.samples), len(outputs["prompts"]))
+        quota = -(-self.save_samples // trainer.world_size)  # this rank's share of the first save_samples items
+        if outputs and len(self.samples) < quota:
+            keep = min(quota - len(self.samples), len(outputs["prompts"]))
             heatmap = base_heatmap(pl_module, outputs["base"][:keep], outputs["prompts"][:keep])
             for i in range(keep):
                 self.samples.append({

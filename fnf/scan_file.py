@@ -140,8 +140,7 @@ class ScanFilter:
     filtered_out: Literal["drop", "validate"] = "drop"
     """Items that fail: drop (unused), or validate: added to the validation set with category ``filtered_out``, so
     that validation (with the Evaluation callback) also reports, per category, what training does to prompts the
-    base model already got right (forgetting). They come after the validation file's items: set
-    ``trainer.limit_val_batches`` so that validation reaches them."""
+    base model already got right (forgetting). They come on top of the validation file's (``data.val_items``)."""
 
     def __post_init__(self) -> None:
         if not self.scan:

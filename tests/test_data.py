@@ -91,6 +91,28 @@ def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path):
     assert {i["prompt"] for i in split(seed=999)[1]} == val_prompts
 
 
+def test_evaluation_splits_give_every_process_its_own_items_once_and_val_items_fixes_their_number(tmp_path):
+    """val_items: the first N of val_file whatever the number of processes (limit_val_batches counts per process).
+    Two processes: rank r gets items r, r + 2, ... (no repeat to even them out: it would be scored twice), rank 0
+    one batch more; fewer items than processes is one line."""
+    from types import SimpleNamespace
+
+    val = write(tmp_path / "val.txt", "".join(f"p{n}\n" for n in range(9)))
+    module = PromptDataModule(val_file=val, test_file=val, val_items=5, batch_size=2)
+    module.setup("validate")
+    module.setup("test")
+    assert [i["prompt"] for i in module.items["val"]] == ["p0", "p1", "p2", "p3", "p4"]
+    assert len(module.items["test"]) == 9  # test prompts are never cut
+    shards = []
+    for rank in (0, 1):
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        shards.append([p for batch in module.val_dataloader() for p in batch["prompt"]])
+    assert shards == [["p0", "p2", "p4"], ["p1", "p3"]]
+    module.trainer = SimpleNamespace(world_size=6, global_rank=0)
+    with pytest.raises(ValueError, match=r"^val: 5 item\(s\) for 6 processes; each needs one at least$"):
+        module.val_dataloader()
+
+
 def test_val_file_takes_precedence_and_predict_falls_back(tmp_path):
     train = write(tmp_path / "train.txt", "a\nb\n")
     val = write(tmp_path / "val.txt", "v\n")
@@ -224,6 +246,7 @@ def test_missing_stage_files(tmp_path):
     ("kwargs", "match"),
     [
         ({"seeds_per_prompt": 0}, "data.seeds_per_prompt must be >= 1, got 0"),
+        ({"val_items": 0}, "data.val_items must be >= 1 or null, got 0"),
         ({"val_fraction": 1.5}, re.escape("data.val_fraction must be in [0, 1), got 1.5")),
         ({"val_fraction": -0.1}, "data.val_fraction"),
         ({"batch_size": 0}, "data.batch_size"),
@@ -304,6 +327,10 @@ def test_scan_filter_selects_items_after_the_val_split_and_validates_the_rest(tm
     assert [{k: v for k, v in i.items() if k != "category"} for i in dm.items["val"] if i.get("category")] == [
         i for i in all_items if i not in held_out and i not in kept]
     assert {i.get("category") for i in dm.items["val"]} == {None, FILTERED_OUT}
+    cut = PromptDataModule(train_file=train, seeds_per_prompt=2, val_fraction=0.25, val_items=2,
+                           filter=ScanFilter(scan, head="A", score_below=-0.1, filtered_out="validate"))
+    cut.setup("fit")  # val_items cuts the hold-out, not the filtered-out items on top of it
+    assert cut.items["val"] == held_out[:2] + [i for i in dm.items["val"] if i.get("category")]
     union = PromptDataModule(train_file=train, seeds_per_prompt=2, filter=ScanFilter(scan, mask_area_above=0.3))
     union.setup("fit")
     assert union.items["train"] == [i for i in all_items if -scores[(i["prompt"], i["seed"])] > 0.3]
