@@ -19,8 +19,9 @@ EMBEDDED_MODELS = Path(__file__).parent / "worlds" / "shapes" / "weights"
 
 
 def resolve_model_path(pretrained: str | os.PathLike) -> str:
-    """``embedded:<name>`` -> the shipped folder; anything else is a local folder or a hub id."""
-    pretrained = str(pretrained)
+    """``embedded:<name>`` -> the shipped folder; anything else is a local folder (``~`` expanded, as a shell would
+    on the command line but not in a YAML file) or a hub id."""
+    pretrained = os.path.expanduser(str(pretrained))
     if pretrained.startswith("embedded:"):
         folder = EMBEDDED_MODELS / pretrained.removeprefix("embedded:")
         if not folder.is_dir():

@@ -72,6 +72,15 @@ def test_a_model_of_another_kind_is_refused_in_one_line(tiny_model_dir, tmp_path
         Text2ImageModel.from_pretrained(folder)
 
 
+def test_a_home_relative_folder_loads(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """``model.pretrained: ~/models/sd`` in a YAML file: no shell expands the ``~`` there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "sd")
+    with caplog.at_level("INFO"):
+        Text2ImageModel.from_pretrained("~/models/sd")
+    assert "fnf: ~/models/sd: Text2ImageModel (StableDiffusionPipeline)" in caplog.text  # loaded
+
+
 def test_the_family_loaded_is_named(tiny_model_dir, tmp_path, caplog):
     """An SDXL folder given to an SD1.5 config trains as SDXL: the log says which family loaded."""
     folder = build_random_sdxl(tmp_path / "sdxl")
