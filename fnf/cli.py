@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import itertools
 import sys
 import warnings
 from argparse import ArgumentError
@@ -54,7 +55,7 @@ class RunCLI(LightningCLI):
     error) leaves no version folder behind, one stopped later keeps its logs."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before training)
-    new_root = None  # trainer.default_root_dir, when this run created it (removed again too, if left empty)
+    new_folders: list[Path] = []  # default_root_dir and its parents this run created (removed again if left empty)
     guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
 
     def settle_run_folder(self, prepare: Callable[[], Path | None]) -> None:
@@ -62,8 +63,8 @@ class RunCLI(LightningCLI):
         before anything is written there. An error is raised at once where the other ranks do not exist yet; where
         they do (torchrun, srun), rank 0 drops its loggers (nothing written) and every rank raises it in setup."""
         problem, lock = None, None
-        root = Path(self.trainer.default_root_dir)
-        self.new_root = None if root.exists() else root
+        root = Path(self.trainer.default_root_dir).absolute()
+        self.new_folders = list(itertools.takewhile(lambda folder: not folder.exists(), (root, *root.parents)))
         try:
             folder = prepare()
             if folder is not None and self.trainer.global_rank == 0:
@@ -102,7 +103,7 @@ class RunCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException as error:
             if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
-                remove_if_unstarted(self.claimed, self.new_root)
+                remove_if_unstarted(self.claimed, self.new_folders)
             problem = self.guard.problem if self.guard is not None else None
             if problem is not None and problem is not error:  # the cause, whatever else then failed
                 raise problem from error

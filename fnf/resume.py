@@ -289,17 +289,22 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
     return claimed
 
 
-def remove_if_unstarted(folder: Path | None, root: Path | None = None) -> None:
+def remove_if_unstarted(folder: Path | None, created: list[Path] = ()) -> None:
     """A run that failed before training (a config error) leaves no stub version folder (config, empty event files),
     nor an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``),
-    nor an empty ``root`` (``default_root_dir``) it created; a folder holding a checkpoint is always kept."""
+    nor the empty ``default_root_dir`` and parents it ``created`` (deepest first); a folder holding a checkpoint is
+    always kept."""
     if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: other runs' folders
             folder.parent.rmdir()
-    if root is not None:
-        with contextlib.suppress(OSError):  # not empty, or gone
-            root.rmdir()
+    for parent in created:
+        try:
+            parent.rmdir()
+        except FileNotFoundError:  # never made (the run failed before writing anything)
+            continue
+        except OSError:  # not empty
+            break
 
 
 class LoraOnlyCheckpoints(L.LightningModule):

@@ -277,6 +277,12 @@ def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_befor
         main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
               "--trainer.callbacks.step=0"])
     assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
+    (tmp_path / "empty").mkdir()  # the user's own empty folder stays; the parents a run created go with it
+    for root in ("a/b/run", "empty"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+                  "--trainer.callbacks.step=0", "--trainer.default_root_dir", str(tmp_path / root)])
+    assert not (tmp_path / "a").exists() and not any((tmp_path / "empty").iterdir())
 
 
 def test_a_foreign_checkpoint_at_max_steps_is_refused_not_exported(config, tmp_path):
