@@ -123,8 +123,9 @@ def find_last(root: str | Path, required: bool, max_steps: int | None = None) ->
     if found:
         return str(found[-1])
     if required:
-        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (trainer.default_root_dir); "
-                                "leave out --ckpt_path (or use --ckpt_path auto) to start a new run")
+        action = ("leave out --ckpt_path (or use --ckpt_path auto) to start a new run" if max_steps is not None
+                  else "train first (fnf fit), or give a checkpoint's path")  # evaluation: nothing to start
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (trainer.default_root_dir); {action}")
     rank_zero_info(f"fnf: no last.ckpt under {root}; starting a new run")
     return None
 

@@ -251,6 +251,25 @@ def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_fold
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
 
 
+def test_mlflow_first_keeps_folders_the_config_chose_and_shares_a_tensorboard_version(tmp_path):
+    """With MLflow first: checkpoint.dirpath and lora_export.dirpath given by the user are where files go; a
+    TensorBoard logger in default_root_dir lends its version folder (one folder for events and checkpoints)."""
+    pytest.importorskip("mlflow")
+    mlflow = {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+              "init_args": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}}
+    fit = ["fit", *TINY, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "1"]
+    main([*fit, "--trainer.default_root_dir", str(tmp_path / "own"), "--trainer.logger", json.dumps([mlflow]),
+          "--checkpoint.dirpath", str(tmp_path / "ckpts"), "--lora_export.dirpath", str(tmp_path / "my_lora")])
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file()
+    assert (tmp_path / "my_lora" / "pytorch_lora_weights.safetensors").is_file()
+    main([*fit, "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--trainer.logger", json.dumps([mlflow, tensorboard_logger(tmp_path / "run")])])
+    runs = tmp_path / "run" / "lightning_logs"
+    assert [p.name for p in runs.iterdir()] == ["version_0"]
+    assert (runs / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert any((runs / "version_0").glob("events.out.tfevents.*"))
+
+
 def test_fnf_test_logged_to_mlflow_first_writes_its_files_into_a_folder_of_its_own(tmp_path):
     """Two ``fnf test`` runs with MLflow first: each run's test_metrics.json and test_samples/ in its own
     <default_root_dir>/lightning_logs/version_N (the MLflow save dir is shared: the second would replace the first)."""

@@ -225,9 +225,10 @@ def test_last_ckpt_is_the_final_step_and_stays_one_file_across_resumes(config, t
 
 
 def test_a_given_last_ckpt_continues_its_run_and_any_other_checkpoint_starts_a_new_one(config, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, caplog):
     """--ckpt_path <run>/checkpoints/last.ckpt is --ckpt_path last spelled out: same folder, same lock. A checkpoint
-    of an earlier step, or a run outside trainer.default_root_dir, is a starting point: a new version folder."""
+    of an earlier step, a run outside trainer.default_root_dir or a last.ckpt outside a run's checkpoints folder is a
+    starting point: a new version folder, said in one line."""
     main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
     logs = tmp_path / "run" / "lightning_logs"
     last = logs / "version_0" / "checkpoints" / "last.ckpt"
@@ -235,16 +236,33 @@ def test_a_given_last_ckpt_continues_its_run_and_any_other_checkpoint_starts_a_n
     outside = tmp_path / "elsewhere" / "checkpoints" / "last.ckpt"
     outside.parent.mkdir(parents=True)
     shutil.copy(last, outside)
+    backup = tmp_path / "run" / "backup" / "last.ckpt"
+    backup.parent.mkdir()
+    shutil.copy(last, backup)
     monkeypatch.chdir(tmp_path)  # a relative path names the same run
     main(["fit", "--config", str(config), "--ckpt_path", str(last.relative_to(tmp_path)), "--trainer.max_steps", "2"])
     assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
     assert torch.load(last, weights_only=True)["global_step"] == 2
-    for start, version in ((earlier, 1), (outside, 2)):
-        main(["fit", "--config", str(config), "--ckpt_path", str(start), "--trainer.max_steps", "2"])
+    for start, version in ((earlier, 1), (outside, 2), (backup, 3)):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            main(["fit", "--config", str(config), "--ckpt_path", str(start), "--trainer.max_steps", "2"])
+        assert f"fnf: a new run from {start}" in caplog.text
         assert torch.load(logs / f"version_{version}" / "checkpoints" / "last.ckpt",
                           weights_only=True)["global_step"] == 2
         assert torch.load(start, weights_only=True)["global_step"] == 1  # the run it came from stays as it was
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+def test_a_relative_root_is_continued_in_its_own_folder(config, tmp_path, monkeypatch):
+    """default_root_dir relative (as the configs' runs/<task>): --ckpt_path last continues version_0, not a new one."""
+    monkeypatch.chdir(tmp_path)
+    for steps, resume in (("1", []), ("2", ["--ckpt_path", "last"])):
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", "relative", "--trainer.max_steps", steps,
+              *resume])
+    logs = tmp_path / "relative" / "lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    assert torch.load(logs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_a_resume_continues_the_one_unfinished_run_of_its_root_and_refuses_two(config, tmp_path):
@@ -372,6 +390,7 @@ def test_evaluation_takes_the_newest_checkpoint_and_needs_one(config, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["test", "--config", str(config), "--ckpt_path", "auto"])
     assert str(exit_info.value.code).startswith("fnf: error: --ckpt_path last: no last.ckpt under")
+    assert "train first (fnf fit), or give a checkpoint's path" in str(exit_info.value.code)
     for _ in range(2):  # two runs short of the config's max_steps: a fit would refuse to pick one
         main(["fit", "--config", str(config), "--trainer.max_steps", "1"])
     import fnf.cli
