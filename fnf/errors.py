@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 DEBUG_VARIABLE = "FNF_DEBUG"
-EXPECTED = (ValueError, OSError, FloatingPointError)  # raised with a message written for the user
+EXPECTED = (ValueError, OSError, FloatingPointError,  # raised with a message written for the user
+            MisconfigurationException)  # Lightning's, about trainer settings
 JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a",
                          "Given value", "Not a valid subclass", "Subclass types expect", "a class path", "a dict ")
 

@@ -68,8 +68,7 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
         if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
             action = "set it to the checkpoint's value" + ("" if lora else
                                                            " or start a new run (leave out --ckpt_path)")
-            raise ValueError(f"{key}: {_shown(ours, key)} in the config but {_shown(theirs, key)} in {ckpt_path}; "
-                             f"{action}")
+            raise ValueError(f"{key}: {_versus(ours, theirs, key, ckpt_path)}; {action}")
     return [f"{key}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
 
 
@@ -86,6 +85,15 @@ def _same(ours, theirs) -> bool:
 def _parents(key: str) -> list[str]:
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _versus(ours: dict, theirs: dict, key: str, ckpt_path: str) -> str:
+    """How the config's value differs from the checkpoint's; two long lists (target modules) by their difference."""
+    mine, saved = ours.get(key), theirs.get(key)
+    if isinstance(mine, list) and isinstance(saved, list) and len(repr(mine)) + len(repr(saved)) > 120:
+        added, lacking = [v for v in mine if v not in saved], [v for v in saved if v not in mine]
+        return f"the config adds {added} and lacks {lacking} against {ckpt_path}"
+    return f"{_shown(ours, key)} in the config but {_shown(theirs, key)} in {ckpt_path}"
 
 
 def _shown(flat: dict, key: str) -> str:
