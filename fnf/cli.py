@@ -270,6 +270,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # Mid-epoch resume is exact: the loader skips the epoch's trained batches itself (fnf/resume.py, tested).
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # Evaluation logs metrics torchmetrics has already reduced over the processes (fnf/evaluation.py): no sync_dist.
+    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(validate|test)_eval/")
     # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py): nothing
     # a user can change.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
