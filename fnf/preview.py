@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from fnf.cli import FnfCLI
@@ -183,6 +184,9 @@ def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:
     if data.train_file is None:
         raise ValueError("no prompts to preview: set data.train_file (or --data.train_file)")
     items = data.load(data.train_file)[:cli.config.n]
+    if trainer.world_size > 1:
+        rank_zero_info(f"fnf preview: one process on {trainer.strategy.root_device} (the config's "
+                       f"{trainer.world_size} processes are for fnf fit; {len(items)} items need no more)")
     model.to(trainer.strategy.root_device).eval()
     with trainer.precision_plugin.forward_context():
         preview = preview_items(model, items, cli.thresholds, data.batch_size)

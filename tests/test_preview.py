@@ -99,10 +99,14 @@ def test_the_empty_fraction_reported_is_the_count_of_empty_masks(artifacts):
         assert f"threshold {t}: {empty_masks} of 4 empty" in html
 
 
-def test_saliency_config_through_the_cli(tmp_path, capsys):
+def test_saliency_config_through_the_cli(tmp_path, capsys, caplog):
     """configs/safety.yaml: masks from gradient saliency of ShapesSafety at the config's threshold (0.7, no
-    --thresholds), via ``fnf preview``."""
-    main(["preview", "--config", str(ROOT / "configs/safety.yaml"), *FAST, "--n", "3", "--out", str(tmp_path)])
+    --thresholds), via ``fnf preview``; a DDP trainer section is said to run as one process."""
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    with caplog.at_level("INFO"):
+        main(["preview", "--config", str(ROOT / "configs/safety.yaml"), *FAST, *ddp, "--n", "3", "--out",
+              str(tmp_path)])
+    assert "fnf preview: one process on cpu (the config's 2 processes are for fnf fit" in caplog.text
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "index.html"))
     numbers = json.loads((tmp_path / "summary.json").read_text())
     assert numbers["heads"]["ShapesSafety"]["mask"] == "saliency" and numbers["thresholds"] == [0.7]
@@ -123,6 +127,23 @@ def test_bad_input_is_one_line(flags, expected, tmp_path):
         main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), *flags, "--out", str(tmp_path)])
     message = str(exit_info.value.code)
     assert message.startswith("fnf: error: ") and "\n" not in message and expected in message, message
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_half_precision_lora_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """fnf fit's precision check comes first in preview too: a large model would load for minutes, then fail."""
+    from fnf.pipeline import Text2ImageModel
+
+    def load(cls, pretrained):
+        raise AssertionError(f"loaded {pretrained}")
+
+    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--trainer.precision", "bf16-true",
+              "--out", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith("fnf: error: trainer.precision=bf16-true: LoRA weights, their gradients and optimizer "
+                              "state stay float32 in fnf; use bf16-mixed"), message
     assert not any(tmp_path.iterdir())  # nothing written
 
 
