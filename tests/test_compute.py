@@ -91,6 +91,18 @@ def test_unsupported_combinations_fail_naming_the_key(tiny_model_dir, compute, t
         apply_compute(module.model, ComputeArgs(**compute), SimpleNamespace(strategy=strategy, **trainer))
 
 
+@pytest.mark.parametrize("precision, mixed, stored", [("16-true", "16-mixed", "float16"),
+                                                     ("bf16-true", "bf16-mixed", "bfloat16")])
+def test_a_half_precision_lora_is_pointed_at_its_own_mixed_precision(precision, mixed, stored):
+    """The advice keeps the user's half type: float16 hardware (no bf16) must not be told to use bf16."""
+    from fnf.compute import frozen_dtype
+
+    with pytest.raises(ValueError) as error:
+        frozen_dtype(ComputeArgs(), precision)
+    assert str(error.value) == (f"trainer.precision={precision}: LoRA weights, their gradients and optimizer state "
+                                f"stay float32 in fnf; use {mixed} (the frozen weights are then stored in {stored})")
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_like_eager(tiny_model_dir, tmp_path):
     """λ = 0: at the first step I == I0, where the unsquared Frobenius norm has a kink; compiled kernels differ

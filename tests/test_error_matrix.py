@@ -153,6 +153,10 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "LoRA target that matches nothing": (_set("model.lora.target_modules", ["to_q", "to_kk"]), [],
                                          "model.lora.target_modules: to_kk match no module of the "
                                          "UNet2DConditionModel; its Linear layers include "),
+    "LoRA target that is only part of a name": (_set("model.lora.target_modules", ["to_q", "to_"]), [],  # peft
+                                                "model.lora.target_modules: to_ match no module of the "  # too
+                                                "UNet2DConditionModel; its Linear layers include linear_1, linear_2, "
+                                                "net.2, proj, time_emb_proj, to_k, to_out.0, to_q, to_v"),
     "CUDA graphs on a CPU": (_set("model.compute.compile", "unet+graphs"), [],
                              "model.compute.compile=unet+graphs needs a CUDA device"),
     "pretrained model missing": (_set("model.pretrained", "/no/such/model"), [], "model.pretrained:"),
@@ -362,3 +366,20 @@ def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
         assert not list(disk.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
+
+
+def _loading_fails(monkeypatch) -> None:
+    """Any model load is a test failure: what must be refused before loading (minutes for a large model)."""
+    from fnf.pipeline import Text2ImageModel
+
+    def load(cls, pretrained):
+        raise AssertionError(f"loaded {pretrained}")
+
+    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))
+
+
+def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """(setup refuses it again; the matrix case alone passes even if the early check is gone.)"""
+    _loading_fails(monkeypatch)
+    message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, ["--trainer.precision", "bf16-true"], capsys)
+    assert "trainer.precision=bf16-true: LoRA weights, their gradients and optimizer state stay float32" in message

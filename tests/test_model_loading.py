@@ -124,3 +124,43 @@ def test_weights_load_in_the_dtype_their_files_hold_and_the_lora_is_float32(tiny
     from fnf.cli import main  # and it trains: at 32-true, model.compute stores the frozen weights in float32
 
     main(["fit", "--config", str(config), f"--model.pretrained={tmp_path / 'bf16'}", "--trainer.max_steps=1"])
+
+
+def test_float16_files_load_as_float16(tiny_model_dir, tmp_path):
+    """safetensors calls float16 'F16': such files stay float16 until model.compute decides, as bf16 files do."""
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    model = Text2ImageModel.from_pretrained(tmp_path / "fp16")
+    assert model.unet.dtype == model.vae.dtype == torch.float16
+    reference = Text2ImageModel.from_pretrained(tiny_model_dir)
+    assert _bytes(model.unet) * 2 == _bytes(reference.unet)
+
+
+def test_sharded_fp16_variant_files_only_load_them(tiny_model_dir, tmp_path, caplog):
+    """A large part is saved in shards, *.fp16-00001-of-0000N.safetensors: one variant still, not N."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.unet.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="300KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and all(".fp16-000" in name for name in shards), shards
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.rmtree(tmp_path / "model" / "unet")
+    shutil.copytree(tmp_path / "sharded", tmp_path / "model" / "unet")
+    with caplog.at_level("INFO"):
+        model = Text2ImageModel.from_pretrained(tmp_path / "model")
+    assert "unet: only fp16 variant weights there; loading those" in caplog.text
+    for name, value in pipe.unet.state_dict().items():
+        torch.testing.assert_close(model.unet.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_two_variants_and_no_plain_weights_lists_both(tiny_model_dir, tmp_path):
+    """Which variant to load is the user's choice: the error names every one there."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", variant="fp16")
+    unet.save_pretrained(folder / "unet", variant="bf16")
+    with pytest.raises(ValueError) as error:
+        Text2ImageModel.from_pretrained(folder)
+    message = str(error.value)
+    assert message.startswith(f"model.pretrained: cannot load unet/ from {folder} (weights must be safetensors): ")
+    assert message.endswith("; variant weights there: bf16, fp16"), message

@@ -121,3 +121,32 @@ def test_a_weights_path_that_is_not_a_file_is_named_before_open_clip_logs(tmp_pa
                                                     ".safetensors file or an open_clip tag"):
             OpenCLIPAlignment("ViT-B-32", pretrained=str(path))
     assert not caplog.records
+
+
+def test_loading_leaves_logging_as_it_was(tiny_clip, caplog):
+    """open_clip's own error logs are silenced while it loads, and only then: the run's INFO lines still show."""
+    import logging
+
+    before = logging.root.manager.disable
+    try:
+        OpenCLIPAlignment(tiny_clip)
+        assert logging.root.manager.disable == before
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("fnf.test").info("still heard")
+        assert "still heard" in caplog.messages
+    finally:
+        logging.disable(before)  # under a regression, not for the rest of the session
+
+
+def test_an_unknown_pretrained_tag_is_one_line_without_open_clips_error_log(caplog):
+    """open_clip logs its list of tags as an ERROR, then raises; the user gets one line and no log dump."""
+    import logging
+
+    caplog.set_level(logging.INFO)  # (caplog.at_level would restore logging.disable itself on leaving)
+    before = logging.root.manager.disable
+    with pytest.raises(ValueError) as error:
+        OpenCLIPAlignment("ViT-B-32", pretrained="no_such_tag")
+    assert str(error.value) == ("OpenCLIPAlignment: cannot load open_clip model 'ViT-B-32' (pretrained='no_such_tag'): "
+                                "Pretrained value 'no_such_tag' is not a known tag or valid file path")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert logging.root.manager.disable == before

@@ -194,3 +194,40 @@ def test_fnf_rewards_lists_built_ins_first_and_no_private_heads(capsys):
     built_in = [not row.endswith("]") for row in rows]  # others end in [plugin] / [imported]
     assert code == 0 and "_PrivateHead" not in out and _rows(out)["ImportedHead"].endswith("[imported]")
     assert built_in == sorted(built_in, reverse=True) and sum(built_in) >= 9  # every built-in head first
+
+
+def test_a_broken_plugin_warns_once_per_machine_too(tmp_path, monkeypatch, capsys):
+    """torchrun sets LOCAL_RANK before (or without) RANK: only local rank 0 says the warning."""
+    from fnf.plugins import load_plugins
+
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fnf-broken", "[fnf.rewards]\nGone = no_such_module:Gone\n")))
+    monkeypatch.setattr("fnf.plugins.UNIMPORTABLE", {})
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    load_plugins()
+    assert "fnf: warning: fnf.rewards entry point Gone" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    load_plugins()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no_such_module:X", "model.pretrained: {folder} is a BrokenPipeline folder, but its fnf.backbones entry point "
+                         "BrokenPipeline = no_such_module:X (fnf-broken) cannot be imported (ModuleNotFoundError: No "
+                         "module named 'no_such_module')"),
+    ("fnf.rewards:ColorRegion", "model.pretrained: fnf.backbones entry point BrokenPipeline = fnf.rewards:ColorRegion "
+                                "(fnf-broken): expected a Text2ImageModel subclass, got <class "
+                                "'fnf.rewards.color_region.ColorRegion'>"),
+], ids=["unimportable", "not-a-family"])
+def test_a_broken_backbone_plugin_is_one_line(tmp_path, monkeypatch, target, message):
+    """Only a folder of the plugin's pipeline class needs the plugin: loading it says what is wrong with the entry
+    point, not an import traceback or an AttributeError from deep inside loading."""
+    from fnf.pipeline import Text2ImageModel
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "BrokenPipeline"}))
+    monkeypatch.syspath_prepend(str(_site(tmp_path, "fnf-broken", f"[fnf.backbones]\nBrokenPipeline = {target}\n")))
+    with pytest.raises(ValueError) as error:
+        Text2ImageModel.from_pretrained(folder)
+    assert str(error.value) == message.format(folder=folder)

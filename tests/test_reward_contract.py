@@ -170,3 +170,51 @@ def test_the_example_head_is_selected_from_yaml_by_class_path(config, monkeypatc
     path = tmp_path / "blue_sky.yaml"
     path.write_text(yaml.safe_dump(data))
     main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)])
+
+
+class _Dropout(_Mean):
+    """A valid head with a Dropout layer, handed over in train mode (as a freshly built nn.Module is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, images, prompts):
+        return RewardOutput(score=self.drop(images).mean(dim=(1, 2, 3)))
+
+
+def test_check_head_puts_the_head_in_eval_mode_as_the_trainer_does():
+    """Dropout is random only in train mode: a head author's test must not fail a head the trainer would run fine."""
+    head = _Dropout().train()
+    assert check_head(head).score.shape == (4,) and not head.training
+
+
+class _DetachedScore(_Mean):
+    def forward(self, images, prompts):
+        return RewardOutput(score=super().forward(images, prompts).score.detach())
+
+
+class _NaNGradient(_Mean):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.sqrt().mean(dim=(1, 2, 3)))  # d sqrt(x) / dx at 0: inf
+
+
+class _RandomHeatmap(_Mean):
+    gives_heatmap = "yes"
+
+    def forward(self, images, prompts):
+        return RewardOutput(score=super().forward(images, prompts).score, heatmap=torch.rand_like(images[:, :1]))
+
+
+@pytest.mark.parametrize("head, images, rule", [
+    (_DetachedScore(), None, "reward head _DetachedScore: score has no gradient with respect to the images"),
+    (_NaNGradient(), torch.zeros(2, 3, 8, 8), "reward head _NaNGradient: the score's gradient with respect to the "
+                                              "pixels is zero or not finite"),
+    (_RandomHeatmap(), None, "reward head _RandomHeatmap: two calls on the same images differ"),
+], ids=["detached", "infinite-gradient", "random-heatmap"])
+def test_check_head_names_the_rule_not_a_raw_error(head, images, rule):
+    """A detached score is the trainer's rule line (not autograd's 'does not require grad'); a gradient that is
+    not finite and a heatmap that changes between calls (with a fixed score) are each refused on their own."""
+    with pytest.raises(ValueError) as error:
+        check_head(head, images)
+    assert str(error.value).startswith(rule), error.value

@@ -86,6 +86,25 @@ def test_a_head_renamed_in_the_config_is_called_by_that_name(tiny_model_dir, hea
     assert one_line(error.value).startswith(message), one_line(error.value)
 
 
+class _ScoreOnly(RewardHead):
+    def forward(self, images, prompts):
+        return RewardOutput(score=images.mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("head, mask, message", [
+    (_Detached(), "saliency", "reward head second: mask: saliency needs a score differentiable with respect to the "
+                              "images"),
+    (_ScoreOnly(), "heatmap", "reward head second returns no heatmap; set its mask to saliency or none"),
+], ids=["saliency", "heatmap"])
+def test_a_renamed_head_s_mask_errors_use_its_name(tiny_model_dir, head, mask, message):
+    """The mask's own errors (no gradient for saliency, no heatmap) tell two heads of one class apart as well."""
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion()),
+                                                       RewardTerm(head, mask=mask, name="second")])
+    with pytest.raises(ValueError) as error:
+        module._common_step(next(iter(_loader(4))), "train")
+    assert one_line(error.value).startswith(message), one_line(error.value)
+
+
 def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(_WrongShape(), mask="heatmap")])
     with pytest.raises(ValueError, match="_WrongShape"):
