@@ -238,8 +238,15 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
              f"{', then K' if any(s.k != 2 for r in results.values() for s in r['trials']) else ''}.\n", HEADER]
     for task, result in results.items():
         for settings, metrics in result["trials"].items():
-            mark = " — **chosen**" if settings == result["chosen"] else "" if bars.met(metrics) else " (misses a bar)"
+            missed = "" if bars.met(metrics) else " (misses a bar)"
+            mark = missed + (" — **chosen**" if settings == result["chosen"] else "")
             text.append(row(settings.label + mark, task, [metrics]))
+    text += ["\n## Test prompts, seed by seed (the rows the means above come from)\n", HEADER]
+    for task, result in results.items():
+        draft = replace(START[PROBLEM[task]], lam=0.0, k=result["chosen"].k)
+        for method, runs in ((draft.label, result["draft"]), (f"Focus-N-Fix ({result['chosen'].label})",
+                                                              result["fnf"])):
+            text += [row(f"{method}, seed {seed}", task, [run]) for seed, run in zip(seeds, runs)]
     for task, result in results.items():
         if result["sources"]:
             text += [f"\n## Mask source ({task}, validation prompts, seed {seeds[0]})\n", HEADER]
