@@ -105,9 +105,10 @@ def test_gradients_reach_the_lora_through_the_last_k_steps_only(family, model_di
 
 @pytest.mark.parametrize("family", ["sd3", "flux-schnell"])
 def test_sampling_levers_are_exact(family, model_dirs):
-    """The default levers (fused base pass, LoRA folded in gradient-free and differentiable steps) against none."""
+    """The default levers (fused base pass, LoRA folded in gradient-free and differentiable steps) against none,
+    with the flow configs' LoRA targets (both streams' attention and the image MLP)."""
     model = Text2ImageModel.from_pretrained(model_dirs[family])
-    model.add_lora(LoraArgs(rank=4, target_modules=TARGETS))
+    model.add_lora(LoraArgs(rank=4, target_modules=[*TARGETS, "ff.net.0.proj", "ff.net.2"]))
     with torch.no_grad():
         for p in model.lora_parameters():
             p.add_(0.2 * torch.randn_like(p))
