@@ -10,9 +10,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -127,8 +127,8 @@ class PromptDataModule(L.LightningDataModule):
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file = predict_file or test_file or val_file
         self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
-        self.val_fraction, self.val_items, self.batch_size, self.num_workers = (val_fraction, val_items, batch_size,
-                                                                                num_workers)
+        self.val_fraction, self.val_items = val_fraction, val_items
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.filter = filter
         self.items: dict[str, list[Item]] = {}
         self._skip_batches = 0

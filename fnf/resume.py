@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import itertools
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -290,7 +291,7 @@ def claim_version_folder(trainer: L.Trainer) -> Path | None:
     return claimed
 
 
-def remove_if_unstarted(folder: Path | None, created: list[Path] = ()) -> None:
+def remove_if_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
     """A run that failed before training (a config error) leaves no stub version folder (config, empty event files),
     nor an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``),
     nor the empty ``default_root_dir`` and parents it ``created`` (deepest first); a folder holding a checkpoint is

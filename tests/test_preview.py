@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import two_box_config  # tests/conftest.py
 from fnf.cli import main
