@@ -125,16 +125,23 @@ def two_box_config(config: Path, tmp_path: Path, **saliency) -> Path:
     return path
 
 
-@pytest.fixture
-def alexnet_cache(tmp_path, monkeypatch):
-    """torch's hub cache holding an AlexNet (random weights: the ImageNet ones cannot be downloaded here) under the
-    file name torchvision's ImageNet weights have, where lpips_network reads them."""
+@pytest.fixture(scope="session")
+def _alexnet_hub(tmp_path_factory) -> Path:
+    """torch's hub folder holding an AlexNet (random weights: the ImageNet ones cannot be downloaded here) under the
+    file name torchvision's ImageNet weights have; 244 MB, written once per session."""
     from torchvision.models import AlexNet_Weights, alexnet
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / AlexNet_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    torch_home = tmp_path_factory.mktemp("torch")
+    cached = torch_home / "hub" / "checkpoints" / AlexNet_Weights.DEFAULT.url.rsplit("/", 1)[1]
     cached.parent.mkdir(parents=True)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         torch.save(alexnet(weights=None).state_dict(), cached)
     return cached
+
+
+@pytest.fixture
+def alexnet_cache(_alexnet_hub, monkeypatch) -> Path:
+    """``$TORCH_HOME`` pointing at the session's AlexNet, where lpips_network reads it."""
+    monkeypatch.setenv("TORCH_HOME", str(_alexnet_hub.parents[2]))
+    return _alexnet_hub
