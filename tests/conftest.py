@@ -145,3 +145,16 @@ def alexnet_cache(_alexnet_hub, monkeypatch) -> Path:
     """``$TORCH_HOME`` pointing at the session's AlexNet, where lpips_network reads it."""
     monkeypatch.setenv("TORCH_HOME", str(_alexnet_hub.parents[2]))
     return _alexnet_hub
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """The run the resume and preemption tests compare with: test_resume's ``_config``, 7 steps, never stopped (its
+    checkpoint frequency and folder do not change what it trains), in a process of its own like the runs it is
+    compared with; once per session (and pytest worker)."""
+    from test_resume import _config, _fnf
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    done = _fnf("fit", "--config", str(_config(tmp, tiny_model_dir, "straight", None)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp / "straight"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +27,19 @@ def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches
         assert ranks == set(single[step * 4:(step + 1) * 4])
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The 1-process, batch-4 run both 2-process tests compare with: its folder and LoRA."""
+    tmp = tmp_path_factory.mktemp("one")
+    return tmp, fit(tmp, tiny_model_dir, "devices1", batch_size=4)
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, one_process):
     """Equal up to float32 rounding: batch-2 and batch-4 kernels sum in different orders (relative error ~1e-7 per
     op), which the sampling chain and backward pass grow to ~1e-5 of B (measured 1.1e-5); the bound 1e-3·‖B‖
     leaves 100x room, while gradients summed instead of averaged (2x), a rank's half of the batch lost, or a 10%
     error in the update all fail it (an absolute 1e-5 on weights of 1e-4 let a 10% error pass)."""
-    one = fit(tmp_path, tiny_model_dir, "devices1", batch_size=4)
+    one = one_process[1]
     two = fit(tmp_path, tiny_model_dir, "devices2", batch_size=2, devices=2, strategy="ddp", callbacks=[  # counts bytes
         {"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(tmp_path / "devices2")}}])
     assert one.keys() == two.keys() and len(one) > 0
@@ -46,18 +54,18 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
         assert int((tmp_path / "devices2" / f"reduced-rank{rank}.txt").read_text()) == 3 * lora_bytes
 
 
-def test_two_process_evaluation_equals_one_process(tiny_model_dir, tmp_path):
+def test_two_process_evaluation_equals_one_process(tmp_path, one_process):
     """torchmetrics states sum across ranks: ``fnf test`` gives the same table and the same test_samples/ with 1 or
     2 processes, also for a prompt count the ranks do not divide (Lightning's sampler would pad rank 1 with a
     repeat of prompt 0, counted twice). Other batch shapes round differently: the LoRA changes pixels by ~2e-5, so
     near-identical images' PSNR moves by ~1e-4 relative; the padded repeat moved all_psnr by 1.2e-3."""
-    fit(tmp_path, tiny_model_dir, "devices1", batch_size=4)  # a LoRA that changes the images: non-trivial metrics
-    checkpoint = next((tmp_path / "devices1" / "checkpoints").glob("*.ckpt"))
+    trained = one_process[0]  # a LoRA that changes the images: non-trivial metrics
+    checkpoint = next((trained / "devices1" / "checkpoints").glob("*.ckpt"))
     prompts = tmp_path / "seven.txt"  # 4 + 3 per rank
-    prompts.write_text("".join((tmp_path / "prompts.txt").read_text().splitlines(keepends=True)[:7]))
+    prompts.write_text("".join((trained / "prompts.txt").read_text().splitlines(keepends=True)[:7]))
     tables, samples = [], []
     for devices in (1, 2):
-        config = yaml.safe_load((tmp_path / "devices1.yaml").read_text())
+        config = yaml.safe_load((trained / "devices1.yaml").read_text())
         config["data"]["test_file"] = str(prompts)
         config["trainer"] |= {"devices": devices, "strategy": "ddp" if devices > 1 else "auto", "callbacks": [
             {"class_path": "fnf.evaluation.Evaluation", "init_args": {"output_dir": str(tmp_path / f"eval{devices}")}}]}

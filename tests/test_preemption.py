@@ -21,23 +21,20 @@ from test_resume import TESTS, _config, _fnf  # tests/test_resume.py
 @pytest.mark.parametrize("signal_name, code, resume", [("SIGTERM", 143, "last"), ("SIGUSR1", 138, "auto"),
                                                        ("SIGINT", 130, "last")])
 def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly(tiny_model_dir, tmp_path,
-                                                                                  signal_name, code, resume):
+                                                                                  uninterrupted_run, signal_name,
+                                                                                  code, resume):
     """SIGTERM (a cluster reclaiming the node), SIGUSR1 (SLURM's time-limit warning) and a first Ctrl-C; no scheduled
     checkpoint before step 100, so the one on disk is the preemption one. ``auto`` is what a requeued job script
-    runs."""
-    straight = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "straight", None)))
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    runs. (The resume runs in this process: only the signalled run needs one of its own.)"""
     preempted = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", 4, signal_name, every=100)),
                      "--ckpt_path", "auto")  # nothing to resume yet: a new run
     assert preempted.returncode == code, preempted.stderr[-2000:]
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step running when the signal came, finished
     assert f"fnf: {signal_name}: saved" in preempted.stderr
-    resumed = _fnf("fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None, every=100)),
-                   "--ckpt_path", resume)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, got = (load_file(tmp_path / run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
-                     for run in ("straight", "resumed"))  # the LoRA each run exports when it ends
+    main(["fit", "--config", str(_config(tmp_path, tiny_model_dir, "resumed", None, every=100)), "--ckpt_path", resume])
+    expected, got = (load_file(run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
+                     for run in (uninterrupted_run, tmp_path / "resumed"))  # the LoRA each run exports when it ends
     assert expected.keys() == got.keys() and len(expected) > 0
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
@@ -67,8 +64,7 @@ def test_a_signal_during_validation_stops_it_saves_the_last_step_and_resumes_exa
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == step >= 4
     assert f"fnf: SIGTERM: saved {last} at step {step}" in preempted.stderr
-    resumed = _fnf("fit", "--config", str(config("resumed", kill=False)), "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    main(["fit", "--config", str(config("resumed", kill=False)), "--ckpt_path", "last"])  # in this process
     expected, got = (load_file(tmp_path / run / "lightning_logs" / "version_0" / "lora" / WEIGHT_NAME)
                      for run in ("straight", "resumed"))
     assert expected.keys() == got.keys() and len(expected) > 0
