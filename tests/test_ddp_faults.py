@@ -75,6 +75,7 @@ def test_a_locked_run_folder_stops_every_rank_started_on_its_own(tiny_model_dir,
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".fnf.lock"]  # nothing written into the other's folder
 
 
+@pytest.mark.slow  # ~25 s of two ranks; the locked-folder case above runs the same guard in every make test
 def test_a_run_folder_rank_0_cannot_claim_stops_every_rank_started_on_its_own(tiny_model_dir, tmp_path):
     """Rank 0 alone claims the run's version folder, before the process group exists: with its error (here an
     unwritable root) rank 0 joins the process group, writing nothing, and every rank stops there with its line

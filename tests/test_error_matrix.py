@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -333,15 +332,16 @@ def test_evaluating_with_other_sampler_settings_says_so_but_lora_settings_must_m
         main(["test", "--config", str(path), "--ckpt_path", "last", "--model.lora.rank", "8"])
 
 
-def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path):
-    """(Without FNF_DEBUG the same input is one line: the "lam negative" case of the matrix.)"""
+def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    """FNF_DEBUG=1: the error itself propagates (Python prints its traceback) instead of the one line. (Without it the
+    same input is one line: the "lam negative" case of the matrix.)"""
     config = _base_config(tiny_model_dir, tmp_path)
     config["model"]["lam"] = -1.0
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "fnf.cli", "fit", "--config", str(tmp_path / "config.yaml")]
-    loud = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FNF_DEBUG": "1"})
-    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
-    assert "ValueError: model.lam must be a finite number >= 0" in loud.stderr
+    monkeypatch.setenv("FNF_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"model.lam must be a finite number >= 0") as error:
+        main(["fit", "--config", str(tmp_path / "config.yaml")])
+    assert error.traceback  # the frames where it was raised, not a SystemExit with a line
 
 
 def _mount_tiny_tmpfs(folder: Path, size: str) -> bool:

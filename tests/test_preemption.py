@@ -18,8 +18,8 @@ from fnf.export import WEIGHT_NAME
 from test_resume import TESTS, _config, _fnf  # tests/test_resume.py
 
 
-@pytest.mark.parametrize("signal_name, code, resume", [("SIGTERM", 143, "last"), ("SIGUSR1", 138, "auto"),
-                                                       ("SIGINT", 130, "last")])
+@pytest.mark.parametrize("signal_name, code, resume", [  # SIGUSR1 takes SIGTERM's path: with --runslow
+    ("SIGTERM", 143, "last"), pytest.param("SIGUSR1", 138, "auto", marks=pytest.mark.slow), ("SIGINT", 130, "last")])
 def test_preemption_saves_the_step_exits_128_plus_the_signal_and_resumes_exactly(tiny_model_dir, tmp_path,
                                                                                   uninterrupted_run, signal_name,
                                                                                   code, resume):
