@@ -1,0 +1,125 @@
+"""Run folders: every run gets a version folder of its own, even when runs start together in one root; a run
+folder in use is locked against a second fit; a run that fails before training leaves no folders behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fnf.cli import main
+from fnf.export import WEIGHT_NAME
+from test_resume import TESTS, _config  # tests/test_resume.py
+
+
+def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_number(tmp_path):
+    """The race itself, made certain: both loggers' listings say version_0 is free (Lightning would give both
+    runs version_0); the exclusive mkdir gives the second run version_1."""
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from fnf.resume import claim_version_folder
+
+    loggers = [TensorBoardLogger(tmp_path), TensorBoardLogger(tmp_path), CSVLogger(tmp_path / "csv")]
+    for logger in loggers:
+        logger._get_next_version = lambda: 0
+    for logger in loggers:
+        claim_version_folder(SimpleNamespace(global_rank=0, loggers=[logger]))
+    assert [logger.version for logger in loggers] == [0, 1, 0]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_loggers_of_one_run_sharing_a_save_dir_share_its_version_folder(tmp_path):
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from fnf.resume import claim_version_folder
+
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # an earlier run
+    loggers = [TensorBoardLogger(tmp_path), CSVLogger(tmp_path)]
+    claimed = claim_version_folder(SimpleNamespace(global_rank=0, loggers=loggers))
+    assert [logger.version for logger in loggers] == [1, 1] and claimed == tmp_path / "lightning_logs" / "version_1"
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_two_fits_started_together_get_their_own_folders(tiny_model_dir, tmp_path):
+    """Same root, same moment (a sweep): two version folders, each run's LoRA equal to the same run alone."""
+    def start(run: str, lam: float) -> subprocess.Popen:
+        config = _config(tmp_path, tiny_model_dir, run, None, every=100)
+        data = yaml.safe_load(config.read_text())
+        data["trainer"] |= {"default_root_dir": str(tmp_path / "shared"), "max_steps": 2}
+        data["model"]["lam"] = lam
+        config.write_text(yaml.safe_dump(data))
+        env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        return subprocess.Popen([sys.executable, "-m", "fnf.cli", "fit", "--config", str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    runs = [start("a", 0.0), start("b", 0.5)]
+    assert all(run.wait(timeout=600) == 0 for run in runs), [run.stderr.read()[-2000:] for run in runs]
+    folders = sorted((tmp_path / "shared" / "lightning_logs").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1"]
+    loras = {yaml.safe_load((f / "config.yaml").read_text())["model"]["lam"]: load_file(f / "lora" / WEIGHT_NAME)
+             for f in folders}
+    assert sorted(loras) == [0.0, 0.5]  # each folder holds one run's config and that run's LoRA
+    for lam in (0.0, 0.5):  # each alone, one after the other (in this process: no start-up to pay again)
+        config = _config(tmp_path, tiny_model_dir, f"alone-{lam}", None, every=100)
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "shared"),
+              "--trainer.max_steps", "2", "--model.lam", str(lam)])
+    # the solo runs went to the same root, versions 2 and 3, in that order
+    for version, lam in ((2, 0.0), (3, 0.5)):
+        solo = load_file(tmp_path / "shared" / "lightning_logs" / f"version_{version}" / "lora" / WEIGHT_NAME)
+        for name in solo:
+            torch.testing.assert_close(loras[lam][name], solo[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("logger", [True, False], ids=["version-folder", "no-logger"])
+def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path, monkeypatch, logger):
+    """A requeued job whose predecessor still runs: its --ckpt_path last is refused while the folder is locked,
+    and resumes once the other run has ended (the lock goes with its process, however it ends). Without a logger
+    the checkpoints' folder is the root's, and a new run locks the same folder a resume would."""
+    from fnf.resume import lock_run_folder
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    main(["fit", "--config", str(config), "--trainer.logger", str(logger).lower(),
+          "--trainer.callbacks+=kill_switch.ExpectRunFolderLocked"])  # a new run holds the lock while it trains
+    run = tmp_path / "run" / ("lightning_logs/version_0" if logger else "")
+    other_run = lock_run_folder(run)  # what a still running fit holds
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
+              str(logger).lower()])
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # refused before writing (logs, config)
+    assert str(exit_info.value.code) == (f"fnf: error: {run}: another fnf fit is training here (it holds "
+                                         f"{run / '.fnf.lock'}); wait for it to end, or stop it first")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    other_run.close()
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", "--trainer.logger",
+          str(logger).lower()])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_before_leaves_nothing(config, tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    for step in (0, 1):  # the first run fails before training: nothing left, not even the root it created
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+                  f"--trainer.callbacks.step={step}"])
+        assert (tmp_path / "run").exists() == (step == 1)
+    assert any((tmp_path / "run" / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+              "--trainer.callbacks.step=0"])
+    assert [p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()] == ["version_0"]
+    (tmp_path / "empty").mkdir()  # the user's own empty folder stays; the parents a run created go with it
+    for root in ("a/b/run", "empty"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+                  "--trainer.callbacks.step=0", "--trainer.default_root_dir", str(tmp_path / root)])
+    assert not (tmp_path / "a").exists() and not any((tmp_path / "empty").iterdir())
