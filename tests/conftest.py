@@ -158,3 +158,14 @@ def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> Path:
     done = _fnf("fit", "--config", str(_config(tmp, tiny_model_dir, "straight", None)))
     assert done.returncode == 0, done.stderr[-2000:]
     return tmp / "straight"
+
+
+@pytest.fixture
+def model_loading_fails(monkeypatch) -> None:
+    """Any model load is a test failure: for what must be refused before loading (minutes for a large model)."""
+    from fnf.pipeline import Text2ImageModel
+
+    def load(cls, pretrained):
+        raise AssertionError(f"loaded {pretrained}")
+
+    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))

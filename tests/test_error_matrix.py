@@ -368,18 +368,8 @@ def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
         subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
 
 
-def _loading_fails(monkeypatch) -> None:
-    """Any model load is a test failure: what must be refused before loading (minutes for a large model)."""
-    from fnf.pipeline import Text2ImageModel
-
-    def load(cls, pretrained):
-        raise AssertionError(f"loaded {pretrained}")
-
-    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))
-
-
-def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                  model_loading_fails):
     """(setup refuses it again; the matrix case alone passes even if the early check is gone.)"""
-    _loading_fails(monkeypatch)
     message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, ["--trainer.precision", "bf16-true"], capsys)
     assert "trainer.precision=bf16-true: LoRA weights, their gradients and optimizer state stay float32" in message

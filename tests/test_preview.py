@@ -129,14 +129,8 @@ def test_bad_input_is_one_line(flags, expected, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_a_half_precision_lora_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+def test_a_half_precision_lora_is_refused_before_the_model_loads(tmp_path, model_loading_fails):
     """fnf fit's precision check comes first in preview too: a large model would load for minutes, then fail."""
-    from fnf.pipeline import Text2ImageModel
-
-    def load(cls, pretrained):
-        raise AssertionError(f"loaded {pretrained}")
-
-    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))
     with pytest.raises(SystemExit) as exit_info:
         main(["preview", "--config", str(ROOT / "configs/artifacts.yaml"), "--trainer.precision", "bf16-true",
               "--out", str(tmp_path / "out")])

@@ -212,13 +212,10 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert binary.read_bytes() == b"\xff\xfe\x00 not text"  # a foreign file is left as it was
 
 
-def test_scan_refuses_a_half_precision_lora_and_index_flags_before_the_model_loads(tmp_path, monkeypatch):
+def test_scan_refuses_a_half_precision_lora_and_index_flags_before_the_model_loads(tmp_path,
+                                                                                       model_loading_fails):
     """fnf fit's checks come first in a scan too (a large model would load for minutes, then fail), and a list
     item set by index is named as typed, not as jsonargparse's '--0.weight'."""
-    def load(cls, pretrained):
-        raise AssertionError(f"loaded {pretrained}")
-
-    monkeypatch.setattr(Text2ImageModel, "from_pretrained", classmethod(load))
     out = tmp_path / "s.jsonl"
     assert fail(scan_args(TRAIN, out, "--trainer.precision=bf16-true")).startswith(
         "fnf: error: trainer.precision=bf16-true: LoRA weights, their gradients and optimizer state stay float32 in "
