@@ -52,7 +52,7 @@ def started_on_their_own(trainer) -> bool:
 class RunCLI(LightningCLI):
     """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run folder of its own,
     settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first training step (a config
-    error) leaves no version folder behind, one stopped later keeps its logs."""
+    error, a SIGTERM before training starts) leaves no version folder behind, one stopped later keeps its logs."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before training)
     new_folders: list[Path] = []  # default_root_dir and its parents this run created (removed again if left empty)
@@ -100,7 +100,8 @@ class RunCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
-            super()._run_subcommand(subcommand)
+            with sigterm_unwinds():  # before training (no PreemptionCheckpoint yet): the claimed folder is removed
+                super()._run_subcommand(subcommand)
         except BaseException as error:
             if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
                 remove_if_unstarted(self.claimed, self.new_folders)

@@ -123,3 +123,31 @@ def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_befor
             main(["fit", "--config", str(config), "--trainer.callbacks+=kill_switch.RaiseAtStep",
                   "--trainer.callbacks.step=0", "--trainer.default_root_dir", str(tmp_path / root)])
     assert not (tmp_path / "a").exists() and not any((tmp_path / "empty").iterdir())
+
+
+
+def test_a_sigterm_while_the_run_starts_exits_143_and_leaves_no_run_folder(config, tmp_path, monkeypatch):
+    """A job cancelled after its run folder is claimed but before training starts (device placement, the sanity
+    check: minutes for a large model) would leave an empty version folder holding .fnf.lock if SIGTERM ended the
+    process on the spot; it unwinds instead, like a failed start."""
+    import signal
+
+    from fnf.module import FocusNFix
+
+    def cancelled_while_starting(self):
+        assert any((tmp_path / "run").rglob(".fnf.lock"))  # the run folder is claimed by now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def process_killed(signum, frame):  # what SIGTERM's default action would do: end the process, unwinding nothing
+        raise AssertionError("SIGTERM reached the process's own handler")
+
+    monkeypatch.setattr(FocusNFix, "on_fit_start", cancelled_while_starting, raising=False)
+    previous = signal.signal(signal.SIGTERM, process_killed)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config)])
+        assert signal.getsignal(signal.SIGTERM) is process_killed  # handed back after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 143
+    assert not (tmp_path / "run").exists()
