@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import itertools
+import logging
 import sys
 import warnings
 from argparse import ArgumentError
@@ -20,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
+from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -157,9 +159,9 @@ class FnfCLI(RunCLI):
             if config.ckpt_path is None:
                 return
         self.continues_run = subcommand == "fit" and is_run_last(config.ckpt_path, config.trainer.default_root_dir)
-        if Path(config.ckpt_path).is_dir():  # a distributed (DCP) checkpoint folder: the strategy reads it
+        if _is_sharded_checkpoint(Path(config.ckpt_path)):  # a distributed (DCP) checkpoint: the strategy reads it
             return
-        checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)
+        checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)  # any other folder: refused here
         self.saved_recipe = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
         self.saved_step = checkpoint.get("global_step", 0)
         saved, ours = {**self.saved_recipe}, run_recipe(config)  # the trainer's part: before_fit (it needs one)
@@ -265,6 +267,11 @@ def check_command(argv: list[str]) -> None:
                          + f" (commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
 
 
+def no_advertisement(record: logging.LogRecord) -> bool:
+    """Lightning's tip to install its hosted logger, printed by every run without it."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
@@ -276,6 +283,11 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py): nothing
     # a user can change.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # A run from another run's checkpoint, or an evaluation of one, restores the model and its own steps; the other
+    # run's checkpoint callback (its folder, best scores) is not this run's.
+    warnings.filterwarnings("ignore", r"The dirpath has changed from")
+    warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:

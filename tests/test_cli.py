@@ -15,7 +15,7 @@ def _fail(args: list[str], capsys) -> str:
     return capsys.readouterr().err + str(exit_info.value.code)
 
 
-def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path):
+def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path, recwarn, caplog):
     main(["fit", "--config", str(config)])
     version = tmp_path / "run" / "lightning_logs" / "version_0"
     assert (version / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -24,6 +24,20 @@ def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path):
     tuned = sorted((tmp_path / "predictions" / "tuned").glob("*.png"))
     assert len(tuned) == 4 and len(list((tmp_path / "predictions" / "base").glob("*.png"))) == 4
     assert len((tmp_path / "predictions" / "prompts.tsv").read_text().splitlines()) == 1 + 4  # header + images
+    main(["test", "--config", str(config), "--ckpt_path", "last", "--data.test_file", str(tmp_path / "prompts.txt")])
+    noise = ("The dirpath has changed", "callbacks used to create the checkpoint need to be provided")
+    assert not [w for w in recwarn if any(line in str(w.message) for line in noise)]  # not this run's checkpointing
+    assert "Tip:" not in caplog.text and "Restoring states" in caplog.text  # Lightning's own lines, but no advert
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_a_folder_as_ckpt_path_is_refused_before_the_model_loads(command, config, tmp_path, model_loading_fails,
+                                                                 capsys):
+    """Only a distributed checkpoint is a folder; any other got as far as Lightning's "Restoring states" first."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    message = _fail([command, "--config", str(config), "--ckpt_path", str(folder)], capsys)
+    assert message.endswith(f"fnf: error: ckpt_path: {folder} is a folder; expected a .ckpt file"), message
 
 
 def test_help_documents_the_options(capsys):
