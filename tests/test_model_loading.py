@@ -35,16 +35,20 @@ def test_hub_ids_of_every_family_load_from_the_cache_offline(tiny_model_dir, tmp
     hub = tmp_path / "hf" / "hub"
     families = {"sd15": Path(tiny_model_dir), "sdxl": build_random_sdxl(tmp_path / "sdxl"),
                 "sd3": build_random_sd3(tmp_path / "sd3"), "flux": build_random_flux(tmp_path / "flux")}
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    families["bf16"] = tmp_path / "bf16"  # loads in its files' dtype from the cache too (they are found there)
     for family, folder in families.items():
         _cache(hub, f"fnf-test/tiny-{family}", folder)
     script = ("from fnf.pipeline import Text2ImageModel\n"
-              "for family in ('sd15', 'sdxl', 'sd3', 'flux'):\n"
-              "    print(family, type(Text2ImageModel.from_pretrained(f'fnf-test/tiny-{family}')).__name__)\n")
+              "for family in ('sd15', 'sdxl', 'sd3', 'flux', 'bf16'):\n"
+              "    model = Text2ImageModel.from_pretrained(f'fnf-test/tiny-{family}')\n"
+              "    print(family, type(model).__name__, model.denoiser.dtype)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["sd15", "Text2ImageModel", "sdxl", "SDXLModel", "sd3", "SD3Model", "flux",
-                                   "FluxModel"]
+    assert done.stdout.splitlines() == ["sd15 Text2ImageModel torch.float32", "sdxl SDXLModel torch.float32",
+                                        "sd3 SD3Model torch.float32", "flux FluxModel torch.float32",
+                                        "bf16 Text2ImageModel torch.bfloat16"]
 
 
 def test_a_folder_of_fp16_variant_files_only_loads_them_and_says_so(tiny_model_dir, tmp_path, caplog):
