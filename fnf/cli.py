@@ -1,5 +1,5 @@
 """``fnf fit|validate|test|predict --config configs/<task>.yaml``: LightningCLI over FocusNFix; ``fnf report``,
-``export``, ``preview``, ``scan``, ``rewards``, ``rahf-train``, ``rahf-convert``: the modules in ``TOOLS``.
+``export``, ``preview``, ``scan``, ``rewards``, ``rahf-train``, ``rahf-convert``: the modules in ``fnf.commands.TOOLS``.
 
 Reward heads and regularizers are chosen by ``class_path`` (any importable subclass); the built-ins imported
 here and the classes of installed plugins (``fnf.rewards`` / ``fnf.regularizers`` entry points) also resolve by their
@@ -9,15 +9,12 @@ A config file can import code, exactly like any LightningCLI config: only run co
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import itertools
 import logging
 import sys
 import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -36,7 +33,8 @@ from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
-from fnf.preemption import PreemptionCheckpoint, exit_code, sigterm_unwinds
+from fnf.commands import EPILOG, TOOLS, check_command, exit_code, run_tool, sigterm_unwinds
+from fnf.preemption import PreemptionCheckpoint
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.recipe import RunRecipe, check_settings, run_recipe
@@ -243,30 +241,6 @@ class FnfCLI(RunCLI):
         self._before_evaluation("predict")
 
 
-TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with main(argv)
-    "report": ("fnf.report", "one HTML page from tested runs"),
-    "export": ("fnf.export_formats", "a run's LoRA as diffusers / kohya files or a fused model"),
-    "preview": ("fnf.preview", "the masks training would use, on base images, before training"),
-    "scan": ("fnf.scan", "base-model scores and mask areas per prompt, for data.filter"),
-    "rewards": ("fnf.plugins", "the reward heads usable by short name, built-in and installed"),
-    "rahf-train": ("fnf.rahf.cli", "train the RAHF reward model (its own LightningCLI)"),
-    "rahf-convert": ("fnf.rahf.convert", "the public RAHF reproduction's checkpoint -> .safetensors"),
-}
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-WRITERS = ("export", "report", "preview", "scan")  # tools whose staging files SIGTERM must not leave behind
-EPILOG = "other commands (fnf <command> --help): " + "; ".join(f"{name}: {what}" for name, (_, what) in TOOLS.items())
-
-
-def check_command(argv: list[str]) -> None:
-    """A mistyped command is one line with the closest ones (argparse would list Lightning's four only)."""
-    if not argv:
-        raise ValueError(f"no command; expected one of {', '.join([*LIGHTNING_COMMANDS, *TOOLS])} (fnf --help)")
-    if not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *TOOLS):
-        close = difflib.get_close_matches(argv[0], [*LIGHTNING_COMMANDS, *TOOLS], n=2, cutoff=0.6)
-        raise ValueError(f"{argv[0]}: unknown command" + (f"; did you mean {' or '.join(close)}?" if close else "")
-                         + f" (commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
-
-
 def no_advertisement(record: logging.LogRecord) -> bool:
     """Lightning's tip to install its hosted logger, printed by every run without it."""
     return not record.getMessage().startswith("💡 Tip")
@@ -291,9 +265,7 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
-            unwinds = sigterm_unwinds() if argv[0] in WRITERS else nullcontext()  # rahf-train: Lightning's own
-            with unwinds:
-                return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+            return run_tool(argv)
         check_command(argv)
         load_plugins()  # installed heads and regularizers resolve by short name in YAML
         check_config_files(argv)

@@ -21,11 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 DEBUG_VARIABLE = "FNF_DEBUG"
-EXPECTED = (ValueError, OSError, FloatingPointError,  # raised with a message written for the user
-            MisconfigurationException)  # Lightning's, about trainer settings
+EXPECTED = (ValueError, OSError, FloatingPointError)  # raised with a message written for the user
 JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Expected a",
                          "Given value", "Not a valid subclass", "Subclass types expect", "a class path", "a dict ")
 
@@ -201,9 +199,16 @@ def _one_line(error: BaseException) -> str:
         return f"no space left on device: {error.filename or '(the file being written)'}"
     if isinstance(error, ArgumentError):
         return parser_error(error)
-    if isinstance(error, EXPECTED):
+    if isinstance(error, EXPECTED) or _lightning_configuration(error):
         return cause(error)
     return f"{type(error).__name__}: {cause(error)} (set {DEBUG_VARIABLE}=1 for the full traceback)"
+
+
+def _lightning_configuration(error: BaseException) -> bool:
+    """Lightning's MisconfigurationException, about trainer settings: looked up where Lightning is loaded, so the
+    tools that train nothing (``fnf report``) start without it."""
+    exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.MisconfigurationException)
 
 
 @contextmanager

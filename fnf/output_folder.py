@@ -11,7 +11,7 @@ from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
-from fnf.checkpoint_io import check_writable, disk_full, umask_mode
+from fnf.files import check_writable, disk_full, umask_mode
 
 
 def check_output_folder(out: Path, key: str, writer: str, marker: str, names: Collection[str] | None = None) -> None:

@@ -21,29 +21,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-
-
-def exit_code(signum: int) -> int:
-    return 128 + signum
-
-
-@contextmanager
-def sigterm_unwinds():
-    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot, so that the tools' ``finally``
-    blocks remove their staging folders, as they do on Ctrl-C (``fnf export``, ``report``, ``preview``, ``scan``)."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(exit_code(signum)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from fnf.checkpoint_io import check_writable
+from fnf.files import check_writable
 from fnf.cli import FnfCLI
 from fnf.data import PromptDataModule, collate
 from fnf.errors import check_config_files, parser_error

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -140,3 +145,17 @@ def test_checkpointing_can_be_switched_off(config, tmp_path):
     main(["fit", "--config", str(config), "--trainer.enable_checkpointing", "false"])
     assert not list((tmp_path / "run").rglob("*.ckpt"))
     assert list((tmp_path / "run").rglob("pytorch_lora_weights.safetensors"))  # the run itself completed
+
+
+def test_the_fnf_command_starts_its_tools_without_lightning():
+    """``fnf report`` and ``fnf rewards`` answer in a second or three, and a mistyped command at once: importing
+    Lightning takes ~9 s here (torchmetrics, which imports torchvision, transformers and scipy)."""
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fnf"] == "fnf.commands:main"
+    code = ("import sys\nfrom fnf.commands import main\n"
+            "for argv in (['report', '/no/such/run'], ['nosuch'], ['rewards']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as exit:\n        print(exit.code)\n"
+            "print(sorted({'lightning', 'torchmetrics'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fnf: error: /no/such/run: no such folder" in done and "fnf: error: nosuch: unknown command" in done
+    assert "ShapesArtifact" in done and done.splitlines()[-1] == "[]", done

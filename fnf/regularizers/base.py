@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from fnf.errors import named_component
-from fnf.sampling import Sample
+
+if TYPE_CHECKING:  # annotations only: `fnf rewards` lists the classes without loading the sampler
+    from fnf.sampling import Sample
 
 
 class Regularizer(nn.Module, ABC):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fnf.regularizers.base import Regularizer
-from fnf.sampling import Sample
+
+if TYPE_CHECKING:
+    from fnf.sampling import Sample
 
 
 class LatentFrobenius(Regularizer):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from fnf.regularizers.base import Regularizer
-from fnf.sampling import Sample
+
+if TYPE_CHECKING:
+    from fnf.sampling import Sample
 
 
 class NoRegularizer(Regularizer):

@@ -326,7 +326,7 @@ def save_rahf(model: RAHF, path: str | Path) -> None:
     """Write ``model`` as ``.safetensors`` with its sizes in the metadata; atomically (temp file, then os.replace)."""
     from safetensors.torch import save_file
 
-    from fnf.checkpoint_io import atomic_path
+    from fnf.files import atomic_path
 
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     with atomic_path(path) as staging:

@@ -177,7 +177,7 @@ def save_reproduction(model: RAHFReproduction, path: str | Path) -> None:
     """Write ``model`` as ``.safetensors`` with its sizes in the metadata; atomically."""
     from safetensors.torch import save_file
 
-    from fnf.checkpoint_io import atomic_path
+    from fnf.files import atomic_path
 
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     state.pop("t5.encoder.embed_tokens.weight")  # tied to t5.shared.weight (safetensors refuses shared storage)
