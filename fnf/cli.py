@@ -28,12 +28,12 @@ import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
+from fnf.commands import EPILOG, TOOLS, check_command, exit_code, run_tool, sigterm_unwinds
 from fnf.compute import ComputeArgs, frozen_dtype
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
 from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
-from fnf.commands import EPILOG, TOOLS, check_command, exit_code, run_tool, sigterm_unwinds
 from fnf.preemption import PreemptionCheckpoint
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead

@@ -29,9 +29,9 @@ from typing_extensions import override
 
 from fnf.callbacks import LoraExporter, on_every_rank
 from fnf.checkpoint_io import AtomicCheckpointIO
-from fnf.files import check_writable
 from fnf.evaluation import Evaluation
 from fnf.export import WEIGHT_NAME, save_lora
+from fnf.files import check_writable
 
 
 class EpochShuffle(DistributedSampler):
