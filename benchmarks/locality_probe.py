@@ -8,7 +8,8 @@ the configs' sampler otherwise; M is the judge's problem mask on I0 (defect pixe
 ``reference_*`` preservation is measured outside). Four changes of one image each (batch 1, so no other
 prompt's gradient moves it), each reported as the RMS change of I outside M over the RMS change inside M
 (1 = no preference for the defect; lower = more local) and, for the LoRA steps, as the RMS change outside M per
-unit of reward gained; for (1) also outside the 4 × 4-pixel blocks touching M (shapes-flow's tokens) over inside M:
+unit of reward gained (a step that lowers the reward gives a negative value: the medians are robust to the few
+such items, the means in brackets are not); for (1) also outside the 4 × 4-pixel blocks touching M (shapes-flow's tokens) over inside M:
 how much of the spread is the token's granularity.
 
 1. ``reward step``: the LoRA (at its initialisation, so I = I0) moved by ε along the gradient of the training
@@ -154,15 +155,15 @@ def probe_item(model: FocusNFix, prompt: str, seed: int, groups: dict[str, str])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backbones", nargs="*", choices=[[], *BACKBONES], default=list(BACKBONES))
+    parser.add_argument("backbones", nargs="*", choices=list(BACKBONES), default=[], help="default: all")
     parser.add_argument("--items", type=int, default=32, help="validation items with a defect, per backbone")
     args = parser.parse_args()
     print(f"# {provenance()}")
-    command = f"python benchmarks/locality_probe.py {' '.join(args.backbones)} --items {args.items}"
+    command = f"python benchmarks/locality_probe.py {' '.join(args.backbones or BACKBONES)} --items {args.items}"
     print(f"# `{command}`; ε = {EPSILON}, K = 2, judge mask threshold {JUDGE_MASK.threshold}, dilation "
           f"{JUDGE_MASK.dilation} px; median over items (mean)\n")
     print("| backbone | items | mask area | reward step: RMS out / in | reward step: RMS out per reward gained "
-          "| reward step: RMS beyond the tokens touching M / in "
+          "| reward step: RMS beyond the 4-px blocks touching M / in "
           "| reward of M's pixels step: RMS out / in | reward of M's pixels step: RMS out per reward gained "
           "| random LoRA step: RMS out / in | latent nudge: RMS out / in |")
     print("|---|---|---|---|---|---|---|---|---|---|")

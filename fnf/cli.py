@@ -10,14 +10,11 @@ A config file can import code, exactly like any LightningCLI config: only run co
 from __future__ import annotations
 
 import itertools
-import logging
 import sys
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -28,7 +25,7 @@ import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
-from fnf.commands import EPILOG, TOOLS, check_command, exit_code, run_tool, sigterm_unwinds
+from fnf.commands import EPILOG, TOOLS, check_command, configure, exit_code, run_tool, sigterm_unwinds
 from fnf.compute import ComputeArgs, frozen_dtype
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
@@ -52,7 +49,7 @@ def started_on_their_own(trainer) -> bool:
 class RunCLI(LightningCLI):
     """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run folder of its own,
     settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first training step (a config
-    error, a SIGTERM before training starts) leaves no version folder behind, one stopped later keeps its logs."""
+    error, a SIGTERM while it starts) leaves no version folder behind, one stopped later keeps its logs."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before training)
     new_folders: list[Path] = []  # default_root_dir and its parents this run created (removed again if left empty)
@@ -100,7 +97,7 @@ class RunCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
-            with sigterm_unwinds():  # before training (no PreemptionCheckpoint yet): the claimed folder is removed
+            with sigterm_unwinds(until_lightning=True):  # while it starts: the claimed folder is removed
                 super()._run_subcommand(subcommand)
         except BaseException as error:
             if subcommand != "fit" or self.trainer.global_step == 0:  # a fit that trained keeps its logs
@@ -241,27 +238,8 @@ class FnfCLI(RunCLI):
         self._before_evaluation("predict")
 
 
-def no_advertisement(record: logging.LogRecord) -> bool:
-    """Lightning's tip to install its hosted logger, printed by every run without it."""
-    return not record.getMessage().startswith("💡 Tip")
-
-
 def main(args: list[str] | None = None) -> None:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    # Mid-epoch resume is exact: the loader skips the epoch's trained batches itself (fnf/resume.py, tested).
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    # Evaluation logs metrics torchmetrics has already reduced over the processes (fnf/evaluation.py): no sync_dist.
-    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(validate|test)_eval/")
-    # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py): nothing
-    # a user can change.
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-    # A run from another run's checkpoint, or an evaluation of one, restores the model and its own steps; the other
-    # run's checkpoint callback (its folder, best scores) is not this run's.
-    warnings.filterwarnings("ignore", r"The dirpath has changed from")
-    warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)
+    configure()
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import signal
 import sys
+import threading
+import warnings
 from contextlib import contextmanager, nullcontext
 
 from fnf.errors import one_line_errors
@@ -36,6 +39,32 @@ def check_command(argv: list[str]) -> None:
                          + f" (commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
 
 
+def configure() -> None:
+    """Settings every fnf command runs with, the tools that parse ``fnf fit``'s config too (preview, scan)."""
+    from jsonargparse import set_parsing_settings  # (0.2 s: not for a report)
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from the classes' docstrings
+    # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Mid-epoch resume is exact: the loader skips the epoch's trained batches itself (fnf/resume.py, tested).
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # Evaluation logs metrics torchmetrics has already reduced over the processes (fnf/evaluation.py): no sync_dist.
+    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('(validate|test)_eval/")
+    # Lightning 2.6's own use of torch 2.14's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py): nothing
+    # a user can change.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # A run from another run's checkpoint, or an evaluation of one, restores the model and its own steps; the other
+    # run's checkpoint callback (its folder, best scores) is not this run's.
+    warnings.filterwarnings("ignore", r"The dirpath has changed from")
+    warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)
+
+
+def no_advertisement(record: logging.LogRecord) -> bool:
+    """Lightning's tip to install its hosted logger, printed by every run without it."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def run_tool(argv: list[str]) -> None:
     """``fnf <tool> ...``: the tool module's ``main`` with the rest of the arguments."""
     unwinds = sigterm_unwinds() if argv[0] in WRITERS else nullcontext()  # rahf-train: Lightning's own
@@ -47,11 +76,27 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
+def _exit(signum: int, frame) -> None:
+    sys.exit(exit_code(signum))
+
+
+def _exit_until_lightning(signum: int, frame) -> None:
+    """Behind Lightning's own handler (installed as its run loop starts, which keeps this one as the next in line)
+    nothing: Lightning's handling stands there (fnf fit: PreemptionCheckpoint's)."""
+    if signal.getsignal(signum) is _exit_until_lightning:
+        _exit(signum, frame)
+
+
 @contextmanager
-def sigterm_unwinds():
-    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot, so that the tools' ``finally``
-    blocks remove their staging folders, as they do on Ctrl-C (``fnf export``, ``report``, ``preview``, ``scan``)."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(exit_code(signum)))
+def sigterm_unwinds(until_lightning: bool = False):
+    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot, so that ``finally`` blocks run:
+    the tools remove their staging folders, as they do on Ctrl-C (``fnf export``, ``report``, ``preview``,
+    ``scan``), and a run stopped while it starts removes the folder it claimed. ``until_lightning``: only until
+    Lightning installs its own handler. Signal handlers belong to the main thread: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_until_lightning if until_lightning else _exit)
     try:
         yield
     finally:
@@ -62,6 +107,7 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
+            configure()
             return run_tool(argv)
         check_command(argv)  # a typo is answered at once, not after Lightning's import
     from fnf.cli import main as lightning_main

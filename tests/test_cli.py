@@ -159,3 +159,15 @@ def test_the_fnf_command_starts_its_tools_without_lightning():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "fnf: error: /no/such/run: no such folder" in done and "fnf: error: nosuch: unknown command" in done
     assert "ShapesArtifact" in done and done.splitlines()[-1] == "[]", done
+
+
+def test_the_fnf_command_gives_its_tools_the_settings_of_every_command(monkeypatch):
+    """``fnf scan --help`` and ``fnf preview --help`` document each option from the classes' docstrings only with
+    jsonargparse's docstring setting, which ``fnf.commands.configure`` makes (with the warning filters)."""
+    from fnf import commands
+
+    calls = []
+    monkeypatch.setattr(commands, "configure", lambda: calls.append("configure"))
+    monkeypatch.setattr(commands, "run_tool", lambda argv: calls.append(argv[0]))
+    commands.main(["scan", "--help"])
+    assert calls == ["configure", "scan"]

@@ -158,3 +158,41 @@ def test_a_signal_in_the_sanity_check_waits_for_training_and_only_rank_0_says_so
         callback.teardown(None, None, "fit")
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_sigterm_unwinds_a_starting_run_until_lightning_installs_its_own_handler():
+    """Behind Lightning's handler (it keeps the one it finds as the next in line) the unwinding steps aside, so
+    Lightning's stop-after-the-batch stands in its loops (rahf-train, evaluation); off the main thread, where
+    signal handlers cannot be set, it changes nothing."""
+    import threading
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    from fnf.commands import sigterm_unwinds
+
+    sigterm, noted = signal.getsignal(signal.SIGTERM), []
+    try:
+        with sigterm_unwinds(until_lightning=True):
+            with pytest.raises(SystemExit) as exit_info:
+                os.kill(os.getpid(), signal.SIGTERM)  # while the run starts
+            assert exit_info.value.code == 143
+            lightning = _HandlersCompose([lambda signum, frame: noted.append(signum), signal.getsignal(signal.SIGTERM)])
+            signal.signal(signal.SIGTERM, lightning)  # as Lightning's run loop installs it
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert noted == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is sigterm
+        failures = []
+
+        def in_a_thread():
+            try:
+                with sigterm_unwinds(until_lightning=True):
+                    pass
+            except Exception as error:  # noqa: BLE001 (reported below)
+                failures.append(error)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join()
+        assert failures == []
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)

@@ -30,7 +30,7 @@ class RAHFCLI(RunCLI):
 def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = sys.argv[1:] if args is None else args
-    # fnf rahf-train passes its arguments on (fnf.cli.TOOLS): Lightning would warn that sys.argv holds them too.
+    # fnf rahf-train passes its arguments on (fnf.commands.TOOLS): Lightning would warn that sys.argv holds them too.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     with one_line_errors("fnf rahf-train"):
         check_config_files(argv)
