@@ -125,10 +125,21 @@ class Evaluation(Callback):
         """
         self.clip, self.fid_features, self.judges, self.output_dir = clip, fid_features, judges or [], output_dir
         self.pair_judges, self.reference = pair_judges or [], reference
-        self.lpips = lpips_network(lpips) if lpips is not None else None  # one network for every region and group
+        self.lpips_backbone, self.lpips = lpips, None  # the network: built in setup, one for every region and group
         self.save_samples = save_samples
         self.metrics: dict[str, dict[str, nn.ModuleDict]] = {}  # stage -> category ('' = all) -> metrics
         self.samples: list[dict] = []
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """LPIPS's network, whose ImageNet weights must be in the hub cache, for a run that evaluates: before its
+        first step, but not for a fit that never validates (no validation prompts, or limit_val_batches 0)."""
+        if self.lpips_backbone is None or self.lpips is not None:
+            return
+        items = getattr(getattr(trainer, "datamodule", None), "items", None)  # fnf's PromptDataModule, set up
+        validates = trainer.limit_val_batches != 0 and (items is None or "val" in items)
+        if stage != "fit" or validates:
+            self.lpips = lpips_network(self.lpips_backbone)
 
     def _build(self, pl_module: LightningModule, fid: bool) -> nn.ModuleDict:
         masks = ["", "reference_"] if self.reference is not None else [""]

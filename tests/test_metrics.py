@@ -108,12 +108,24 @@ def test_fid_with_a_tiny_feature_extractor_runs_offline():
     assert abs(same.compute().item()) < 1e-3 and shifted.compute().item() > 0.01
 
 
-def test_lpips_without_its_backbone_weights_is_one_line_naming_the_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage, limit_val_batches, items, needed", [
+    ("fit", 1.0, {"train": [], "val": []}, True), ("fit", 0, {"train": [], "val": []}, False),
+    ("fit", 1.0, {"train": []}, False), ("test", 1.0, {"test": []}, True), ("validate", 1.0, None, True)])
+def test_lpips_without_its_backbone_weights_is_one_line_naming_the_file_where_a_run_evaluates(
+        stage, limit_val_batches, items, needed, tmp_path, monkeypatch):
+    """Before the first step of a run that evaluates; a fit that never validates needs no ImageNet weights."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline_download)
+    evaluation = Evaluation(lpips="alex")
+    trainer = SimpleNamespace(limit_val_batches=limit_val_batches,
+                              datamodule=SimpleNamespace(items=items) if items is not None else None)
+    if not needed:
+        evaluation.setup(trainer, None, stage)
+        assert evaluation.lpips is None
+        return
     with pytest.raises(ValueError, match=r"^lpips: alex needs torchvision's ImageNet weights .*empty/hub/checkpoints/"
                                          r"alexnet-owt-7be5be79\.pth \(from https://.*offline") as error:
-        Evaluation(lpips="alex")
+        evaluation.setup(trainer, None, stage)
     assert "\n" not in str(error.value)
 
 
