@@ -41,7 +41,7 @@ def check_command(argv: list[str]) -> None:
 
 def configure() -> None:
     """Settings every fnf command runs with, the tools that parse ``fnf fit``'s config too (preview, scan)."""
-    from jsonargparse import set_parsing_settings  # (0.2 s: not for a report)
+    from jsonargparse import set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from the classes' docstrings
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
@@ -81,8 +81,8 @@ def _exit(signum: int, frame) -> None:
 
 
 def _exit_until_lightning(signum: int, frame) -> None:
-    """Behind Lightning's own handler (installed as its run loop starts, which keeps this one as the next in line)
-    nothing: Lightning's handling stands there (fnf fit: PreemptionCheckpoint's)."""
+    """Unwind while this is the process's handler; once Lightning's run loop has installed its own (which calls this
+    one after it), do nothing, so that Lightning's handling stands (in fnf fit, PreemptionCheckpoint's)."""
     if signal.getsignal(signum) is _exit_until_lightning:
         _exit(signum, frame)
 
