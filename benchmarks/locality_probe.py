@@ -9,8 +9,8 @@ the configs' sampler otherwise; M is the judge's problem mask on I0 (defect pixe
 prompt's gradient moves it), each reported as the RMS change of I outside M over the RMS change inside M
 (1 = no preference for the defect; lower = more local) and, for the LoRA steps, as the RMS change outside M per
 unit of reward gained (a step that lowers the reward gives a negative value: the medians are robust to the few
-such items, the means in brackets are not); for (1) also outside the 4 × 4-pixel blocks touching M (shapes-flow's tokens) over inside M:
-how much of the spread is the token's granularity.
+such items, the means in brackets are not); for (1) also outside the 4 × 4-pixel blocks touching M
+(shapes-flow's tokens) over inside M: how much of the spread is the token's granularity.
 
 1. ``reward step``: the LoRA (at its initialisation, so I = I0) moved by ε along the gradient of the training
    reward (ShapesArtifact) through the last K steps, as a DRaFT-K step with λ = 0 would move it; I resampled
@@ -92,7 +92,7 @@ def build(config: str, extra: list[str]) -> FocusNFix:
     return cli.model.eval()
 
 
-def rms_ratio(change: Tensor, mask: Tensor) -> tuple[float, float]:
+def rms_outside_inside(change: Tensor, mask: Tensor) -> tuple[float, float]:
     """(RMS of ``change`` outside ``mask``, inside it) over pixels and channels."""
     squared = change.pow(2).mean(1, keepdim=True)
     outside = (squared * (1 - mask)).sum() / (1 - mask).sum()
@@ -140,14 +140,14 @@ def probe_item(model: FocusNFix, prompt: str, seed: int, groups: dict[str, str])
             gained = head(moved, [prompt]).score.item() - base_reward
             for p, d in zip(lora, direction):
                 p.sub_(d, alpha=scale)
-        outside, inside = rms_ratio(moved - base, mask)
-        beyond_tokens, _ = rms_ratio(moved - base, token_mask)
+        outside, inside = rms_outside_inside(moved - base, mask)
+        beyond_tokens, _ = rms_outside_inside(moved - base, token_mask)
         row[name] = (outside / inside, outside / gained, beyond_tokens / inside)
     latent_mask = torch.nn.functional.adaptive_max_pool2d(mask, latents.shape[-2:])  # a cell touching M
     nudge = torch.randn(latents.shape, generator=generator).to(latents) * latent_mask * 0.1
     with torch.no_grad(), model.model.adapter_disabled():
         nudged = sampler._finish(latents + nudge, start, text, uncond, "none").images
-    outside, inside = rms_ratio(nudged - base, mask)
+    outside, inside = rms_outside_inside(nudged - base, mask)
     row["latent nudge"] = (outside / inside, None, None)
     row["mask area"] = mask.mean().item()
     return row
