@@ -22,9 +22,16 @@ def fit(tmp_path: Path, model: str, name: str, batch_size: int, args: tuple[str,
         **trainer) -> dict[str, torch.Tensor]:
     """3 steps of ``fnf fit`` on 8 prompts, logged to ``tmp_path/name``; ``trainer`` keys (devices, strategy,
     callbacks, ...) extend the trainer config, ``args`` are extra command-line arguments. Returns the LoRA weights
-    of the final checkpoint (of a checkpoint, if a callback writes several)."""
-    done = launch(tmp_path, model, name, batch_size, args, **trainer)
-    assert done.returncode == 0, done.stderr[-3000:]
+    of the final checkpoint (of a checkpoint, if a callback writes several). One process runs in this one (the
+    suite's time: an ``fnf`` process takes ~10 s to start), more as ``fnf fit`` and its launcher run them."""
+    if trainer.get("devices", 1) == 1:
+        from fnf.cli import main
+
+        command, _ = _fit_command(tmp_path, model, name, batch_size, args, **trainer)
+        main(command[command.index("fit"):])
+    else:
+        done = launch(tmp_path, model, name, batch_size, args, **trainer)
+        assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = next((tmp_path / name / "checkpoints").glob("*.ckpt"))
     return torch.load(checkpoint, weights_only=True)["state_dict"]
 
