@@ -239,8 +239,8 @@ class FnfCLI(RunCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    configure()
     argv = sys.argv[1:] if args is None else args
+    configure(argv)
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
             return run_tool(argv)

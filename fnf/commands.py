@@ -39,11 +39,13 @@ def check_command(argv: list[str]) -> None:
                          + f" (commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])})")
 
 
-def configure() -> None:
+def configure(argv: list[str]) -> None:
     """Settings every fnf command runs with, the tools that parse ``fnf fit``'s config too (preview, scan)."""
     from jsonargparse import set_parsing_settings
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from the classes' docstrings
+    # Option help from the attribute docstrings of the config's dataclasses: reading them parses the source of every
+    # class a command's parser covers (~2 s a command), so only for a command that prints help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=prints_docs(argv))
     # Frozen text encoder, VAE and reward heads stay in eval mode on purpose (FocusNFix.train).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # Mid-epoch resume is exact: the loader skips the epoch's trained batches itself (fnf/resume.py, tested).
@@ -58,6 +60,12 @@ def configure() -> None:
     warnings.filterwarnings("ignore", r"The dirpath has changed from")
     warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)
+
+
+def prints_docs(argv: list[str]) -> bool:
+    """Whether the command line asks for help: ``-h``, ``--help`` or a class's ``--<key>.help``."""
+    options = [a.split("=", 1)[0] for a in argv]
+    return any(o in ("-h", "--help") or o.startswith("--") and o.endswith(".help") for o in options)
 
 
 def no_advertisement(record: logging.LogRecord) -> bool:
@@ -107,7 +115,7 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     with one_line_errors():
         if argv[:1] and argv[0] in TOOLS:
-            configure()
+            configure(argv)
             return run_tool(argv)
         check_command(argv)  # a typo is answered at once, not after Lightning's import
     from fnf.cli import main as lightning_main

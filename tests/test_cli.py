@@ -167,7 +167,20 @@ def test_the_fnf_command_gives_its_tools_the_settings_of_every_command(monkeypat
     from fnf import commands
 
     calls = []
-    monkeypatch.setattr(commands, "configure", lambda: calls.append("configure"))
+    monkeypatch.setattr(commands, "configure", lambda argv: calls.append(("configure", commands.prints_docs(argv))))
     monkeypatch.setattr(commands, "run_tool", lambda argv: calls.append(argv[0]))
     commands.main(["scan", "--help"])
-    assert calls == ["configure", "scan"]
+    assert calls == [("configure", True), "scan"]
+
+
+def test_only_help_pays_for_the_attribute_docstrings():
+    """Reading the dataclasses' attribute docstrings parses the source of every class a parser covers (~2 s of each
+    command's start, a quarter of a short fit's): only what prints them asks for it."""
+    from fnf.commands import prints_docs
+
+    for argv in (["fit", "--help"], ["fit", "-h"], ["scan", "--help"], ["fit", "--model.regularizer.help", "Pixel"],
+                 ["fit", "--model.regularizer.help=PixelFrobenius"]):
+        assert prints_docs(argv), argv
+    for argv in (["fit", "--config", "help.yaml"], ["test", "--ckpt_path", "last"], ["fit", "--model.helper=1"],
+                 ["fit", "--print_config"], []):
+        assert not prints_docs(argv), argv
