@@ -11,13 +11,21 @@ the candidate as is, evaluated on its 64 training items (the very prompts and x_
 as on the validation prompts: is preservation a matter of generalising from 64 items? ``unet``: the same
 candidate on shapes-t2i (``artifacts``), both splits, for comparison. ``lam10``: λ = 10 (does preservation follow
 λ at all on this backbone?); ``latent``: the fidelity term on the latents (LatentFrobenius: each latent token
-penalised directly) instead of the decoded pixels.
+penalised directly) instead of the decoded pixels. ``head`` / ``head_only`` (K = 5, compare with ``k5``): the
+remedy ``locality_probe.py`` suggested, an adapter whose change stays local: a small convolution head on the
+sampler's guided velocity, Δv = conv1×1(SiLU(conv3×3(SiLU(conv3×3([x_t, v, σ]))))) with its last layer zero (the
+tuned model starts as the base), trained with the LoRA (``head``) or instead of it (``head_only``). fnf does not
+offer it: the probe patches it in (``LocalHead``).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+
+import torch
+from torch import nn
 
 import reproduce
 
@@ -32,7 +40,64 @@ VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     "lam10": ("flow_artifacts", replace(CANDIDATE, lam=10.0), lambda config: None, ["train", "val"]),
     "latent": ("flow_artifacts", CANDIDATE, lambda config: config["model"].update(
         regularizer={"class_path": "LatentFrobenius"}), ["train", "val"]),
+    "head": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    "head_only": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
 }
+HEAD_WIDTH = 32
+
+
+class LocalHead(nn.Module):
+    """Δv from the 5 × 5 latent cells around each cell: x_t, the guided velocity v and σ; zero at the start."""
+
+    def __init__(self, channels: int, width: int = HEAD_WIDTH) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(2 * channels + 1, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, channels, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, latents: torch.Tensor, sigma: float, velocity: torch.Tensor) -> torch.Tensor:
+        sigmas = latents.new_full((len(latents), 1, *latents.shape[2:]), sigma)
+        return self.net(torch.cat([latents, velocity, sigmas], 1))
+
+
+@contextmanager
+def local_head(train_lora: bool):
+    """The flow sampler adds the head's Δv to every step's velocity, except in the base model's passes (the fused
+    base pass is switched off by the fits of these variants); the optimiser gets the head (and the LoRA)."""
+    from fnf.sampling import FlowMatchSampler
+    from fnf.sd3 import SD3Model
+
+    shipped = SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters, FlowMatchSampler._update
+
+    def add_lora(self, args):
+        shipped[0](self, args)
+        self.local_head, self.head_on = LocalHead(self.transformer.config.in_channels), True
+
+    @contextmanager
+    def adapter_disabled(self):
+        self.head_on = False
+        try:
+            with shipped[1](self):
+                yield
+        finally:
+            self.head_on = True
+
+    def lora_parameters(self):
+        return (shipped[2](self) if train_lora else []) + list(self.local_head.parameters())
+
+    def update(self, output, i, latents):
+        if self.model.head_on:
+            output = output + self.model.local_head(latents, self.sigmas[i], output)
+        return shipped[3](self, output, i, latents)
+
+    SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters = add_lora, adapter_disabled, lora_parameters
+    FlowMatchSampler._update = update
+    try:
+        yield
+    finally:
+        SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters, FlowMatchSampler._update = shipped
+
 KEYS = ("judge_defect_rate_base", "judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned",
         "reference_outside_psnr", "reward_change/ShapesArtifact")
 
@@ -42,16 +107,21 @@ def main() -> None:
     for variant in sys.argv[1:] or list(VARIANTS):
         task, settings, change, splits = VARIANTS[variant]
 
-        def run_config(task, root, quick, seed, change=change):
+        head = variant.startswith("head")
+
+        def run_config(task, root, quick, seed, change=change, head=head):
             config = shipped(task, root, quick, seed)
             change(config)
+            if head:
+                config["model"]["sampler"]["fused_base"] = False  # the patched head knows no base rows
             return config
 
         reproduce.run_config = run_config
-        run = reproduce.fit(task, settings, 0, reproduce.ROOT / "runs" / "flow-probe" / variant, False)
-        for split in splits:
-            metrics = reproduce.evaluate(task, run, split, False, 0)
-            print(variant, split, {key: round(metrics[key], 4) for key in KEYS if key in metrics}, flush=True)
+        with local_head(train_lora=variant == "head") if head else nullcontext():
+            run = reproduce.fit(task, settings, 0, reproduce.ROOT / "runs" / "flow-probe" / variant, False)
+            for split in splits:
+                metrics = reproduce.evaluate(task, run, split, False, 0)
+                print(variant, split, {key: round(metrics[key], 4) for key in KEYS if key in metrics}, flush=True)
 
 
 if __name__ == "__main__":
