@@ -48,7 +48,13 @@ VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     "k5_lam10": ("flow_artifacts", replace(CANDIDATE, k=5, lam=10.0), lambda config: None, ["train", "val"]),
     "head_only_lam0.3": ("flow_artifacts", replace(CANDIDATE, k=5, lam=0.3), lambda config: None, ["train", "val"]),
     "head_only_seed1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    # the head beside a LoRA held back: the LoRA's learning rate × 0.1 / × 0.03, the head's as configured
+    "head_lora_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    "head_lora_lr0.03": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
 }
+LORA_LR_SCALE = {"head_lora_lr0.1": 0.1, "head_lora_lr0.03": 0.03}
+VARIANTS["k5_lr0.1"] = ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: config["model"]["optimizer"][
+    "init_args"].update(lr=config["model"]["optimizer"]["init_args"]["lr"] * 0.1), ["train", "val"])  # their control
 SEED = {"head_only_seed1": 1}
 """The run's seed (LoRA and head init, prompt order) where not 0: does a variant's result hold on another seed?"""
 HEAD_WIDTH = 32
@@ -70,13 +76,16 @@ class LocalHead(nn.Module):
 
 
 @contextmanager
-def local_head(train_lora: bool):
+def local_head(train_lora: bool, lora_lr_scale: float = 1.0):
     """The flow sampler adds the head's Δv to every step's velocity, except in the base model's passes (the fused
-    base pass is switched off by the fits of these variants); the optimiser gets the head (and the LoRA)."""
+    base pass is switched off by the fits of these variants); the optimiser gets the head (and the LoRA, at
+    ``lora_lr_scale`` times the configured learning rate)."""
+    from fnf.module import FocusNFix
     from fnf.sampling import FlowMatchSampler
     from fnf.sd3 import SD3Model
 
     shipped = SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters, FlowMatchSampler._update
+    shipped_optimizers = FocusNFix.configure_optimizers
 
     def add_lora(self, args):
         shipped[0](self, args)
@@ -99,12 +108,19 @@ def local_head(train_lora: bool):
             output = output + self.model.local_head(latents, self.sigmas[i], output)
         return shipped[3](self, output, i, latents)
 
+    def configure_optimizers(self):
+        lora = shipped[2](self.model) if train_lora else []
+        optimizer = self.optimizer_factory([{"params": lora}, {"params": list(self.model.local_head.parameters())}])
+        optimizer.param_groups[0]["lr"] *= lora_lr_scale
+        return optimizer
+
     SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters = add_lora, adapter_disabled, lora_parameters
-    FlowMatchSampler._update = update
+    FlowMatchSampler._update, FocusNFix.configure_optimizers = update, configure_optimizers
     try:
         yield
     finally:
         SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters, FlowMatchSampler._update = shipped
+        FocusNFix.configure_optimizers = shipped_optimizers
 
 KEYS = ("judge_defect_rate_base", "judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned",
         "reference_outside_psnr", "reward_change/ShapesArtifact")
@@ -125,7 +141,8 @@ def main() -> None:
             return config
 
         reproduce.run_config = run_config
-        with local_head(train_lora=not variant.startswith("head_only")) if head else nullcontext():
+        patch = local_head(not variant.startswith("head_only"), LORA_LR_SCALE.get(variant, 1.0))
+        with patch if head else nullcontext():
             run = reproduce.fit(task, settings, SEED.get(variant, 0), reproduce.ROOT / "runs" / "flow-probe" / variant,
                                 False)
             for split in splits:
