@@ -16,7 +16,9 @@ remedy ``locality_probe.py`` suggested, an adapter whose change stays local: a s
 sampler's guided velocity, Δv = conv1×1(SiLU(conv3×3(SiLU(conv3×3([x_t, v, σ]))))) with its last layer zero (the
 tuned model starts as the base), trained with the LoRA (``head``) or instead of it (``head_only``). fnf does not
 offer it: the probe patches it in (``LocalHead``). ``k5_lam3`` / ``k5_lam10`` (the LoRA at K = 5 with a higher λ)
-and ``head_only_lam0.3`` place each route's trade-off; ``head_only_seed1``: ``head_only`` on seed 1.
+and ``head_only_lam0.3`` place each route's trade-off; ``head_only_seed1``: ``head_only`` on seed 1;
+``head_lora_lr0.1`` / ``head_lora_lr0.03``: the head beside a LoRA at a tenth / 3% of its learning rate, and
+``k5_lr0.1`` their control, the LoRA at a tenth of its learning rate without the head.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from torch import nn
 import reproduce
 
 CANDIDATE = reproduce.Settings(1.0, 0.5, 2, "heatmap")
+
+
+def _scale_lr(config: dict, factor: float) -> None:
+    config["model"]["optimizer"]["init_args"]["lr"] *= factor
+
+
 VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     "k5": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),  # K: set by fit
     "k20": ("flow_artifacts", replace(CANDIDATE, k=20), lambda config: None, ["val"]),  # all 20 Euler steps
@@ -51,10 +59,10 @@ VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     # the head beside a LoRA held back: the LoRA's learning rate × 0.1 / × 0.03, the head's as configured
     "head_lora_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
     "head_lora_lr0.03": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    # their control: the LoRA at a tenth of its learning rate, no head
+    "k5_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.1), ["train", "val"]),
 }
 LORA_LR_SCALE = {"head_lora_lr0.1": 0.1, "head_lora_lr0.03": 0.03}
-VARIANTS["k5_lr0.1"] = ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: config["model"]["optimizer"][
-    "init_args"].update(lr=config["model"]["optimizer"]["init_args"]["lr"] * 0.1), ["train", "val"])  # their control
 SEED = {"head_only_seed1": 1}
 """The run's seed (LoRA and head init, prompt order) where not 0: does a variant's result hold on another seed?"""
 HEAD_WIDTH = 32
