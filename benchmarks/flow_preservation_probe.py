@@ -18,7 +18,8 @@ tuned model starts as the base), trained with the LoRA (``head``) or instead of 
 offer it: the probe patches it in (``LocalHead``). ``k5_lam3`` / ``k5_lam10`` (the LoRA at K = 5 with a higher λ)
 and ``head_only_lam0.3`` place each route's trade-off; ``head_only_seed1``: ``head_only`` on seed 1;
 ``head_lora_lr0.1`` / ``head_lora_lr0.03``: the head beside a LoRA at a tenth / 3% of its learning rate, and
-``k5_lr0.1`` their control, the LoRA at a tenth of its learning rate without the head.
+``k5_lr0.1`` their control, the LoRA at a tenth of its learning rate without the head; ``k5_lr0.3`` and
+``unet_lr0.1`` (the UNet model, K = 2 as ``unet``) trace that learning-rate path.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     "head_lora_lr0.03": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
     # their control: the LoRA at a tenth of its learning rate, no head
     "k5_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.1), ["train", "val"]),
+    # the learning-rate path: a point between lr × 0.1 and × 1, and the UNet model's lr × 0.1 point (``unet``: × 1)
+    "k5_lr0.3": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.3), ["train", "val"]),
+    "unet_lr0.1": ("artifacts", CANDIDATE, lambda config: _scale_lr(config, 0.1), ["train", "val"]),
 }
 LORA_LR_SCALE = {"head_lora_lr0.1": 0.1, "head_lora_lr0.03": 0.03}
 SEED = {"head_only_seed1": 1}
