@@ -19,7 +19,8 @@ offer it: the probe patches it in (``LocalHead``). ``k5_lam3`` / ``k5_lam10`` (t
 and ``head_only_lam0.3`` place each route's trade-off; ``head_only_seed1``: ``head_only`` on seed 1;
 ``head_lora_lr0.1`` / ``head_lora_lr0.03``: the head beside a LoRA at a tenth / 3% of its learning rate, and
 ``k5_lr0.1`` their control, the LoRA at a tenth of its learning rate without the head; ``k5_lr0.3`` and
-``unet_lr0.1`` (the UNet model, K = 2 as ``unet``) trace that learning-rate path.
+``unet_lr0.1`` (the UNet model, K = 2 as ``unet``) trace that learning-rate path; ``k5_lr0.1_lam0`` (global DRaFT
+at that rate) and ``k5_lr0.1_300steps`` (3× the steps) ask what the fidelity term and more steps do along it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ VARIANTS = {  # name: (task, settings, config change, splits evaluated)
     # the learning-rate path: a point between lr × 0.1 and × 1, and the UNet model's lr × 0.1 point (``unet``: × 1)
     "k5_lr0.3": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.3), ["train", "val"]),
     "unet_lr0.1": ("artifacts", CANDIDATE, lambda config: _scale_lr(config, 0.1), ["train", "val"]),
+    # along that path: does the fidelity term still matter (λ = 0, global DRaFT), and where do 3x the steps go?
+    "k5_lr0.1_lam0": ("flow_artifacts", replace(CANDIDATE, k=5, lam=0.0), lambda config: _scale_lr(config, 0.1),
+                      ["train", "val"]),
+    "k5_lr0.1_300steps": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: (
+        _scale_lr(config, 0.1), config["trainer"].update(max_steps=300)), ["train", "val"]),
 }
 LORA_LR_SCALE = {"head_lora_lr0.1": 0.1, "head_lora_lr0.03": 0.03}
 SEED = {"head_only_seed1": 1}
