@@ -140,6 +140,7 @@ def local_head(train_lora: bool, lora_lr_scale: float = 1.0):
         SD3Model.add_lora, SD3Model.adapter_disabled, SD3Model.lora_parameters, FlowMatchSampler._update = shipped
         FocusNFix.configure_optimizers = shipped_optimizers
 
+
 KEYS = ("judge_defect_rate_base", "judge_defect_rate_tuned", "judge_alignment_base", "judge_alignment_tuned",
         "reference_outside_psnr", "reward_change/ShapesArtifact")
 
