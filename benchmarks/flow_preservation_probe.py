@@ -41,36 +41,42 @@ def _scale_lr(config: dict, factor: float) -> None:
     config["model"]["optimizer"]["init_args"]["lr"] *= factor
 
 
+def _as_is(config: dict) -> None:
+    """No change to the config beyond the variant's settings."""
+
+
+K5, BOTH = replace(CANDIDATE, k=5), ["train", "val"]  # K = 5 settings; both splits evaluated
+
+
 VARIANTS = {  # name: (task, settings, config change, splits evaluated)
-    "k5": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),  # K: set by fit
-    "k20": ("flow_artifacts", replace(CANDIDATE, k=20), lambda config: None, ["val"]),  # all 20 Euler steps
+    "k5": ("flow_artifacts", K5, _as_is, BOTH),  # K: set by fit
+    "k20": ("flow_artifacts", replace(CANDIDATE, k=20), _as_is, ["val"]),  # all 20 Euler steps
     "attn": ("flow_artifacts", CANDIDATE, lambda config: config["model"]["lora"].update(
         target_modules=["to_q", "to_k", "to_v", "to_out.0"]), ["val"]),
-    "train": ("flow_artifacts", CANDIDATE, lambda config: None, ["train", "val"]),
-    "unet": ("artifacts", CANDIDATE, lambda config: None, ["train", "val"]),
-    "lam10": ("flow_artifacts", replace(CANDIDATE, lam=10.0), lambda config: None, ["train", "val"]),
+    "train": ("flow_artifacts", CANDIDATE, _as_is, BOTH),
+    "unet": ("artifacts", CANDIDATE, _as_is, BOTH),
+    "lam10": ("flow_artifacts", replace(CANDIDATE, lam=10.0), _as_is, BOTH),
     "latent": ("flow_artifacts", CANDIDATE, lambda config: config["model"].update(
-        regularizer={"class_path": "LatentFrobenius"}), ["train", "val"]),
-    "head": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
-    "head_only": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+        regularizer={"class_path": "LatentFrobenius"}), BOTH),
+    "head": ("flow_artifacts", K5, _as_is, BOTH),
+    "head_only": ("flow_artifacts", K5, _as_is, BOTH),
     # the trade-off each route offers at K = 5: the LoRA at a higher λ, the head alone at a lower one
-    "k5_lam3": ("flow_artifacts", replace(CANDIDATE, k=5, lam=3.0), lambda config: None, ["train", "val"]),
-    "k5_lam10": ("flow_artifacts", replace(CANDIDATE, k=5, lam=10.0), lambda config: None, ["train", "val"]),
-    "head_only_lam0.3": ("flow_artifacts", replace(CANDIDATE, k=5, lam=0.3), lambda config: None, ["train", "val"]),
-    "head_only_seed1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    "k5_lam3": ("flow_artifacts", replace(K5, lam=3.0), _as_is, BOTH),
+    "k5_lam10": ("flow_artifacts", replace(K5, lam=10.0), _as_is, BOTH),
+    "head_only_lam0.3": ("flow_artifacts", replace(K5, lam=0.3), _as_is, BOTH),
+    "head_only_seed1": ("flow_artifacts", K5, _as_is, BOTH),
     # the head beside a LoRA held back: the LoRA's learning rate × 0.1 / × 0.03, the head's as configured
-    "head_lora_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
-    "head_lora_lr0.03": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: None, ["train", "val"]),
+    "head_lora_lr0.1": ("flow_artifacts", K5, _as_is, BOTH),
+    "head_lora_lr0.03": ("flow_artifacts", K5, _as_is, BOTH),
     # their control: the LoRA at a tenth of its learning rate, no head
-    "k5_lr0.1": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.1), ["train", "val"]),
+    "k5_lr0.1": ("flow_artifacts", K5, lambda config: _scale_lr(config, 0.1), BOTH),
     # the learning-rate path: a point between lr × 0.1 and × 1, and the UNet model's lr × 0.1 point (``unet``: × 1)
-    "k5_lr0.3": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: _scale_lr(config, 0.3), ["train", "val"]),
-    "unet_lr0.1": ("artifacts", CANDIDATE, lambda config: _scale_lr(config, 0.1), ["train", "val"]),
+    "k5_lr0.3": ("flow_artifacts", K5, lambda config: _scale_lr(config, 0.3), BOTH),
+    "unet_lr0.1": ("artifacts", CANDIDATE, lambda config: _scale_lr(config, 0.1), BOTH),
     # along that path: does the fidelity term still matter (λ = 0, global DRaFT), and where do 3x the steps go?
-    "k5_lr0.1_lam0": ("flow_artifacts", replace(CANDIDATE, k=5, lam=0.0), lambda config: _scale_lr(config, 0.1),
-                      ["train", "val"]),
-    "k5_lr0.1_300steps": ("flow_artifacts", replace(CANDIDATE, k=5), lambda config: (
-        _scale_lr(config, 0.1), config["trainer"].update(max_steps=300)), ["train", "val"]),
+    "k5_lr0.1_lam0": ("flow_artifacts", replace(K5, lam=0.0), lambda config: _scale_lr(config, 0.1), BOTH),
+    "k5_lr0.1_300steps": ("flow_artifacts", K5, lambda config: (
+        _scale_lr(config, 0.1), config["trainer"].update(max_steps=300)), BOTH),
 }
 LORA_LR_SCALE = {"head_lora_lr0.1": 0.1, "head_lora_lr0.03": 0.03}
 SEED = {"head_only_seed1": 1}
