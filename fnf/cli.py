@@ -32,6 +32,7 @@ from fnf.errors import check_config_files, constructing, one_line, one_line_erro
 from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
 from fnf.preemption import PreemptionCheckpoint
+from fnf.progress_bar import default_progress_bar
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.recipe import RunRecipe, check_settings, run_recipe
@@ -188,7 +189,10 @@ class FnfCLI(RunCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # the default checkpoint callback would contradict it
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        bar = default_progress_bar(config.get("enable_progress_bar"), [*callbacks, *configured])
+        return super()._instantiate_trainer(config, callbacks if bar is None else [*callbacks, bar])
 
     def before_fit(self) -> None:
         """A run's last.ckpt (last / auto, or its path) continues its run folder; any other run, one starting from

@@ -184,3 +184,10 @@ def test_only_help_pays_for_the_attribute_docstrings():
     for argv in (["fit", "--config", "help.yaml"], ["test", "--ckpt_path", "last"], ["fit", "--model.helper=1"],
                  ["fit", "--print_config"], []):
         assert not prints_docs(argv), argv
+
+
+def test_the_progress_bar_of_a_run_limited_by_steps_has_no_negative_epoch_total(config, capsys):
+    """max_steps sets Lightning's max_epochs to -1, which its rich bar (2.6) printed as "Epoch 1/-2"."""
+    main(["fit", "--config", str(config), "--trainer.enable_progress_bar", "true", "--trainer.max_steps", "3"])
+    shown = capsys.readouterr().out
+    assert "Epoch 1 " in shown and "/-2" not in shown, shown  # 2 batches an epoch: step 3 is in epoch 1

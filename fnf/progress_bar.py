@@ -1,0 +1,27 @@
+"""The training progress bar of fnf's commands: Lightning's, without its negative epoch total.
+
+fnf runs stop at ``trainer.max_steps``, so Lightning sets ``max_epochs = -1`` (no epoch limit), which its rich bar
+(Lightning 2.6) prints as "Epoch 12/-2"; fixed upstream after 2.6 (Lightning PR #21924), and mended here until then.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+
+class RichBarWithoutEpochLimit(RichProgressBar):
+    """"Epoch 12" where the number of epochs has no limit; "Epoch 12/99" where it has one, as Lightning's."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"  # padded as Lightning's
+
+
+def default_progress_bar(enabled: bool | None, callbacks: list) -> ProgressBar | None:
+    """The bar to add to a trainer's callbacks: the rich one above where Lightning would pick its rich bar (rich is
+    installed, the bar is enabled, no callback is a bar already); None leaves Lightning's choice."""
+    if enabled is False or not _RICH_AVAILABLE or any(isinstance(c, ProgressBar) for c in callbacks):
+        return None
+    return RichBarWithoutEpochLimit()
