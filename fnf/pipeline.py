@@ -7,6 +7,7 @@ SDXL, SD3 and FLUX.1 in their own files) differ only in how they load, condition
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from transformers import CLIPTextModel
 
-from fnf.lora_passes import BaseRowsOff, FoldedLora, gradient_free_lora
+from fnf.lora_passes import BaseRowsOff, FoldedLora, LoraLayers, gradient_free_lora
 from fnf.model_files import load_part, load_tokenizer, read_model_index, resolve_model_path
 from fnf.sharding import shard_unet
 
@@ -108,6 +109,7 @@ class Text2ImageModel(nn.Module):
         self.text_encoder, self.vae = text_encoder, vae
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self._base_rows_off = BaseRowsOff()
+        remember_processor_signatures(denoiser)
         self.requires_grad_(False)
         self.eval()
 
@@ -163,12 +165,18 @@ class Text2ImageModel(nn.Module):
         for name, parameter in self.denoiser.named_parameters():  # peft gives them the layer's dtype
             if "lora_" in name and parameter.dtype in (torch.float16, torch.bfloat16):
                 parameter.data = parameter.data.float()  # the LoRA, its gradients and optimizer state: float32
-        self.lora_args, self._lora_parameters = args, None
+        self.lora_args, self._lora_parameters, self._lora_layers = args, None, None
 
     def lora_parameters(self) -> list[nn.Parameter]:
         if getattr(self, "_lora_parameters", None) is None:  # fixed once the adapter exists; asked every step
             self._lora_parameters = [p for n, p in self.denoiser.named_parameters() if "lora_" in n]
         return self._lora_parameters
+
+    def lora_layers(self) -> LoraLayers:
+        """The denoiser's LoRA layers (``fnf.lora_passes.LoraLayers``), found once the adapter exists."""
+        if getattr(self, "_lora_layers", None) is None:
+            self._lora_layers = LoraLayers(self.denoiser)
+        return self._lora_layers
 
     def shard(self, mesh: DeviceMesh) -> None:
         """FSDP2: shard the denoiser over ``mesh`` (``fnf.sharding``); its parameters become new ``DTensor`` objects."""
@@ -178,16 +186,16 @@ class Text2ImageModel(nn.Module):
     @contextmanager
     def adapter_disabled(self):
         """The base model θ0: the same denoiser with its LoRA switched off."""
-        self.denoiser.disable_adapters()
+        self.lora_layers().enable(False)
         try:
             yield
         finally:
-            self.denoiser.enable_adapters()
+            self.lora_layers().enable(True)
 
     def gradient_free_lora(self, pair: bool, fold: bool):
         """Context for denoiser calls without gradients (``fnf.lora_passes``): ``fold`` runs each LoRA Linear as one
         matmul with W + s·B·A; ``pair`` makes the first half of every batch the base model θ0, the second θ."""
-        return gradient_free_lora(self.denoiser, self._base_rows_off, pair, fold)
+        return gradient_free_lora(self.lora_layers(), self._base_rows_off, pair, fold)
 
     def gradient_free_mode(self):
         """Context for denoiser calls whose tensors never enter autograd: inference mode, which skips autograd's
@@ -198,7 +206,7 @@ class Text2ImageModel(nn.Module):
     def folded_lora(self, fold: bool = True) -> FoldedLora:
         """The denoiser's LoRA Linears as one matmul each with W + s·B·A (``fold``; else none), built now under the
         current grad mode: with gradients enabled they flow to the LoRA; ``installed()`` puts them to use."""
-        return FoldedLora(self.denoiser) if fold else FoldedLora.none()
+        return FoldedLora(self.lora_layers()) if fold else FoldedLora.none()
 
     # ---- text and image space ----------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
@@ -250,6 +258,16 @@ BACKBONES = "fnf.backbones"
 """Entry point group of other model families: a diffusers pipeline class name (``_class_name`` in a folder's
 model_index.json) -> the Text2ImageModel subclass whose ``load(path, index)`` loads such folders."""
 BUILT_IN_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def remember_processor_signatures(denoiser: nn.Module) -> None:
+    """diffusers' attention modules read their processor's call signature with ``inspect.signature`` on every call
+    (~20 µs; SD1.5 makes ~2 000 attention calls a training step): kept as the function's ``__signature__``, the
+    same signature comes back at once."""
+    for module in denoiser.modules():
+        call = getattr(type(getattr(module, "processor", None)), "__call__", None)
+        if inspect.isfunction(call) and "__signature__" not in vars(call):
+            call.__signature__ = inspect.signature(call)
 
 
 def _short_name(module: str) -> str:

@@ -193,7 +193,7 @@ def test_sharded_weights_are_not_folded(tiny_model_dir):
     layer = next(m for m in model.unet.modules() if isinstance(m, LoraLinear))
     assert lora_passes._foldable(layer)
     layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach().flatten()[:3], requires_grad=False)
-    assert not lora_passes._foldable(layer) and layer not in lora_passes.FoldedLora(model.unet).forwards
+    assert not lora_passes._foldable(layer) and layer not in lora_passes.FoldedLora(model.lora_layers()).forwards
 
 
 def test_lora_dropout_is_not_folded_away_in_train_mode(tiny_model_dir):
