@@ -15,10 +15,11 @@ where CUDA's default foreach path takes a few dozen.)
 Settings: 20 DDIM steps, CFG 7.5, DRaFT-K (K = 2), LoRA rank 64 on to_q/to_k/to_v/to_out.0, ColorRegion
 reward with its heatmap mask, λ = 0.1, AdamW. Every variant trains its own copy (same LoRA init) on the same
 prompts and seeds; all run in this process, one step each in turn (the order rotates every step), so drifts
-in machine load hit all of them. The hand-written step is speed.py's ``HandWrittenLoop``. fnf variants run
-without a Trainer loop: ``setup("fit")`` once with a bare ``lightning.Trainer`` attached (it applies ComputeArgs),
-then per step ``training_step`` (``log``/``log_dict`` patched to no-ops), backward, ``on_before_optimizer_step``
-(the gradient norm, as Lightning calls it), AdamW step, zero_grad.
+in machine load hit all of them. The hand-written step is speed.py's ``HandWrittenLoop``, with diffusers as
+shipped (it inspects attention processor signatures on every call; fnf's model stops that process-wide). fnf
+variants run without a Trainer loop: ``setup("fit")`` once with a bare ``lightning.Trainer`` attached (it applies
+ComputeArgs), then per step ``training_step`` (``log``/``log_dict`` patched to no-ops), backward,
+``on_before_optimizer_step`` (the gradient norm, as Lightning calls it), AdamW step, zero_grad.
 
 Columns: ms per top-level UNet call (forward hooks; checkpointed steps add their recompute calls), UNet calls per
 step, aten ops per step (a TorchDispatchMode counting every op below autograd, forward, backward and optimizer, in

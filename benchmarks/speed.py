@@ -61,7 +61,7 @@ class HandWrittenLoop:
     @contextmanager
     def diffusers_as_shipped(self):
         """diffusers inspecting each attention processor's signature on every call, as a hand-written loop has it:
-        fnf's model, once loaded in this process, keeps those signatures (fnf.pipeline.remember_processor_signatures)."""
+        fnf's model, once loaded in this process, keeps those signatures (``remember_processor_signatures``)."""
         kept = {call: vars(call).pop("__signature__") for call in self.processor_calls if "__signature__" in vars(call)}
         try:
             yield
