@@ -1,0 +1,75 @@
+"""Global DRaFT with its learning rate chosen on the validation prompts, by reproduce.py's rule.
+
+    python benchmarks/draft_lr_probe.py                                  # both UNet tasks, lr × 1, 0.3, 0.1, 0.03
+    python benchmarks/draft_lr_probe.py --tasks artifacts --factors 1 0.1 --seeds 0
+
+``reproduce.py`` chooses Focus-N-Fix's settings (λ, threshold, dilation: 8 candidates) on the validation prompts and
+runs global DRaFT (λ = 0) at the configs' learning rate, untuned: is DRaFT's poor preservation only a learning
+rate too high for it? Here DRaFT's one setting, the learning rate (the configs' times each factor), is chosen on the
+same validation prompts (seed 0) by the same rule (``reproduce.choose``: among the candidates that meet the bars on
+alignment and on PSNR outside the judge mask, the lowest target rate; if none does, the highest PSNR), then the
+choice is tested on the same test prompts with the same seeds. Fits and evaluations are ``reproduce.py``'s own
+(``fit``, ``evaluate``; runs under ``runs/draft-lr/``, a finished one is kept), so the factor-1 candidate with seed
+0 repeats reproduce.py's DRaFT fit of that seed: a control for comparing with its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import reproduce
+
+
+def score(task: str, factor: float, seed: int, split: str) -> dict:
+    """``reproduce.fit`` + ``evaluate`` of global DRaFT with the config's learning rate × ``factor``."""
+    shipped = reproduce.run_config
+
+    def run_config(task: str, root, quick: bool, seed: int) -> dict:
+        config = shipped(task, root, quick, seed)
+        config["model"]["optimizer"]["init_args"]["lr"] *= factor
+        return config
+
+    reproduce.run_config = run_config
+    try:
+        draft = replace(reproduce.START[reproduce.PROBLEM[task]], lam=0.0)
+        run = reproduce.fit(task, draft, seed, reproduce.ROOT / "runs" / "draft-lr" / f"lr-x{factor:g}", False)
+        return reproduce.evaluate(task, run, split, False, seed)
+    finally:
+        reproduce.run_config = shipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=list(reproduce.PROBLEM), default=["artifacts", "safety"])
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.03],
+                        help="candidate learning rates, as multiples of the config's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    bars = reproduce.Bars()
+    selection, test, by_seed = [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER]
+    for task in args.tasks:
+        lr = reproduce.run_config(task, reproduce.ROOT, False, 0)["model"]["optimizer"]["init_args"]["lr"]
+        label = lambda factor: f"global DRaFT (λ = 0), lr {lr * factor:g}"  # noqa: E731
+        trials = {factor: score(task, factor, args.seeds[0], "val") for factor in args.factors}
+        chosen = reproduce.choose(task, trials, bars)
+        for factor, metrics in trials.items():
+            mark = ("" if bars.met(metrics) else " (misses a bar)") + (" — **chosen**" if factor == chosen else "")
+            selection.append(reproduce.row(label(factor) + mark, task, [metrics]))
+        runs = [score(task, chosen, seed, "test") for seed in args.seeds]
+        test += [reproduce.row("base", task, runs, base=True), reproduce.row(label(chosen), task, runs)]
+        by_seed += [reproduce.row(f"{label(chosen)}, seed {seed}", task, [run]) for seed, run in zip(args.seeds, runs)]
+        print(f"done: {task}, chosen on validation prompts: {label(chosen)}", flush=True)
+    over = ", ".join(map(str, args.seeds))
+    text = "\n".join([
+        reproduce.provenance(), f"\n## Selection of global DRaFT's learning rate on validation prompts (seed "
+        f"{args.seeds[0]})\n\nBars: alignment drop ≤ {bars.max_alignment_drop:g} points, PSNR outside the judge mask "
+        f"≥ {bars.min_psnr_outside:g} dB; among those, the lowest target rate (ties: higher PSNR); none: the highest "
+        "PSNR.\n", *selection, f"\n## Test prompts: the chosen learning rate (mean ± std over seeds {over})\n",
+        *test, "\n## Test prompts, seed by seed\n", *by_seed]) + "\n"
+    (reproduce.ROOT / "runs" / "draft-lr" / f"tables-{'-'.join(args.tasks)}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
