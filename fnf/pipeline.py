@@ -181,7 +181,7 @@ class Text2ImageModel(nn.Module):
     def shard(self, mesh: DeviceMesh) -> None:
         """FSDP2: shard the denoiser over ``mesh`` (``fnf.sharding``); its parameters become new ``DTensor`` objects."""
         shard_unet(self.denoiser, mesh)
-        self._lora_parameters = None  # the cached list holds the replaced parameters
+        self._lora_parameters = self._lora_layers = None  # found again on the sharded modules
 
     @contextmanager
     def adapter_disabled(self):
