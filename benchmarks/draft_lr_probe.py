@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     bars = reproduce.Bars()
-    selection, test, by_seed = [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER]
+    selection, test, by_seed, control = [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER]
     for task in args.tasks:
         lr = reproduce.run_config(task, reproduce.ROOT, False, 0)["model"]["optimizer"]["init_args"]["lr"]
         label = lambda factor: f"global DRaFT (λ = 0), lr {lr * factor:g}"  # noqa: E731
@@ -59,6 +59,9 @@ def main() -> None:
         runs = [score(task, chosen, seed, "test") for seed in args.seeds]
         test += [reproduce.row("base", task, runs, base=True), reproduce.row(label(chosen), task, runs)]
         by_seed += [reproduce.row(f"{label(chosen)}, seed {seed}", task, [run]) for seed, run in zip(args.seeds, runs)]
+        if 1.0 in args.factors:  # the control: reproduce.py's own DRaFT fit of this seed, on the test prompts
+            control.append(reproduce.row(f"{label(1.0)}, seed {args.seeds[0]}", task,
+                                         [score(task, 1.0, args.seeds[0], "test")]))
         print(f"done: {task}, chosen on validation prompts: {label(chosen)}", flush=True)
     over = ", ".join(map(str, args.seeds))
     text = "\n".join([
@@ -66,7 +69,9 @@ def main() -> None:
         f"{args.seeds[0]})\n\nBars: alignment drop ≤ {bars.max_alignment_drop:g} points, PSNR outside the judge mask "
         f"≥ {bars.min_psnr_outside:g} dB; among those, the lowest target rate (ties: higher PSNR); none: the highest "
         "PSNR.\n", *selection, f"\n## Test prompts: the chosen learning rate (mean ± std over seeds {over})\n",
-        *test, "\n## Test prompts, seed by seed\n", *by_seed]) + "\n"
+        *test, "\n## Test prompts, seed by seed\n", *by_seed,
+        "\n## Control: the configs' learning rate on the test prompts (reproduce.py's DRaFT row of this seed)\n",
+        *control]) + "\n"
     (reproduce.ROOT / "runs" / "draft-lr" / f"tables-{'-'.join(args.tasks)}.md").write_text(text)
     print(text)
 
