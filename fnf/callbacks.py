@@ -28,6 +28,9 @@ class ImageGridLogger(Callback):
             every_n_steps: log every this many optimizer steps.
             max_images: images (rows) per grid.
         """
+        for key, value in (("every_n_steps", every_n_steps), ("max_images", max_images)):
+            if value < 1:
+                raise ValueError(f"image_logger.{key} must be >= 1, got {value}")
         self.every_n_steps, self.max_images = every_n_steps, max_images
 
     @override

@@ -169,8 +169,12 @@ class FnfCLI(RunCLI):
             rank_zero_info(f"fnf: {subcommand} with settings that differ from the checkpoint's: {', '.join(changed)}")
 
     def before_instantiate_classes(self) -> None:
-        """Precision settings that cannot train fail before the model loads (minutes for a large one)."""
+        """Settings that cannot train (no step to take, a precision) fail before the model loads (minutes for a large
+        one)."""
         config = self.config.get(self.config.get("subcommand")) or self.config
+        max_steps = (config.get("trainer") or {}).get("max_steps")
+        if self.config.get("subcommand") == "fit" and max_steps is not None and (max_steps == 0 or max_steps < -1):
+            raise ValueError(f"trainer.max_steps must be >= 1 (or -1: no limit), got {max_steps}")
         if config.get("model") is not None and config.model.get("compute") is not None:
             frozen_dtype(ComputeArgs(**config.model.compute.as_dict()), config.trainer.precision or "32-true")
 

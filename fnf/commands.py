@@ -118,6 +118,5 @@ def main(args: list[str] | None = None) -> None:
             configure(argv)
             return run_tool(argv)
         check_command(argv)  # a typo is answered at once, not after Lightning's import
-    from fnf.cli import main as lightning_main
-
+        from fnf.cli import main as lightning_main  # here: a Ctrl-C during its seconds of imports is one line too
     lightning_main(args)

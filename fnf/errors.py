@@ -15,6 +15,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 from argparse import ArgumentError
 from contextlib import contextmanager
@@ -213,10 +214,15 @@ def _lightning_configuration(error: BaseException) -> bool:
 
 @contextmanager
 def one_line_errors(program: str = "fnf"):
-    """Turn any exception into ``<program>: error: <one line>`` and exit code 1 (``FNF_DEBUG=1``: re-raise)."""
+    """Turn any exception into ``<program>: error: <one line>`` and exit code 1, and a Ctrl-C that reaches here (one
+    while the command starts, before Lightning handles them) into ``<program>: interrupted`` and 130, as a shell
+    reports SIGINT (``FNF_DEBUG=1``: re-raise either)."""
     try:
         yield
-    except Exception as error:
+    except (Exception, KeyboardInterrupt) as error:
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
+        if isinstance(error, KeyboardInterrupt):
+            print(f"\n{program}: interrupted", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         sys.exit(f"{program}: error: {one_line(error)}")

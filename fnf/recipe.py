@@ -4,6 +4,7 @@ checkpoint's optimizer state (its lr) and restart the epoch at a position counte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -35,9 +36,17 @@ def run_recipe(config, trainer: L.Trainer | None = None) -> dict:
     data = recipe["data"]
     if data["train_file"]:
         data["train_file"] = os.path.abspath(data["train_file"])  # one file, however it is spelled
+        if os.path.isfile(data["train_file"]):  # the same path with other prompts is another run
+            data["train_file_sha256"] = file_digest(data["train_file"])
     if isinstance(data["filter"], dict) and data["filter"].get("scan"):
         data["filter"]["scan"] = os.path.abspath(data["filter"]["scan"])
     return recipe
+
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of the file's SHA-256: enough to tell an edited prompt file from the one a run used."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 class RunRecipe(Callback):
@@ -64,6 +73,10 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
         differences += sorted({parent for key in one.keys() - other.keys() for parent in _parents(key)
                                if parent in other})
     for key in differences:
+        if key == "data.train_file_sha256" and resuming:
+            raise ValueError(f"data.train_file: {ours['data.train_file']} holds other prompts than the run of "
+                             f"{ckpt_path} was trained on (sha256 {ours[key]}, trained with {theirs[key]}); restore "
+                             "the file or start a new run (leave out --ckpt_path)")
         lora = key.startswith("model.lora.")
         if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
             action = "set it to the checkpoint's value" + ("" if lora else

@@ -100,6 +100,9 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "wrong type on the command line": (None, ["--trainer.max_steps", "ten"], "trainer.max_steps: Expected a <class "
                                                                                "'int'>"),
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
+    "no step to train": (None, ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 (or -1: no limit), got 0"),
+    "image grids every 0 steps": (None, ["--image_logger.every_n_steps", "0"],  # a modulo by zero at the first step
+                                  "image_logger.every_n_steps must be >= 1, got 0"),
     "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head: unknown class NoSuchHead; `fnf rewards` "
                                                       "lists the heads usable by name"),
     "misspelled reward class": (_head("ShapesArtefact"), [], "model.rewards.head: unknown class ShapesArtefact; "
@@ -299,6 +302,23 @@ def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(traine
     folders = sorted((tmp / "run" / "lightning_logs").iterdir())
     message = _fail(config, tmp, ["--ckpt_path", "last", *extra], capsys)
     assert expected in message and "last.ckpt" in message, message
+    assert sorted((tmp / "run" / "lightning_logs").iterdir()) == folders
+
+
+def test_resuming_after_the_prompt_file_was_edited_is_refused(trained, capsys):
+    """The same path with other prompts is another run: the checkpoint's place in its epoch order would not fit."""
+    tmp, config = trained
+    config = copy.deepcopy(config)
+    config["trainer"]["max_steps"] = 4
+    prompts = Path(config["data"]["train_file"])
+    original, folders = prompts.read_text(), sorted((tmp / "run" / "lightning_logs").iterdir())
+    try:
+        prompts.write_text(original + "a green square\n")
+        message = _fail(config, tmp, ["--ckpt_path", "last"], capsys)
+    finally:
+        prompts.write_text(original)
+    assert f"data.train_file: {prompts} holds other prompts than the run of " in message, message
+    assert message.endswith("restore the file or start a new run (leave out --ckpt_path)"), message
     assert sorted((tmp / "run" / "lightning_logs").iterdir()) == folders
 
 
