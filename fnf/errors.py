@@ -196,13 +196,28 @@ def _one_line(error: BaseException) -> str:
     if (lost := peer_lost(error)) is not None:
         return (f"a training process stopped ({lost}); the first error in the processes' output is the cause; "
                 "--ckpt_path last resumes from the last checkpoint, if one was written")
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"no space left on device: {error.filename or '(the file being written)'}"
+    if (failed_write := _write_error(error)) is not None:
+        return failed_write
     if isinstance(error, ArgumentError):
         return parser_error(error)
     if isinstance(error, EXPECTED) or _lightning_configuration(error):
         return cause(error)
     return f"{type(error).__name__}: {cause(error)} (set {DEBUG_VARIABLE}=1 for the full traceback)"
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for this process's file-size limit (ulimit -f)"}
+OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an errno
+
+
+def _write_error(error: BaseException) -> str | None:
+    """A write that failed for want of room, as what happened and to which file."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (match := OS_ERROR_IN_TEXT.search(str(error))):
+        code = int(match[1])
+    if code not in WRITE_ERRORS:
+        return None
+    return f"{WRITE_ERRORS[code]}: {getattr(error, 'filename', None) or '(the file being written)'}"
 
 
 def _lightning_configuration(error: BaseException) -> bool:

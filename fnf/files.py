@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -31,11 +32,15 @@ def nearest_existing(path: Path) -> Path:
 FULL_DISK_BYTES = 1 << 20  # a failed write with less free space than this is reported as a full disk
 
 
-def disk_full(path: str | os.PathLike) -> OSError | None:
-    """The error to raise when a write to ``path`` failed because its file system is full, else None.
+def disk_full(path: str | os.PathLike, written: str | os.PathLike | None = None) -> OSError | None:
+    """The error to raise when a write to ``path`` failed because its file system is full or the partial file
+    ``written`` reached the process's file-size limit (``ulimit -f``), else None.
 
     torch.save and safetensors lose the errno (torch: "unexpected pos 704 vs 598"), so it is read back from
     the file system itself: call this while the partial file still holds the space it took."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if written is not None and limit != resource.RLIM_INFINITY and os.path.getsize(written) >= limit:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
     try:
         free = shutil.disk_usage(nearest_existing(Path(path).parent)).free
     except OSError:
@@ -69,7 +74,7 @@ def atomic_path(path: str | os.PathLike):
         os.chmod(staging, umask_mode(0o666))
         os.replace(staging, path)
     except Exception as error:
-        full = disk_full(path)
+        full = disk_full(path, staging if os.path.exists(staging) else None)
         if full is None:
             raise
         raise full from error

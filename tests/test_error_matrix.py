@@ -7,9 +7,11 @@ Runs in-process (``fnf.cli.main``), so most cases fail in milliseconds; the othe
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
 import os
+import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 import yaml
 
 from fnf.cli import main
+from fnf.errors import one_line
 
 TESTS = Path(__file__).parent
 
@@ -386,6 +389,30 @@ def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
         assert not list(disk.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
+
+
+def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
+    """``ulimit -f``: torch's writer reports 'unexpected pos'; fnf names the limit and the file, and leaves no staging
+    file (the soft limit of this test's process only, restored after)."""
+    config = _base_config(tiny_model_dir, tmp_path)
+    config["checkpoint"] = {"every_n_train_steps": 1}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))  # logs fit, a checkpoint not
+    try:
+        message = _fail(config, tmp_path, [], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert message.startswith("fnf: error: file too large for this process's file-size limit (ulimit -f): "), message
+    assert "last.ckpt" in message and not list(tmp_path.rglob("*.tmp")), message
+
+
+def test_an_errno_in_a_librarys_message_is_read(tmp_path):
+    """safetensors (Rust) puts the errno in its message: 'No space left on device (os error 28)'."""
+    from safetensors import SafetensorError
+
+    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert one_line(error) == "no space left on device: (the file being written)"
+    assert one_line(OSError(errno.EDQUOT, "Disk quota exceeded", "/q/x.ckpt")) == "disk quota exceeded: /q/x.ckpt"
 
 
 def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
