@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
@@ -80,6 +81,8 @@ class LoraExporter(Callback):
         on_every_rank(trainer, lambda: check_lora_folder(directory, run_folders))  # written to since setup?
         if trainer.is_global_zero:
             save_lora(pl_module.model, directory, weights)
+            rank_zero_info(f"fnf: run folder {trainer.log_dir or trainer.default_root_dir}; LoRA (diffusers "
+                           f"load_lora_weights) in {directory}")
 
 
 def on_every_rank(trainer: Trainer, check: Callable[[], None]) -> None:

@@ -35,7 +35,8 @@ from fnf.preemption import PreemptionCheckpoint
 from fnf.progress_bar import default_progress_bar
 from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
-from fnf.recipe import RunRecipe, check_settings, run_recipe
+from fnf.scan_file import check_scanned_with, scan_settings
+from fnf.recipe import RunRecipe, check_settings, json_types, run_recipe
 from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_folder_in_root, claim_version_folder,
                         continue_run_folder, export_if_complete, find_last, is_run_last, keeps_run_folders,
                         lock_run_folder, remove_if_unstarted, use_run_folder)
@@ -203,6 +204,9 @@ class FnfCLI(RunCLI):
         another checkpoint too, gets a version folder of its own, even when other runs start in the same root at the
         same moment; a checkpoint already at max_steps: say so, restore a missing LoRA export, and stop."""
         ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if self.datamodule.filter is not None:  # items another model or mask found failing are another selection
+            heads = [term["head"] for term in json_types(self.config["fit"]["model"].as_dict()["rewards"])]
+            check_scanned_with(self.datamodule.filter.scan, scan_settings(self.model, heads))
         ours = run_recipe(self.config["fit"], self.trainer)
         if self.saved_recipe is not None and "trainer" in self.saved_recipe:  # the global batch: processes resolved
             check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)

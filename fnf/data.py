@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -159,6 +159,8 @@ class PromptDataModule(L.LightningDataModule):
             if self.train_file:
                 if self.filter is not None:  # only the items whose base image the scan found wrong
                     train, rest = self.filter.split(train)
+                    rank_zero_info(f"fnf: data.filter keeps {len(train)} of the {len(train) + len(rest)} training "
+                                   f"items ({self.filter.scan})")
                     if self.filter.filtered_out == "validate":  # forgetting on what the base model got right
                         self.items["val"] = self.items.get("val", []) + [i | {"category": FILTERED_OUT} for i in rest]
                 self.items["train"] = train

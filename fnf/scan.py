@@ -12,7 +12,7 @@ resumes: items that have a row are skipped, and a torn last line is cut off and 
 from __future__ import annotations
 
 from argparse import ArgumentError
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
 from fnf.recipe import json_types
 from fnf.sampling import initial_noise
-from fnf.scan_file import append_rows, read_rows, row_key, settings_difference
+from fnf.scan_file import append_rows, read_rows, row_key, scan_settings, settings_difference
 
 
 class PromptScanner(FocusNFix):
@@ -46,15 +46,7 @@ class PromptScanner(FocusNFix):
 
     def scan_settings(self) -> dict[str, Any]:
         """What a row's scores and mask areas depend on besides its prompt and seed (JSON types only)."""
-        sampler, masks = self.sampler.args, asdict(self.mask_args)
-        del masks["empty"]  # a scan keeps empty masks whatever the config says (on_predict_start)
-        return {"pretrained": self.hparams["pretrained"],
-                "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
-                            "resolution": self.sampler.resolution},
-                "masks": masks,
-                "heads": {name: {"mask": term.mask, "clean_score": term.clean_score, "head": args}
-                          for name, term, args in zip(self.head_names, self.terms,
-                                                      self.head_args or [None] * len(self.terms))}}
+        return scan_settings(self, self.head_args)
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -114,6 +114,35 @@ def settings_difference(found: dict[str, Any], expected: dict[str, Any],
         elif a != b:
             return f"{prefix}{key}", json.dumps(a), json.dumps(b)
     return None
+
+
+def scan_settings(module, head_args: list[dict] | None) -> dict[str, Any]:
+    """The settings of ``module`` (a ``FocusNFix``) a row's scores and mask areas depend on besides its prompt and
+    seed, as JSON types: ``fnf scan`` writes them into every row, and a fit's ``data.filter`` must train with them.
+    ``head_args``: each head's class_path and init_args from the config (weights and thresholds change scores)."""
+    sampler, masks = module.sampler.args, asdict(module.mask_args)
+    del masks["empty"]  # a scan keeps empty masks whatever the config says (PromptScanner.on_predict_start)
+    return {"pretrained": module.hparams["pretrained"],
+            "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+                        "resolution": module.sampler.resolution},
+            "masks": masks,
+            "heads": {name: {"mask": term.mask, "clean_score": term.clean_score, "head": args}
+                      for name, term, args in zip(module.head_names, module.terms,
+                                                  head_args or [None] * len(module.terms))}}
+
+
+def check_scanned_with(path: str, settings: dict[str, Any]) -> None:
+    """``data.filter``: the scan's rows were made with the settings this fit trains with; items another model, sampler
+    or mask found failing are not what this run should train on. (A missing or torn file is the filter's to report.)"""
+    try:
+        rows = read_rows(Path(path))
+    except (OSError, ValueError):
+        return
+    difference = settings_difference(rows[0]["settings"], settings) if rows else None
+    if difference:
+        key, theirs, ours = difference
+        raise ValueError(f"data.filter.scan: {path} was scanned with {key}={theirs}, this config trains with {ours}; "
+                         "scan data.train_file with this config (`fnf scan --config ... --out` another file)")
 
 
 def row_key(item: dict[str, Any]) -> tuple[str, int]:

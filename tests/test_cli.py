@@ -33,6 +33,7 @@ def test_fit_then_predict_writes_lora_and_pngs(config, tmp_path, recwarn, caplog
     noise = ("The dirpath has changed", "callbacks used to create the checkpoint need to be provided")
     assert not [w for w in recwarn if any(line in str(w.message) for line in noise)]  # not this run's checkpointing
     assert "Tip:" not in caplog.text and "Restoring states" in caplog.text  # Lightning's own lines, but no advert
+    assert f"fnf: run folder {version}; LoRA (diffusers load_lora_weights) in {version / 'lora'}" in caplog.text
 
 
 @pytest.mark.parametrize("command", ["fit", "test"])

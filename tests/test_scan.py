@@ -4,6 +4,7 @@ batch- and process-count-independent; the filter trains on exactly the items tha
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -345,3 +346,22 @@ def test_union_mask_area_is_the_area_of_the_max_over_the_heads_masks(config, tmp
         assert 0 < top_left <= 0.25 and 0 < bottom_right <= 0.25, row  # both heads mask something, in their quarter
         assert row["union_mask_area"] == pytest.approx(top_left + bottom_right, abs=1e-6)
         assert row["union_mask_area"] >= max(top_left, bottom_right)
+
+
+def test_fit_trains_only_on_a_scan_made_with_its_settings(scanned, tmp_path, caplog):
+    """Items another model, sampler or mask found failing are not this run's selection: refused before anything is
+    written, naming the first difference; a scan made with the fit's settings passes, and the fit says what it
+    keeps."""
+    prompts, out, _ = scanned
+    fit = ["fit", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file", str(prompts),
+           "--data.seeds_per_prompt=2", "--data.filter.scan", str(out), "--data.filter.mask_area_above=0",
+           f"--trainer.default_root_dir={tmp_path / 'root'}", "--trainer.enable_progress_bar=false"]
+    message = fail(fit)  # the config samples 20 steps, the scan took 2
+    assert message == (f"fnf: error: data.filter.scan: {out} was scanned with sampler.num_steps=2, this config trains "
+                       "with 20; scan data.train_file with this config (`fnf scan --config ... --out` another file)")
+    assert not list((tmp_path / "root").rglob("version_*"))
+    with caplog.at_level(logging.INFO):
+        main([*fit, f"--model.sampler.num_steps={STEPS}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              "--trainer.num_sanity_val_steps=0"])
+    kept = sum(row["mask_area"]["ShapesArtifact"] > 0 for row in read_rows(out))
+    assert f"fnf: data.filter keeps {kept} of the 8 training items ({out})" in caplog.text
