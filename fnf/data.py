@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from fnf.prompt_file import MAX_SEED, read_prompts
+from fnf.prompt_file import MAX_SEED, PromptFileError, read_prompts
 from fnf.resume import EpochShuffle, ResumableLoader, batches_done_in_epoch
 from fnf.scan_file import FILTERED_OUT, ScanFilter
 
@@ -144,13 +144,20 @@ class PromptDataModule(L.LightningDataModule):
             items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k, **label} for k in range(self.seeds_per_prompt)]
         return items
 
+    def _load_file(self, key: str) -> list[Item]:
+        """``load`` of the file under ``data.<key>``, its errors naming that key (which of the files is wrong)."""
+        try:
+            return self.load(getattr(self, key))
+        except PromptFileError as error:
+            raise type(error)(f"data.{key}: {error}") from None
+
     @override
     def setup(self, stage: str) -> None:
         """Read (and thereby validate) the files the stage needs."""
         if stage in ("fit", "validate"):
-            train = self.load(self.train_file) if self.train_file else []
+            train = self._load_file("train_file") if self.train_file else []
             if self.val_file:
-                self.items["val"] = self.load(self.val_file)
+                self.items["val"] = self._load_file("val_file")
             elif self.val_fraction > 0:
                 self.items["val"] = [i for i in train if in_val_split(i["prompt"], self.val_fraction)]
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
@@ -166,9 +173,9 @@ class PromptDataModule(L.LightningDataModule):
                 self.items["train"] = train
                 self.shuffle_seed = self.seed if self.seed is not None else run_seed()  # a restore then overrides it
         if stage == "test" and self.test_file:
-            self.items["test"] = self.load(self.test_file)
+            self.items["test"] = self._load_file("test_file")
         if stage == "predict" and self.predict_file:
-            self.items["predict"] = self.load(self.predict_file)
+            self.items["predict"] = self._load_file("predict_file")
 
     def _loader(self, split: str, key: str, shuffle: bool = False) -> DataLoader:
         if split not in self.items:

@@ -189,6 +189,8 @@ def one_line(error: BaseException) -> str:
     """The error as one line for the user, prefixed with the reward head or regularizer it was raised in (unless
     the message names it already)."""
     line, where = _one_line(error), component(error)
+    if "'off'" in line and line.rstrip(".").endswith("Got value: False"):  # YAML 1.1 reads a bare off as false
+        line += ' (YAML reads a bare off as false: quote it, "off")'
     return f"{where}: {line}" if where and where.rsplit(" ", 1)[-1] not in line else line
 
 

@@ -81,6 +81,10 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
         if lora or (resuming and not key.startswith(MAY_DIFFER_ON_RESUME)):
             action = "set it to the checkpoint's value" + ("" if lora else
                                                            " or start a new run (leave out --ckpt_path)")
+            model = "model.pretrained"  # a LoRA of another model: say so first, its settings follow from that
+            if lora and model in ours and model in theirs and not _same(ours[model], theirs[model]):
+                action = (f"the checkpoint's LoRA was trained on {model}={theirs[model]!r}, the config's is "
+                          f"{ours[model]!r}")
             raise ValueError(f"{key}: {_versus(ours, theirs, key, ckpt_path)}; {action}")
     return [f"{key}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
 

@@ -289,8 +289,8 @@ def test_bad_files_name_file_and_line(tmp_path, name, text, match):
 
 def test_missing_file(tmp_path):
     dm = PromptDataModule(val_file=str(tmp_path / "nope.txt"))
-    with pytest.raises(FileNotFoundError, match=r"nope\.txt: prompt file not found"):
-        dm.setup("validate")
+    with pytest.raises(FileNotFoundError, match=r"^data\.val_file: .*nope\.txt: prompt file not found"):
+        dm.setup("validate")  # which of the files: the key
 
 
 def test_a_folder_is_not_a_prompt_file(tmp_path):

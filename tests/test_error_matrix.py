@@ -103,6 +103,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "wrong type on the command line": (None, ["--trainer.max_steps", "ten"], "trainer.max_steps: Expected a <class "
                                                                                "'int'>"),
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
+    "a bare YAML off": (_set("model.sampler.checkpointing", False), [],  # what `checkpointing: off` parses to
+                        'Got value: False (YAML reads a bare off as false: quote it, "off")'),
     "no step to train": (None, ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 (or -1: no limit), got 0"),
     "image grids every 0 steps": (None, ["--image_logger.every_n_steps", "0"],  # a modulo by zero at the first step
                                   "image_logger.every_n_steps must be >= 1, got 0"),

@@ -71,3 +71,15 @@ def test_speed_levers_and_the_base_model_s_place_may_change_on_resume():
     assert check_settings(moved, saved, "x.ckpt", resuming=True) == [
         "model.pretrained='/b' (trained with '/a')", "model.base_cache='memory' (trained with 'off')",
         "model.compute.frozen_dtype='float32' (trained with 'auto')"]
+
+
+def test_a_lora_of_another_model_says_so():
+    """A flow model's config with a UNet run's checkpoint: 'set it to the checkpoint's value' would lead on to the
+    next error (its target modules do not exist in the other model)."""
+    saved = {"model": {"pretrained": "embedded:shapes-t2i", "lora": {"target_modules": ["to_q", "conv1"]}}}
+    ours = {"model": {"pretrained": "embedded:shapes-flow", "lora": {"target_modules": ["to_q", "add_q_proj"]}}}
+    with pytest.raises(ValueError) as error:
+        check_settings(ours, saved, "x.ckpt", resuming=False)
+    assert str(error.value) == ("model.lora.target_modules: ['to_q', 'add_q_proj'] in the config but ['to_q', 'conv1'] "
+                                "in x.ckpt; the checkpoint's LoRA was trained on "
+                                "model.pretrained='embedded:shapes-t2i', the config's is 'embedded:shapes-flow'")
