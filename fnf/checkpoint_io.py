@@ -9,6 +9,7 @@ Loading uses ``weights_only=True``: fnf checkpoints hold tensors and plain types
 from __future__ import annotations
 
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from fnf.files import atomic_path
+from fnf.errors import HINT
+from fnf.files import atomic_path, nearest_existing
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_path(path) as staging:
-            torch.save(checkpoint, staging)
+        try:
+            with atomic_path(path) as staging:
+                torch.save(checkpoint, staging)
+        except OSError as error:  # a full disk, a quota: what to do, on the same line
+            error.add_note(HINT + "checkpoints saved before stay as they were: make room, then --ckpt_path last "
+                           "resumes from the newest")
+            raise
 
     @override
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
@@ -45,6 +52,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"ckpt_path: {path} is a torch file but not a Lightning checkpoint (no state_dict)")
         return checkpoint
+
+
+def check_room_for_checkpoints(folder: str, lora: list[torch.nn.Parameter], key: str) -> None:
+    """Fail before the first step, not at the first save after it, when ``folder``'s file system lacks room for two
+    checkpoints (a save writes the new one beside the previous). A checkpoint is about the LoRA weights and two
+    optimizer moments per weight (AdamW), in float32."""
+    size = 3 * 4 * sum(p.numel() for p in lora)
+    free = shutil.disk_usage(nearest_existing(Path(folder))).free
+    if free < 2 * size:
+        raise OSError(f"{key}: {folder} has {free / 2**20:.1f} MiB free; a checkpoint of this run takes about "
+                      f"{size / 2**20:.1f} MiB and a save needs room for two: make room or choose another folder")
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import fnf.regularizers  # noqa: F401  (short names for built-in regularizers)
 import fnf.rewards  # noqa: F401  (short names for built-in reward heads)
 from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
-from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
+from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, check_room_for_checkpoints
 from fnf.commands import EPILOG, TOOLS, check_command, configure, exit_code, run_tool, sigterm_unwinds
 from fnf.compute import ComputeArgs, frozen_dtype
 from fnf.data import PromptDataModule
@@ -212,6 +212,9 @@ class FnfCLI(RunCLI):
             check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)
 
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
+            if self.trainer.checkpoint_callback is not None and self.trainer.global_rank == 0:
+                check_room_for_checkpoints(self.trainer.default_root_dir, self.model.model.lora_parameters(),
+                                           "trainer.default_root_dir")
             if self.continues_run:
                 run = continue_run_folder(self.trainer, ckpt_path)
             else:

@@ -166,6 +166,7 @@ def peer_lost(error: BaseException) -> str | None:
 
 
 IN_COMPONENT = "raised in "  # the note naming the reward head or regularizer an error came from
+HINT = "fnf hint: "  # a note saying what the user can do about a failed write, appended to its line
 
 
 @contextmanager
@@ -219,7 +220,9 @@ def _write_error(error: BaseException) -> str | None:
         code = int(match[1])
     if code not in WRITE_ERRORS:
         return None
-    return f"{WRITE_ERRORS[code]}: {getattr(error, 'filename', None) or '(the file being written)'}"
+    hints = "".join(f"; {note.removeprefix(HINT)}" for note in getattr(error, "__notes__", ())
+                    if note.startswith(HINT))
+    return f"{WRITE_ERRORS[code]}: {getattr(error, 'filename', None) or '(the file being written)'}{hints}"
 
 
 def _lightning_configuration(error: BaseException) -> bool:

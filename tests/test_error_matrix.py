@@ -375,9 +375,11 @@ def _mount_tiny_tmpfs(folder: Path, size: str) -> bool:
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
 
 
-def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
+def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A checkpoint written to a file system with no room left: 'no space left on device: PATH', not torch's
-    'unexpected pos'; the previous files stay intact and no staging file is left."""
+    'unexpected pos'; the previous files stay intact and no staging file is left. (The disk filling up during the
+    run, as other jobs do: the check for room before the first step is left out.)"""
+    monkeypatch.setattr("fnf.cli.check_room_for_checkpoints", lambda *args: None)
     disk = tmp_path / "disk"
     if not _mount_tiny_tmpfs(disk, "256k"):
         pytest.skip("needs permission to mount a tmpfs")
@@ -388,9 +390,23 @@ def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys):
         (disk / "filler").write_bytes(b"\0" * (256 * 1024 - 64 * 1024))  # 64 KiB left: logs fit, a checkpoint not
         message = _fail(config, tmp_path, [], capsys)
         assert message.startswith("fnf: error: no space left on device: ") and "last.ckpt" in message, message
+        assert message.endswith("; checkpoints saved before stay as they were: make room, then --ckpt_path last "
+                                "resumes from the newest"), message
         assert not list(disk.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
+
+
+def test_too_little_room_for_checkpoints_is_found_before_the_first_step(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Not after the run's steps, at its first save: a save needs room for two checkpoints."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("fnf.checkpoint_io.shutil.disk_usage", lambda path: usage._replace(free=4096))
+    message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, [], capsys)
+    assert message.startswith(f"fnf: error: trainer.default_root_dir: {tmp_path / 'run'} has 0.0 MiB free; a "
+                              "checkpoint of this run takes about "), message
+    assert message.endswith("MiB and a save needs room for two: make room or choose another folder"), message
+    assert _leftovers(tmp_path) == []
 
 
 def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
