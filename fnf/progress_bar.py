@@ -1,4 +1,4 @@
-"""The training progress bar of fnf's commands: Lightning's, without its negative epoch total.
+"""The training progress bar of fnf's commands: Lightning's rich bar, without its negative epoch total and v_num.
 
 fnf runs stop at ``trainer.max_steps``, so Lightning sets ``max_epochs = -1`` (no epoch limit), which its rich bar
 (Lightning 2.6) prints as "Epoch 12/-2"; fixed upstream after 2.6 (Lightning PR #21924), and mended here until then.
@@ -17,6 +17,13 @@ class RichBarWithoutEpochLimit(RichProgressBar):
         if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
             return super()._get_train_description(current_epoch)
         return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"  # padded as Lightning's
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """The logged metrics without Lightning's ``v_num``: the rich bar shows a version folder's number as
+        "0.000", a continued run's as "on_0"; fit names its run folder when it ends."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 def default_progress_bar(enabled: bool | None, callbacks: list) -> ProgressBar | None:

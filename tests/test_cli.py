@@ -192,6 +192,7 @@ def test_the_progress_bar_of_a_run_limited_by_steps_has_no_negative_epoch_total(
     main(["fit", "--config", str(config), "--trainer.enable_progress_bar", "true", "--trainer.max_steps", "3"])
     shown = capsys.readouterr().out
     assert "Epoch 1 " in shown and "/-2" not in shown, shown  # 2 batches an epoch: step 3 is in epoch 1
+    assert "v_num" not in shown and "train/loss" in shown, shown
 
 
 def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(config, monkeypatch, capsys):
