@@ -81,8 +81,8 @@ class LoraExporter(Callback):
         on_every_rank(trainer, lambda: check_lora_folder(directory, run_folders))  # written to since setup?
         if trainer.is_global_zero:
             save_lora(pl_module.model, directory, weights)
-            rank_zero_info(f"fnf: run folder {trainer.log_dir or trainer.default_root_dir}; LoRA (diffusers "
-                           f"load_lora_weights) in {directory}")
+            run = run_folders["the run's log dir"] or trainer.default_root_dir  # log_dir: a broadcast, read above
+            rank_zero_info(f"fnf: run folder {run}; LoRA (diffusers load_lora_weights) in {directory}")
 
 
 def on_every_rank(trainer: Trainer, check: Callable[[], None]) -> None:
