@@ -15,6 +15,7 @@ from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -176,6 +177,10 @@ class FnfCLI(RunCLI):
         max_steps = (config.get("trainer") or {}).get("max_steps")
         if self.config.get("subcommand") == "fit" and max_steps is not None and (max_steps == 0 or max_steps < -1):
             raise ValueError(f"trainer.max_steps must be >= 1 (or -1: no limit), got {max_steps}")
+        accelerator = (config.get("trainer") or {}).get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():  # Lightning: "No supported gpu backend"
+            raise ValueError(f"trainer.accelerator={accelerator}: no CUDA device here (torch.cuda.is_available() is "
+                             "False); use cpu or auto")
         if config.get("model") is not None and config.model.get("compute") is not None:
             frozen_dtype(ComputeArgs(**config.model.compute.as_dict()), config.trainer.precision or "32-true")
 

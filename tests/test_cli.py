@@ -205,3 +205,8 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(config, monk
         main(["fit", "--config", str(config)])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "fnf: interrupted"
+
+
+def test_a_command_without_a_config_file_points_to_one(capsys):
+    message = _fail(["fit"], capsys)
+    assert "the following arguments are required: fit.model.rewards (a config file sets them: --config " in message

@@ -105,6 +105,9 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
     "a bare YAML off": (_set("model.sampler.checkpointing", False), [],  # what `checkpointing: off` parses to
                         'Got value: False (YAML reads a bare off as false: quote it, "off")'),
+    **({} if torch.cuda.is_available() else {  # Lightning's own line: "No supported gpu backend found!"
+        "a GPU accelerator without CUDA": (None, ["--trainer.accelerator", "gpu"], "trainer.accelerator=gpu: no CUDA "
+                                           "device here (torch.cuda.is_available() is False); use cpu or auto")}),
     "no step to train": (None, ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 (or -1: no limit), got 0"),
     "image grids every 0 steps": (None, ["--image_logger.every_n_steps", "0"],  # a modulo by zero at the first step
                                   "image_logger.every_n_steps must be >= 1, got 0"),
