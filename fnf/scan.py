@@ -11,6 +11,8 @@ resumes: items that have a row are skipped, and a torn last line is cut off and 
 
 from __future__ import annotations
 
+import signal
+import sys
 from argparse import ArgumentError
 from dataclasses import replace
 from pathlib import Path
@@ -187,7 +189,12 @@ def main(args: list[str]) -> None:
     rewards = json_types(cli.config.model.as_dict()["rewards"])
     cli.model.head_args = [term["head"] for term in rewards]  # scores depend on them too (weights, thresholds)
     pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
-    cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
+    try:
+        cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
+    except SystemExit as stopped:  # Lightning ends a run it stopped for a Ctrl-C with 1; a shell, and fnf fit, say 130
+        if stopped.code == 1 and cli.trainer.interrupted:
+            sys.exit(128 + signal.SIGINT)
+        raise
     cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file
     if cli.trainer.is_global_zero:
         scanned = {row_key(item) for item in data.load(data.train_file)}

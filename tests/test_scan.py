@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import math
 import os
 import shutil
@@ -365,3 +366,21 @@ def test_fit_trains_only_on_a_scan_made_with_its_settings(scanned, tmp_path, cap
               "--trainer.num_sanity_val_steps=0"])
     kept = sum(row["mask_area"]["ShapesArtifact"] > 0 for row in read_rows(out))
     assert f"fnf: data.filter keeps {kept} of the 8 training items ({out})" in caplog.text
+
+
+def test_a_ctrl_c_ends_a_scan_with_exit_code_130(scanned, tmp_path, monkeypatch):
+    """As a shell reports SIGINT, and as fnf fit does: a script tells an interrupted scan from a failed one (Lightning
+    itself exits with 1); the rows written so far stay for the next scan to continue."""
+    prompts, _, _ = scanned
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fnf.scan.PromptScanner.predict_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(scan_args(prompts, tmp_path / "scan.jsonl"))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-Cs once it handles one
+    assert exit_info.value.code == 130
