@@ -192,7 +192,7 @@ def one_line(error: BaseException) -> str:
     line, where = _one_line(error), component(error)
     if "'off'" in line and line.rstrip(".").endswith("Got value: False"):  # YAML 1.1 reads a bare off as false
         line += ' (YAML reads a bare off as false: quote it, "off")'
-    if line.startswith("the following arguments are required:"):  # most often: no config file given
+    if re.match(r"the following arguments are required: (fit|validate|test|predict)\.", line):  # no config file
         line += " (a config file sets them: --config configs/artifacts.yaml, or one of configs/)"
     return f"{where}: {line}" if where and where.rsplit(" ", 1)[-1] not in line else line
 

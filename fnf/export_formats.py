@@ -164,6 +164,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.dtype is not None and args.format != "fused":  # the LoRA files keep the trained float32 weights
         raise ValueError(f"--dtype applies to --format fused only; --format {args.format} writes float32 LoRA weights")
+    if str(args.ckpt_path) in ("last", "auto") and not args.ckpt_path.exists():
+        raise ValueError(f"--ckpt_path {args.ckpt_path}: fnf export takes a checkpoint's path (last and auto are fit's "
+                         "and evaluation's, which search trainer.default_root_dir), e.g. "
+                         "runs/artifacts/lightning_logs/version_0/checkpoints/last.ckpt")
     out = args.out or args.ckpt_path.parent.parent / f"export-{args.format}"
     config = args.config or run_config(args.ckpt_path)
     print(export(args.ckpt_path, args.format, out, config, args.dtype or "float32"))

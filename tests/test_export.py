@@ -278,7 +278,9 @@ def test_bad_arguments_and_checkpoints_are_one_line(tmp_path, tiny_model_dir, ca
     message = _fail(capsys, "--ckpt_path", str(tmp_path / "nowhere.ckpt"), "--format", "kohya", "--out", out)
     assert "nowhere.ckpt not found" in message, message
     message = _fail(capsys, "--format", "kohya", "--out", out)
-    assert "--ckpt_path" in message and "required" in message, message
+    assert "--ckpt_path" in message and "required" in message and "--config" not in message, message
+    message = _fail(capsys, "--ckpt_path", "last", "--format", "kohya", "--out", out)  # fit's shortcut
+    assert "--ckpt_path last: fnf export takes a checkpoint's path (last and auto are fit's" in message, message
     message = _fail(capsys, "--ckpt_path", str(ckpt), "--format", "diffusers", "--dtype", "float16", "--out", out)
     assert "--dtype applies to --format fused only" in message, message
 
