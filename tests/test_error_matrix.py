@@ -427,7 +427,7 @@ def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
     assert "last.ckpt" in message and not list(tmp_path.rglob("*.tmp")), message
 
 
-def test_an_errno_in_a_librarys_message_is_read(tmp_path):
+def test_an_errno_in_a_librarys_message_is_read():
     """safetensors (Rust) puts the errno in its message: 'No space left on device (os error 28)'."""
     from safetensors import SafetensorError
 

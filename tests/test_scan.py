@@ -370,7 +370,7 @@ def test_fit_trains_only_on_a_scan_made_with_its_settings(scanned, tmp_path, cap
 
 def test_a_ctrl_c_ends_a_scan_with_exit_code_130(scanned, tmp_path, monkeypatch):
     """As a shell reports SIGINT, and as fnf fit does: a script tells an interrupted scan from a failed one (Lightning
-    itself exits with 1); the rows written so far stay for the next scan to continue."""
+    itself exits with 1)."""
     prompts, _, _ = scanned
 
     def interrupted(self, batch, batch_idx):
