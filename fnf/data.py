@@ -126,6 +126,7 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{key} must be {rule}, got {value!r}")
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.predict_file = predict_file or test_file or val_file
+        self._predict_key = "predict_file" if predict_file else "test_file" if test_file else "val_file"
         self.csv_column, self.seed, self.seeds_per_prompt = csv_column, seed, seeds_per_prompt
         self.val_fraction, self.val_items = val_fraction, val_items
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -176,6 +177,8 @@ class PromptDataModule(L.LightningDataModule):
             self.items["test"] = self._load_file("test_file")
         if stage == "predict" and self.predict_file:
             self.items["predict"] = self._load_file("predict_file")
+            source = "" if self._predict_key == "predict_file" else f" (data.{self._predict_key}: no data.predict_file)"
+            rank_zero_info(f"fnf: predict: {len(self.items['predict'])} items of {self.predict_file}{source}")
 
     def _loader(self, split: str, key: str, shuffle: bool = False) -> DataLoader:
         if split not in self.items:

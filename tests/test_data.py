@@ -1,6 +1,7 @@
 """Tests for fnf.data: prompt file parsing, seeding, splits, loaders and errors."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -113,15 +114,17 @@ def test_evaluation_splits_give_every_process_its_own_items_once_and_val_items_f
         module.val_dataloader()
 
 
-def test_val_file_takes_precedence_and_predict_falls_back(tmp_path):
+def test_val_file_takes_precedence_and_predict_falls_back(tmp_path, caplog):
     train = write(tmp_path / "train.txt", "a\nb\n")
     val = write(tmp_path / "val.txt", "v\n")
     dm = PromptDataModule(train_file=train, val_file=val, val_fraction=0.5)
     dm.setup("fit")
     assert [i["prompt"] for i in dm.items["val"]] == ["v"]
     assert len(dm.items["train"]) == 2
-    dm.setup("predict")
+    with caplog.at_level(logging.INFO):
+        dm.setup("predict")
     assert next(iter(dm.predict_dataloader()))["prompt"] == ["v"]
+    assert f"fnf: predict: 1 items of {val} (data.val_file: no data.predict_file)" in caplog.text  # not silently
     test = write(tmp_path / "test.txt", "t\n")
     assert PromptDataModule(val_file=val, test_file=test).predict_file == test
 
