@@ -122,17 +122,20 @@ COMMAND_HELP = {  # Lightning's help for its commands is their docstrings' first
 }
 
 
+CALLBACK_KEYS = {ImageGridLogger: "image_logger", LoraExporter: "lora_export", PngWriter: "predict_writer",
+                 RunCheckpoint: "checkpoint"}
+"""The callbacks fnf's commands configure, and their config keys (``add_lightning_class_args``)."""
+
+
 class FnfCLI(RunCLI):
     continues_run = False  # ckpt_path is a run's last.ckpt (found by last / auto, or given): continue its folder
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
     saved_step = None  # and its global step (read once: a checkpoint at max_steps is not trained again)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ImageGridLogger, "image_logger")
-        parser.add_lightning_class_args(LoraExporter, "lora_export")
-        parser.add_lightning_class_args(PngWriter, "predict_writer")
+        for callback, key in CALLBACK_KEYS.items():  # RunCheckpoint: one last.ckpt per run, at its final step too
+            parser.add_lightning_class_args(callback, key)
         # Mid-epoch checkpoints by default: last.ckpt (LoRA, optimizer, loops, RNG) every N optimizer steps.
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # one last.ckpt per run, at its final step too
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 0, "checkpoint.enable_version_counter": False})
 
@@ -185,10 +188,16 @@ class FnfCLI(RunCLI):
             frozen_dtype(ComputeArgs(**config.model.compute.as_dict()), config.trainer.precision or "32-true")
 
     def instantiate_classes(self) -> None:
-        """A reward head or regularizer that fails to construct is named (its errors rarely say which it is)."""
+        """A reward head, regularizer or callback that fails to construct is named (its errors rarely say which it
+        is): a callback by its config key (``checkpoint: Invalid value for every_n_train_steps=-5 ...``)."""
         try:
             super().instantiate_classes()
         except Exception as error:
+            callback = constructing(error, tuple(CALLBACK_KEYS))
+            if callback is not None:
+                key = CALLBACK_KEYS[next(c for c in CALLBACK_KEYS if issubclass(callback, c))]
+                line = one_line(error)
+                raise ValueError(line if line.startswith(key) else f"{key}: {line}") from error
             component = constructing(error, (RewardHead, Regularizer))
             if component is None:
                 raise

@@ -109,6 +109,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
         "a GPU accelerator without CUDA": (None, ["--trainer.accelerator", "gpu"], "trainer.accelerator=gpu: no CUDA "
                                            "device here (torch.cuda.is_available() is False); use cpu or auto")}),
     "no step to train": (None, ["--trainer.max_steps", "0"], "trainer.max_steps must be >= 1 (or -1: no limit), got 0"),
+    "checkpoints every -5 steps": (None, ["--checkpoint.every_n_train_steps", "-5"],  # Lightning's line, its key
+                                   "checkpoint: Invalid value for every_n_train_steps=-5. Must be >= 0"),
     "image grids every 0 steps": (None, ["--image_logger.every_n_steps", "0"],  # a modulo by zero at the first step
                                   "image_logger.every_n_steps must be >= 1, got 0"),
     "unknown reward class": (_head("NoSuchHead"), [], "model.rewards.head: unknown class NoSuchHead; `fnf rewards` "
