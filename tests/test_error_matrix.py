@@ -7,13 +7,10 @@ Runs in-process (``fnf.cli.main``), so most cases fail in milliseconds; the othe
 from __future__ import annotations
 
 import copy
-import errno
 import logging
 import math
 import os
-import resource
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ import torch
 import yaml
 
 from fnf.cli import main
-from fnf.errors import one_line
 
 TESTS = Path(__file__).parent
 
@@ -372,70 +368,6 @@ def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"model.lam must be a finite number >= 0") as error:
         main(["fit", "--config", str(tmp_path / "config.yaml")])
     assert error.traceback  # the frames where it was raised, not a SystemExit with a line
-
-
-def _mount_tiny_tmpfs(folder: Path, size: str) -> bool:
-    folder.mkdir()
-    return shutil.which("mount") is not None and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
-
-
-def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """A checkpoint written to a file system with no room left: 'no space left on device: PATH', not torch's
-    'unexpected pos'; the previous files stay intact and no staging file is left. (The disk filling up during the
-    run, as other jobs do: the check for room before the first step is left out.)"""
-    monkeypatch.setattr("fnf.cli.check_room_for_checkpoints", lambda *args: None)
-    disk = tmp_path / "disk"
-    if not _mount_tiny_tmpfs(disk, "256k"):
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
-        config = _base_config(tiny_model_dir, tmp_path)
-        config["trainer"]["default_root_dir"] = str(disk)
-        config["checkpoint"] = {"every_n_train_steps": 1}
-        (disk / "filler").write_bytes(b"\0" * (256 * 1024 - 64 * 1024))  # 64 KiB left: logs fit, a checkpoint not
-        message = _fail(config, tmp_path, [], capsys)
-        assert message.startswith("fnf: error: no space left on device: ") and "last.ckpt" in message, message
-        assert message.endswith("; checkpoints saved before stay as they were: make room, then --ckpt_path last "
-                                "resumes from the newest"), message
-        assert not list(disk.rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
-
-
-def test_too_little_room_for_checkpoints_is_found_before_the_first_step(tiny_model_dir, tmp_path, capsys,
-                                                                          monkeypatch):
-    """Not after the run's steps, at its first save: a save needs room for two checkpoints."""
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("fnf.checkpoint_io.shutil.disk_usage", lambda path: usage._replace(free=4096))
-    message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, [], capsys)
-    assert message.startswith(f"fnf: error: trainer.default_root_dir: {tmp_path / 'run'} has 0.0 MiB free; a "
-                              "checkpoint of this run takes about "), message
-    assert message.endswith("MiB and a save needs room for two: make room or choose another folder"), message
-    assert _leftovers(tmp_path) == []
-
-
-def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
-    """``ulimit -f``: torch's writer reports 'unexpected pos'; fnf names the limit and the file, and leaves no staging
-    file (the soft limit of this test's process only, restored after)."""
-    config = _base_config(tiny_model_dir, tmp_path)
-    config["checkpoint"] = {"every_n_train_steps": 1}
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))  # logs fit, a checkpoint not
-    try:
-        message = _fail(config, tmp_path, [], capsys)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert message.startswith("fnf: error: file too large for this process's file-size limit (ulimit -f): "), message
-    assert "last.ckpt" in message and not list(tmp_path.rglob("*.tmp")), message
-
-
-def test_an_errno_in_a_librarys_message_is_read():
-    """safetensors (Rust) puts the errno in its message: 'No space left on device (os error 28)'."""
-    from safetensors import SafetensorError
-
-    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    assert one_line(error) == "no space left on device: (the file being written)"
-    assert one_line(OSError(errno.EDQUOT, "Disk quota exceeded", "/q/x.ckpt")) == "disk quota exceeded: /q/x.ckpt"
 
 
 def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,

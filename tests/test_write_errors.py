@@ -1,0 +1,79 @@
+"""Writes that fail for want of room: a full disk, a file-size limit, a quota, and the room for checkpoints checked
+before the first step. One line naming the file and what to do; no staging file left behind."""
+
+from __future__ import annotations
+
+import errno
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fnf.errors import one_line
+from test_error_matrix import _base_config, _fail, _leftovers
+
+
+def _mount_tiny_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir()
+    return shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint written to a file system with no room left: 'no space left on device: PATH', not torch's
+    'unexpected pos'; the previous files stay intact and no staging file is left. (The disk filling up during the
+    run, as other jobs do: the check for room before the first step is left out.)"""
+    monkeypatch.setattr("fnf.cli.check_room_for_checkpoints", lambda *args: None)
+    disk = tmp_path / "disk"
+    if not _mount_tiny_tmpfs(disk, "256k"):
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        config = _base_config(tiny_model_dir, tmp_path)
+        config["trainer"]["default_root_dir"] = str(disk)
+        config["checkpoint"] = {"every_n_train_steps": 1}
+        (disk / "filler").write_bytes(b"\0" * (256 * 1024 - 64 * 1024))  # 64 KiB left: logs fit, a checkpoint not
+        message = _fail(config, tmp_path, [], capsys)
+        assert message.startswith("fnf: error: no space left on device: ") and "last.ckpt" in message, message
+        assert message.endswith("; checkpoints saved before stay as they were: make room, then --ckpt_path last "
+                                "resumes from the newest"), message
+        assert not list(disk.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # lazy: the failed run may hold files open
+
+
+def test_too_little_room_for_checkpoints_is_found_before_the_first_step(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Not after the run's steps, at its first save: a save needs room for two checkpoints."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("fnf.checkpoint_io.shutil.disk_usage", lambda path: usage._replace(free=4096))
+    message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, [], capsys)
+    assert message.startswith(f"fnf: error: trainer.default_root_dir: {tmp_path / 'run'} has 0.0 MiB free; a "
+                              "checkpoint of this run takes about "), message
+    assert message.endswith("MiB and a save needs room for two: make room or choose another folder"), message
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
+    """``ulimit -f``: torch's writer reports 'unexpected pos'; fnf names the limit and the file, and leaves no staging
+    file (the soft limit of this test's process only, restored after)."""
+    config = _base_config(tiny_model_dir, tmp_path)
+    config["checkpoint"] = {"every_n_train_steps": 1}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))  # logs fit, a checkpoint not
+    try:
+        message = _fail(config, tmp_path, [], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert message.startswith("fnf: error: file too large for this process's file-size limit (ulimit -f): "), message
+    assert "last.ckpt" in message and not list(tmp_path.rglob("*.tmp")), message
+
+
+def test_an_errno_in_a_librarys_message_is_read():
+    """safetensors (Rust) puts the errno in its message: 'No space left on device (os error 28)'."""
+    from safetensors import SafetensorError
+
+    error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert one_line(error) == "no space left on device: (the file being written)"
+    assert one_line(OSError(errno.EDQUOT, "Disk quota exceeded", "/q/x.ckpt")) == "disk quota exceeded: /q/x.ckpt"
