@@ -46,10 +46,6 @@ class PromptScanner(FocusNFix):
         apply, or ``global`` would give a clean image a mask covering the whole image."""
         self.mask_args = replace(self.mask_args, empty="keep")
 
-    def scan_settings(self) -> dict[str, Any]:
-        """What a row's scores and mask areas depend on besides its prompt and seed (JSON types only)."""
-        return scan_settings(self, self.head_args)
-
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, Any]]:
         prompts, seeds = batch["prompt"], batch["seed"]
@@ -67,7 +63,7 @@ class PromptScanner(FocusNFix):
         masked = [j for j, term in enumerate(self.terms) if term.mask != "none"]
         areas = masks.float().mean(dim=(2, 3)).cpu()  # (B, heads): fraction of the pixels
         union = masks[:, masked].float().amax(1).mean(dim=(1, 2)).cpu() if masked else None  # (B,)
-        scores, settings = scores.float().cpu(), self.scan_settings()
+        scores, settings = scores.float().cpu(), scan_settings(self, self.head_args)
         return [{"prompt": prompt, "seed": int(seed),
                  "scores": {name: scores[i, j].item() for j, name in enumerate(names)},
                  "mask_area": {name: areas[i, j].item() if j in masked else None for j, name in enumerate(names)},
@@ -188,7 +184,8 @@ def main(args: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rewards = json_types(cli.config.model.as_dict()["rewards"])
     cli.model.head_args = [term["head"] for term in rewards]  # scores depend on them too (weights, thresholds)
-    pending = PendingItems(data, out, heads, cli.model.scan_settings(), cli.config.batch_size or data.batch_size)
+    settings = scan_settings(cli.model, cli.model.head_args)
+    pending = PendingItems(data, out, heads, settings, cli.config.batch_size or data.batch_size)
     try:
         cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
     except SystemExit as stopped:  # Lightning ends a run it stopped for a Ctrl-C with 1; a shell, and fnf fit, say 130
