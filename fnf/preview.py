@@ -183,7 +183,11 @@ def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     if data.train_file is None:
         raise ValueError("no prompts to preview: set data.train_file (or --data.train_file)")
-    items = data.load(data.train_file)[:cli.config.n]
+    available = data.load(data.train_file)
+    items = available[:cli.config.n]
+    if len(items) < cli.config.n:
+        rank_zero_info(f"fnf preview: {data.train_file} holds {len(items)} (prompt, seed) items; previewing all of "
+                       f"them (--n {cli.config.n} asked for more)")
     if trainer.world_size > 1:
         rank_zero_info(f"fnf preview: one process on {trainer.strategy.root_device} (the config's "
                        f"{trainer.world_size} processes are for fnf fit; {len(items)} items need no more)")

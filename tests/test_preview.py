@@ -222,13 +222,15 @@ def test_the_shipped_histogram_leaves_out_the_empty_masks(artifacts):
         assert sum(stats["histogram_of_non_empty"]["counts"]) == 4 - stats["empty"]
 
 
-def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path):
+def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path, caplog):
     """Two masked heads through ``fnf preview``: ColorRegion (top left, never empty here) and a saliency head that
     finds every image clean (empty masks): the union is ColorRegion's mask, never empty, and no histogram counts
-    the empty masks."""
+    the empty masks. --n beyond the file's 4 items previews the 4 and says so."""
     two_heads = two_box_config(config, tmp_path, clean_score=-2.0)  # ColorRegion's score is >= -1: all clean
-    preview, numbers, _ = run_preview(["--config", str(two_heads), "--trainer.accelerator", "cpu",
-                                       "--n", "4", "--out", str(tmp_path / "out")])
+    with caplog.at_level("INFO"):
+        preview, numbers, _ = run_preview(["--config", str(two_heads), "--trainer.accelerator", "cpu",
+                                           "--n", "1000", "--out", str(tmp_path / "out")])
+    assert "holds 4 (prompt, seed) items; previewing all of them (--n 1000 asked for more)" in caplog.text
     assert preview.heads == ["ColorRegion", "ColorRegion+gradient"] and preview.masked == [0, 1]
     region, clean = (numbers["heads"][name]["thresholds"]["0.05"] for name in preview.heads)
     union = numbers["union"]["thresholds"]["0.05"]
