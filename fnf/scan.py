@@ -186,13 +186,15 @@ def main(args: list[str]) -> None:
     cli.model.head_args = [term["head"] for term in rewards]  # scores depend on them too (weights, thresholds)
     settings = scan_settings(cli.model, cli.model.head_args)
     pending = PendingItems(data, out, heads, settings, cli.config.batch_size or data.batch_size)
-    try:
-        cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
-    except SystemExit as stopped:  # Lightning ends a run it stopped for a Ctrl-C with 1; a shell, and fnf fit, say 130
-        if stopped.code == 1 and cli.trainer.interrupted:
-            sys.exit(128 + signal.SIGINT)
-        raise
-    cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file
+    pending.setup("predict")  # every item has a row already: no trainer run (and no processes launched) for none
+    if pending.items:
+        try:
+            cli.trainer.predict(cli.model, datamodule=pending, return_predictions=False)
+        except SystemExit as stopped:  # Lightning ends a run stopped for a Ctrl-C with 1; a shell, and fnf fit, say 130
+            if stopped.code == 1 and cli.trainer.interrupted:
+                sys.exit(128 + signal.SIGINT)
+            raise
+        cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file
     if cli.trainer.is_global_zero:
         scanned = {row_key(item) for item in data.load(data.train_file)}
         rows = [row for row in read_rows(out) if row_key(row) in scanned]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -303,14 +304,18 @@ def test_criteria_are_strict_bounds(tmp_path):
 
 
 def test_rows_of_other_prompt_files_are_neither_counted_nor_summarised(scanned, tmp_path, capsys):
-    """A scan file shared by prompt files: the summary and the 'scanned before' count are this file's items only."""
+    """A scan file shared by prompt files: the summary and the 'scanned before' count are this file's items only.
+    Nothing left to scan runs no trainer (Lightning would warn that its loader is empty) and leaves the file as is."""
     prompts, out, _ = scanned
     shared, two = tmp_path / "shared.jsonl", tmp_path / "two.jsonl"
     shutil.copy(out, shared)
     two.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
     capsys.readouterr()
-    scan(two, shared, "--data.seeds_per_prompt=2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan(two, shared, "--data.seeds_per_prompt=2")
     assert f"fnf scan: {shared}: 4 items of {two} (4 scanned before); " in capsys.readouterr().out
+    assert not [w for w in caught if "DataLoader" in str(w.message)] and shared.read_bytes() == out.read_bytes()
 
 
 def test_settings_difference_names_a_key_only_one_side_has():
