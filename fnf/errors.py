@@ -82,14 +82,9 @@ def parser_error(error: ArgumentError, known_keys: list[str] = (), argv: list[st
     if keys and (argument := unknown_argument(str(error))):
         return f"{'.'.join(keys)}: {argument}"
     if keys and (name := re.search(r"Expected a dot import path string: (\S+)", str(error))):
-        close = difflib.get_close_matches(name[1], short_class_names(), n=2, cutoff=0.6)
-        from fnf.plugins import UNIMPORTABLE
-
-        listed = ("; `fnf rewards` lists the heads usable by name" if "rewards" in ".".join(keys)
-                  else "; a class of your own: its full class_path, e.g. my_package.module.MyClass")
-        listed = f"; its plugin is installed but {UNIMPORTABLE[name[1]]}" if name[1] in UNIMPORTABLE else listed
-        return f"{'.'.join(keys)}: unknown class {name[1]}" + (
-            f"; did you mean {' or '.join(close)}?" if close else listed)
+        return unknown_class(".".join(keys), name[1])
+    if help_of := re.fullmatch(r"(--[\w.]+\.help): Expected a dot import path string: (\S+)", str(error).strip()):
+        return unknown_class(help_of[1], help_of[2])  # --model.regularizer.help MistypedClass
     missing = re.search(r"class_path '([\w.]+)':\s+module '([\w.]+)' has no attribute '(\w+)'", str(error))
     if keys and missing and missing[1] == f"{missing[2]}.{missing[3]}":  # the class_path's own class, not an import
         return f"{'.'.join(keys)}: {missing_class(missing[2], missing[3])}"
@@ -98,6 +93,18 @@ def parser_error(error: ArgumentError, known_keys: list[str] = (), argv: list[st
         return f"{'.'.join(keys)}: {path.strip()} is not a {base[2]} subclass"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
     return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+
+
+def unknown_class(key: str, name: str) -> str:
+    """'<key>: unknown class <name>; did you mean <closest short name>?' (or where to look) for a class named by
+    its short name that no imported reward head or regularizer has."""
+    from fnf.plugins import UNIMPORTABLE
+
+    close = difflib.get_close_matches(name, short_class_names(), n=2, cutoff=0.6)
+    listed = ("; `fnf rewards` lists the heads usable by name" if "rewards" in key
+              else "; a class of your own: its full class_path, e.g. my_package.module.MyClass")
+    listed = f"; its plugin is installed but {UNIMPORTABLE[name]}" if name in UNIMPORTABLE else listed
+    return f"{key}: unknown class {name}" + (f"; did you mean {' or '.join(close)}?" if close else listed)
 
 
 def missing_class(module: str, name: str) -> str:

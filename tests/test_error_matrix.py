@@ -119,6 +119,9 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "unknown regularizer class": (_set("model.regularizer", {"class_path": "Zzzq"}), [],
                                   "model.regularizer: unknown class Zzzq; a class of your own: its full "
                                   "class_path"),
+    "misspelled class asked for help": (None, ["--model.regularizer.help", "LatentFrobenus"],
+                                        "--model.regularizer.help: unknown class LatentFrobenus; did you mean "
+                                        "LatentFrobenius"),
     "list item by index": (None, ["--model.rewards.0.weight", "2"], "--model.rewards.0.weight: "
                            "list items cannot be set by index on the command line; set the list in the config"),
     "regularizer of another kind": (None, ["--model.regularizer", "torch.nn.MSELoss"],
