@@ -2,6 +2,7 @@
 
 fnf runs stop at ``trainer.max_steps``, so Lightning sets ``max_epochs = -1`` (no epoch limit), which its rich bar
 (Lightning 2.6) prints as "Epoch 12/-2"; fixed upstream after 2.6 (Lightning PR #21924), and mended here until then.
+A run resumed mid-epoch counts on from the epoch's batch it restored, and its bar ends at the batch where it stops.
 """
 
 from __future__ import annotations
@@ -11,12 +12,25 @@ from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 
 class RichBarWithoutEpochLimit(RichProgressBar):
-    """"Epoch 12" where the number of epochs has no limit; "Epoch 12/99" where it has one, as Lightning's."""
+    """"Epoch 12" where the number of epochs has no limit; "Epoch 12/99" where it has one, as Lightning's; a
+    resumed epoch's total is the batch it stops at."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
             return super()._get_train_description(current_epoch)
         return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"  # padded as Lightning's
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """A run restored mid-epoch gets its bar here, at batch ``batch_idx`` > 0 of the epoch, where Lightning's
+        bar counts from, with a total of only the steps left ("Epoch 1 6/2"): the total becomes the epoch's batch
+        where this run stops."""
+        made_here = self.train_progress_bar_id is None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar_id
+        if made_here and bar is not None and self.progress is not None and trainer.max_epochs == -1 \
+                and trainer.max_steps > 0:
+            steps_left = trainer.max_steps - trainer.global_step
+            self.progress.update(bar, total=min(trainer.num_training_batches, batch_idx + 1 + steps_left))
 
     def get_metrics(self, trainer, pl_module) -> dict:
         """The logged metrics without Lightning's ``v_num``: the rich bar shows a version folder's number as

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -193,6 +194,17 @@ def test_the_progress_bar_of_a_run_limited_by_steps_has_no_negative_epoch_total(
     shown = capsys.readouterr().out
     assert "Epoch 1 " in shown and "/-2" not in shown, shown  # 2 batches an epoch: step 3 is in epoch 1
     assert "v_num" not in shown and "train/loss" in shown, shown
+
+
+def test_the_progress_bar_of_a_run_restored_mid_epoch_ends_at_its_last_batch(config, capsys):
+    """4 batches an epoch, restored after 2: the bar counts on from batch 3 and ends at it (max_steps 3); Lightning's
+    total counted only the steps left ("3/1")."""
+    bar = ["--trainer.enable_progress_bar", "true", "--data.batch_size", "1"]
+    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", "2"])
+    capsys.readouterr()
+    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    shown = capsys.readouterr().out
+    assert re.search(r"Epoch 0 .* 3/3 ", shown) and "3/1 " not in shown, shown
 
 
 def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(config, monkeypatch, capsys):
