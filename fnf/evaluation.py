@@ -18,7 +18,9 @@ compares the two models on identical starting noise:
 
 Every metric is a torchmetrics object, so values are exact under DDP. At the end of the stage, global
 rank 0 writes ``<log dir>/<stage>_metrics.json`` and a markdown table beside it, and logs the table (and in
-test the sample rows) to every logger of the run (fnf/image_logging.py).
+test the sample rows) to every logger of the run (fnf/image_logging.py). In test it also writes
+``test_items.jsonl``: what each item contributes to the metrics (fnf.item_metrics), for item-by-item comparisons
+of runs (fnf.paired, ``fnf report``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from fnf.image_logging import log_image, log_table
+from fnf.item_metrics import item_rows
 from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.metrics import CLIPScore, ImageFeatures, MaskedLPIPS, MaskedPSNR, MaskedSSIM, RegionMean, lpips_network
 from fnf.rewards.base import RewardHead
@@ -113,7 +116,9 @@ class Evaluation(Callback):
                 None skips CLIP score.
             fid_features: FID feature extractor: a module mapping images in [0, 1] to (B, D) features, or a
                 CLIP-like model (its image tower is used). None skips FID.
-            judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates.
+            judges: extra metrics updated with (images, prompts), e.g. the shapes world's JudgeRates; one that
+                defines ``items(images, prompts)`` (per image, the values its rates are means of) also gets
+                its columns in ``test_items.jsonl``.
             pair_judges: extra metrics updated with (base images, tuned images, prompts), e.g. JudgeRepairRates.
             reference: the mask for the ``reference_*`` preservation metrics; None: only the run's own mask.
             lpips: LPIPS backbone for the ``*_lpips`` preservation metrics (a distance: lower is better; the paper's
@@ -129,6 +134,7 @@ class Evaluation(Callback):
         self.save_samples = save_samples
         self.metrics: dict[str, dict[str, nn.ModuleDict]] = {}  # stage -> category ('' = all) -> metrics
         self.samples: list[dict] = []
+        self.items: list[dict] = []  # test: one row per item (fnf.item_metrics), written as test_items.jsonl
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -162,10 +168,11 @@ class Evaluation(Callback):
             metrics[f"pair_judge{i}_tuned"] = judge.clone()
         return nn.ModuleDict(metrics).to(pl_module.device)
 
-    def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None, batch: dict) -> None:
-        """Update the overall metrics and, when the prompt file has categories, each category's (no FID)."""
+    def _update(self, stage: str, pl_module: LightningModule, outputs: dict | None, batch: dict) -> dict | None:
+        """Update the overall metrics and, when the prompt file has categories, each category's (no FID); the
+        outputs with the reference mask."""
         if not outputs:
-            return
+            return None
         groups = self.metrics.setdefault(stage, {})
         if self.reference is not None:
             heatmap = self.reference.head.to(outputs["base"].device)(outputs["base"], outputs["prompts"]).heatmap
@@ -181,6 +188,7 @@ class Evaluation(Callback):
             subset = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]
                       for k, v in outputs.items() if k != "loss"}
             self._update_group(groups[group], pl_module, subset)
+        return outputs
 
     @staticmethod
     def _update_group(metrics: nn.ModuleDict, pl_module: LightningModule, outputs: dict) -> None:
@@ -227,9 +235,12 @@ class Evaluation(Callback):
             write_samples(samples, pl_module.head_names, folder / "test_samples")
             for n, sample in enumerate(samples):  # and to the run's loggers (W&B, MLflow, ...)
                 log_image(trainer, f"test_samples/{n:03d}", sample_row(sample), trainer.global_step)
-        self.samples = []
+        items = gathered(trainer, self.items) if stage == "test" else []  # all ranks
+        self.samples, self.items = [], []
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
+            if stage == "test":
+                (folder / "test_items.jsonl").write_text("".join(json.dumps(row) + "\n" for row in items))
             (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
             rows = "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items()))
             (folder / f"{stage}_metrics.md").write_text(MASKS_NOTE + "| metric | value |\n|---|---|\n" + rows)
@@ -263,7 +274,9 @@ class Evaluation(Callback):
 
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("test", pl_module, outputs, batch)
+        outputs = self._update("test", pl_module, outputs, batch)
+        if outputs:
+            self.items += item_rows(outputs, batch, pl_module.head_names, self.judges)
         quota = -(-self.save_samples // trainer.world_size)  # this rank's share of the first save_samples items
         if outputs and len(self.samples) < quota:
             keep = min(quota - len(self.samples), len(outputs["prompts"]))

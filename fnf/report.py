@@ -5,7 +5,9 @@ left there: ``test_metrics.json``, ``test_samples/`` and the training scalars (T
 Writes ``DIR/metrics.json``, ``DIR/metrics.md`` (rows: runs) and ``DIR/index.html``: a sortable summary table
 with grouped, wrapping headers (fits a 1400-px window), the reward / preservation trade-off across runs with the
 base model at the origin, reward vs step per run, and per sample base | tuned | heatmap | mask | |difference|×4
-with its numbers. Images are embedded (data URIs): the page is one file. DIR is written whole after every run has
+with its numbers; with ``test_items.jsonl`` in the runs, each later run against the first item by item: every
+metric's difference with a 95% paired bootstrap interval (fnf.paired; also ``DIR/paired.json``). Images are
+embedded (data URIs): the page is one file. DIR is written whole after every run has
 been read, and replaces only an earlier report (``fnf_report.json`` in it), never another folder.
 """
 
@@ -16,7 +18,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -24,6 +26,7 @@ from matplotlib.figure import Figure
 from fnf.charts import line_chart, scatter_with_origin, to_svg
 from fnf.errors import OneLineParser
 from fnf.output_folder import check_output_folder, write_text_folder
+from fnf.paired import Difference, paired_differences
 from fnf.run_folder import load_run
 
 REWARD, JUDGES, PRESERVATION = ("Reward change, tuned − base ↑", "Alignment and judges, base → tuned",
@@ -42,6 +45,11 @@ LEGEND = ("Base = LoRA off, tuned = LoRA on, same x_T per (prompt, seed). out / 
           "header for the metric key; click a header to sort.")
 
 
+PAIRED_LEGEND = ("Each later run against the first on the items both were tested on (prompt, seed; the same x_T and "
+                 "base image): the metric pooled as fnf test pools it, their difference, and its 95% interval over "
+                 "2000 bootstrap draws of the items (both runs resampled alike). An interval that holds 0 is a "
+                 "difference these items cannot tell from none. *_tuned: the tuned images' value; outside_psnr: "
+                 "outside each run's own mask, reference_outside_psnr: outside the reference mask.")
 BASE_MODEL = "base model (LoRA off): no change"
 
 
@@ -243,10 +251,58 @@ figure img{width:320px;image-rendering:pixelated}figure.chart{width:auto}
 figcaption.note{color:#444;font-size:12px;max-width:420px}"""
 
 
-def render_html(runs: list[dict]) -> str:
+def paired(runs: list[dict]) -> dict[str, list[Difference] | str]:
+    """Every later run against the first, item by item (fnf.paired): its differences, or why there are none."""
+    first, comparisons = runs[0], {}
+    for run in runs[1:]:
+        if first["items"] is None or run["items"] is None:
+            missing = first if first["items"] is None else run
+            comparisons[run["name"]] = f"{missing['name']} has no test_items.jsonl (tested before fnf wrote one)"
+            continue
+        try:
+            comparisons[run["name"]] = paired_differences(first["items"], run["items"])
+        except ValueError as error:
+            comparisons[run["name"]] = str(error)
+    return comparisons
+
+
+def paired_html(runs: list[dict], comparisons: dict[str, list[Difference] | str]) -> str:
+    """One table per compared run: metric | first run | this run | difference | 95% interval."""
+    if not comparisons:
+        return ""
+    parts = [f"<h2>Paired differences against {html.escape(runs[0]['name'])}</h2><p class='legend'>"
+             f"{html.escape(PAIRED_LEGEND)}</p>"]
+    for name, differences in comparisons.items():
+        parts.append(f"<h3>{html.escape(name)} − {html.escape(runs[0]['name'])}</h3>")
+        if isinstance(differences, str):
+            parts.append(f"<p class='empty'>No paired comparison: {html.escape(differences)}.</p>")
+            continue
+        rows = "".join(f"<tr><td class='run'>{html.escape(d.metric)}</td><td>{compact(d.a)}</td><td>{compact(d.b)}"
+                       f"</td><td>{compact(d.delta)}</td><td>[{compact(d.low)}, {compact(d.high)}]</td></tr>"
+                       for d in differences)
+        parts.append(f"<div class='table'><table><thead><tr><th>metric</th><th>{html.escape(runs[0]['name'])}</th>"
+                     f"<th>{html.escape(name)}</th><th>difference</th><th>95% interval</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table></div>")
+    return "".join(parts)
+
+
+def paired_markdown(runs: list[dict], comparisons: dict[str, list[Difference] | str]) -> str:
+    text = ""
+    for name, differences in comparisons.items():
+        text += f"\n## {name} − {runs[0]['name']}, item by item (95% paired bootstrap interval)\n\n"
+        if isinstance(differences, str):
+            text += f"No paired comparison: {differences}.\n"
+            continue
+        text += f"| metric | {runs[0]['name']} | {name} | difference | 95% interval |\n|---|---|---|---|---|\n"
+        text += "".join(f"| {d.metric} | {d.a:.4g} | {d.b:.4g} | {d.delta:.4g} | [{d.low:.4g}, {d.high:.4g}] |\n"
+                        for d in differences)
+    return text
+
+
+def render_html(runs: list[dict], comparisons: dict[str, list[Difference] | str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>fnf report</title><style>{STYLE}</style>"
             f"</head><body><h1>fnf report</h1>{summary_table(runs)}<h2>Trade-off across runs</h2>"
-            f"{tradeoff_charts(runs)}{''.join(run_section(run) for run in runs)}"
+            f"{tradeoff_charts(runs)}{paired_html(runs, comparisons)}{''.join(run_section(run) for run in runs)}"
             f"<script>{SCRIPT}</script></body></html>")
 
 
@@ -257,10 +313,17 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     if len({run["name"] for run in runs}) < len(runs):  # same folder name in different places: use the paths
         for run in runs:
             run["name"] = run["folder"]
-    write_text_folder(out, {
-        "index.html": render_html(runs), "metrics.md": summary_markdown(runs),
+    comparisons = paired(runs)
+    files = {
+        "index.html": render_html(runs, comparisons), "metrics.md": summary_markdown(runs) + paired_markdown(
+            runs, comparisons),
         "metrics.json": json.dumps({run["name"]: run["metrics"] for run in runs}, indent=2, sort_keys=True) + "\n",
-        MARKER: json.dumps({"runs": [run["folder"] for run in runs]}, indent=2) + "\n"})
+        MARKER: json.dumps({"runs": [run["folder"] for run in runs]}, indent=2) + "\n"}
+    if comparisons:  # two runs or more
+        files["paired.json"] = json.dumps({name: [asdict(d) | {"difference": d.delta} for d in differences]
+                                           if isinstance(differences, list) else {"none": differences}
+                                           for name, differences in comparisons.items()}, indent=2) + "\n"
+    write_text_folder(out, files)
     return out / "index.html"
 
 

@@ -1,6 +1,6 @@
 """What ``fnf fit`` and ``fnf test`` left in a run folder, for ``fnf report``: the one ``test_metrics.json``, the
-Evaluation callback's ``test_samples/`` and the training curves from whatever loggers wrote there (TensorBoard, CSV,
-MLflow file store, W&B run files). Unreadable files are one error naming the file."""
+Evaluation callback's ``test_items.jsonl`` and ``test_samples/``, and the training curves from whatever loggers
+wrote there (TensorBoard, CSV, MLflow file store, W&B run files). Unreadable files are one error naming the file."""
 
 from __future__ import annotations
 
@@ -61,10 +61,29 @@ def _samples(path: Path) -> list[dict]:
     return samples
 
 
+def _items(path: Path) -> list[dict] | None:
+    """``test_items.jsonl`` (fnf.item_metrics): one object per tested item; None where the run has none."""
+    if not path.is_file():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(row, dict) or "prompt" not in row or "seed" not in row:
+            raise ValueError(f"{path}:{number}: expected an object with prompt, seed and metric parts, as fnf test "
+                             "writes it")
+        rows.append(row)
+    return rows
+
+
 def load_run(run: Path) -> dict:
-    """Metrics, samples and training curves of one run folder (any of them may be missing, except metrics)."""
+    """Metrics, per-item parts, samples and training curves of one run folder (any may be missing, except
+    metrics)."""
     metrics_file = _metrics_file(run)
     return {"name": run.name, "folder": str(run), "metrics": _metrics(metrics_file),
+            "items": _items(metrics_file.parent / "test_items.jsonl"),
             "samples": _samples(metrics_file.parent / "test_samples" / "samples.json"),
             "curves": training_curves(run)}
 

@@ -88,6 +88,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path, one_process):
         [s["mean_abs_change"] for s in samples[0]], rel=1e-2)  # ~2e-5: batch 2 vs 4 rounding is 0.2%
     assert tables[0].keys() == tables[1].keys()
     assert tables[0]["outside_psnr"] < 150  # the LoRA changed the images
+    items = [[json.loads(line) for line in (tmp_path / f"eval{d}" / "test_items.jsonl").read_text().splitlines()]
+             for d in (1, 2)]
+    assert [(r["prompt"], r["seed"]) for r in items[1]] == [(r["prompt"], r["seed"]) for r in items[0]]  # 7, in order
+    assert [r["outside_sq_error"] for r in items[1]] == pytest.approx([r["outside_sq_error"] for r in items[0]],
+                                                                      rel=1e-2)
     for name, value in tables[0].items():
         assert tables[1][name] == pytest.approx(value, rel=1e-3, abs=1e-6), name
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 
@@ -71,6 +72,41 @@ def test_report_page_embeds_every_image_it_shows(report):
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics) == {"fnf", "draft", "base-test-only"} and "outside_psnr" in metrics["fnf"]
     assert "| fnf |" in (report / "metrics.md").read_text()
+
+
+def test_each_runs_items_pool_to_its_test_metrics(report):
+    """test_items.jsonl holds one row per tested item whose parts give back test_metrics.json: mean rewards and
+    judge rates, PSNR outside the own and the reference mask pooled over the items."""
+    for name in RUNS:
+        folder = next((report.parent / name).rglob("test_metrics.json")).parent
+        metrics = json.loads((folder / "test_metrics.json").read_text())
+        items = [json.loads(line) for line in (folder / "test_items.jsonl").read_text().splitlines()]
+        assert [row["prompt"] for row in items] == PROMPTS.splitlines()
+        for key in [f"reward_tuned/{head}" for head in HEADS] + ["judge_alignment_tuned", "judge_defect_rate_base"]:
+            assert sum(row[key] for row in items) / len(items) == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
+        for prefix in ("", "reference_"):
+            error = sum(row[f"{prefix}outside_sq_error"] for row in items)
+            pixels = sum(row[f"{prefix}outside_pixels"] for row in items)
+            psnr = 10 * math.log10(pixels / max(error, 1e-20 * pixels))
+            assert psnr == pytest.approx(metrics[f"{prefix}outside_psnr"], abs=1e-3), (name, prefix)
+
+
+def test_each_later_run_is_compared_with_the_first_item_by_item(report):
+    """paired.json and the page: draft and the base model against fnf, each difference that of test_metrics."""
+    compared = json.loads((report / "paired.json").read_text())
+    assert list(compared) == ["draft", "base-test-only"]
+    metrics = {name: json.loads(next((report.parent / name).rglob("test_metrics.json")).read_text())
+               for name in RUNS}
+    for name, differences in compared.items():
+        by_metric = {d["metric"]: d for d in differences}
+        assert {"judge_defect_rate_tuned", "reference_outside_psnr", "reward_tuned/ShapesSafety"} <= by_metric.keys()
+        change = by_metric["reward_tuned/ColorRegion"]
+        assert change["difference"] == pytest.approx(
+            metrics[name]["reward_tuned/ColorRegion"] - metrics["fnf"]["reward_tuned/ColorRegion"], rel=1e-4, abs=1e-7)
+        assert change["low"] <= change["high"]
+    page = (report / "index.html").read_text()
+    assert "Paired differences against fnf" in page and "draft − fnf" in page
+    assert "## draft − fnf, item by item" in (report / "metrics.md").read_text()
 
 
 def test_summary_table_has_grouped_short_wrapping_headers_and_a_legend(report):
@@ -200,6 +236,9 @@ def _corrupt(case: str, run: Path) -> str:
     if case == "bad csv":
         (version / "metrics.csv").write_text("step,train/fidelity\n0,0.5\n1,abc\n")
         return f"{version / 'metrics.csv'}:3: not a CSVLogger metrics row"
+    if case == "torn items":
+        (version / "test_items.jsonl").write_text('{"prompt": "p", "seed": 0}\n{"prompt": "q", "se')
+        return f"{version / 'test_items.jsonl'}:2: not valid JSON"
     if case == "two tested runs":
         _tested_run(run / "again")
         return "holds 2 test results (again/lightning_logs/version_0, lightning_logs/version_0); one run per folder"
@@ -207,7 +246,7 @@ def _corrupt(case: str, run: Path) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing", "not json", "not metrics", "sample without image", "bad csv",
-                                  "two tested runs"])
+                                  "torn items", "two tested runs"])
 def test_a_bad_run_folder_is_one_line_naming_the_file_and_writes_nothing(case, tmp_path):
     run = _tested_run(tmp_path / "run")
     expected = _corrupt(case, run)

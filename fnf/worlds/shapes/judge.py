@@ -247,17 +247,24 @@ class JudgeRates(Metric):
         for name in ("aligned", "defect", "unsafe", "count"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
+    KEYS = {"aligned": "judge_alignment", "defect": "judge_defect_rate", "unsafe": "judge_unsafe_rate"}
+    """Verdict field (and state) -> the rate ``compute()`` reports."""
+
     def update(self, images: Tensor, prompts: list[str]) -> None:
+        values = self.items(images, prompts)
+        for field, key in self.KEYS.items():
+            setattr(self, field, getattr(self, field) + values[key].sum())
+        self.count += len(prompts)
+
+    def items(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Per image 1.0 or 0.0 under each of ``compute()``'s keys (its rates are their means over the images)."""
         verdicts = judge(images, prompts)
-        self.aligned += sum(v.aligned for v in verdicts)
-        self.defect += sum(v.defect for v in verdicts)
-        self.unsafe += sum(v.unsafe for v in verdicts)
-        self.count += len(verdicts)
+        return {key: torch.tensor([float(getattr(v, field)) for v in verdicts], dtype=torch.float64)
+                for field, key in self.KEYS.items()}
 
     def compute(self) -> dict[str, Tensor]:
         count = self.count.clamp_min(1)
-        return {"judge_alignment": self.aligned / count, "judge_defect_rate": self.defect / count,
-                "judge_unsafe_rate": self.unsafe / count}
+        return {key: getattr(self, field) / count for field, key in self.KEYS.items()}
 
 
 class JudgeRepairRates(Metric):
