@@ -26,7 +26,7 @@ def item_rows(outputs: dict, batch: dict, head_names: list[str], judges: list) -
     """One row per item of a test batch (``outputs``: FocusNFix.test_step's, with ``reference_mask`` when the
     Evaluation has a reference)."""
     base, tuned, prompts = outputs["base"], outputs["tuned"], outputs["prompts"]
-    copies = len(prompts) // len(batch["prompt"])  # DRaFT-LV's samples per prompt (1 in test)
+    copies = len(prompts) // len(batch["seed"])  # DRaFT-LV's samples per prompt (1 in test)
     columns: dict[str, list] = {"prompt": list(prompts), "seed": [int(s) for s in batch["seed"]] * copies}
     if batch.get("category"):
         columns["category"] = list(batch["category"]) * copies

@@ -72,7 +72,7 @@ def test_masked_ssim_regions_split_the_whole_image_map():
 class _FakeCLIP(nn.Module):
     """Image embedding: normalised mean colour; text embedding: one fixed colour per word."""
 
-    WORDS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0)}
+    WORDS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "not red": (-1.0, 0.0, 0.0)}
 
     def image_features(self, images, normalize=True):
         features = images.mean(dim=(2, 3))
@@ -91,6 +91,9 @@ def test_clip_score_is_100_times_clipped_cosine():
     assert metric.compute().item() == pytest.approx((100 + 100 / math.sqrt(2)) / 2, rel=1e-5)
     metric.reset()
     metric.update(images[:1], ["green"])  # orthogonal: max(cos, 0) = 0
+    assert metric.compute().item() == 0.0
+    metric.reset()
+    metric.update(images[:1], ["not red"])  # opposite: cos −1, clipped to 0 (not −100)
     assert metric.compute().item() == 0.0
 
 
@@ -252,10 +255,8 @@ def test_shapes_evaluation_uses_the_judges_problem_mask_and_repair_rate(tiny_mod
     assert float(metrics["reference_inside_psnr"].compute()) < float(metrics["reference_outside_psnr"].compute())
 
 
-def test_evaluation_keeps_base_and_tuned_and_inside_and_outside_apart(tiny_model_dir, tmp_path):
-    """Base all red; tuned green in the left half, the mask's region: every metric must see which image is which
-    and which pixels are inside. By hand: outside identical (PSNR 200 dB cap), inside MSE 2/3 (PSNR 1.76 dB),
-    CLIP score 100 for base and 100/√2 for tuned with a "red" prompt, reward 0 → 1.5 (change +1.5)."""
+def _red_then_half_green(tiny_model_dir) -> tuple[FocusNFix, dict]:
+    """Base all red; tuned green in the left half, the mask's region; rewards 0 -> 1 and 2."""
     side = 8
     base = torch.zeros(2, 3, side, side)
     base[:, 0] = 1
@@ -265,13 +266,24 @@ def test_evaluation_keeps_base_and_tuned_and_inside_and_outside_apart(tiny_model
     mask[..., : side // 2] = 1
     module = FocusNFix(rewards=[RewardTerm(ColorRegion())], pretrained=tiny_model_dir, lam=0.1,
                        sampler=SamplerArgs(num_steps=2, k=1), lora=LoraArgs(rank=2))
-    evaluation = Evaluation(clip=_FakeCLIP(), output_dir=str(tmp_path))
-    outputs = {"prompts": ["red", "red"], "base": base, "tuned": tuned, "mask": mask,
-               "scores": torch.tensor([[1.0], [2.0]]), "base_scores": torch.zeros(2, 1)}
+    return module, {"prompts": ["red", "red"], "base": base, "tuned": tuned, "mask": mask,
+                    "scores": torch.tensor([[1.0], [2.0]]), "base_scores": torch.zeros(2, 1)}
+
+
+def _trainer_stub(tmp_path) -> SimpleNamespace:
+    return SimpleNamespace(is_global_zero=True, loggers=[], log_dir=None, default_root_dir=str(tmp_path),
+                           global_step=0, world_size=1)
+
+
+def test_evaluation_keeps_base_and_tuned_and_inside_and_outside_apart(tiny_model_dir, tmp_path):
+    """Every metric must see which image is which and which pixels are inside. By hand: outside identical (PSNR
+    200 dB cap), inside MSE 2/3 (PSNR 1.76 dB), CLIP score 100 for base and 100/√2 for tuned with a "red" prompt,
+    reward 0 → 1.5 (change +1.5), FID of the mean colour features (unnormalised: FID's features) (1, 0, 0) vs
+    (0.5, 0.5, 0) with no spread: their squared distance 0.5."""
+    module, outputs = _red_then_half_green(tiny_model_dir)
+    evaluation = Evaluation(clip=_FakeCLIP(), fid_features=_FakeCLIP(), output_dir=str(tmp_path))
     evaluation._update("validate", module, outputs, {})
-    trainer = SimpleNamespace(is_global_zero=True, loggers=[], log_dir=None, default_root_dir=str(tmp_path),
-                              global_step=0)
-    evaluation._finish("validate", trainer, module)
+    evaluation._finish("validate", _trainer_stub(tmp_path), module)
     values = json.loads((tmp_path / "validate_metrics.json").read_text())
     assert values["outside_psnr"] == pytest.approx(200.0)
     assert values["inside_psnr"] == pytest.approx(10 * math.log10(3 / 2), rel=1e-4)
@@ -279,6 +291,28 @@ def test_evaluation_keeps_base_and_tuned_and_inside_and_outside_apart(tiny_model
     assert values["clip_score_tuned"] == pytest.approx(100 / math.sqrt(2), rel=1e-5)
     assert (values["reward_base/ColorRegion"], values["reward_tuned/ColorRegion"],
             values["reward_change/ColorRegion"]) == pytest.approx((0.0, 1.5, 1.5))
+    assert values["fid_tuned_vs_base"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_test_samples_and_items_keep_base_and_tuned_apart(tiny_model_dir, tmp_path):
+    """In test, each sample's images read base | tuned | heatmap | mask and its numbers base then tuned; each item's
+    row has its own rewards and the squared error outside (none) the mask."""
+    module, outputs = _red_then_half_green(tiny_model_dir)
+    evaluation = Evaluation(output_dir=str(tmp_path))
+    evaluation.on_test_epoch_start(_trainer_stub(tmp_path), module)
+    evaluation.on_test_batch_end(_trainer_stub(tmp_path), module, outputs, {"seed": [3, 4]}, 0)
+    sample = evaluation.samples[0]
+    assert torch.equal(sample["images"][0], outputs["base"][0])
+    assert torch.equal(sample["images"][1], outputs["tuned"][0])
+    assert torch.equal(sample["images"][3], outputs["mask"][0].expand(3, -1, -1))
+    assert (sample["seed"], sample["reward_base"], sample["reward_tuned"]) == (3, [0.0], [1.0])
+    evaluation._finish("test", _trainer_stub(tmp_path), module)
+    rows = [json.loads(line) for line in (tmp_path / "test_items.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["reward_base/ColorRegion"], r["reward_tuned/ColorRegion"]) for r in rows] == [
+        (3, 0.0, 1.0), (4, 0.0, 2.0)]
+    assert [(r["outside_sq_error"], r["outside_pixels"]) for r in rows] == [(0.0, 3 * 32.0)] * 2  # 3 × 8 × 4 outside
+    saved = json.loads((tmp_path / "test_samples" / "samples.json").read_text())
+    assert [(s["reward_base/ColorRegion"], s["reward_tuned/ColorRegion"]) for s in saved] == [(0.0, 1.0), (0.0, 2.0)]
 
 
 def test_judge_rates_plug_into_the_evaluation():

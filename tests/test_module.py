@@ -104,6 +104,18 @@ def test_empty_mask_policy(tiny_model_dir, policy, expected_active):
     assert masks[:, 1].abs().max() == 0
 
 
+@pytest.mark.parametrize("policy", ["keep", "skip"])
+def test_an_empty_mask_under_skip_takes_its_heads_reward_out_of_the_loss(tiny_model_dir, policy):
+    """Threshold 1.0: ColorRegion's heatmap never reaches it, so every mask is empty. skip: the head's reward no
+    longer counts for those images (λ = 0: the loss is the reward term alone); keep: it does."""
+    module = _module(tiny_model_dir, lam=0.0, masks=MaskArgs(threshold=1.0, empty=policy))
+    with torch.no_grad():
+        out = module._common_step(next(iter(_loader(4))), "val")
+    assert out["mask"].abs().max() == 0 and out["scores"].abs().min() > 0  # the premise: empty masks, real rewards
+    expected = torch.zeros(()) if policy == "skip" else -out["scores"][:, 0].mean()
+    torch.testing.assert_close(out["loss"], expected)
+
+
 def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lam=1.0)
     trainer = _trainer(tmp_path, steps=1)
@@ -126,23 +138,26 @@ def _halves(heads: int) -> torch.Tensor:
 
 
 def _reference(masks: torch.Tensor) -> BaseReference:
-    heads = masks.shape[1]
-    return BaseReference(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 4, 4), masks, torch.ones(1, heads),
-                         torch.zeros(1, heads))
+    images, heads = masks.shape[:2]
+    return BaseReference(torch.zeros(images, 4, 2, 2), torch.zeros(images, 3, 4, 4), masks,
+                         torch.ones(images, heads), torch.zeros(images, heads))
 
 
 def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_dir):
-    """I changes the left half only: head 0's mask allows it, head 1's does not, a mask: none head has no term."""
+    """The first of two images changes in its left half only: head 0's mask allows it, head 1's does not, a mask:
+    none head has no term; the second image is unchanged. The penalty is each head's λ times its term's mean over
+    the images (as in union mode)."""
     left, right = ColorRegion(box=(0.0, 0.0, 1.0, 0.5)), ColorRegion(box=(0.0, 0.5, 1.0, 1.0))
     module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", rewards=[
         RewardTerm(left, lam=2.0, name="left"), RewardTerm(right, lam=3.0, name="right"),
         RewardTerm(ColorRegion(), mask="none")])
-    tuned = torch.zeros(1, 3, 4, 4)
-    tuned[..., :2] = 1
-    fidelity, penalty = module._fidelity(Sample(torch.zeros(1, 4, 2, 2), tuned), _reference(_halves(3)))
+    tuned = torch.zeros(2, 3, 4, 4)
+    tuned[0, :, :, :2] = 1
+    reference = _reference(_halves(3).repeat(2, 1, 1, 1))
+    fidelity, penalty = module._fidelity(Sample(torch.zeros(2, 4, 2, 2), tuned), reference)
     half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
-    assert penalty.item() == pytest.approx(3.0 * half)  # head 1's λ times the change outside its mask
-    torch.testing.assert_close(fidelity, torch.tensor([[0.0], [half]]))  # per masked head and image: no none head
+    assert penalty.item() == pytest.approx(3.0 * half / 2)  # head 1's λ times the mean change outside its mask
+    torch.testing.assert_close(fidelity, torch.tensor([[0.0, 0.0], [half, 0.0]]))  # per masked head and image
 
 
 def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
@@ -168,10 +183,29 @@ def test_two_heads_of_one_name_are_refused_unless_named_and_names_key_the_logs(t
     module.log_dict = lambda logs, **kwargs: logged.update(logs)
     module.log = lambda name, value, **kwargs: logged.update({name: value})
     with torch.no_grad():
+        for lora_b in _lora_b(module):  # a LoRA that changes the images: tuned ≠ base, non-zero reward gains
+            lora_b.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
         out = module._common_step(next(iter(_loader(4))), "val")
     assert module.head_names == ["ColorRegion", "corner"]
     torch.testing.assert_close(logged["val/reward/corner"], out["scores"][:, 1].mean())
     torch.testing.assert_close(logged["val/reward/ColorRegion"], out["scores"][:, 0].mean())
+    gains = (out["scores"] - out["base_scores"]).mean(0)  # tuned − base, per head
+    assert gains.abs().min() > 1e-4  # the premise: the LoRA moved both rewards
+    for i, name in enumerate(module.head_names):
+        torch.testing.assert_close(logged[f"val/reward_gain/{name}"], gains[i])
+    torch.testing.assert_close(logged["val/mask_area"], out["mask"].mean())
+
+
+def test_the_step_reports_the_union_of_the_heads_masks(tiny_model_dir):
+    """Two heads on disjoint quarters: the mask the step hands to evaluation is their maximum (the union the
+    fidelity term keeps out), covering both quarters."""
+    module = _module(tiny_model_dir, lam=0.5, masks=MaskArgs(threshold=0.01, dilation=0), rewards=[
+        RewardTerm(ColorRegion(box=(0.0, 0.0, 0.5, 0.5))), RewardTerm(ColorRegion(box=(0.5, 0.5, 1, 1)), name="b")])
+    with torch.no_grad():
+        out = module._common_step(next(iter(_loader(4))), "val")
+        masks, _, _ = module._localise(out["base"], out["prompts"])
+    torch.testing.assert_close(out["mask"], masks.amax(1, keepdim=True))
+    assert (out["mask"][..., :8, :8].amax() > 0) and (out["mask"][..., 8:, 8:].amax() > 0)  # both quarters
 
 
 def test_reward_weights_scale_each_heads_score_in_the_loss(tiny_model_dir):

@@ -77,3 +77,22 @@ def test_an_errno_in_a_librarys_message_is_read():
     error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert one_line(error) == "no space left on device: (the file being written)"
     assert one_line(OSError(errno.EDQUOT, "Disk quota exceeded", "/q/x.ckpt")) == "disk quota exceeded: /q/x.ckpt"
+
+
+def test_a_staged_file_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """atomic_path: the staging file is fsync'ed, then renamed over the target (a crash in between keeps the old
+    file, never a renamed file whose data is not written yet); the target holds the new bytes."""
+    import os
+
+    from fnf.files import atomic_path
+
+    target, calls = tmp_path / "weights.safetensors", []
+    target.write_bytes(b"old")
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src))), replace(src, dst)))
+    with atomic_path(target) as staging:
+        staging.write_bytes(b"new")
+    assert [name for name, _ in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1] != str(target)
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
