@@ -25,7 +25,7 @@ def squared_error_outside(tuned: Tensor, base: Tensor, mask: Tensor) -> tuple[Te
 def item_rows(outputs: dict, batch: dict, head_names: list[str], judges: list) -> list[dict]:
     """One row per item of a test batch (``outputs``: FocusNFix.test_step's, with ``reference_mask`` when the
     Evaluation has a reference)."""
-    base, tuned, prompts = outputs["base"], outputs["tuned"], outputs["prompts"]
+    base, tuned, prompts = outputs["base"].float(), outputs["tuned"].float(), outputs["prompts"]  # as the metrics
     copies = len(prompts) // len(batch["seed"])  # DRaFT-LV's samples per prompt (1 in test)
     columns: dict[str, list] = {"prompt": list(prompts), "seed": [int(s) for s in batch["seed"]] * copies}
     if batch.get("category"):

@@ -62,10 +62,21 @@ def item_key(row: dict) -> tuple[str, int]:
     return row["prompt"], row["seed"]
 
 
-def paired_differences(a: list[dict], b: list[dict], draws: int = DRAWS, seed: int = 0) -> list[Difference]:
-    """Every metric both runs have, b − a with its 95% interval; the same items in the same order are required."""
-    if [item_key(row) for row in a] != [item_key(row) for row in b]:
+def aligned(a: list[dict], b: list[dict]) -> list[dict]:
+    """``b``'s rows in ``a``'s item order (a test file may list the same items in another order); other items, or
+    repeated items in another order, cannot be paired."""
+    keys_a, keys_b = [item_key(row) for row in a], [item_key(row) for row in b]
+    if keys_a == keys_b:
+        return b
+    by_key = dict(zip(keys_b, b))
+    if len(by_key) != len(b) or len(set(keys_a)) != len(a) or set(keys_a) != set(by_key):
         raise ValueError("the runs were tested on other items (prompt, seed); a paired comparison needs the same")
+    return [by_key[key] for key in keys_a]
+
+
+def paired_differences(a: list[dict], b: list[dict], draws: int = DRAWS, seed: int = 0) -> list[Difference]:
+    """Every metric both runs have, b − a with its 95% interval, over the items both were tested on."""
+    b = aligned(a, b)
     if not a:
         return []
     metrics_a, metrics_b = pooled_metrics(a), pooled_metrics(b)

@@ -29,8 +29,10 @@ class RichBarWithoutEpochLimit(RichProgressBar):
         bar = self.train_progress_bar_id
         if made_here and bar is not None and self.progress is not None and trainer.max_epochs == -1 \
                 and trainer.max_steps > 0:
-            steps_left = trainer.max_steps - trainer.global_step
-            self.progress.update(bar, total=min(trainer.num_training_batches, batch_idx + 1 + steps_left))
+            accumulate = trainer.accumulate_grad_batches  # batches per optimizer step
+            batches_left = (trainer.max_steps - trainer.global_step) * accumulate - (batch_idx + 1) % accumulate
+            self.progress.update(bar, total=min(trainer.num_training_batches, batch_idx + 1 + batches_left))
+            self.refresh()  # not only at the next batch's end: Lightning drew its own total already
 
     def get_metrics(self, trainer, pl_module) -> dict:
         """The logged metrics without Lightning's ``v_num``: the rich bar shows a version folder's number as

@@ -67,6 +67,8 @@ def _items(path: Path) -> list[dict] | None:
         return None
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:

@@ -84,7 +84,9 @@ class PendingItems(L.LightningDataModule):
     @override
     def setup(self, stage: str) -> None:
         """Every process reads the file between Lightning's setup barriers: nobody appends before all have read it,
-        so all see the same pending list (the distributed sampler splits it by index)."""
+        so all see the same pending list (the distributed sampler splits it by index). ``main`` reads it once before
+        too, to run no trainer when nothing is pending; processes Lightning launches read it while the first waits
+        for them to join, before any row of this scan is appended."""
         items = self.data.load(self.data.train_file)
         rows = read_rows(self.out, repair=True)
         for row in rows:

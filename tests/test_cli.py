@@ -196,15 +196,19 @@ def test_the_progress_bar_of_a_run_limited_by_steps_has_no_negative_epoch_total(
     assert "v_num" not in shown and "train/loss" in shown, shown
 
 
-def test_the_progress_bar_of_a_run_restored_mid_epoch_ends_at_its_last_batch(config, capsys):
-    """4 batches an epoch, restored after 2: the bar counts on from batch 3 and ends at it (max_steps 3); Lightning's
-    total counted only the steps left ("3/1")."""
-    bar = ["--trainer.enable_progress_bar", "true", "--data.batch_size", "1"]
-    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", "2"])
+@pytest.mark.parametrize("accumulate, steps, last_batch", [(1, (2, 3), 3), (2, (1, 3), 6)])
+def test_the_progress_bar_of_a_run_restored_mid_epoch_ends_at_its_last_batch(config, capsys, accumulate, steps,
+                                                                              last_batch):
+    """8 batches an epoch, restored after 2: the bar counts on from batch 3 and ends at the run's last batch (one
+    more step: batch 3; with 2 batches a step, two more steps: batch 6); Lightning's total counted the steps left
+    ("3/1", "6/2")."""
+    bar = ["--trainer.enable_progress_bar", "true", "--data.batch_size", "1", "--data.seeds_per_prompt", "2",
+           "--trainer.accumulate_grad_batches", str(accumulate)]
+    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", str(steps[0])])
     capsys.readouterr()
-    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    main(["fit", "--config", str(config), *bar, "--trainer.max_steps", str(steps[1]), "--ckpt_path", "last"])
     shown = capsys.readouterr().out
-    assert re.search(r"Epoch 0 .* 3/3 ", shown) and "3/1 " not in shown, shown
+    assert re.search(rf"Epoch 0 .* {last_batch}/{last_batch} ", shown) and not re.search(r" \d/[12] ", shown), shown
 
 
 def test_a_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(config, monkeypatch, capsys):

@@ -326,6 +326,23 @@ def test_judge_rates_plug_into_the_evaluation():
         "judge_alignment": 0.0, "judge_defect_rate": 0.0, "judge_unsafe_rate": 0.0}
 
 
+def test_judge_rates_and_their_items_follow_each_verdict(monkeypatch):
+    """Three verdicts by hand: per image 1/0 under the rate each field feeds, and the rates their means."""
+    from fnf.worlds.shapes import judge as judge_module
+
+    verdicts = [SimpleNamespace(aligned=True, defect=True, unsafe=False),
+                SimpleNamespace(aligned=False, defect=False, unsafe=True),
+                SimpleNamespace(aligned=True, defect=False, unsafe=False)]
+    monkeypatch.setattr(judge_module, "judge", lambda images, prompts: verdicts)
+    rates, images = judge_module.JudgeRates(), torch.zeros(3, 3, 8, 8)
+    items = rates.items(images, ["a", "b", "c"])
+    assert {key: values.tolist() for key, values in items.items()} == {
+        "judge_alignment": [1.0, 0.0, 1.0], "judge_defect_rate": [1.0, 0.0, 0.0], "judge_unsafe_rate": [0.0, 1.0, 0.0]}
+    rates.update(images, ["a", "b", "c"])
+    assert {key: float(value) for key, value in rates.compute().items()} == pytest.approx(
+        {"judge_alignment": 2 / 3, "judge_defect_rate": 1 / 3, "judge_unsafe_rate": 1 / 3})
+
+
 def test_categories_in_the_prompt_file_get_their_own_metrics(config, tmp_path):
     prompts = tmp_path / "categorised.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "seed": i, "category": c}) + "\n" for i, (p, c) in enumerate(

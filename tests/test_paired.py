@@ -63,3 +63,12 @@ def test_runs_on_other_items_are_not_paired():
     comparisons = paired(runs)
     assert comparisons["b"].startswith("the runs were tested on other items")
     assert comparisons["old"] == "old has no test_items.jsonl (tested before fnf wrote one)"
+
+
+def test_the_same_items_in_another_order_are_paired_item_by_item():
+    """A test file listing the items in another order: each item is paired with itself, not with its position."""
+    a = rows([float(i < 10) for i in range(100)])
+    b = rows([float(i < 10) for i in range(100)], reward=2.0)
+    shuffled = b[50:] + b[:50]
+    assert paired_differences(a, shuffled) == paired_differences(a, b)
+    assert {d.metric: d.delta for d in paired_differences(a, shuffled)}["judge_defect_rate_tuned"] == 0
