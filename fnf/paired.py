@@ -32,13 +32,20 @@ class Difference:
     def delta(self) -> float:
         return self.b - self.a
 
+    def as_json(self) -> dict:
+        """Its fields and the difference, a number of nothing (NaN: no pixel outside the masks) as null."""
+        values = {"metric": self.metric, "a": self.a, "b": self.b, "difference": self.delta, "low": self.low,
+                  "high": self.high}
+        return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
+
 
 def _means(values: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return values[draws].mean(axis=-1)
 
 
 def _psnr(error: np.ndarray, pixels: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    mean = error[draws].sum(axis=-1) / pixels[draws].sum(axis=-1)
+    with np.errstate(invalid="ignore"):  # no pixel outside the masks: NaN, no number (as MaskedPSNR)
+        mean = error[draws].sum(axis=-1) / pixels[draws].sum(axis=-1)
     return 10 * np.log10(1 / np.maximum(mean, 1e-20))  # identical images: 200 dB, as MaskedPSNR
 
 

@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -320,11 +320,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         "metrics.json": json.dumps({run["name"]: run["metrics"] for run in runs}, indent=2, sort_keys=True) + "\n",
         MARKER: json.dumps({"runs": [run["folder"] for run in runs]}, indent=2) + "\n"}
     if comparisons:  # two runs or more
-        files["paired.json"] = json.dumps({name: [{key: None if isinstance(value, float) and math.isnan(value)
-                                                   else value for key, value in (asdict(d) | {
-                                                       "difference": d.delta}).items()} for d in differences]
-                                           if isinstance(differences, list) else {"none": differences}
-                                           for name, differences in comparisons.items()}, indent=2) + "\n"
+        files["paired.json"] = json.dumps({name: [d.as_json() for d in differences] if isinstance(differences, list)
+                                           else {"none": differences} for name, differences in comparisons.items()},
+                                          indent=2) + "\n"
     write_text_folder(out, files)
     return out / "index.html"
 

@@ -72,3 +72,11 @@ def test_the_same_items_in_another_order_are_paired_item_by_item():
     shuffled = b[50:] + b[:50]
     assert paired_differences(a, shuffled) == paired_differences(a, b)
     assert {d.metric: d.delta for d in paired_differences(a, shuffled)}["judge_defect_rate_tuned"] == 0
+
+
+def test_a_metric_of_no_pixels_is_null_in_json():
+    """Every mask covering the whole image: no pixel outside, PSNR of nothing: null (JSON has no NaN), not 200 dB."""
+    a = [{"prompt": "p", "seed": 0, "outside_sq_error": 0.0, "outside_pixels": 0.0}]
+    (difference,) = paired_differences(a, a)
+    assert difference.as_json() == {"metric": "outside_psnr", "a": None, "b": None, "difference": None, "low": None,
+                                    "high": None}
