@@ -252,19 +252,19 @@ class JudgeRates(Metric):
 
     def update(self, images: Tensor, prompts: list[str]) -> None:
         values = self.items(images, prompts)
-        for field, key in self.KEYS.items():
-            setattr(self, field, getattr(self, field) + values[key].sum())
+        for state, key in self.KEYS.items():
+            setattr(self, state, getattr(self, state) + values[key].sum())
         self.count += len(prompts)
 
     def items(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """Per image 1.0 or 0.0 under each of ``compute()``'s keys (its rates are their means over the images)."""
         verdicts = judge(images, prompts)
-        return {key: torch.tensor([float(getattr(v, field)) for v in verdicts], dtype=torch.float64)
-                for field, key in self.KEYS.items()}
+        return {key: torch.tensor([float(getattr(v, state)) for v in verdicts], dtype=torch.float64)
+                for state, key in self.KEYS.items()}
 
     def compute(self) -> dict[str, Tensor]:
         count = self.count.clamp_min(1)
-        return {key: getattr(self, field) / count for field, key in self.KEYS.items()}
+        return {key: getattr(self, state) / count for state, key in self.KEYS.items()}
 
 
 class JudgeRepairRates(Metric):
