@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fnf.scan_file import row_key
+
 DRAWS = 2000
 
 
@@ -65,14 +67,10 @@ def pooled_metrics(rows: list[dict]) -> dict[str, Callable[[np.ndarray], np.ndar
     return metrics
 
 
-def item_key(row: dict) -> tuple[str, int]:
-    return row["prompt"], row["seed"]
-
-
 def aligned(a: list[dict], b: list[dict]) -> list[dict]:
     """``b``'s rows in ``a``'s item order (a test file may list the same items in another order); other items, or
     repeated items in another order, cannot be paired."""
-    keys_a, keys_b = [item_key(row) for row in a], [item_key(row) for row in b]
+    keys_a, keys_b = [row_key(row) for row in a], [row_key(row) for row in b]
     if keys_a == keys_b:
         return b
     by_key = dict(zip(keys_b, b))

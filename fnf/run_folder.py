@@ -10,6 +10,8 @@ import itertools
 import json
 from pathlib import Path
 
+from fnf.jsonl import json_objects
+
 
 def _read_json(path: Path):
     try:
@@ -66,16 +68,9 @@ def _items(path: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-        if not isinstance(row, dict) or "prompt" not in row or "seed" not in row:
-            raise ValueError(f"{path}:{number}: expected an object with prompt, seed and metric parts, as fnf test "
-                             "writes it")
+    for where, row in json_objects(path.read_text(encoding="utf-8"), path, example='{"prompt": "...", "seed": 0}'):
+        if "prompt" not in row or "seed" not in row:
+            raise ValueError(f"{where}: expected an object with prompt, seed and metric parts, as fnf test writes it")
         rows.append(row)
     return rows
 
