@@ -28,7 +28,9 @@ dilation and source) is kept in its own, labelled column. START is pinned here, 
 hold this protocol's choice, and a re-run must not depend on its own outcome.
 Tables (markdown, printed and written to ``<out>/tables.md``): the test table (both tasks × {base, DRaFT, FNF} ×
 seeds, mean ± std), the selection on validation prompts (every candidate, the chosen one marked; the λ sweep is its
-first line), and the mask source on the safety task (ShapesSafety heatmap vs gradient saliency, validation prompts).
+first line), the test rows seed by seed, Focus-N-Fix − global DRaFT item by item per seed (95% paired bootstrap
+intervals over the test items, from each run's ``test_items.jsonl``), and the mask source on the safety task
+(ShapesSafety heatmap vs gradient saliency, validation prompts).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import yaml
 from provenance import provenance
 
 from fnf.cli import main as fnf
+from fnf.jsonl import json_objects
+from fnf.paired import paired_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "fnf" / "worlds" / "shapes" / "prompts"
@@ -135,6 +139,11 @@ def search(task: str, start: Settings, validate: Callable[[Settings], dict], bar
     return best, trials
 
 
+def global_draft(task: str, chosen: Settings) -> Settings:
+    """The baseline Focus-N-Fix is tested against: λ = 0 at the chosen K (the same budget per step)."""
+    return replace(START[PROBLEM[task]], lam=0.0, k=chosen.k)
+
+
 def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], dict], bars: Bars,
              ks: tuple[int, ...] = (2,)) -> dict:
     """Select on validation prompts with the first seed, then test DRaFT and the chosen settings once per seed."""
@@ -142,9 +151,8 @@ def protocol(task: str, seeds: list[int], score: Callable[[Settings, int, str], 
     other = {"heatmap": "saliency", "saliency": "heatmap"}[chosen.mask]
     sources = {s: score(s, seeds[0], "val") for s in (chosen, replace(chosen, mask=other))} \
         if task == MASK_SOURCE_TASK else {}
-    draft = replace(START[PROBLEM[task]], lam=0.0, k=chosen.k)
     return {"chosen": chosen, "trials": trials, "sources": sources,
-            "draft": [score(draft, seed, "test") for seed in seeds],
+            "draft": [score(global_draft(task, chosen), seed, "test") for seed in seeds],
             "fnf": [score(chosen, seed, "test") for seed in seeds]}
 
 
@@ -162,9 +170,13 @@ def run_config(task: str, root: Path, quick: bool, seed: int) -> dict:
     return config
 
 
+def run_folder(task: str, settings: Settings, seed: int, out: Path) -> Path:
+    return out / f"{task}-{settings.name}-seed{seed}"
+
+
 def fit(task: str, settings: Settings, seed: int, out: Path, quick: bool) -> Path:
     """``fnf fit`` once per (task, settings, seed); a finished run is kept (the script resumes where it stopped)."""
-    run = out / f"{task}-{settings.name}-seed{seed}"
+    run = run_folder(task, settings, seed, out)
     if (run / "checkpoint.txt").is_file():
         return run
     config = run_config(task, run, quick, seed)
@@ -222,13 +234,41 @@ HEADER = ("| task | method | target rate (judge) | Δ target (points) | Δ align
           "FID tuned vs base |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
+def tested_items(run: Path) -> list[dict] | None:
+    """The run's ``fnf test`` rows on the test prompts, one per item (fnf.item_metrics); None for a run tested
+    before ``fnf test`` wrote them."""
+    path = run / "test" / "test_items.jsonl"
+    return [row for _, row in json_objects(path.read_text(), path)] if path.is_file() else None
+
+
+def paired_columns(task: str) -> dict[str, tuple[str, float, int]]:
+    """The paired table's columns: heading -> (test_items metric, scale, digits)."""
+    return {"Δ target rate (points)": (f"{TARGET[PROBLEM[task]]}_tuned", 100, 1),
+            "Δ alignment (points)": ("judge_alignment_tuned", 100, 1),
+            "Δ reward": (f"reward_tuned/{HEAD[PROBLEM[task]]}", 1, 3),
+            "Δ PSNR outside judge mask (dB)": (PRESERVATION, 1, 1)}
+
+
+def paired_row(task: str, seed: int, draft: list[dict] | None, fnf: list[dict] | None) -> str:
+    """Focus-N-Fix − global DRaFT of one seed's runs on the same test items, each with its 95% paired interval."""
+    columns = paired_columns(task)
+    if draft is None or fnf is None:
+        return f"| {task} | {seed} | — | no test_items.jsonl (tested by older code) |{' |' * (len(columns) - 1)}"
+    differences = {d.metric: d for d in paired_differences(draft, fnf)}
+    cells = []
+    for metric, scale, digits in columns.values():
+        d = differences[metric]
+        cells.append(f"{scale * d.delta:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]")
+    return f"| {task} | {seed} | {len(draft)} | {' | '.join(cells)} |"
+
+
+def tables(results: dict[str, dict], seeds: list[int], bars: Bars, items: dict[str, list] | None = None) -> str:
     over = ", ".join(map(str, seeds))
     text = [f"{provenance()}\n\n## Test prompts: base vs global DRaFT vs Focus-N-Fix (mean ± std over seeds {over})\n\n"
             "Focus-N-Fix with the values chosen on the validation prompts; the test prompts evaluated once per run.\n",
             HEADER]
     for task, result in results.items():
-        draft = replace(START[PROBLEM[task]], lam=0.0, k=result["chosen"].k)
+        draft = global_draft(task, result["chosen"])
         text += [row("base", task, result["fnf"], base=True), row(draft.label, task, result["draft"]),
                  row(f"Focus-N-Fix ({result['chosen'].label})", task, result["fnf"])]
     text += [f"\n## Selection on validation prompts (seed {seeds[0]})\n\nBars: alignment drop ≤ "
@@ -243,10 +283,20 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars) -> str:
             text.append(row(settings.label + mark, task, [metrics]))
     text += ["\n## Test prompts, seed by seed (the rows the means above come from)\n", HEADER]
     for task, result in results.items():
-        draft = replace(START[PROBLEM[task]], lam=0.0, k=result["chosen"].k)
+        draft = global_draft(task, result["chosen"])
         for method, runs in ((draft.label, result["draft"]), (f"Focus-N-Fix ({result['chosen'].label})",
                                                               result["fnf"])):
             text += [row(f"{method}, seed {seed}", task, [run]) for seed, run in zip(seeds, runs)]
+    if items:
+        text += ["\n## Focus-N-Fix − global DRaFT on the test prompts, item by item, seed by seed\n\n"
+                 "Each seed's two runs were tested on the same items (prompt, x_T). A cell: the difference of the "
+                 "pooled metric, Focus-N-Fix minus global DRaFT, and its 95% paired bootstrap interval over the "
+                 "items (fnf.paired, as `fnf report`): how far it could move on other test prompts of the same "
+                 "kind for these two runs. The spread over training seeds is the rows' spread, not the "
+                 "intervals'.\n",
+                 f"| task | seed | items | {' | '.join(paired_columns('artifacts'))} |\n|---|---|---|---|---|---|---|"]
+        text += [paired_row(task, seed, draft, fnf) for task, pairs in items.items() for seed, (draft, fnf) in
+                 zip(seeds, pairs)]
     for task, result in results.items():
         if result["sources"]:
             text += [f"\n## Mask source ({task}, validation prompts, seed {seeds[0]})\n", HEADER]
@@ -276,7 +326,10 @@ def main() -> None:
 
         results[task] = protocol(task, args.seeds, score, bars, tuple(args.k))
         print(f"done: {task}, chosen on validation prompts: {results[task]['chosen'].label}", flush=True)
-    text = tables(results, args.seeds, bars)
+    items = {task: [(tested_items(run_folder(task, global_draft(task, result["chosen"]), seed, out)),
+                     tested_items(run_folder(task, result["chosen"], seed, out))) for seed in args.seeds]
+             for task, result in results.items()}
+    text = tables(results, args.seeds, bars, items)
     (out / "tables.md").write_text(text)
     print(text)
 

@@ -141,3 +141,42 @@ def test_k_line_runs_last_and_draft_is_tested_at_the_chosen_k():
         reproduce.START["artifacts"], lam=0.0, k=5)}
     assert reproduce.Settings(0.1, 0.7, 4, "heatmap").name == "lam0.1-t0.7-d4-heatmap"
     assert reproduce.Settings(0.0, 0.5, 2, "heatmap", k=5).name == "draft-k5"
+
+
+def _items(defects: list[int], aligned: int, error: float) -> list[dict]:
+    """test_items.jsonl rows of one artifacts run: a defect where ``defects`` says, the first ``aligned`` aligned,
+    every image with squared error ``error`` over 100 pixels outside the judge mask."""
+    return [{"prompt": f"p{i}", "seed": i, "judge_defect_rate_tuned": float(d), "judge_alignment_tuned":
+             float(i < aligned), "reward_tuned/ShapesArtifact": 0.5 - d / 2, "reference_outside_sq_error": error,
+             "reference_outside_pixels": 100.0} for i, d in enumerate(defects)]
+
+
+def test_paired_row_reads_fnf_minus_draft_item_by_item():
+    """Focus-N-Fix leaves 4 of 40 defects that global DRaFT removed, keeps 10 more aligned images and 10 dB more
+    outside the mask: the row shows those differences, each inside its own interval, with the right signs."""
+    reproduce = _reproduce()
+    draft = _items([0] * 40, aligned=30, error=1e-2)
+    fnf = _items([1] * 4 + [0] * 36, aligned=40, error=1e-3)
+    row = reproduce.paired_row("artifacts", 0, draft, list(reversed(fnf)))  # paired by item, not by line
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["artifacts", "0", "40"]
+    target, alignment, reward, psnr = cells[3:]
+    assert target.startswith("+10.0 [+") and alignment.startswith("+25.0 [+") and reward.startswith("-0.050 [-")
+    assert psnr == "+10.0 [+10.0, +10.0]"  # the same error on every item: no spread
+    low, high = (float(x) for x in target.split("[")[1].rstrip("]").split(","))
+    assert 0 < low < 10 < high < 25  # 4 of 40: the binomial spread, not a point
+    assert "no test_items.jsonl" in reproduce.paired_row("artifacts", 1, draft, None)
+
+
+def test_tables_end_with_the_paired_section_seed_by_seed():
+    reproduce = _reproduce()
+    metrics = _metrics(0.1, 0.0, 40.0) | {"judge_defect_rate_base": 0.3, "clip_score_base": 30.0, "clip_score_tuned":
+                                          30.0, "reward_change/ShapesArtifact": 0.5, "reference_outside_ssim": 0.99,
+                                          "outside_psnr": 40.0, "fid_tuned_vs_base": 0.1}
+    result = reproduce.protocol("artifacts", [0, 1], lambda settings, seed, split: metrics, reproduce.Bars(2.0, 35.0))
+    draft, fnf = _items([0] * 40, aligned=30, error=1e-2), _items([1] * 4 + [0] * 36, aligned=40, error=1e-3)
+    text = reproduce.tables({"artifacts": result}, [0, 1], reproduce.Bars(2.0, 35.0),
+                            {"artifacts": [(draft, fnf), (None, fnf)]})
+    section = text.split("## Focus-N-Fix − global DRaFT on the test prompts, item by item")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| artifacts |")]
+    assert rows == [reproduce.paired_row("artifacts", 0, draft, fnf), reproduce.paired_row("artifacts", 1, None, fnf)]
