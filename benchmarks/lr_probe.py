@@ -12,7 +12,8 @@ PSNR), then the choice is tested on the same test prompts with the same seeds. `
 (λ = 0, the config's K); ``--method fnf``: Focus-N-Fix with the config's settings (the ones reproduce.py chose).
 Fits and evaluations are ``reproduce.py``'s own (``fit``, ``evaluate``; runs under ``runs/lr-probe/``, a finished
 one is kept), so the factor-1 candidate with seed 0 repeats reproduce.py's fit of that seed: a control for
-comparing with its tables.
+comparing with its tables. The last table pairs each test run with reproduce.py's run of the other method and the
+same seed (``runs/reproduce``, when there; the configs' learning rate), item by item.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from dataclasses import replace
 import yaml
 
 import reproduce
+
+
+PROBES = reproduce.ROOT / "runs" / "lr-probe"
 
 
 def configured(task: str, method: str) -> reproduce.Settings:
@@ -46,7 +50,7 @@ def score(task: str, method: str, factor: float, seed: int, split: str) -> dict:
 
     reproduce.run_config = run_config
     try:
-        out = reproduce.ROOT / "runs" / "lr-probe" / f"lr-x{factor:g}"
+        out = PROBES / f"lr-x{factor:g}"
         return reproduce.evaluate(task, reproduce.fit(task, configured(task, method), seed, out, False), split,
                                   False, seed)
     finally:
@@ -64,6 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     bars = reproduce.Bars()
     selection, test, by_seed, control = [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER], [reproduce.HEADER]
+    paired = [reproduce.PAIRED_HEADER]
     for task in args.tasks:
         lr = reproduce.run_config(task, reproduce.ROOT, False, 0)["model"]["optimizer"]["init_args"]["lr"]
         name = configured(task, args.method).label
@@ -80,8 +85,15 @@ def main() -> None:
         if 1.0 in args.factors:  # the control: reproduce.py's own fit of this seed, on the test prompts
             control.append(reproduce.row(f"{label(1.0)}, seed {args.seeds[0]}", task,
                                          [score(task, args.method, 1.0, args.seeds[0], "test")]))
+        other = "fnf" if args.method == "draft" else "draft"  # reproduce.py's run of the other method, same seed
+        for seed in args.seeds:
+            probe = reproduce.run_folder(task, configured(task, args.method), seed, PROBES / f"lr-x{chosen:g}")
+            shipped = reproduce.run_folder(task, configured(task, other), seed, reproduce.ROOT / "runs" / "reproduce")
+            draft, fnf = (probe, shipped) if args.method == "draft" else (shipped, probe)
+            paired.append(reproduce.paired_row(task, seed, *map(reproduce.tested_items, (draft, fnf))))
         print(f"done: {task}, chosen on validation prompts: {label(chosen)}", flush=True)
     over = ", ".join(map(str, args.seeds))
+    probed, against = ("global DRaFT", "Focus-N-Fix") if args.method == "draft" else ("Focus-N-Fix", "global DRaFT")
     text = "\n".join([
         reproduce.provenance(), f"\n## Selection of the learning rate on validation prompts (seed "
         f"{args.seeds[0]})\n\nBars: alignment drop ≤ {bars.max_alignment_drop:g} points, PSNR outside the judge mask "
@@ -89,8 +101,11 @@ def main() -> None:
         "PSNR.\n", *selection, f"\n## Test prompts: the chosen learning rate (mean ± std over seeds {over})\n",
         *test, "\n## Test prompts, seed by seed\n", *by_seed,
         "\n## Control: the configs' learning rate on the test prompts (reproduce.py's row of this seed)\n",
-        *control]) + "\n"
-    (reproduce.ROOT / "runs" / "lr-probe" / f"tables-{args.method}-{'-'.join(args.tasks)}.md").write_text(text)
+        *control, f"\n## Focus-N-Fix − global DRaFT item by item, seed by seed: {probed} at the chosen learning "
+        f"rate against reproduce.py's {against} (the configs' learning rate, runs/reproduce)\n\n"
+        "A cell: the difference on the same test items and its 95% paired bootstrap interval over them (as in "
+        "reproduce.py's tables).\n", *paired]) + "\n"
+    (PROBES / f"tables-{args.method}-{'-'.join(args.tasks)}.md").write_text(text)
     print(text)
 
 

@@ -249,11 +249,15 @@ def paired_columns(task: str) -> dict[str, tuple[str, float, int]]:
             "Δ PSNR outside judge mask (dB)": (PRESERVATION, 1, 1)}
 
 
+PAIRED_HEADER = (f"| task | seed | items | {' | '.join(paired_columns('artifacts'))} |\n"
+                 f"|---|---|---|{'---|' * len(paired_columns('artifacts'))}")
+
+
 def paired_row(task: str, seed: int, draft: list[dict] | None, fnf: list[dict] | None) -> str:
     """Focus-N-Fix − global DRaFT of one seed's runs on the same test items, each with its 95% paired interval."""
     columns = paired_columns(task)
     if draft is None or fnf is None:
-        return f"| {task} | {seed} | — | no test_items.jsonl (tested by older code) |{' |' * (len(columns) - 1)}"
+        return f"| {task} | {seed} | — | no test_items.jsonl (not tested, or tested by older code) |{' |' * (len(columns) - 1)}"
     differences = {d.metric: d for d in paired_differences(draft, fnf)}
     cells = []
     for metric, scale, digits in columns.values():
@@ -294,7 +298,7 @@ def tables(results: dict[str, dict], seeds: list[int], bars: Bars, items: dict[s
                  "items (fnf.paired, as `fnf report`): how far it could move on other test prompts of the same "
                  "kind for these two runs. The spread over training seeds is the rows' spread, not the "
                  "intervals'.\n",
-                 f"| task | seed | items | {' | '.join(paired_columns('artifacts'))} |\n|---|---|---|---|---|---|---|"]
+                 PAIRED_HEADER]
         text += [paired_row(task, seed, draft, fnf) for task, pairs in items.items() for seed, (draft, fnf) in
                  zip(seeds, pairs)]
     for task, result in results.items():
