@@ -1,6 +1,6 @@
 """Scan, then fix: train on the items whose base image is flawed (``fnf scan`` + ``data.filter``) vs on every item.
 
-    OMP_WAIT_POLICY=PASSIVE nice -n 5 python benchmarks/scan_filter.py --seeds 0 1    # the README's table
+    OMP_WAIT_POLICY=PASSIVE nice -n 5 python benchmarks/scan_filter.py --seeds 0 1    # the table in docs/usage.md
     python benchmarks/scan_filter.py --steps 2 --seeds-per-prompt 1 --val-prompts 16      # a quick check
 
 Pool: the 64 artifacts training prompts (``configs/artifacts.yaml``'s ``data.train_file``), each with

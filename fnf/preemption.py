@@ -12,9 +12,10 @@ callback writes ``last.ckpt`` first (when that batch completed an optimizer step
 checkpoint stands), and ``fnf.cli.main`` exits with ``exit_code``, so job scripts see a preempted run, which
 ``--ckpt_path last`` (or ``auto``) resumes exactly. Registering SIGUSR1 before Lightning does keeps Lightning's
 SLURM handler (a mid-step HPC checkpoint in another folder, then ``scontrol requeue``) out of the way; the job
-script requeues instead (README, "Clusters"). A signal during validation inside fit is acted on after the current
-validation batch, not after the whole validation and the next training step. SIGTERM's handler is replaced once
-training starts (Lightning installs its own after ``on_fit_start``) and restored by Lightning when the run ends.
+script requeues instead (docs/scale-and-reliability.md, "Preemption"). A signal during validation inside fit is
+acted on after the current validation batch, not after the whole validation and the next training step. SIGTERM's
+handler is replaced once training starts (Lightning installs its own after ``on_fit_start``) and restored by
+Lightning when the run ends.
 """
 
 from __future__ import annotations
