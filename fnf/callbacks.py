@@ -13,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
-from fnf.output_folder import check_output_folder
 from fnf.export import WEIGHT_NAME, lora_state_dict, save_lora
+from fnf.files import atomic_path, write_text_atomically
+from fnf.output_folder import check_output_folder
 from fnf.image_logging import log_image
 
 
@@ -138,7 +139,7 @@ class PngWriter(BasePredictionWriter):
                 (out / kind).unlink()
             shutil.rmtree(out / kind, ignore_errors=True)
             (out / kind).mkdir(parents=True)
-        (out / index).write_text("file\tseed\tprompt\n", encoding="utf-8")  # a fresh index per run
+        write_text_atomically(out / index, "file\tseed\tprompt\n")  # a fresh index per run
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
@@ -146,5 +147,6 @@ class PngWriter(BasePredictionWriter):
             for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
                 name = f"{batch_idx:04d}_{i:02d}_{seed}.png"
                 for kind in self.KINDS:
-                    save_image(prediction[kind][i], self.output_dir / kind / name)
+                    with atomic_path(self.output_dir / kind / name) as staging:
+                        save_image(prediction[kind][i], staging, format="PNG")
                 index.write(f"{name}\t{seed}\t{prompt}\n")

@@ -40,6 +40,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from fnf.files import atomic_path, write_text_atomically
 from fnf.image_logging import log_image, log_table
 from fnf.item_metrics import item_rows
 from fnf.masks import MaskArgs, heatmap_to_mask
@@ -77,12 +78,13 @@ def write_samples(samples: list[dict], head_names: list[str], folder: Path) -> N
     index = []
     for n, sample in enumerate(samples):
         base, tuned = sample["images"][:2]
-        save_image(sample_row(sample), folder / f"{n:03d}.png")
+        with atomic_path(folder / f"{n:03d}.png") as staging:
+            save_image(sample_row(sample), staging, format="PNG")
         index.append({"image": f"{n:03d}.png", "prompt": sample["prompt"], "seed": sample["seed"],
                       "mean_abs_change": float((tuned - base).abs().mean()),
                       **{f"reward_base/{h}": b for h, b in zip(head_names, sample["reward_base"])},
                       **{f"reward_tuned/{h}": t for h, t in zip(head_names, sample["reward_tuned"])}})
-    (folder / "samples.json").write_text(json.dumps(index, indent=1) + "\n")
+    write_text_atomically(folder / "samples.json", json.dumps(index, indent=1) + "\n")
 
 
 def gathered(trainer: Trainer, samples: list[dict]) -> list[dict]:
@@ -240,10 +242,11 @@ class Evaluation(Callback):
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             if stage == "test":
-                (folder / "test_items.jsonl").write_text("".join(json.dumps(row) + "\n" for row in items))
-            (folder / f"{stage}_metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+                write_text_atomically(folder / "test_items.jsonl", "".join(json.dumps(row) + "\n" for row in items))
             rows = "".join(f"| {k} | {v:.4f} |\n" for k, v in sorted(values.items()))
-            (folder / f"{stage}_metrics.md").write_text(MASKS_NOTE + "| metric | value |\n|---|---|\n" + rows)
+            write_text_atomically(folder / f"{stage}_metrics.md", MASKS_NOTE + "| metric | value |\n|---|---|\n" + rows)
+            # last: a folder with <stage>_metrics.json holds the stage's every file (fnf report reads test runs by it)
+            write_text_atomically(folder / f"{stage}_metrics.json", json.dumps(values, indent=2, sort_keys=True) + "\n")
             log_table(trainer, f"{stage}_metrics", ["metric", "value"], [[k, v] for k, v in sorted(values.items())],
                       trainer.global_step)
 

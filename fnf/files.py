@@ -81,3 +81,9 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` whole, or keeps what it held: a crash or a full disk never leaves half a file."""
+    with atomic_path(path) as staging:
+        staging.write_text(text, encoding="utf-8")

@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from PIL import Image
 from torch import Tensor
 
+from fnf.files import atomic_path, write_text_atomically
+
 
 def log_image(trainer: Trainer, tag: str, image: Tensor, step: int) -> None:
     """Log one (3, H, W) image with values in [0, 1] under ``tag`` at ``step`` to every logger."""
@@ -37,9 +39,8 @@ def log_image(trainer: Trainer, tag: str, image: Tensor, step: int) -> None:
         elif isinstance(logger, MLFlowLogger):
             logger.experiment.log_image(logger.run_id, picture, key=file_name(tag), step=step)
         else:
-            path = _log_dir(logger, trainer) / "images" / file_name(tag) / f"{step}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(path)
+            with atomic_path(_log_dir(logger, trainer) / "images" / file_name(tag) / f"{step}.png") as staging:
+                picture.save(staging, format="PNG")
 
 
 def log_table(trainer: Trainer, tag: str, columns: list[str], rows: list[list], step: int) -> None:
@@ -56,8 +57,7 @@ def log_table(trainer: Trainer, tag: str, columns: list[str], rows: list[list], 
             logger.experiment.log_text(logger.run_id, _csv(columns, rows), f"tables/{file_name(tag)}/{step}.csv")
         else:
             path = _log_dir(logger, trainer) / "tables" / file_name(tag) / f"{step}.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(_csv(columns, rows), encoding="utf-8")
+            write_text_atomically(path, _csv(columns, rows))
 
 
 def file_name(tag: str) -> str:
