@@ -90,6 +90,9 @@ def read_prompts(path: str | Path, csv_column: str = "prompt") -> list[PromptRow
             raise PromptFileError(f"{path}: no {csv_column!r} column (data.csv_column); found columns {columns}")
         for row in reader:
             where = f"{path}:{reader.line_num}"
+            if None in row:  # csv.DictReader's key for cells past the header's columns
+                raise PromptFileError(f"{where}: {len(columns) + len(row[None])} cells, the header has {len(columns)} "
+                                      "columns; quote a prompt that contains a comma (\"a, b\")")
             cell = row.get("seed")
             seed = _seed(cell, where) if cell is not None and cell.strip() else None
             rows.append(PromptRow(_prompt(row[csv_column] or "", where), seed, _category(row.get("category"), where)))

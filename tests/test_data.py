@@ -279,6 +279,9 @@ BAD_FILES = [
     ("p.csv", "text,seed\na,1\n", r"p\.csv: no 'prompt' column .*found columns \['text', 'seed'\]"),
     ("p.csv", "prompt,seed\na,1\n,2\n", r"p\.csv:3: empty prompt"),
     ("p.csv", "prompt,seed\na,x\n", r"p\.csv:2: seed must be an integer"),
+    ("p.csv", "prompt\na red circle, top left\n", r'p\.csv:2: 2 cells, the header has 1 columns; quote a prompt that '
+                                                     r'contains a comma \("a, b"\)'),  # not "a red circle" alone
+    ("p.csv", "prompt,seed\na red circle, top left,3\n", r"p\.csv:2: 3 cells, the header has 2 columns"),
     ("p.yaml", "- a\n", r"p\.yaml: unsupported prompt file type '\.yaml'"),
 ]
 
