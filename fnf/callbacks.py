@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from fnf.evaluation import gathered
 from fnf.export import WEIGHT_NAME, lora_state_dict, save_lora
 from fnf.files import atomic_path, write_text_atomically
 from fnf.output_folder import check_output_folder
@@ -111,9 +114,13 @@ def check_lora_folder(directory: Path, run_folders: dict[str, str | None]) -> No
 
 
 class PngWriter(BasePredictionWriter):
-    """Writes ``<output_dir>/{tuned,base}/<batch>_<item>_<seed>.png`` and a prompts.tsv index."""
+    """Writes ``<output_dir>/{tuned,base}/<item>_<seed>.png`` and, at the end, a prompts.tsv index of every rank's
+    images. ``<item>`` is the item's place in the prompt file (its seeds expanded), the same with any number of
+    processes: rank r of W predicts items r, r + W, ... (fnf.data), so two ranks never write the same name."""
 
     KINDS = ("tuned", "base")
+    INDEX = "prompts.tsv"
+    COLUMNS = ("file", "seed", "prompt")
 
     def __init__(self, output_dir: str = "predictions") -> None:
         """Write predicted images as PNG files.
@@ -123,6 +130,7 @@ class PngWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.rows: list[tuple] = []  # this rank's (file, seed, prompt), in its items' order
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -130,23 +138,39 @@ class PngWriter(BasePredictionWriter):
         on_every_rank(trainer, self._prepare_folder)  # its broadcast: no rank writes before rank 0 has prepared
         for kind in self.KINDS:  # node-local disks: each rank makes the folders it writes into
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
+        self.rows = []
 
     def _prepare_folder(self) -> None:
-        out, index = self.output_dir, "prompts.tsv"
-        check_output_folder(out, "predict_writer.output_dir", "fnf predict", index, names={*self.KINDS, index})
+        out = self.output_dir
+        check_output_folder(out, "predict_writer.output_dir", "fnf predict", self.INDEX,
+                            names={*self.KINDS, self.INDEX})
         for kind in self.KINDS:
             if (out / kind).is_file():
                 (out / kind).unlink()
             shutil.rmtree(out / kind, ignore_errors=True)
             (out / kind).mkdir(parents=True)
-        write_text_atomically(out / index, "file\tseed\tprompt\n")  # a fresh index per run
+        write_text_atomically(out / self.INDEX, _tsv([self.COLUMNS]))  # marks the folder as fnf predict's
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        with open(self.output_dir / "prompts.tsv", "a", encoding="utf-8") as index:
-            for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
-                name = f"{batch_idx:04d}_{i:02d}_{seed}.png"
-                for kind in self.KINDS:
-                    with atomic_path(self.output_dir / kind / name) as staging:
-                        save_image(prediction[kind][i], staging, format="PNG")
-                index.write(f"{name}\t{seed}\t{prompt}\n")
+        for i, (prompt, seed) in enumerate(zip(prediction["prompt"], prediction["seed"])):
+            item = len(self.rows) * trainer.world_size + trainer.global_rank
+            name = f"{item:05d}_{seed}.png"
+            for kind in self.KINDS:
+                with atomic_path(self.output_dir / kind / name) as staging:
+                    save_image(prediction[kind][i], staging, format="PNG")
+            self.rows.append((name, int(seed), prompt))
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The index, once every image is written: every rank's rows on rank 0, in the prompt file's order."""
+        rows = gathered(trainer, self.rows)
+        if trainer.is_global_zero:
+            write_text_atomically(self.output_dir / self.INDEX, _tsv([self.COLUMNS, *rows]))
+
+
+def _tsv(rows: list[tuple]) -> str:
+    """Tab-separated, a prompt with a tab, quote or line break quoted (csv's rules)."""
+    text = io.StringIO()
+    csv.writer(text, delimiter="\t", lineterminator="\n").writerows(rows)
+    return text.getvalue()

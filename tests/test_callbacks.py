@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from types import SimpleNamespace
 
@@ -62,38 +63,59 @@ def test_image_grid_logger_shows_the_tuned_images_when_the_step_skipped_the_base
     assert tag == "train/tuned" and step == 10 and shape[1:] == (8 + 4, 2 * (8 + 2) + 2)  # one row of 2 images
 
 
+def _predict_trainer(rank: int = 0, world: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(is_global_zero=rank == 0, global_rank=rank, world_size=world,
+                           strategy=SimpleNamespace(barrier=lambda: None, broadcast=lambda obj: obj))
+
+
 def test_png_writer_puts_each_image_under_its_own_kind(tmp_path):
-    """fnf predict's files: tuned/ and base/ hold the images of their names, indexed by prompts.tsv."""
+    """fnf predict's files: tuned/ and base/ hold the images of their names (the item's place in the prompt file,
+    its seed), indexed by prompts.tsv once every image is written; a prompt with a tab stays one cell."""
     from PIL import Image
 
     from fnf.callbacks import PngWriter
 
-    writer = PngWriter(str(tmp_path / "out"))
-    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None,
-                                                                          broadcast=lambda obj: obj))
-    prediction = {"prompt": ["a red circle", "a blue square"], "seed": [7, 8],
+    writer, trainer = PngWriter(str(tmp_path / "out")), _predict_trainer()
+    prediction = {"prompt": ["a red circle", "a blue\tsquare"], "seed": [7, 8],
                   "base": torch.zeros(2, 3, 4, 4), "tuned": torch.ones(2, 3, 4, 4)}
-    for batch_idx in (3, 5):  # a second run into the same folder: only its own images are there
+    for batches in (2, 1):  # a second run into the same folder: only its own images are there
         writer.on_predict_start(trainer, None)
-        writer.write_on_batch_end(trainer, None, prediction, None, None, batch_idx)
+        for batch_idx in range(batches):
+            writer.write_on_batch_end(trainer, None, prediction, None, None, batch_idx)
+        assert (tmp_path / "out" / "prompts.tsv").read_text() == "file\tseed\tprompt\n"  # no index before the end
+        writer.on_predict_end(trainer, None)
     for kind, value in (("base", 0), ("tuned", 255)):
         files = sorted((tmp_path / "out" / kind).glob("*.png"))
-        assert [f.name for f in files] == ["0005_00_7.png", "0005_01_8.png"]
+        assert [f.name for f in files] == ["00000_7.png", "00001_8.png"]
         assert all(set(Image.open(f).getdata()) == {(value,) * 3} for f in files)
-    assert (tmp_path / "out" / "prompts.tsv").read_text().splitlines() == [
-        "file\tseed\tprompt", "0005_00_7.png\t7\ta red circle", "0005_01_8.png\t8\ta blue square"]
+    with open(tmp_path / "out" / "prompts.tsv", newline="") as index:
+        assert list(csv.reader(index, delimiter="\t")) == [
+            ["file", "seed", "prompt"], ["00000_7.png", "7", "a red circle"], ["00001_8.png", "8", "a blue\tsquare"]]
     shutil.rmtree(tmp_path / "out" / "tuned")
     (tmp_path / "out" / "tuned").write_text("")  # a file where a kind's folder goes: replaced too
     writer.on_predict_start(trainer, None)
     assert (tmp_path / "out" / "tuned").is_dir() and not list((tmp_path / "out" / "tuned").iterdir())
 
 
+def test_png_writer_names_follow_the_prompt_file_on_every_rank(tmp_path):
+    """Rank 1 of 2 predicts items 1, 3, ...: its names never meet rank 0's, even when every prompt has one seed."""
+    from fnf.callbacks import PngWriter
+
+    writer, trainer = PngWriter(str(tmp_path)), _predict_trainer(rank=1, world=2)
+    for kind in PngWriter.KINDS:
+        (tmp_path / kind).mkdir()
+    prediction = {"prompt": ["p", "q"], "seed": [0, 0], "base": torch.zeros(2, 3, 4, 4), "tuned": torch.ones(2, 3, 4, 4)}
+    writer.write_on_batch_end(trainer, None, prediction, None, None, 0)
+    writer.write_on_batch_end(trainer, None, prediction, None, None, 1)
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == ["00001_0.png", "00003_0.png", "00005_0.png",
+                                                                      "00007_0.png"]
+
+
 def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
     from fnf.callbacks import PngWriter
 
     (tmp_path / "notes.txt").write_text("precious\n")
-    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None,
-                                                                          broadcast=lambda obj: obj))
+    trainer = _predict_trainer()
     with pytest.raises(ValueError, match=r"predict_writer.output_dir: .* holds notes.txt and was not written by fnf predict \(no prompts.tsv\)"):
         PngWriter(str(tmp_path)).on_predict_start(trainer, None)
     with pytest.raises(ValueError, match="notes.txt is a file; expected a folder to write into"):

@@ -30,7 +30,7 @@ def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The 1-process, batch-4 run both 2-process tests compare with: its folder and LoRA."""
+    """The 1-process, batch-4 run the 2-process tests compare with or start from: its folder and LoRA."""
     tmp = tmp_path_factory.mktemp("one")
     return tmp, fit(tmp, tiny_model_dir, "devices1", batch_size=4)
 
@@ -111,3 +111,28 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_di
     assert f"fnf: {signal_name}: saved" in done.stderr
     last = tmp_path / "preempted" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3  # the step running when the signal came, finished
+
+
+def test_two_process_predict_writes_each_item_once_in_file_order(tmp_path, one_process):
+    """Each rank writes its own items' images under names from the prompt file (so ranks never collide, even when
+    every prompt has the same seed), and prompts.tsv lists every item once, in the file's order."""
+    trained = one_process[0]
+    checkpoint = next((trained / "devices1" / "checkpoints").glob("*.ckpt"))
+    lines = (trained / "prompts.txt").read_text().splitlines()[:5]  # 3 + 2 per rank
+    prompts = tmp_path / "one_seed.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": line, "seed": 0}) + "\n" for line in lines))
+    config = yaml.safe_load((trained / "devices1.yaml").read_text())
+    config["data"]["predict_file"] = str(prompts)
+    config["trainer"] |= {"devices": 2, "strategy": "ddp"}
+    path = tmp_path / "predict.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "fnf.cli", "predict", "--config", str(path), "--ckpt_path",
+                           str(checkpoint), "--predict_writer.output_dir", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [f"{i:05d}_0.png" for i in range(5)]
+    assert (tmp_path / "out" / "prompts.tsv").read_text().splitlines() == [
+        "file\tseed\tprompt", *[f"{name}\t0\t{line}" for name, line in zip(names, lines)]]
+    for kind in ("tuned", "base"):
+        assert sorted(p.name for p in (tmp_path / "out" / kind).iterdir()) == names
