@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from fnf.callbacks import LoraExporter, on_every_rank
+from fnf.callbacks import LoraExporter, check_lora_folder, on_every_rank
 from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.evaluation import Evaluation
 from fnf.export import WEIGHT_NAME, save_lora
@@ -216,11 +216,16 @@ def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
 
 def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> None:
     """For a checkpoint already at ``max_steps`` (nothing is left to train): the run's LoRA export is written from the
-    checkpoint if it is missing (a run killed between its last checkpoint and its export)."""
+    checkpoint if it is missing (a run killed between its last checkpoint and its export), where the run's
+    ``lora_export.dirpath`` puts it (default: ``<log dir>/lora``)."""
     checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)  # one-line errors for missing / corrupt files
     saved = checkpoint.get("state_dict") or {}
     check_lora_state({name: p.shape for name, p in module.named_parameters() if p.requires_grad}, saved)
+    exporter = next((c for c in trainer.callbacks if isinstance(c, LoraExporter)), None)
     lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
+    if exporter is not None and exporter.dirpath:
+        lora = Path(exporter.dirpath)
+        check_lora_folder(lora, {})  # new, empty or an earlier LoRA export: never a foreign folder
     if trainer.global_rank == 0 and not (lora / WEIGHT_NAME).is_file():
         module.load_state_dict(saved, strict=False)  # the LoRA; frozen weights are not in it
         save_lora(module.model, lora)

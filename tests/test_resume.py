@@ -121,6 +121,13 @@ def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(conf
     assert [p.name for p in run.parent.iterdir()] == ["version_0"]
     again = load_file(run / "lora" / WEIGHT_NAME)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+    elsewhere = tmp_path / "exports" / "artifacts"  # a run with lora_export.dirpath: restored there, not in <run>/lora
+    shutil.rmtree(run / "lora")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--lora_export.dirpath", str(elsewhere)])
+    assert not exit_info.value.code and not (run / "lora").exists()
+    again = load_file(elsewhere / WEIGHT_NAME)
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 def test_last_ckpt_is_the_final_step_and_stays_one_file_across_resumes(config, tmp_path, monkeypatch):
