@@ -75,17 +75,30 @@ def batches_done_in_epoch(trainer) -> int:
 
 
 def rng_states() -> dict:
-    """Global RNG states as tensors (loadable with ``torch.load(weights_only=True)``)."""
+    """This process's global RNG states as tensors (loadable with ``torch.load(weights_only=True)``): the CPU
+    generator's and its CUDA device's (DRaFT-LV noise is drawn on the device)."""
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(states["cuda"]))
+        if states["cuda"].dim() == 2:  # older checkpoints: every device as the saving process saw them
+            torch.cuda.set_rng_state_all(list(states["cuda"]))
+        else:
+            torch.cuda.set_rng_state(states["cuda"])
+
+
+def every_rank(value) -> list:
+    """``value`` of every process, in rank order (a collective: every rank calls it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor]) -> None:
@@ -323,7 +336,9 @@ class LoraOnlyCheckpoints(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["rng_states"] = rng_states()  # DRaFT-LV noise and LoRA dropout continue exactly on resume
+        # DRaFT-LV noise and LoRA dropout continue exactly on resume, on every rank: rank 0 writes the checkpoint,
+        # but each rank's CUDA generator (its own device) has drawn its own numbers; every rank saves (Lightning's rule)
+        checkpoint["rng_states_per_rank"] = every_rank(rng_states())
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -331,5 +346,7 @@ class LoraOnlyCheckpoints(L.LightningModule):
         if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
             saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
         check_lora_state({name: p.shape for name, p in self.named_parameters() if p.requires_grad}, saved)
-        if "rng_states" in checkpoint:
+        if "rng_states_per_rank" in checkpoint:  # as many ranks as saved it: the recipe fixes the process count
+            restore_rng_states(checkpoint["rng_states_per_rank"][self.global_rank])
+        elif "rng_states" in checkpoint:  # older checkpoints: rank 0's states
             restore_rng_states(checkpoint["rng_states"])

@@ -1,7 +1,9 @@
-"""A DDP communication hook that counts the bytes it all-reduces (imported by ``fnf fit`` by class_path)."""
+"""Probes of the 2-process DDP test (imported by ``fnf fit`` by class_path): a DDP communication hook that counts the
+bytes it all-reduces, and ranks whose global RNG streams differ."""
 
 from pathlib import Path
 
+import torch
 from lightning import Callback
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -27,3 +29,11 @@ class WriteReducedBytes(Callback):
         Path(self.folder, f"reduced-rank{trainer.global_rank}.txt").write_text(str(REDUCED[0]))
 
 
+
+
+class DivergeRanksRng(Callback):
+    """Rank r draws r + 1 numbers from the global CPU generator after the model is built: the ranks' RNG states
+    differ, as their CUDA generators do on GPUs (each rank draws DRaFT-LV noise on its own device)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        torch.rand(trainer.global_rank + 1)

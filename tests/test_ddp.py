@@ -42,7 +42,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     error in the update all fail it (an absolute 1e-5 on weights of 1e-4 let a 10% error pass)."""
     one = one_process[1]
     two = fit(tmp_path, tiny_model_dir, "devices2", batch_size=2, devices=2, strategy="ddp", callbacks=[  # counts bytes
-        {"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(tmp_path / "devices2")}}])
+        {"class_path": "ddp_probe.WriteReducedBytes", "init_args": {"folder": str(tmp_path / "devices2")}},
+        {"class_path": "ddp_probe.DivergeRanksRng"}])
     assert one.keys() == two.keys() and len(one) > 0
     for name in one:
         if "lora_B" in name:  # B starts at zero: B is the update, ~1e-4 after 3 steps
@@ -50,6 +51,10 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
             assert one[name].norm() > 0 and error <= 1e-3, f"{name}: ‖B_ddp − B_single‖ = {error:.1e}·‖B_single‖"
         else:  # A moves by weight decay (identical in both) and a gradient step ∝ B of ~1e-7·‖A‖: float32 resolution
             torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0, msg=name)
+    # every rank's RNG states in the checkpoint rank 0 wrote, each its own (a resumed rank continues its own stream)
+    states = torch.load(next((tmp_path / "devices2" / "checkpoints").glob("*.ckpt")),
+                        weights_only=True)["rng_states_per_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
     lora_bytes = sum(t.numel() * t.element_size() for t in one.values())
     for rank in (0, 1):  # only LoRA gradients are synchronised, once per step: frozen weights never travel
         assert int((tmp_path / "devices2" / f"reduced-rank{rank}.txt").read_text()) == 3 * lora_bytes

@@ -129,6 +129,23 @@ def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_each_rank_resumes_its_own_random_stream(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint holds every rank's RNG states (rank 0 writes it); loading restores the loading rank's own, so
+    DRaFT-LV noise continues per rank (each rank draws it on its own device) as in a run that never stopped."""
+    module = _module(tiny_model_dir, lam=1.0)
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(module, _loader(4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert torch.equal(checkpoint["rng_states_per_rank"][0]["torch"], torch.get_rng_state())  # 1 process: its own
+    rank_states = [torch.manual_seed(seed).get_state() for seed in (10, 11)]
+    checkpoint["rng_states_per_rank"] = [{"torch": state} for state in rank_states]
+    restored = _module(tiny_model_dir, lam=1.0)
+    monkeypatch.setattr(FocusNFix, "global_rank", property(lambda self: 1))
+    restored.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.get_rng_state(), rank_states[1])
+
+
 def _halves(heads: int) -> torch.Tensor:
     """Masks (1, heads, 4, 4): head 0 may change the left half, head 1 the right half, any further head nothing."""
     masks = torch.zeros(1, heads, 4, 4)
