@@ -60,6 +60,15 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
         raise OSError(f"{key}: cannot write to {folder} ({error.strerror} in {ancestor})") from None
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """``path``'s data (a file) or entries (a folder) on the disk, not only in the page cache."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed."""
@@ -69,8 +78,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(handle)
     try:
         yield Path(staging)
-        with open(staging, "rb+") as written:
-            os.fsync(written.fileno())
+        fsync(staging)
         os.chmod(staging, umask_mode(0o666))
         os.replace(staging, path)
     except Exception as error:

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
-from fnf.files import check_writable, disk_full, umask_mode
+from fnf.files import check_writable, disk_full, fsync, umask_mode
 
 
 def check_output_folder(out: Path, key: str, writer: str, marker: str, names: Collection[str] | None = None) -> None:
@@ -41,6 +41,7 @@ def atomic_folder(directory: str | os.PathLike, probe: str):
         yield staging
         for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team
             os.chmod(written, umask_mode(0o777 if written.is_dir() else 0o666))
+            fsync(written)  # on the disk before the rename publishes it (a power cut never shows empty files)
         if directory.exists():
             os.replace(directory, retired)  # a folder cannot be replaced while it holds files: move it aside first
         os.replace(staging, directory)

@@ -96,3 +96,25 @@ def test_a_staged_file_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, m
         staging.write_bytes(b"new")
     assert [name for name, _ in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1] != str(target)
     assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_staged_folder_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """atomic_folder (reports, previews, LoRA exports): every staged file and folder is fsync'ed before the rename
+    publishes the folder, which then holds the new files only."""
+    import os
+
+    from fnf.output_folder import write_text_folder
+
+    out, calls = tmp_path / "report", []
+    out.mkdir()
+    (out / "old.md").write_text("old")
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src))), replace(src, dst)))
+    write_text_folder(out, {"index.html": "<p>new</p>", "metrics.md": "new"})
+    published = next(i for i, (name, path) in enumerate(calls) if name == "replace" and ".report." in path
+                     and not path.endswith(".old"))
+    synced = {Path(path).name for name, path in calls[:published] if name == "fsync"}
+    assert {"index.html", "metrics.md"} <= synced and any(name.startswith(".report.") for name in synced), calls
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.md"]
