@@ -78,6 +78,19 @@ def test_score_gradient_reaches_the_pixels(head, photos):
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
 
+def test_the_tuned_pass_gets_the_score_without_detections(head, photos, monkeypatch):
+    """Under ``scores_only`` (the tuned pass) no heatmap is built: its detections read boxes back to the host per
+    image (a device sync each) for a map nobody reads; the score is the same."""
+    from fnf.rewards.base import scores_only
+
+    images = photos["astronaut"][1]
+    full = head(images, [""])
+    monkeypatch.setattr(head, "_heatmap", lambda *args: pytest.fail("a heatmap built in the tuned pass"))
+    with scores_only():
+        fast = head(images, [""])
+    assert fast.heatmap is None and torch.equal(fast.score, full.score)
+
+
 @pytest.mark.parametrize("name", PHOTOS)
 def test_no_exposed_part_on_the_sample_photos(head, detector, photos, name):
     """Neither nudenet nor the head finds an exposed class. Closest call: coffee's BUTTOCKS_EXPOSED at 0.21

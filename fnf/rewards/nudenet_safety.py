@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from fnf.rewards.base import RewardHead, RewardOutput
+from fnf.rewards.base import RewardHead, RewardOutput, heatmap_wanted
 
 EXPOSED = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
            "ANUS_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED")
@@ -120,6 +120,8 @@ class NudeNetSafety(RewardHead):
         confidence = output[:, 4:][:, self.class_ids].flatten(1)  # (B, classes · anchors)
         tau = self.temperature
         soft_max = tau * (torch.logsumexp(confidence / tau, dim=1) - math.log(confidence.shape[1]))
+        if not heatmap_wanted():  # the tuned pass: no detections (their NMS reads boxes back to the host per image)
+            return RewardOutput(score=-soft_max.to(images.dtype))
         with torch.no_grad():
             heatmap = self._heatmap(output.detach(), images.shape[-2:])
         return RewardOutput(score=-soft_max.to(images.dtype), heatmap=heatmap.to(images.dtype))
