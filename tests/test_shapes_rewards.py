@@ -176,3 +176,21 @@ def test_weights_are_small():
     files = [WEIGHTS_DIR / "shapes-artifact.safetensors", WEIGHTS_DIR / "shapes-safety.safetensors",
              *(WEIGHTS_DIR / "shapes-alignment").iterdir()]
     assert sum(p.stat().st_size for p in files) <= 5 * 2**20
+
+
+def test_an_open_clip_folder_from_elsewhere_is_one_line(tmp_path):
+    """ShapesAlignment needs the compact vocabulary its trainer writes; another open_clip folder is named as such,
+    not a bare KeyError."""
+    import json
+    import shutil
+
+    from fnf.rewards.shapes import WEIGHTS_DIR
+
+    folder = tmp_path / "other-clip"
+    shutil.copytree(WEIGHTS_DIR / "shapes-alignment", folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    del config["fnf_vocab"]
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ShapesAlignment: .*open_clip_config.json has no fnf_vocab; expected a "
+                                         r"shapes-world alignment model .* use OpenCLIPAlignment"):
+        ShapesAlignment(weights=str(folder))

@@ -194,6 +194,11 @@ class ShapesAlignment(RewardHead):
         if not (folder / "open_clip_model.safetensors").is_file():  # open_clip would only warn
             raise FileNotFoundError(f"{self.name}: no open_clip_model.safetensors in {folder}")
         config = json.loads((folder / "open_clip_config.json").read_text())
+        missing = [key for key in ("fnf_vocab", "preprocess_cfg") if key not in config]
+        if missing:  # an open_clip folder not written by fnf.worlds.shapes.train_rewards: no compact vocabulary
+            raise ValueError(f"{self.name}: {folder / 'open_clip_config.json'} has no {' or '.join(missing)}; "
+                             "expected a shapes-world alignment model (python -m fnf.worlds.shapes.train_rewards); "
+                             "for other open_clip models use OpenCLIPAlignment")
         self.model = open_clip.create_model(f"local-dir:{folder}")
         self.tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
         bpe_ids = config["fnf_vocab"]  # compact id -> BPE id; 0 = pad, 1 = unk, last = end of text
