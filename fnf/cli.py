@@ -226,9 +226,11 @@ class FnfCLI(RunCLI):
             check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)
 
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
-            if self.trainer.checkpoint_callback is not None and self.trainer.global_rank == 0:
-                check_room_for_checkpoints(self.trainer.default_root_dir, self.model.model.lora_parameters(),
-                                           "trainer.default_root_dir")
+            saver = self.trainer.checkpoint_callback
+            if saver is not None and self.trainer.global_rank == 0:
+                folder, key = ((saver.dirpath, "checkpoint.dirpath") if saver.dirpath else
+                               (self.trainer.default_root_dir, "trainer.default_root_dir"))
+                check_room_for_checkpoints(folder, self.model.model.lora_parameters(), key)
             if self.continues_run:
                 run = continue_run_folder(self.trainer, ckpt_path)
             else:

@@ -50,6 +50,8 @@ def _parse(text: bytes, path: Path) -> list[dict[str, Any]]:
         if set(ROW_KEYS) - row.keys() or not isinstance(row["scores"], dict):
             raise ValueError(f"{where}: not a scan row: expected the keys {', '.join(ROW_KEYS)} "
                              "(fnf scan writes them)")
+        if not isinstance(row["seed"], int) or isinstance(row["seed"], bool):
+            raise ValueError(f"{where}: seed must be an integer (the seed of the item's x_T), got {row['seed']!r}")
         rows.append(row)
     return rows
 

@@ -205,6 +205,10 @@ def test_bad_scan_input_is_one_line(scanned, tmp_path):
     assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
     broken.write_text(json.dumps({**read_rows(out)[0], "scores": [0.5]}) + "\n")  # every key, scores not per head
     assert f"{broken}:1: not a scan row" in fail(scan_args(prompts, broken))
+    for seed in ("7", 7.9, True):  # a hand-edited seed: named, not read as another item (int(7.9) = 7)
+        broken.write_text(json.dumps({**read_rows(out)[0], "seed": seed}) + "\n")
+        assert f"{broken}:1: seed must be an integer (the seed of the item's x_T), got {seed!r}" in fail(
+            scan_args(prompts, broken))
     other_size = tmp_path / "size.jsonl"  # base images at another resolution are other images
     shutil.copy(out, other_size)
     assert ("its rows were scanned with sampler.resolution=32, this config has 16" in

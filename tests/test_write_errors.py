@@ -53,6 +53,10 @@ def test_too_little_room_for_checkpoints_is_found_before_the_first_step(tiny_mod
                               "checkpoint of this run takes about "), message
     assert message.endswith("MiB and a save needs room for two: make room or choose another folder"), message
     assert _leftovers(tmp_path) == []
+    elsewhere = tmp_path / "checkpoints"  # checkpoint.dirpath set: the room is checked where they go
+    message = _fail(_base_config(tiny_model_dir, tmp_path), tmp_path, ["--checkpoint.dirpath", str(elsewhere)],
+                    capsys)
+    assert message.startswith(f"fnf: error: checkpoint.dirpath: {elsewhere} has 0.0 MiB free"), message
 
 
 def test_a_file_size_limit_is_named(tiny_model_dir, tmp_path, capsys):
