@@ -16,6 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
+from fnf.device_copies import to_device
 from fnf.model_files import load_part, load_tokenizer
 from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
@@ -69,8 +70,9 @@ class FluxModel(Text2ImageModel):
         return (channels // 4, side, side)  # in_channels counts a packed 2×2 patch
 
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
-        pooled = self.text_encoder(token_ids(self.tokenizer, prompts).to(self.text_encoder.device)).pooler_output
-        hidden = self.text_encoder_2(token_ids(self.tokenizer_2, prompts, self.t5_tokens).to(pooled.device))[0]
+        ids = to_device(token_ids(self.tokenizer, prompts), self.text_encoder.device)
+        pooled = self.text_encoder(ids).pooler_output
+        hidden = self.text_encoder_2(to_device(token_ids(self.tokenizer_2, prompts, self.t5_tokens), pooled.device))[0]
         return TextEmbedding(hidden.to(pooled.dtype), pooled=pooled)
 
     def predict(self, latents: Tensor, t: Tensor, text: TextEmbedding, guidance: float | None = None) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from fnf.compute import ComputeArgs, ComputeLevers
+from fnf.device_copies import to_device
 from fnf.lora_optimizer import LoraOptimizer
 from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.objective import RewardTerm, check_objective, term_heatmaps
@@ -178,7 +179,7 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
     def _cached_base(self, prompts: list[str], seeds: list[int]) -> BaseReference | None:
         keys = list(zip(prompts, seeds))
         if self.base_cache == "memory" and all(k in self._cache for k in keys):
-            return BaseReference.cat([self._cache[k] for k in keys]).map(lambda t: t.to(self.device))
+            return BaseReference.cat([self._cache[k] for k in keys]).map(lambda t: to_device(t, self.device))
         return None
 
     def _base_reference(self, base: Sample, prompts: list[str], seeds: list[int]) -> BaseReference:

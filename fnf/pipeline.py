@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from transformers import CLIPTextModel
 
+from fnf.device_copies import to_device
 from fnf.lora_passes import BaseRowsOff, FoldedLora, LoraLayers, gradient_free_lora
 from fnf.model_files import load_part, load_tokenizer, read_model_index, resolve_model_path
 from fnf.sharding import shard_unet
@@ -211,7 +212,7 @@ class Text2ImageModel(nn.Module):
     # ---- text and image space ----------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
         """(B,) prompts -> the denoiser's conditioning; over-long prompts are truncated (with a warning)."""
-        ids = token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
+        ids = to_device(token_ids(self.tokenizer, prompts), self.text_encoder.device)
         return TextEmbedding(self.text_encoder(ids)[0])
 
     def unconditional(self) -> TextEmbedding:

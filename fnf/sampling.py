@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from fnf.device_copies import to_device
 from fnf.lora_passes import FoldedLora
 from fnf.pipeline import Text2ImageModel, TextEmbedding
 
@@ -84,13 +85,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: tor
     """x_T from one CPU generator per (prompt, seed): the same noise whatever the batch composition."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
     return to_device(torch.stack(noise), device)  # (B, C, h, w)
-
-
-def to_device(cpu: Tensor, device: torch.device | str) -> Tensor:
-    """A host-to-GPU copy the host does not wait for (from pinned memory); a plain copy elsewhere."""
-    if torch.device(device).type == "cuda":
-        return cpu.pin_memory().to(device, non_blocking=True)
-    return cpu.to(device)
 
 
 def make_sampler(model: Text2ImageModel, args: SamplerArgs) -> Sampler:
@@ -246,12 +240,16 @@ class DDIMSampler(Sampler):
         self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
         self.scheduler.set_timesteps(args.num_steps)
         self.timesteps = self.scheduler.timesteps
+        self.alphas_cumprod = self.scheduler.alphas_cumprod[self.timesteps].tolist()  # ᾱ_t as Python floats
 
     def _update(self, output: Tensor, i: int, latents: Tensor) -> Tensor:
         return self.scheduler.step(output, self.timesteps[i], latents, eta=0.0).prev_sample
 
     def _renoise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
-        return self.scheduler.add_noise(x0, noise, self.timesteps[i].reshape(1))
+        """``DDIMScheduler.add_noise`` (√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε) with ᾱ_t a Python float: add_noise copies its
+        timestep and ᾱ table to the device, a copy the host waits for."""
+        alpha = self.alphas_cumprod[i]
+        return alpha ** 0.5 * x0 + (1 - alpha) ** 0.5 * noise
 
 
 class FlowMatchSampler(Sampler):

@@ -19,6 +19,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection
 
+from fnf.device_copies import to_device
 from fnf.model_files import load_part, load_tokenizer
 from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
@@ -67,14 +68,14 @@ class SD3Model(Text2ImageModel):
         clip, pooled = [], []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = token_ids(tokenizer, prompts, self.tokenizer.model_max_length)  # the pipeline pads both to CLIP-L's
-            output = encoder(ids.to(encoder.device), output_hidden_states=True)
+            output = encoder(to_device(ids, encoder.device), output_hidden_states=True)
             clip.append(output.hidden_states[-2])
             pooled.append(output.text_embeds)
         width = self.transformer.config.joint_attention_dim
         if self.text_encoder_3 is None:
             t5 = clip[0].new_zeros(len(prompts), self.t5_tokens, width)
         else:
-            t5 = self.text_encoder_3(token_ids(self.tokenizer_3, prompts, self.t5_tokens).to(clip[0].device))[0]
+            t5 = self.text_encoder_3(to_device(token_ids(self.tokenizer_3, prompts, self.t5_tokens), clip[0].device))[0]
         clip = torch.cat(clip, dim=-1)
         hidden = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5.to(clip.dtype)], dim=-2)
         return TextEmbedding(hidden, pooled=torch.cat(pooled, dim=-1))

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from fnf.device_copies import to_device
 from fnf.model_files import load_part, load_tokenizer
 from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
@@ -44,7 +45,7 @@ class SDXLModel(Text2ImageModel):
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
         hidden = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            output = encoder(token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            output = encoder(to_device(token_ids(tokenizer, prompts), encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
         return TextEmbedding(torch.cat(hidden, dim=-1), pooled=output.text_embeds)
 

@@ -128,6 +128,16 @@ def test_lv_samples_each_renoise_their_own_prompts_image_with_their_own_noise(mo
     assert all(not torch.equal(lv[i, b], lv[j, b]) for b in range(2) for i in range(3) for j in range(i))
 
 
+def test_lv_renoising_is_the_schedulers_add_noise_without_device_copies(model):
+    """DDIMSampler._renoise computes add_noise's √ᾱ·x_0 + √(1 − ᾱ)·ε from Python floats (add_noise copies its
+    timestep and ᾱ table to the device, a copy the host waits for); the same values at every step."""
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="lv"))
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i in range(STEPS):
+        expected = sampler.scheduler.add_noise(x0, noise, sampler.timesteps[i].reshape(1))
+        torch.testing.assert_close(sampler._renoise(x0, noise, i), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, message", [(dict(k=0), "model.sampler.k"), (dict(num_steps=3, k=4), "model.sampler.k"),
                                           (dict(guidance_scale=0.5), "guidance_scale")])
 def test_bad_sampler_args_name_the_key(bad, message):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fnf.device_copies import to_device
 from fnf.rewards.base import RewardHead, RewardOutput
 
 
@@ -69,7 +70,7 @@ class OpenCLIPAlignment(RewardHead):
         return self.model.encode_image((pixels - self.mean) / self.std, normalize=normalize)
 
     def text_features(self, prompts: list[str], normalize: bool = True) -> Tensor:
-        return self.model.encode_text(self.tokenizer(prompts).to(self.mean.device), normalize=normalize)
+        return self.model.encode_text(to_device(self.tokenizer(prompts), self.mean.device), normalize=normalize)
 
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         image = self.image_features(images)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fnf.device_copies import to_device
 from fnf.rewards.base import RewardHead, RewardOutput
 
 HEATMAPS = ("implausibility", "misalignment")
@@ -363,7 +364,7 @@ class RAHFHeatmap(RewardHead):
         self.requires_grad_(False).eval()
 
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
-        tokens = tokenize(prompts, self.model.config.context_length).to(images.device)
+        tokens = to_device(tokenize(prompts, self.model.config.context_length), images.device)
         output = self.model(images.float(), tokens, heatmaps=(self.heatmap,), scores=(self.score,))
         heatmap = output.heatmaps[self.heatmap]
         if heatmap.shape[-2:] != images.shape[-2:]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fnf.device_copies import to_device
 from fnf.rewards.base import RewardHead, RewardOutput
 from fnf.rewards.rahf import HEATMAPS, SCORES, RAHFOutput, check_state, read_safetensors
 
@@ -223,8 +224,9 @@ class RAHFReproductionHeatmap(RewardHead):
         self.requires_grad_(False).eval()
 
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
-        text = self.tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True).to(images.device)
-        output = self.model(images.float(), text.input_ids, text.attention_mask, heatmaps=(self.heatmap,),
+        text = {name: to_device(ids, images.device) for name, ids in
+                self.tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True).items()}
+        output = self.model(images.float(), text["input_ids"], text["attention_mask"], heatmaps=(self.heatmap,),
                             scores=(self.score,))
         heatmap = output.heatmaps[self.heatmap]
         if heatmap.shape[-2:] != images.shape[-2:]:

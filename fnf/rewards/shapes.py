@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from fnf.device_copies import to_device
 from fnf.rewards.base import RewardHead, RewardOutput
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "worlds" / "shapes" / "weights"
@@ -213,7 +214,7 @@ class ShapesAlignment(RewardHead):
 
     def tokens(self, prompts: list[str]) -> Tensor:
         """(B, context_length) compact token ids."""
-        return self.lookup[self.tokenizer(prompts).to(self.lookup.device)]
+        return self.lookup[to_device(self.tokenizer(prompts), self.lookup.device)]
 
     def image_features(self, images: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, D) embeddings (unit norm unless ``normalize=False``),
