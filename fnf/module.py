@@ -231,7 +231,8 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
 
     def _usable(self, loss: Tensor, scores: Tensor, base: BaseReference | None, fidelity: Tensor | None) -> bool:
-        """One device sync per step: every value finite and the fidelity term >= 0 on every image. On failure, name
+        """The step's one sync over its values (the base heatmaps' range is checked where I0 is sampled; a head may
+        read its own values): every value finite and the fidelity term >= 0 on every image. On failure, name
         the culprit: a reward on I0 or a negative fidelity term (always fatal: a broken head or regularizer), a
         reward on I, the fidelity term or the loss (``model.nonfinite`` decides)."""
         base_scores = scores.new_zeros(0, scores.shape[1]) if base is None else base.scores  # (B or 0, heads)

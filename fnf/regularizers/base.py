@@ -21,8 +21,8 @@ class Regularizer(nn.Module, ABC):
         """tuned I, base I0 (constant), keep = 1 - M as (B, 1, H, W) in [0, 1] -> penalty per image (B,), >= 0."""
 
     def __call__(self, tuned: Sample, base: Sample, keep: Tensor) -> Tensor:
-        """``forward``, its shape held to the contract (a scalar would be averaged without a word); the batch's
-        mean is checked (finite, >= 0) with the step's one device sync (``FocusNFix._usable``)."""
+        """``forward``, its shape held to the contract (a scalar would be averaged without a word); every image's
+        penalty is checked (finite, >= 0) with the step's one sync over its values (``FocusNFix._usable``)."""
         with named_component(f"regularizer {type(self).__name__}"):  # its errors' one line names it
             penalty = super().__call__(tuned, base, keep)
         if not isinstance(penalty, Tensor) or penalty.shape != keep.shape[:1]:
