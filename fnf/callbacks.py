@@ -18,8 +18,8 @@ from typing_extensions import override
 from fnf.evaluation import gathered
 from fnf.export import WEIGHT_NAME, lora_state_dict, save_lora
 from fnf.files import atomic_path, write_text_atomically
-from fnf.output_folder import check_output_folder
 from fnf.image_logging import log_image
+from fnf.output_folder import check_output_folder
 
 
 class ImageGridLogger(Callback):
