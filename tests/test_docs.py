@@ -18,10 +18,13 @@ LAUNCHERS = ("srun",)
 
 
 def fnf_words(line: str) -> list[str]:
-    """The line's words from ``fnf`` on, past environment assignments and a launcher (``srun``); [] if not fnf."""
+    """The line's words from ``fnf`` on, past environment assignments and a launcher (``srun``; torchrun's options
+    up to ``-m fnf.cli``, which is ``fnf``); [] if not fnf."""
     words = shlex.split(line, comments=True)
     while words and ("=" in words[0] or words[0] in LAUNCHERS):
         words.pop(0)
+    if words[:1] == ["torchrun"] and "fnf.cli" in words:
+        words = ["fnf", *words[words.index("fnf.cli") + 1:]]
     return words if words[:1] == ["fnf"] else []
 
 
@@ -42,7 +45,7 @@ COMMANDS = [(page.relative_to(ROOT).as_posix(), line) for page in PAGES for line
 def test_the_pages_show_trainer_commands():
     pages = {page for page, _ in COMMANDS}
     assert {"README.md", "docs/usage.md", "docs/scale-and-reliability.md"} <= pages, pages
-    assert len(COMMANDS) >= 14
+    assert len(COMMANDS) >= 17
 
 
 @pytest.mark.parametrize("page, line", COMMANDS, ids=[f"{page}:{i}" for i, (page, _) in enumerate(COMMANDS)])

@@ -110,14 +110,16 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_model_dir
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(config, tmp_path):
+def test_resuming_a_complete_run_says_so_and_restores_a_missing_lora_export(config, tmp_path, caplog):
     main(["fit", "--config", str(config)])
     run = tmp_path / "run" / "lightning_logs" / "version_0"
     exported = load_file(run / "lora" / WEIGHT_NAME)
     shutil.rmtree(run / "lora")  # as if killed between the last checkpoint and the export
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, caplog.at_level("INFO"):
         main(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert not exit_info.value.code  # a complete run is not an error
+    assert (f"fnf: {run / 'checkpoints' / 'last.ckpt'} is already at max_steps=2; nothing to train. "
+            f"LoRA: {run / 'lora'}") in caplog.text
     assert [p.name for p in run.parent.iterdir()] == ["version_0"]
     again = load_file(run / "lora" / WEIGHT_NAME)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)

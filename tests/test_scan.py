@@ -100,7 +100,7 @@ def test_rows_do_not_depend_on_the_batch_size_or_the_empty_mask_policy(scanned, 
                           "--model.masks.empty=global"), rows)
 
 
-def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path, capsys):
+def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path, capsys, monkeypatch):
     prompts, out, rows = scanned
     text = out.read_text()
     lines = text.splitlines(keepends=True)
@@ -115,7 +115,8 @@ def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path,
     assert torn.read_text().startswith("".join(lines[:3]))  # kept, not scanned again
     assert_same_rows(resumed, rows)
     again = torn.read_text()
-    scan(prompts, torn, "--data.seeds_per_prompt=2")  # complete: nothing to do
+    monkeypatch.setattr("lightning.Trainer.predict", lambda *args, **kwargs: pytest.fail("a complete scan ran"))
+    scan(prompts, torn, "--data.seeds_per_prompt=2")  # complete: nothing to do, no trainer run
     assert torn.read_text() == again
 
 
