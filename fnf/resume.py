@@ -346,7 +346,10 @@ class LoraOnlyCheckpoints(L.LightningModule):
         if saved is None:  # ModelParallelStrategy (FSDP2) has loaded the weights itself, non-strictly, and dropped them
             saved = torch.load(self.trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
         check_lora_state({name: p.shape for name, p in self.named_parameters() if p.requires_grad}, saved)
-        if "rng_states_per_rank" in checkpoint:  # as many ranks as saved it: the recipe fixes the process count
-            restore_rng_states(checkpoint["rng_states_per_rank"][self.global_rank])
-        elif "rng_states" in checkpoint:  # older checkpoints: rank 0's states
+        if "rng_states_per_rank" in checkpoint:
+            states = checkpoint["rng_states_per_rank"]
+            if len(states) == self.trainer.world_size:  # a fit must keep the count (its recipe is checked) ...
+                restore_rng_states(states[self.global_rank])
+            # ... evaluation on another count draws nothing from these generators (x_T: a generator per item)
+        elif "rng_states" in checkpoint:  # older checkpoints: rank 0's states, on every rank
             restore_rng_states(checkpoint["rng_states"])

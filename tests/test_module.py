@@ -4,6 +4,7 @@ test_step_errors.py)."""
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -129,7 +130,7 @@ def test_checkpoint_holds_only_lora_weights(tiny_model_dir, tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_each_rank_resumes_its_own_random_stream(tiny_model_dir, tmp_path, monkeypatch):
+def test_each_rank_resumes_its_own_random_stream(tiny_model_dir, tmp_path):
     """A checkpoint holds every rank's RNG states (rank 0 writes it); loading restores the loading rank's own, so
     DRaFT-LV noise continues per rank (each rank draws it on its own device) as in a run that never stopped."""
     module = _module(tiny_model_dir, lam=1.0)
@@ -141,9 +142,13 @@ def test_each_rank_resumes_its_own_random_stream(tiny_model_dir, tmp_path, monke
     rank_states = [torch.manual_seed(seed).get_state() for seed in (10, 11)]
     checkpoint["rng_states_per_rank"] = [{"torch": state} for state in rank_states]
     restored = _module(tiny_model_dir, lam=1.0)
-    monkeypatch.setattr(FocusNFix, "global_rank", property(lambda self: 1))
+    restored._trainer = SimpleNamespace(global_rank=1, world_size=2)
     restored.on_load_checkpoint(checkpoint)
     assert torch.equal(torch.get_rng_state(), rank_states[1])
+    torch.manual_seed(0)
+    restored._trainer = SimpleNamespace(global_rank=2, world_size=3)  # evaluation on 3 processes: nothing to restore
+    restored.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
 
 
 def _halves(heads: int) -> torch.Tensor:
