@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from fnf.cli import FnfCLI
+from fnf.compute import apply_compute
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, parser_error
 from fnf.masks import MaskArgs
@@ -190,6 +191,9 @@ def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:
     if trainer.world_size > 1:
         rank_zero_info(f"fnf preview: one process on {trainer.strategy.root_device} (the config's "
                        f"{trainer.world_size} processes are for fnf fit; {len(items)} items need no more)")
+    # frozen weights in fit's dtype and layout (I0 and its masks as fit computes them; the memory fit needs), not
+    # compiled: a preview of a few batches would spend longer compiling than sampling
+    apply_compute(model.model, replace(model.compute, compile="none"), trainer)
     model.to(trainer.strategy.root_device).eval()
     with trainer.precision_plugin.forward_context():
         preview = preview_items(model, items, cli.thresholds, data.batch_size)

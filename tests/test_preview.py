@@ -241,3 +241,21 @@ def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path, cap
                                                  clean["area_percent"]))
     assert sum(clean["histogram_of_non_empty"]["counts"]) == 0
     assert sum(region["histogram_of_non_empty"]["counts"]) == sum(union["histogram_of_non_empty"]["counts"]) == 4
+
+
+def test_preview_stores_the_frozen_weights_as_fit_does(config, tmp_path, monkeypatch):
+    """Under bf16-mixed fit keeps the frozen weights in bfloat16 (model.compute.frozen_dtype: auto): the preview's
+    I0 and masks come from the same weights, and it needs no more memory than fit; LoRA weights stay float32."""
+    import fnf.preview
+
+    seen, preview_items = {}, fnf.preview.preview_items
+
+    def recording(model, *args):
+        frozen = {p.dtype for n, p in model.model.unet.named_parameters() if "lora_" not in n}
+        seen["frozen"], seen["lora"] = frozen, {p.dtype for p in model.model.lora_parameters()}
+        return preview_items(model, *args)
+
+    monkeypatch.setattr(fnf.preview, "preview_items", recording)
+    run_preview(["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed",
+                 "--n", "2", "--out", str(tmp_path / "out")])
+    assert seen == {"frozen": {torch.bfloat16}, "lora": {torch.float32}}
