@@ -43,8 +43,9 @@ class RewardTerm:
 
 
 def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
-    """Refuse objectives that would train on nonsense: no reward, non-finite or negative weights, a per-head λ
-    that ``union`` would ignore, ``per_head`` without any mask."""
+    """Refuse objectives that would train on nonsense: no reward, non-finite or negative weights, settings that would
+    be ignored (a per-head λ under ``union`` or on a head without a mask, clean_score without saliency),
+    ``per_head`` without any mask."""
     if not rewards:
         raise ValueError("model.rewards: at least one reward term is required")
     if not 0 <= lam < math.inf:
@@ -60,6 +61,12 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
         if term.lam is not None and mask_mode == "union":
             raise ValueError(f"model.rewards[{i}].lam is only used with model.mask_mode=per_head (union applies "
                              f"model.lam to the one union mask); remove it or set mask_mode: per_head")
+        if term.lam is not None and term.mask == "none":
+            raise ValueError(f"model.rewards[{i}].lam weighs the fidelity term outside this head's mask, and it has "
+                             "none (mask: none); remove it or give the head a mask")
+        if term.clean_score is not None and term.mask != "saliency":
+            raise ValueError(f"model.rewards[{i}].clean_score is only read with mask: saliency (a heatmap head "
+                             f"decides itself where nothing is wrong), got mask: {term.mask}; remove it")
     labels = [term.label for term in rewards]
     for i, label in enumerate(labels):
         if label in labels[:i]:  # logs, metrics, masks and scans are keyed by head name

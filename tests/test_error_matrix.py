@@ -148,6 +148,12 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "per-head lam nan": (_set("model.rewards.0.lam", NAN), ["--model.mask_mode", "per_head"],
                          "model.rewards[0].lam must be a finite number >= 0 or null, got nan"),
     "clean_score nan": (_set("model.rewards.0.clean_score", NAN), [], "model.rewards[0].clean_score must be a finite number or null, got nan"),
+    "clean_score without saliency": (_set("model.rewards.0.clean_score", 0.5), [],
+                                     "model.rewards[0].clean_score is only read with mask: saliency"),
+    "per-head lam on a maskless head": (_set("model.rewards", [
+        {"head": {"class_path": "ColorRegion"}, "mask": "heatmap"},
+        {"head": {"class_path": "ColorRegion"}, "mask": "none", "lam": 2.0, "name": "plain"}]),
+        ["--model.mask_mode", "per_head"], "model.rewards[1].lam weighs the fidelity term outside this head's mask"),
     "no reward": (_set("model.rewards", []), [], "model.rewards: at least one reward term is required"),
     "per_head without masks": (_head("ColorRegion", mask="none"), ["--model.mask_mode", "per_head"],
                                "model.mask_mode=per_head needs at least one reward with mask"),
