@@ -70,8 +70,12 @@ def compact(value: float) -> str:
         mantissa, exponent = f"{value:.2e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     text = f"{value:.3g}"
-    if float(text) == 1 and value != 1:  # SSIM 0.99999 is not 1
-        text = f"{value:.6f}".rstrip("0")
+    if "e" in text:  # rounded up to 1e5 (99999.9)
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if abs(float(text)) == 1 and abs(value) != 1:  # SSIM 0.99999 is not 1: the digits up to the first that differs
+        digits = math.ceil(-math.log10(abs(abs(value) - 1)))
+        text = f"{value:.{digits}f}".rstrip("0")
     return text
 
 
@@ -317,7 +321,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     files = {
         "index.html": render_html(runs, comparisons), "metrics.md": summary_markdown(runs) + paired_markdown(
             runs, comparisons),
-        "metrics.json": json.dumps({run["name"]: run["metrics"] for run in runs}, indent=2, sort_keys=True) + "\n",
+        "metrics.json": json.dumps({run["name"]: {key: value if math.isfinite(value) else None  # strict JSON: null
+                                                  for key, value in run["metrics"].items()} for run in runs},
+                                   indent=2, sort_keys=True, allow_nan=False) + "\n",
         MARKER: json.dumps({"runs": [run["folder"] for run in runs]}, indent=2) + "\n"}
     if comparisons:  # two runs or more
         files["paired.json"] = json.dumps({name: [d.as_json() for d in differences] if isinstance(differences, list)

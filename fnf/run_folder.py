@@ -8,6 +8,7 @@ import base64
 import csv
 import itertools
 import json
+import os
 from pathlib import Path
 
 from fnf.jsonl import json_objects
@@ -79,7 +80,7 @@ def load_run(run: Path) -> dict:
     """Metrics, per-item parts, samples and training curves of one run folder (any may be missing, except
     metrics)."""
     metrics_file = _metrics_file(run)
-    return {"name": run.name, "folder": str(run), "metrics": _metrics(metrics_file),
+    return {"name": Path(os.path.abspath(run)).name, "folder": str(run), "metrics": _metrics(metrics_file),
             "items": _items(metrics_file.parent / "test_items.jsonl"),
             "samples": _samples(metrics_file.parent / "test_samples" / "samples.json"),
             "curves": training_curves(run)}

@@ -175,6 +175,9 @@ def test_empty_sections_say_why(report, tmp_path):
 def test_compact_numbers():
     assert [compact(v) for v in (7.590651e-05, 66.3458, 0.9999939, 1.0, -0.4375, 123456.0)] == [
         "7.59e-5", "66.3", "0.999994", "1", "-0.438", "1.23e5"]
+    # near ±1 to the digit that differs (SSIM 0.9999999 is not "identical"); rounded up to 1e5: a short exponent
+    assert [compact(v) for v in (0.9999999, 1.0000001, -0.99999, -1.0, 99999.9)] == [
+        "0.9999999", "1.0000001", "-0.99999", "-1", "1e5"]
 
 
 def test_the_origin_marker_is_inside_the_frame_when_no_run_is_near_it():
@@ -336,3 +339,15 @@ def test_tradeoff_uses_each_runs_own_mask_unless_every_run_has_the_reference():
     assert "not plotted" not in charts and "with-ref" in charts and "without-ref" in charts  # the legend
     runs[1]["metrics"]["reference_outside_psnr"] = 25.0  # every run has it now: the reference mask
     assert "from reference_outside_psnr)" in fnf.report.tradeoff_charts(runs)
+
+
+def test_metrics_json_is_strict_json_and_a_dot_run_has_its_folders_name(tmp_path, monkeypatch):
+    """A number of nothing (NaN, a 200-dB cap written as Infinity by older code) is null in metrics.json, which
+    strict parsers (JavaScript, jq) then read; ``fnf report .`` names the run after its folder, not ''."""
+    run = _tested_run(tmp_path / "artifacts-fnf", '{"reward_change/ShapesArtifact": NaN, "outside_psnr": Infinity, '
+                                                  '"judge_defect_rate_tuned": 0.25}')
+    monkeypatch.chdir(run)
+    main(["report", ".", "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "metrics.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json")) == {
+        "artifacts-fnf": {"reward_change/ShapesArtifact": None, "outside_psnr": None, "judge_defect_rate_tuned": 0.25}}
