@@ -218,6 +218,8 @@ def run_section(run: dict) -> str:
     if run["curves"]:
         curves = "<div class='grid'>" + "".join(_curve_chart(run["name"], tag, points)
                                                 for tag, points in run["curves"].items()) + "</div>"
+    elif run.get("curves_left_out"):
+        curves = f"<p class='empty'>No training curves: {html.escape(run['curves_left_out'])}.</p>"
     else:
         curves = ("<p class='empty'>No training curves in this run (test-only, or fit without a logger): no "
                   "train/reward/* or train/fidelity scalars in TensorBoard, CSV, MLflow or W&B files in its "

@@ -80,10 +80,13 @@ def load_run(run: Path) -> dict:
     """Metrics, per-item parts, samples and training curves of one run folder (any may be missing, except
     metrics)."""
     metrics_file = _metrics_file(run)
+    fits = sorted(str(folder.parent.relative_to(run)) for folder in run.rglob("checkpoints") if folder.is_dir())
+    mixed = (f"the folder holds {len(fits)} fits ({', '.join(fits)}), whose logs would be drawn as one curve: give "
+             "each run its own root") if len(fits) > 1 else None
     return {"name": Path(os.path.abspath(run)).name, "folder": str(run), "metrics": _metrics(metrics_file),
             "items": _items(metrics_file.parent / "test_items.jsonl"),
             "samples": _samples(metrics_file.parent / "test_samples" / "samples.json"),
-            "curves": training_curves(run)}
+            "curves": {} if mixed else training_curves(run), "curves_left_out": mixed}
 
 
 def _curve_tag(tag: str) -> bool:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,18 @@ def test_metrics_json_is_strict_json_and_a_dot_run_has_its_folders_name(tmp_path
     text = (tmp_path / "report" / "metrics.json").read_text()
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json")) == {
         "artifacts-fnf": {"reward_change/ShapesArtifact": None, "outside_psnr": None, "judge_defect_rate_tuned": 0.25}}
+
+
+def test_two_fits_in_one_folder_show_no_mixed_curves(tmp_path):
+    """Curves come from every logger file under the folder; with two fits there (two version folders holding
+    checkpoints) they would be drawn as one line, the later fit's points overwriting the earlier's: the page says
+    so instead. One fit's curves are drawn."""
+    run = _tested_run(tmp_path / "root")
+    for version, value in (("version_1", 0.5), ("version_2", 0.9)):
+        (run / "lightning_logs" / version / "checkpoints").mkdir(parents=True)
+        (run / "lightning_logs" / version / "metrics.csv").write_text(f"step,train/fidelity\n0,{value}\n")
+    mixed = load_run(run)
+    assert mixed["curves"] == {}
+    assert "the folder holds 2 fits (lightning_logs/version_1, lightning_logs/version_2)" in run_section(mixed)
+    shutil.rmtree(run / "lightning_logs" / "version_2")
+    assert load_run(run)["curves"] == {"train/fidelity": [(0, 0.5)]}
