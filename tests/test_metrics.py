@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -315,47 +313,6 @@ def test_test_samples_and_items_keep_base_and_tuned_apart(tiny_model_dir, tmp_pa
     assert [(r["outside_sq_error"], r["outside_pixels"]) for r in rows] == [(0.0, 3 * 32.0)] * 2  # 3 × 8 × 4 outside
     saved = json.loads((tmp_path / "test_samples" / "samples.json").read_text())
     assert [(s["reward_base/ColorRegion"], s["reward_tuned/ColorRegion"]) for s in saved] == [(0.0, 1.0), (0.0, 2.0)]
-
-
-@pytest.mark.parametrize("failing", ["test_samples/001.png", "test_items.jsonl", "test_metrics.json"])
-def test_a_test_runs_files_are_whole_or_absent_when_the_disk_fills(tiny_model_dir, tmp_path, monkeypatch, failing):
-    """The disk fills while one of ``fnf test``'s files is written: that file is absent (no half file, no staging
-    file), the ones before it are whole, and test_metrics.json, written last, is absent: fnf report takes a folder
-    with it for a completely tested run."""
-    import torchvision.utils
-
-    module, outputs = _red_then_half_green(tiny_model_dir)
-    evaluation = Evaluation(output_dir=str(tmp_path))
-    evaluation.on_test_epoch_start(_trainer_stub(tmp_path), module)
-    evaluation.on_test_batch_end(_trainer_stub(tmp_path), module, outputs, {"seed": [3, 4]}, 0)
-    target = tmp_path / failing
-    write_text, save_image = Path.write_text, torchvision.utils.save_image
-
-    def full(path: Path) -> OSError:
-        path.write_bytes(b"half")
-        return OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    def filling_text(path, text, *args, **kwargs):
-        if path.parent == target.parent and path.name.startswith(f".{target.name}."):
-            raise full(path)
-        return write_text(path, text, *args, **kwargs)
-
-    def filling_image(tensor, path, *args, **kwargs):
-        if Path(path).parent == target.parent and Path(path).name.startswith(f".{target.name}."):
-            raise full(Path(path))
-        return save_image(tensor, path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", filling_text)
-    monkeypatch.setattr("fnf.evaluation.save_image", filling_image)
-    with pytest.raises(OSError) as error:
-        evaluation._finish("test", _trainer_stub(tmp_path), module)
-    assert error.value.errno == errno.ENOSPC
-    order = ["test_samples/000.png", "test_samples/001.png", "test_samples/samples.json", "test_items.jsonl",
-             "test_metrics.md", "test_metrics.json"]
-    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == sorted(order[:order.index(failing)]), written
-    if failing != "test_samples/001.png":
-        assert len(json.loads((tmp_path / "test_samples" / "samples.json").read_text())) == 2
 
 
 def test_judge_rates_plug_into_the_evaluation():
