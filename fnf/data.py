@@ -157,22 +157,23 @@ class PromptDataModule(L.LightningDataModule):
         """Read (and thereby validate) the files the stage needs."""
         if stage in ("fit", "validate"):
             train = self._load_file("train_file") if self.train_file else []
+            val = None  # built anew: a second setup (Trainer.fit, then Trainer.validate) gives the same sets
             if self.val_file:
-                self.items["val"] = self._load_file("val_file")
+                val = self._load_file("val_file")[:self.val_items]
             elif self.val_fraction > 0:
-                self.items["val"] = [i for i in train if in_val_split(i["prompt"], self.val_fraction)]
+                val = [i for i in train if in_val_split(i["prompt"], self.val_fraction)][:self.val_items]
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
-            if "val" in self.items:
-                self.items["val"] = self.items["val"][:self.val_items]
             if self.train_file:
                 if self.filter is not None:  # only the items whose base image the scan found wrong
                     train, rest = self.filter.split(train)
                     rank_zero_info(f"fnf: data.filter keeps {len(train)} of the {len(train) + len(rest)} training "
                                    f"items ({self.filter.scan})")
                     if self.filter.filtered_out == "validate":  # forgetting on what the base model got right
-                        self.items["val"] = self.items.get("val", []) + [i | {"category": FILTERED_OUT} for i in rest]
+                        val = (val or []) + [i | {"category": FILTERED_OUT} for i in rest]
                 self.items["train"] = train
                 self.shuffle_seed = self.seed if self.seed is not None else run_seed()  # a restore then overrides it
+            if val is not None:
+                self.items["val"] = val
         if stage == "test" and self.test_file:
             self.items["test"] = self._load_file("test_file")
         if stage == "predict" and self.predict_file:

@@ -333,6 +333,16 @@ def test_scan_filter_selects_items_after_the_val_split_and_validates_the_rest(tm
     assert [{k: v for k, v in i.items() if k != "category"} for i in dm.items["val"] if i.get("category")] == [
         i for i in all_items if i not in held_out and i not in kept]
     assert {i.get("category") for i in dm.items["val"]} == {None, FILTERED_OUT}
+    for stage in ("validate", "fit"):  # Trainer.fit then Trainer.validate on one datamodule: the same sets again
+        before = {split: list(items) for split, items in dm.items.items()}
+        dm.setup(stage)
+        assert dm.items == before
+    only_filter = PromptDataModule(train_file=train, seeds_per_prompt=2,  # no hold-out: val is the filtered-out only
+                                   filter=ScanFilter(scan, head="A", score_below=-0.1, filtered_out="validate"))
+    only_filter.setup("fit")
+    once = list(only_filter.items["val"])
+    only_filter.setup("validate")
+    assert only_filter.items["val"] == once and len(once) > 0
     cut = PromptDataModule(train_file=train, seeds_per_prompt=2, val_fraction=0.25, val_items=2,
                            filter=ScanFilter(scan, head="A", score_below=-0.1, filtered_out="validate"))
     cut.setup("fit")  # val_items cuts the hold-out, not the filtered-out items on top of it
