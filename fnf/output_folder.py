@@ -4,6 +4,8 @@ of the user's own."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -42,9 +44,10 @@ def atomic_folder(directory: str | os.PathLike, probe: str):
         for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team
             os.chmod(written, umask_mode(0o777 if written.is_dir() else 0o666))
             fsync(written)  # on the disk before the rename publishes it (a power cut never shows empty files)
-        if directory.exists():
-            os.replace(directory, retired)  # a folder cannot be replaced while it holds files: move it aside first
-        os.replace(staging, directory)
+        if not (directory.exists() and exchange(staging, directory)):  # staging now holds the old folder
+            if directory.exists():
+                os.replace(directory, retired)  # a folder holding files cannot be replaced: move it aside first
+            os.replace(staging, directory)
     except Exception as error:
         full = disk_full(directory / probe)
         if full is None:
@@ -53,6 +56,21 @@ def atomic_folder(directory: str | os.PathLike, probe: str):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``): no moment in which neither exists.
+    False where the C library or the file system cannot (then two renames, with a moment without ``b``)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE from <fcntl.h>, <stdio.h>
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def write_text_folder(out: Path, files: dict[str, str]) -> None:

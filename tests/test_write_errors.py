@@ -110,21 +110,41 @@ def test_a_staged_folder_is_on_the_disk_before_it_replaces_the_old_one(tmp_path,
     publishes the folder, which then holds the new files only."""
     import os
 
+    import fnf.output_folder
     from fnf.output_folder import write_text_folder
 
-    out, calls = tmp_path / "report", []
-    out.mkdir()
-    (out / "old.md").write_text("old")
-    fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 fsync(fd)))
-    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src))), replace(src, dst)))
-    write_text_folder(out, {"index.html": "<p>new</p>", "metrics.md": "new"})
-    published = next(i for i, (name, path) in enumerate(calls) if name == "replace" and ".report." in path
-                     and not path.endswith(".old"))
-    synced = {Path(path).name for name, path in calls[:published] if name == "fsync"}
-    assert {"index.html", "metrics.md"} <= synced and any(name.startswith(".report.") for name in synced), calls
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.md"]
+    for swap in (True, False):  # renameat2's exchange, and two renames where the file system cannot exchange
+        out, calls = tmp_path / f"report{swap}", []
+        out.mkdir()
+        (out / "old.md").write_text("old")
+        with monkeypatch.context() as patch:
+            fsync, replace, exchange = os.fsync, os.replace, fnf.output_folder.exchange
+            patch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                   fsync(fd)))
+            patch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src))), replace(src, dst)))
+            patch.setattr(fnf.output_folder, "exchange", lambda a, b: (calls.append(("exchange", str(a))),
+                                                                       swap and exchange(a, b))[1])
+            write_text_folder(out, {"index.html": "<p>new</p>", "metrics.md": "new"})
+        published = next(i for i, (name, path) in enumerate(calls) if name in ("replace", "exchange")
+                         and ".report" in path and not path.endswith(".old"))
+        synced = {Path(path).name for name, path in calls[:published] if name == "fsync"}
+        assert {"index.html", "metrics.md"} <= synced and any(name.startswith(".report") for name in synced), calls
+        assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.md"]
+        moved_away = [path for name, path in calls if name == "replace" and path == str(out)]
+        assert moved_away == ([] if swap else [str(out)])  # exchanged: the folder was never absent, not even briefly
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reportFalse", "reportTrue"]  # no staging, no old folder
+
+
+def test_exchange_swaps_two_folders_or_says_it_cannot(tmp_path):
+    from fnf.output_folder import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "from_a").write_text("a"), (b / "from_b").write_text("b")
+    assert exchange(a, b)  # Linux and a local file system: the CI's
+    assert [p.name for p in a.iterdir()] == ["from_b"] and [p.name for p in b.iterdir()] == ["from_a"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        exchange(a, tmp_path / "missing")
 
 
 @pytest.mark.parametrize("failing", ["test_samples/001.png", "test_items.jsonl", "test_metrics.json"])
