@@ -284,10 +284,10 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
 
     @override
     def train(self, mode: bool = True) -> FocusNFix:
-        """Only the UNet (LoRA dropout) follows ``mode``; text encoders, VAE and reward heads stay in eval."""
+        """Only the denoiser (LoRA dropout) follows ``mode``; text encoders, VAE and reward heads stay in eval."""
         super().train(mode)
         for name, frozen in [*self.model.named_children(), ("heads", self.heads)]:
-            if name != "unet":
+            if name != self.model.denoiser_name:  # unet, or an SD3 / FLUX transformer
                 frozen.eval()
         return self
 

@@ -146,6 +146,23 @@ def test_the_fnf_step_raises_a_reward(family, model_dirs, tmp_path):
     assert gain > 0.005, gain
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_the_train_mode_reaches_the_transformer_only(family, model_dirs):
+    """LoRA dropout needs the transformer in train mode (and a dropout layer is never folded into the weight); the
+    frozen text encoders and VAE stay in eval."""
+    from test_module import _module
+
+    module = _module(model_dirs[family], lam=0.0, lora=LoraArgs(rank=4, dropout=0.1, target_modules=TARGETS))
+    module.train()
+    assert module.model.transformer.training
+    dropouts = [m for m in module.model.transformer.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.1]
+    assert dropouts and all(m.training for m in dropouts)
+    frozen = [child for name, child in module.model.named_children() if name != "transformer"] + [module.heads]
+    assert frozen and not any(m.training for child in frozen for m in child.modules())
+    module.eval()
+    assert not module.model.transformer.training
+
+
 def test_lv_samples_renoise_their_own_prompts_image_on_the_flow_path(model_dirs):
     """Flow DRaFT-LV: x_σ = (1 − σ)·x_0 + σ·ε at the last step's σ, one Euler step each. With the LoRA at
     identity a sample stays near its own prompt's plain image and far from the other prompt's; a prompt's samples
