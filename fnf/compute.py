@@ -14,6 +14,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from diffusers.models.attention import JointTransformerBlock
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from peft.tuners.tuners_utils import BaseTunerLayer
 from typing_extensions import override
@@ -82,8 +83,22 @@ def apply_compute(model: Text2ImageModel, args: ComputeArgs, trainer: L.Trainer)
             raise ValueError(f"model.compute.compile=unet+graphs needs a CUDA device, got {device}; use unet")
         # Blocks at several widths, row counts (fused, base-only, tuned) and grad modes: more variants than 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        unet.compile_repeated_blocks(mode="reduce-overhead" if args.compile == "unet+graphs" else None)
+        compile_repeated_blocks(unet, args.compile, mode="reduce-overhead" if args.compile == "unet+graphs" else None)
         unet._fnf_compiled = True
+
+
+def compile_repeated_blocks(denoiser: torch.nn.Module, setting: str, mode: str | None) -> None:
+    """diffusers' regional compilation (each repeated block compiled once, reused by all); SD3's transformer names no
+    repeated blocks in diffusers, so its MMDiT blocks are named here."""
+    if getattr(denoiser, "_repeated_blocks", None):
+        denoiser.compile_repeated_blocks(mode=mode)
+        return
+    blocks = [block for block in denoiser.modules() if isinstance(block, JointTransformerBlock)]
+    if not blocks:
+        raise ValueError(f"model.compute.compile={setting}: {type(denoiser).__name__} names no repeated blocks to "
+                         "compile (diffusers' _repeated_blocks); use compile: none")
+    for block in blocks:
+        block.compile(mode=mode)
 
 
 class ComputeLevers(L.LightningModule):

@@ -32,10 +32,12 @@ class FirstStep(L.Callback):
         self.grads = torch.cat([p.grad.flatten() for p in module.model.lora_parameters()])
 
 
-def _first_step(model_dir: str, tmp_path, precision: str, lam: float = 0.1, **compute) -> tuple[FocusNFix, FirstStep]:
+def _first_step(model_dir: str, tmp_path, precision: str, lam: float = 0.1, resolution: int | None = None,
+                **compute) -> tuple[FocusNFix, FirstStep]:
     torch.manual_seed(0)
     module = FocusNFix(rewards=[RewardTerm(ColorRegion(), mask="heatmap")], pretrained=model_dir, lam=lam,
-                       sampler=SamplerArgs(num_steps=4, k=2, guidance_scale=3.0), lora=LoraArgs(rank=4),
+                       sampler=SamplerArgs(num_steps=4, k=2, guidance_scale=3.0, resolution=resolution),
+                       lora=LoraArgs(rank=4),
                        optimizer=partial(torch.optim.AdamW, lr=1e-3), compute=ComputeArgs(**compute))
     probe = FirstStep()
     L.Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
@@ -104,14 +106,42 @@ def test_a_half_precision_lora_is_pointed_at_its_own_mixed_precision(precision, 
 
 
 @pytest.mark.slow
-def test_compiled_unet_trains_like_eager(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux"])
+def test_compiled_denoiser_trains_like_eager(family, tiny_model_dir, tmp_path):
     """λ = 0: at the first step I == I0, where the unsquared Frobenius norm has a kink; compiled kernels differ
     between the gradient-free and the differentiable steps by rounding, and the kink turns that rounding into
-    a gradient of norm λ in a random direction (eager runs both on the same kernels: exactly I == I0)."""
-    _, eager = _first_step(tiny_model_dir, tmp_path, "32-true", lam=0.0)
-    module, compiled = _first_step(tiny_model_dir, tmp_path, "32-true", lam=0.0, compile="unet")
-    assert module.model.unet._fnf_compiled
+    a gradient of norm λ in a random direction (eager runs both on the same kernels: exactly I == I0).
+    SD3's transformer names no repeated blocks in diffusers: fnf compiles its MMDiT blocks itself."""
+    from fnf.worlds.random_sd import build_random_flux, build_random_sd3
+
+    model_dir, resolution = tiny_model_dir, None
+    if family != "sd1":
+        build = build_random_sd3 if family == "sd3" else build_random_flux
+        model_dir, resolution = str(build(tmp_path / family)), 16
+    _, eager = _first_step(model_dir, tmp_path, "32-true", lam=0.0, resolution=resolution)
+    module, compiled = _first_step(model_dir, tmp_path, "32-true", lam=0.0, resolution=resolution, compile="unet")
+    assert module.model.denoiser._fnf_compiled
+    assert any(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
+               for block in module.model.denoiser.modules())
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-4, atol=1e-5)
     # inductor fuses and reorders float32 arithmetic: gradients agree to rounding, not bit for bit
     assert torch.nn.functional.cosine_similarity(compiled.grads, eager.grads, dim=0) > 0.9999
     torch.testing.assert_close(compiled.grads.norm(), eager.grads.norm(), rtol=1e-3, atol=0)
+
+
+def test_regional_compilation_finds_sd3_blocks_and_refuses_a_denoiser_without_any(tmp_path):
+    """diffusers' compile_repeated_blocks raises on SD3's transformer (no _repeated_blocks): fnf compiles its
+    MMDiT blocks; a plugin denoiser with no known blocks gets one line (compiling nothing would be silent)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention import JointTransformerBlock
+
+    from fnf.compute import compile_repeated_blocks
+    from fnf.worlds.random_sd import build_random_sd3
+
+    transformer = SD3Transformer2DModel.from_pretrained(build_random_sd3(tmp_path / "sd3") / "transformer")
+    compile_repeated_blocks(transformer, "unet", mode=None)  # torch.compile is lazy: nothing compiles until a call
+    blocks = [m for m in transformer.modules() if isinstance(m, JointTransformerBlock)]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert transformer._compiled_call_impl is None  # regional: the blocks, not the whole model
+    with pytest.raises(ValueError, match=r"^model.compute.compile=unet: Linear names no repeated blocks to compile"):
+        compile_repeated_blocks(torch.nn.Linear(2, 2), "unet", mode=None)
