@@ -37,15 +37,16 @@ def resolve_model_path(pretrained: str | os.PathLike) -> str:
 def load_part(path: str, part: str, kind, weights: bool = True):
     """One component folder of a diffusers model (safetensors only); failures become one line naming the part.
 
-    Where the part's files are local (a folder, or the hub cache), diffusers models load in the dtype their files
-    hold, not upcast to float32 first (FLUX.1's bf16 transformer would take 48 GB of host memory per process before
-    ``model.compute`` casts it back); a part whose only weights are one variant (``*.fp16.safetensors``: a download
-    with ``variant="fp16"``) loads that variant, and says so."""
-    folder, options = _local_part(path, part), {}
-    files = sorted(folder.glob("*.safetensors")) if weights and folder is not None else []
-    variants = {file.name.split(".")[-2].split("-")[0] for file in files if file.name.count(".") > 1}  # shards too
-    plain = [file for file in files if file.name.count(".") == 1]
+    diffusers models load in the dtype their files hold (a hub id's part is downloaded first), not upcast to
+    float32 first (FLUX.1's bf16 transformer would take 48 GB of host memory per process before ``model.compute``
+    casts it back); a part whose only weights are one variant (``*.fp16.safetensors``: a download with
+    ``variant="fp16"``) loads that variant, and says so."""
+    options, variants, plain = {}, set(), []
     try:
+        folder = _local_part(path, part, download=weights and issubclass(kind, ModelMixin))
+        files = sorted(folder.glob("*.safetensors")) if weights and folder is not None else []
+        variants = {file.name.split(".")[-2].split("-")[0] for file in files if file.name.count(".") > 1}  # shards
+        plain = [file for file in files if file.name.count(".") == 1]
         if weights:
             options["use_safetensors"] = True
             if not plain and len(variants) == 1:
@@ -62,14 +63,27 @@ def load_part(path: str, part: str, kind, weights: bool = True):
         raise ValueError(f"model.pretrained: cannot load {part}/ from {path}{rule}: {reason}{also}") from None
 
 
-def _local_part(path: str, part: str) -> Path | None:
-    """The folder holding a part's files: in the model folder, or for a hub id in the hub cache (None: not there)."""
+def _local_part(path: str, part: str, download: bool = False) -> Path | None:
+    """The folder holding a part's files: in the model folder, or for a hub id in the hub cache (None: not there).
+    ``download``: a hub id's part not cached yet is downloaded first (its config and plain safetensors, what
+    ``from_pretrained`` would fetch), so that a first run also loads it in the dtype its files hold."""
     if Path(path).is_dir():
         return Path(path) / part if (Path(path) / part).is_dir() else None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, f"{part}/config.json")
-    return Path(cached).parent if isinstance(cached, str) else None
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if not download or hub_offline():
+        return None
+    snapshot = snapshot_download(path, allow_patterns=[f"{part}/*.json", f"{part}/*.safetensors"],
+                                 ignore_patterns=[f"{part}/*.*.safetensors"])  # variants (*.fp16.safetensors)
+    return Path(snapshot) / part if (Path(snapshot) / part).is_dir() else None
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` set: the hub cache only, never the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
 
 
 SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -107,11 +121,10 @@ def read_model_index(pretrained: str, path: str) -> dict:
         raise FileNotFoundError(f"model.pretrained: {pretrained}: no such folder")
     from huggingface_hub import hf_hub_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
     try:  # the local hub cache first; the network only when it is allowed
         return json.loads(Path(hf_hub_download(path, "model_index.json", local_files_only=True)).read_text())
     except Exception as error:
-        if offline:
+        if hub_offline():
             raise _not_found(pretrained, error) from None
     try:
         return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())

@@ -51,6 +51,48 @@ def test_hub_ids_of_every_family_load_from_the_cache_offline(tiny_model_dir, tmp
                                         "bf16 Text2ImageModel torch.bfloat16"]
 
 
+def test_a_hub_ids_part_is_downloaded_before_its_dtype_is_read(tiny_model_dir, tmp_path, monkeypatch):
+    """A first run from a hub id (nothing cached): the part's config and plain safetensors are downloaded first,
+    so it loads in its files' dtype (bf16 here) instead of diffusers' float32; nothing else is fetched (no
+    variant, no pickle). Offline, nothing is downloaded. The hub is a local folder behind huggingface_hub's own
+    pattern filter."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from fnf.model_files import load_part
+
+    repo = tmp_path / "repo"
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(repo)
+    UNet2DConditionModel.from_pretrained(repo / "unet").save_pretrained(repo / "unet", variant="fp16")
+    (repo / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns):
+        snapshot = tmp_path / "cache" / repo_id
+        names = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            fetched.append(name)
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    class HubUNet(UNet2DConditionModel):  # from_pretrained of the hub id: the downloaded files
+        @classmethod
+        def from_pretrained(cls, path, subfolder, **options):
+            return UNet2DConditionModel.from_pretrained(tmp_path / "cache" / path, subfolder=subfolder, **options)
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    unet = load_part("fnf-test/bf16", "unet", HubUNet)
+    assert unet.dtype == torch.bfloat16
+    assert sorted(fetched) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fetched.clear()
+    assert load_part("fnf-test/bf16", "unet", HubUNet).dtype == torch.float32  # cache only: diffusers' default
+    assert fetched == []
+
+
 def test_a_folder_of_fp16_variant_files_only_loads_them_and_says_so(tiny_model_dir, tmp_path, caplog):
     """A download with variant="fp16" holds *.fp16.safetensors only: those weights load (diffusers would refuse)."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
