@@ -20,8 +20,11 @@ from fnf.device_copies import to_device
 from fnf.model_files import load_part, load_tokenizer
 from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
 
-T5_TOKENS = 512
-"""T5 tokens per prompt: FluxPipeline's default ``max_sequence_length`` (fewer if the tokenizer's limit is lower)."""
+T5_TOKENS = {"embedded": 512, "none": 256}
+"""T5 tokens per prompt by guidance kind: FLUX.1 [dev] was trained with 512 (FluxPipeline's default
+``max_sequence_length``), [schnell] with 256 (Black Forest Labs' reference code; diffusers' documentation passes
+``max_sequence_length=256`` for it). FLUX attends to the padding too, so the count changes images. Fewer where the
+tokenizer's limit is lower."""
 DEFAULT_SAMPLE_SIZE = 128
 """FluxPipeline's default latent side (1024 px with the 8× VAE); the transformer config does not store one."""
 
@@ -38,7 +41,7 @@ class FluxModel(Text2ImageModel):
                  tokenizer_2) -> None:
         super().__init__(transformer, text_encoder, tokenizer, scheduler, vae)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2.requires_grad_(False).eval(), tokenizer_2
-        self.t5_tokens = min(T5_TOKENS, tokenizer_2.model_max_length)
+        self.t5_tokens = min(T5_TOKENS[self.guidance], tokenizer_2.model_max_length)
         self._ids: dict[tuple, tuple[Tensor, Tensor]] = {}  # position ids per (shape, device): not rebuilt per call
 
     @classmethod

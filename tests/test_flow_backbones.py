@@ -129,6 +129,20 @@ def test_sampling_levers_are_exact(family, model_dirs):
         torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-7)
 
 
+def test_flux_takes_as_many_t5_tokens_as_its_variant_was_trained_with(model_dirs, tmp_path):
+    """[dev] 512, [schnell] 256 (FLUX attends to the padding, so this changes images); the tiny tokenizers' limit
+    (16) is raised here to see it."""
+    import json
+    import shutil
+
+    for family, tokens in (("flux-dev", 512), ("flux-schnell", 256)):
+        folder = shutil.copytree(model_dirs[family], tmp_path / family)
+        config_file = folder / "tokenizer_2" / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 1024}))
+        assert Text2ImageModel.from_pretrained(folder).t5_tokens == tokens
+    assert Text2ImageModel.from_pretrained(model_dirs["flux-dev"]).t5_tokens == 16  # the tokenizer's own limit
+
+
 def test_flux_schnell_refuses_a_guidance_scale(model_dirs):
     model = Text2ImageModel.from_pretrained(model_dirs["flux-schnell"])
     with pytest.raises(ValueError, match="guidance_scale=3.5: this model takes no guidance"):
