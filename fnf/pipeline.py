@@ -247,6 +247,15 @@ class Text2ImageModel(nn.Module):
         side = resolution // self.vae_scale_factor
         return (self.denoiser.config.in_channels, side, side)
 
+    def flow_schedule(self, num_steps: int, latent_shape: tuple[int, int, int]) -> dict:
+        """Extra ``set_timesteps`` arguments of a flow-matching scheduler (SD3 / FLUX override it as their pipelines
+        pass them): none, the scheduler's fixed shift. A resolution-dependent shift needs the family's own μ."""
+        if self.scheduler.config.get("use_dynamic_shifting"):
+            raise ValueError(f"{type(self).__name__}: its scheduler shifts by resolution (use_dynamic_shifting), "
+                             "which needs the family's mu: define flow_schedule(num_steps, latent_shape) as "
+                             "fnf/flux.py does")
+        return {}
+
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) RGB in [0, 1] (what reward heads see)."""
         if self.vae is not None:

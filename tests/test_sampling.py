@@ -151,3 +151,30 @@ def test_unknown_model_fails_with_one_clear_line(monkeypatch):
         Text2ImageModel.from_pretrained("no-such-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="no embedded model"):
         Text2ImageModel.from_pretrained("embedded:no-such-model")
+
+
+def test_a_plugin_family_with_a_flow_scheduler_samples_or_says_what_it_lacks(tiny_model_dir):
+    """A family that brings a FlowMatchEulerDiscreteScheduler (docs/plugins.md: the scheduler decides the sampler)
+    samples by flow-matching Euler with the scheduler's fixed shift; a resolution-dependent shift or a stochastic
+    scheduler is one line (FNF's I and I0 must come from one deterministic chain)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fnf.sampling import FlowMatchSampler, make_sampler
+
+    model = Text2ImageModel.from_pretrained(tiny_model_dir)  # the base class: no flow_schedule of its own
+    model.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sampler = make_sampler(model, SamplerArgs(num_steps=STEPS))
+    assert isinstance(sampler, FlowMatchSampler) and len(sampler.sigmas) == STEPS + 1
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(STEPS)
+    torch.testing.assert_close(sampler.timesteps, reference.timesteps)  # the fixed shift 3, as the scheduler sets it
+    with torch.no_grad():
+        images = sampler(*_inputs(model, ["a red circle"], [6]), grad_mode="none").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    model.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"^Text2ImageModel: its scheduler shifts by resolution .* define "
+                                         r"flow_schedule\(num_steps, latent_shape\)"):
+        make_sampler(model, SamplerArgs(num_steps=STEPS))
+    model.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(ValueError, match=r"^model.pretrained: the scheduler samples stochastically"):
+        make_sampler(model, SamplerArgs(num_steps=STEPS))
