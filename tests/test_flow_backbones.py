@@ -103,7 +103,7 @@ def test_gradients_reach_the_lora_through_the_last_k_steps_only(family, model_di
     assert sum(p.grad.abs().sum() for p in model.lora_parameters()) > 0
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-schnell"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "flux-schnell"])
 def test_sampling_levers_are_exact(family, model_dirs):
     """The default levers (fused base pass, LoRA folded in gradient-free and differentiable steps) against none,
     with the flow configs' LoRA targets (both streams' attention and the image MLP)."""
