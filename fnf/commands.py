@@ -13,7 +13,7 @@ import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 
-from fnf.errors import one_line_errors
+from fnf.errors import check_config_files, one_line_errors
 
 TOOLS = {  # fnf <tool> ...: commands beside Lightning's, each a module with main(argv)
     "report": ("fnf.report", "one HTML page from tested runs"),
@@ -118,5 +118,6 @@ def main(args: list[str] | None = None) -> None:
             configure(argv)
             return run_tool(argv)
         check_command(argv)  # a typo is answered at once, not after Lightning's import
+        check_config_files(argv)  # as is a --config file that is missing or not YAML
         from fnf.cli import main as lightning_main  # here: a Ctrl-C during its seconds of imports is one line too
     lightning_main(args)

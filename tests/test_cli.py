@@ -150,16 +150,17 @@ def test_checkpointing_can_be_switched_off(config, tmp_path):
 
 
 def test_the_fnf_command_starts_its_tools_without_lightning():
-    """``fnf report`` and ``fnf rewards`` answer in a second or three, and a mistyped command at once: importing
-    Lightning takes ~9 s here (torchmetrics, which imports torchvision, transformers and scipy)."""
+    """``fnf report`` and ``fnf rewards`` answer in a second or three, and a mistyped command or --config file at
+    once: importing Lightning takes ~9 s here (torchmetrics, which imports torchvision, transformers and scipy)."""
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fnf"] == "fnf.commands:main"
     code = ("import sys\nfrom fnf.commands import main\n"
-            "for argv in (['report', '/no/such/run'], ['nosuch'], ['rewards']):\n"
+            "for argv in (['report', '/no/such/run'], ['nosuch'], ['rewards'], ['fit', '-c', '/no/such.yaml']):\n"
             "    try:\n        main(argv)\n    except SystemExit as exit:\n        print(exit.code)\n"
             "print(sorted({'lightning', 'torchmetrics'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "fnf: error: /no/such/run: no such folder" in done and "fnf: error: nosuch: unknown command" in done
+    assert "fnf: error: --config /no/such.yaml: No such file or directory" in done
     assert "ShapesArtifact" in done and done.splitlines()[-1] == "[]", done
 
 
