@@ -183,15 +183,19 @@ def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_d
 
 
 def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
+    """Two images: the first changes everywhere, the second not at all; the penalty is λ times the mean over them."""
     module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion(), name="b")])
-    everywhere = Sample(torch.zeros(1, 4, 2, 2), torch.ones(1, 3, 4, 4))
-    fidelity, penalty = module._fidelity(everywhere, _reference(_halves(2)))
-    assert fidelity.item() == penalty.item() == 0  # the two halves together cover the image
+    tuned = torch.ones(2, 3, 4, 4)
+    tuned[1] = 0
+    first_changed = Sample(torch.zeros(2, 4, 2, 2), tuned)
+    fidelity, penalty = module._fidelity(first_changed, _reference(_halves(2).repeat(2, 1, 1, 1)))
+    assert fidelity.abs().sum().item() == penalty.item() == 0  # the two halves together cover the image
     only_left = _halves(2)
     only_left[:, 1] = 0
-    fidelity, penalty = module._fidelity(everywhere, _reference(only_left))
-    assert fidelity.item() == pytest.approx((3 * 4 * 2) ** 0.5)
-    assert penalty.item() == pytest.approx(0.5 * fidelity.item())
+    fidelity, penalty = module._fidelity(first_changed, _reference(only_left.repeat(2, 1, 1, 1)))
+    half = (3 * 4 * 2) ** 0.5  # ‖ones over a 3×4×2 half‖_F
+    torch.testing.assert_close(fidelity, torch.tensor([[half, 0.0]]))
+    assert penalty.item() == pytest.approx(0.5 * half / 2)
 
 
 def test_two_heads_of_one_name_are_refused_unless_named_and_names_key_the_logs(tiny_model_dir):
@@ -249,6 +253,34 @@ def test_the_train_mode_reaches_the_unet_only(tiny_model_dir):
     assert frozen and not any(m.training for child in frozen for m in child.modules())
     module.eval()
     assert not module.model.unet.training
+
+
+def test_evaluation_and_predict_score_the_deterministic_images_of_base_and_tuned_model(tiny_model_dir):
+    """Whatever the training's gradient mode (here DRaFT-LV, n re-noised samples per prompt), validation, test
+    and predict show one deterministic image per item: the tuned model's I (LoRA on) beside the base model's I0
+    (LoRA off), the same as plain sampling gives."""
+    from fnf.sampling import initial_noise
+
+    module = _module(tiny_model_dir, lam=1.0, sampler=SamplerArgs(num_steps=4, guidance_scale=2.0, grad_mode="lv",
+                                                                  lv_samples=2))
+    with torch.no_grad():
+        for p in module.model.lora_parameters():  # a LoRA that changes the image
+            p.add_(0.3 * torch.randn_like(p))
+    batch = next(iter(_loader(2, batch_size=2)))
+    text, uncond = module._encode(batch["prompt"])
+    noise = initial_noise(batch["seed"], module.latent_shape, "cpu")
+    with torch.no_grad():
+        tuned = module.sampler(noise, text, uncond, "none").images
+        with module.model.adapter_disabled():
+            base = module.sampler(noise, text, uncond, "none").images
+        assert (tuned - base).abs().amax() > 0.05
+        predicted = module.predict_step(batch, 0)
+        for stage in ("val", "test"):
+            out = module._common_step(batch, stage)
+            torch.testing.assert_close(out["tuned"], tuned, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out["base"], base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(predicted["tuned"], tuned, rtol=0, atol=1e-5)
+    torch.testing.assert_close(predicted["base"], base, rtol=0, atol=1e-5)
 
 
 def test_draft_lv_pairs_every_sample_with_its_own_prompts_base_image(tiny_model_dir):
@@ -346,7 +378,9 @@ def test_plain_draft_can_skip_the_base_pass_and_trains_exactly_the_same(tiny_mod
         torch.testing.assert_close(skipped, sampled, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("needs_base", [dict(lam=0.1), dict(lam=0.0, masks=MaskArgs(empty="skip"))])
+@pytest.mark.parametrize("needs_base", [dict(lam=0.1), dict(lam=0.0, masks=MaskArgs(empty="skip")),
+                                        dict(lam=0.0, mask_mode="per_head",  # a head's own λ, none globally
+                                             rewards=[RewardTerm(ColorRegion(box=BOX), lam=1.0)])])
 def test_the_base_pass_stays_where_the_loss_uses_it(tiny_model_dir, tmp_path, needs_base):
     module = _module(tiny_model_dir, train_base="if_needed", **needs_base)
     passes = _count_base_passes(module)
