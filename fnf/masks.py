@@ -42,8 +42,10 @@ class MaskArgs:
             raise ValueError(f"model.masks.threshold must be in (0, 1], got {self.threshold}")
         if self.dilation < 0:
             raise ValueError(f"model.masks.dilation must be >= 0, got {self.dilation}")
-        if self.feather <= 0 or self.saliency_sigma < 0:
-            raise ValueError("model.masks.feather must be > 0 and model.masks.saliency_sigma >= 0")
+        if not self.feather > 0:
+            raise ValueError(f"model.masks.feather must be > 0, got {self.feather}")
+        if not self.saliency_sigma >= 0:
+            raise ValueError(f"model.masks.saliency_sigma must be >= 0, got {self.saliency_sigma}")
 
 
 def heatmap_to_mask(heatmap: Tensor, args: MaskArgs) -> Tensor:

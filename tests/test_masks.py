@@ -58,7 +58,33 @@ def test_saliency_works_inside_inference_mode():  # Lightning's validate / test 
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(dilation=-1), dict(feather=0.0)])
+def test_saliency_takes_each_pixels_strongest_channel_and_its_own_sigma():
+    """|d score / d image| of a score reading pixel A's red channel (weight 1) and pixel B's three channels
+    (0.6 each): the max over channels puts A at the peak and B at 0.6 (a mean would make B the peak). The sigma
+    the config sets (masks.saliency_sigma) reaches the map FocusNFix localises with."""
+    from fnf.objective import term_heatmaps
+    from fnf.module import RewardTerm
+    from fnf.rewards.base import RewardHead, RewardOutput
+
+    class TwoPixels(RewardHead):
+        def forward(self, images, prompts):
+            score = images[:, 0, 1, 1] + 0.6 * images[:, :, 5, 5].sum(1)
+            return RewardOutput(score=score, heatmap=None)
+
+    images = torch.rand(2, 3, 8, 8)
+    saliency = saliency_heatmap(TwoPixels(), images, ["", ""], sigma=0.0)
+    assert saliency[:, 0, 1, 1].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(saliency[:, 0, 5, 5], torch.full((2,), 0.6))
+    assert saliency.sum().item() == pytest.approx(2 * 1.6)  # nothing anywhere else
+    terms, heads = [RewardTerm(TwoPixels(), mask="saliency")], [TwoPixels()]
+    for sigma in (0.0, 1.0):
+        (heatmap,), _ = term_heatmaps(terms, heads, images, ["", ""], saliency_sigma=sigma)
+        torch.testing.assert_close(heatmap, saliency_heatmap(TwoPixels(), images, ["", ""], sigma=sigma))
+    assert not torch.equal(term_heatmaps(terms, heads, images, ["", ""], 1.0)[0][0], saliency)
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(dilation=-1), dict(feather=0.0),
+                                 dict(saliency_sigma=-1.0)])
 def test_bad_mask_args_name_the_key(bad):
-    with pytest.raises(ValueError, match="model.masks"):
+    with pytest.raises(ValueError, match="^model.masks." + next(iter(bad))):
         MaskArgs(**bad)

@@ -139,7 +139,8 @@ def test_lv_renoising_is_the_schedulers_add_noise_without_device_copies(model):
 
 
 @pytest.mark.parametrize("bad, message", [(dict(k=0), "model.sampler.k"), (dict(num_steps=3, k=4), "model.sampler.k"),
-                                          (dict(guidance_scale=0.5), "guidance_scale")])
+                                          (dict(guidance_scale=0.5), "guidance_scale"),
+                                          (dict(lv_samples=0), "model.sampler.lv_samples")])
 def test_bad_sampler_args_name_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplerArgs(**bad)

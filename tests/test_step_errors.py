@@ -3,6 +3,8 @@ gradient, raising), regularizers, module arguments; ``model.nonfinite: skip`` an
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,6 +117,20 @@ def test_heatmap_mask_requires_a_heatmap(tiny_model_dir, tmp_path):
 def test_bad_module_args_name_the_key(tiny_model_dir, bad, key):
     with pytest.raises(ValueError, match=key):
         _module(tiny_model_dir, **{"lam": 1.0, **bad})
+
+
+@pytest.mark.parametrize("weight, lam, term_lam, message", [
+    (math.inf, 1.0, None, r"model.rewards\[0\].weight must be a finite number >= 0 .* got inf"),
+    (math.nan, 1.0, None, r"model.rewards\[0\].weight must be a finite number >= 0 .* got nan"),
+    (-1.0, 1.0, None, r"model.rewards\[0\].weight must be a finite number >= 0"),
+    (1.0, math.inf, None, r"model.lam must be a finite number >= 0, got inf"),
+    (1.0, 1.0, math.nan, r"model.rewards\[0\].lam must be a finite number >= 0 or null, got nan")])
+def test_weights_and_lambdas_must_be_finite_and_non_negative(weight, lam, term_lam, message):
+    """An infinite weight would reach the first step as a non-finite loss, after the model has loaded."""
+    from fnf.objective import check_objective
+
+    with pytest.raises(ValueError, match=f"^{message}"):
+        check_objective([RewardTerm(ColorRegion(), weight=weight, lam=term_lam)], lam, "per_head")
 
 
 def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
