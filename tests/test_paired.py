@@ -38,6 +38,22 @@ def test_a_rate_difference_gets_the_binomial_width(n):
     assert difference.low > 0
 
 
+def test_the_interval_is_the_bootstrap_distributions_central_95_percent():
+    """The 2.5th and 97.5th percentiles of b − a over the resampled item sets (the same resample for both runs):
+    a 90% interval would pass the binomial-width test above, which allows a quarter of the width either way."""
+    import numpy as np
+
+    from fnf.paired import DRAWS
+
+    n = 60
+    a = rows([float(i % 7 == 0) for i in range(n)])
+    b = rows([float(i % 5 == 0) for i in range(n)])
+    difference = {d.metric: d for d in paired_differences(a, b, seed=3)}["judge_defect_rate_tuned"]
+    per_item = np.array([y["judge_defect_rate_tuned"] - x["judge_defect_rate_tuned"] for x, y in zip(a, b)])
+    resampled = per_item[np.random.default_rng(3).integers(n, size=(DRAWS, n))].mean(1)
+    assert (difference.low, difference.high) == pytest.approx(tuple(np.quantile(resampled, [0.025, 0.975])))
+
+
 def test_psnr_pools_the_items_as_the_metric_does():
     """PSNR of the summed parts of each image equals MaskedPSNR over the batch (not the mean of per-image PSNRs)."""
     generator = torch.Generator().manual_seed(0)

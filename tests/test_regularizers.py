@@ -32,6 +32,18 @@ def test_pixel_matches_the_unsquared_frobenius_norm_per_image():
     torch.testing.assert_close(PixelFrobenius()(tuned, base, keep), expected)
 
 
+def test_pixel_weighs_a_soft_masks_band_by_its_value():
+    """masks.kind: soft fades the mask out: a pixel kept at 0.5 counts half its change, not a quarter (keep²)."""
+    base, keep = _pair()
+    keep[:, :, :, 6:] = 0.5  # a feathered band
+    tuned = Sample(base.latents, base.images + 0.1)
+    weights = torch.ones(8, 8)  # per pixel, what its change counts
+    weights[2:6, 2:6] = 0
+    weights[:, 6:] = 0.5
+    expected = (3 * (0.1 * weights) ** 2).sum().sqrt()
+    torch.testing.assert_close(PixelFrobenius()(tuned, base, keep), expected.repeat(2))
+
+
 @pytest.mark.parametrize("regularizer", [PixelFrobenius(), LatentFrobenius()])
 def test_gradient_is_zero_inside_the_mask(regularizer):
     base, keep = _pair()
