@@ -179,3 +179,39 @@ def test_a_plugin_family_with_a_flow_scheduler_samples_or_says_what_it_lacks(tin
     model.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     with pytest.raises(ValueError, match=r"^model.pretrained: the scheduler samples stochastically"):
         make_sampler(model, SamplerArgs(num_steps=STEPS))
+
+
+def test_a_guided_step_is_the_cfg_formula_over_the_unconditional_and_prompt_rows(model):
+    """ε_u + g·(ε_c − ε_u), ε_u from the empty prompt's rows, ε_c from the prompt's, each from its own denoiser
+    call here; at guidance 1 the denoiser sees the prompt's rows only (CFG would double every call for nothing)."""
+    noise, text, uncond = _inputs(model, ["a red circle", "a blue square"], [6, 7])
+    with torch.no_grad():
+        for scale in (1.0, 4.0):
+            sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, guidance_scale=scale))
+            t = sampler.timesteps[0]
+            plain = model.predict(noise, t, text)
+            guided = plain if scale == 1 else (lambda u: u + scale * (plain - u))(model.predict(noise, t, uncond))
+            rows = []
+            hook = model.unet.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+            try:
+                stepped = sampler._step(noise, 0, sampler._guided(text, uncond))
+            finally:
+                hook.remove()
+            torch.testing.assert_close(stepped, sampler._update(guided, 0, noise), rtol=0, atol=1e-5)
+            assert rows == [2 if scale == 1 else 4]
+
+
+def test_draft_lv_draws_fresh_noise_from_the_global_generator(model):
+    """Each call re-noises with new noise (a fixed draw would give every step the same variance-reduction
+    samples); the same seed_everything state gives the same samples (exact resume)."""
+    inputs = _inputs(model, ["a red circle"], [6])
+    sampler = DDIMSampler(model, SamplerArgs(num_steps=STEPS, grad_mode="lv", lv_samples=2))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first, second = (sampler(*inputs, grad_mode="lv").images for _ in range(2))
+        torch.manual_seed(1)
+        again = sampler(*inputs, grad_mode="lv").images
+        torch.manual_seed(2)
+        other = sampler(*inputs, grad_mode="lv").images
+    assert torch.equal(first, again)
+    assert (first - second).abs().amax() > 1e-3 and (first - other).abs().amax() > 1e-3
