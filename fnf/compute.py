@@ -63,9 +63,10 @@ def frozen_dtype(args: ComputeArgs, precision: str) -> torch.dtype:
 def apply_compute(model: Text2ImageModel, args: ComputeArgs, trainer: L.Trainer) -> None:
     """Cast the frozen weights of ``model`` (not its trainable LoRA), set the memory layout, compile its UNet."""
     unet, dtype = model.denoiser, frozen_dtype(args, trainer.precision)
+    float32 = {param for part in model.float32_parts(dtype) for param in part.parameters()}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            if not param.requires_grad and param.is_floating_point() and param not in float32:
                 param.data = param.data.to(dtype)
     if dtype != torch.float32:  # autocast casts LoRA inputs itself; peft's cast to float32 would be undone per layer
         for layer in unet.modules():

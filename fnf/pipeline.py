@@ -247,6 +247,11 @@ class Text2ImageModel(nn.Module):
         side = resolution // self.vae_scale_factor
         return (self.denoiser.config.in_channels, side, side)
 
+    def float32_parts(self, compute: torch.dtype) -> tuple[nn.Module, ...]:
+        """Frozen parts that stay float32 when the others are stored in ``compute`` (``model.compute``): none here;
+        SDXL's VAE under float16."""
+        return ()
+
     def flow_schedule(self, num_steps: int, latent_shape: tuple[int, int, int]) -> dict:
         """Extra ``set_timesteps`` arguments of a flow-matching scheduler (SD3 / FLUX override it as their pipelines
         pass them): none, the scheduler's fixed shift. A resolution-dependent shift needs the family's own μ."""

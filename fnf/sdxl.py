@@ -42,6 +42,23 @@ class SDXLModel(Text2ImageModel):
             zero_unconditional=index.get("force_zeros_for_empty_prompt", True),
         )
 
+    def float32_parts(self, compute: torch.dtype) -> tuple[nn.Module, ...]:
+        """SDXL's VAE overflows in float16 (its config's ``force_upcast``; StableDiffusionXLPipeline upcasts it for
+        decoding): it stays float32 under 16-mixed. bfloat16 has float32's range: no upcast, as in diffusers."""
+        return (self.vae,) if compute == torch.float16 and self._upcast_vae else ()
+
+    @property
+    def _upcast_vae(self) -> bool:
+        return self.vae is not None and self.vae.config.get("force_upcast", True)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Under float16 autocast an upcast VAE decodes in float32 (autocast would run its convolutions in float16)."""
+        kind = latents.device.type
+        if self._upcast_vae and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+            with torch.autocast(kind, enabled=False):
+                return super().decode(latents.to(self.vae.dtype))
+        return super().decode(latents)
+
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
         hidden = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):

@@ -61,3 +61,28 @@ def test_the_fnf_step_raises_a_reward_on_sdxl(sdxl_dir, tmp_path):
     _trainer(tmp_path, steps=10).fit(module, _loader())
     gain, _, _ = _changes(module)
     assert gain > 0.005, gain
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_under_float16_the_vae_stays_float32_and_decodes_in_float32_when_its_config_asks(sdxl_dir, force_upcast):
+    """SDXL's VAE overflows in float16 (NaN images on real weights); diffusers upcasts it for decoding when its
+    config says force_upcast. fnf keeps it float32 under 16-mixed and decodes with autocast off; the decode stays
+    differentiable. The fp16-fix VAE (force_upcast: false) runs in float16 like the rest."""
+    from types import SimpleNamespace
+
+    from fnf.compute import ComputeArgs, apply_compute
+
+    model = Text2ImageModel.from_pretrained(sdxl_dir)
+    model.vae.register_to_config(force_upcast=force_upcast)
+    apply_compute(model, ComputeArgs(), SimpleNamespace(precision="16-mixed"))
+    assert model.unet.dtype == torch.float16 and model.text_encoder_2.dtype == torch.float16
+    assert model.vae.dtype == (torch.float32 if force_upcast else torch.float16)
+    outputs = []
+    model.vae.decoder.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    latents = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        images = model.decode(latents)
+    assert outputs == [torch.float32 if force_upcast else torch.float16]
+    images.float().mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert model.float32_parts(torch.bfloat16) == ()  # bfloat16 has float32's range: stored like the rest
