@@ -136,18 +136,26 @@ class Text2ImageModel(nn.Module):
         """The parts of a local SD1.x/2.x-layout folder (``index``: its model_index.json). Every family has one
         (``fnf.sdxl``, ``fnf.sd3``, ``fnf.flux``, ``fnf.backbones`` plugins)."""
         vae = load_part(path, "vae", AutoencoderKL) if index.get("vae") else None
+        expected = dict(clip_sample=False, steps_offset=1) if vae is not None else {}  # as StableDiffusionPipeline
+        scheduler = ddim_scheduler(load_part(path, "scheduler", DDIMScheduler, weights=False), path, **expected)
         return cls(load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
-                   load_tokenizer(path, "tokenizer", index),
-                   load_part(path, "scheduler", DDIMScheduler, weights=False), vae)
+                   load_tokenizer(path, "tokenizer", index), scheduler, vae)
 
     def check_parts(self, pretrained: str) -> None:
         """Parts that load but cannot work together: a denoiser that takes other latents than the VAE gives (an
-        inpainting or image-conditioned model: extra input channels)."""
+        inpainting or image-conditioned model: extra input channels), or that fnf would run wrongly without a word:
+        a guidance-embedding (LCM-distilled) UNet, a VAE with per-channel latent statistics."""
         if self.vae is not None and self.latent_shape(self.resolution)[0] != self.vae.config.latent_channels:
             raise ValueError(f"model.pretrained: {pretrained}: the {self.denoiser_name} takes "
                              f"{self.latent_shape(self.resolution)[0]} latent channels but the VAE gives "
                              f"{self.vae.config.latent_channels}; not a text-to-image model (inpainting or "
                              "image-conditioned?)")
+        if self.denoiser.config.get("time_cond_proj_dim"):
+            raise ValueError(f"model.pretrained: {pretrained}: the {self.denoiser_name} takes a guidance embedding "
+                             "(time_cond_proj_dim: an LCM-distilled model); not supported")
+        if self.vae is not None and self.vae.config.get("latents_mean") is not None:
+            raise ValueError(f"model.pretrained: {pretrained}: the VAE normalises latents per channel (latents_mean, "
+                             "latents_std); not supported")
 
     @property
     def denoiser(self) -> nn.Module:
@@ -267,6 +275,26 @@ class Text2ImageModel(nn.Module):
             shift = self.vae.config.get("shift_factor") or 0.0  # SD3 / FLUX VAEs centre their latents
             latents = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
         return (latents / 2 + 0.5).clamp(0, 1)
+
+
+def ddim_scheduler(scheduler: DDIMScheduler, path: str, **expected) -> DDIMScheduler:
+    """A UNet family's scheduler as DDIM (loaded from whatever scheduler the folder has): refused when the folder's
+    has no DDPM noise schedule (EDM, flow matching: its sigmas would be silently replaced by DDIM's default betas).
+    A config saved without the ``expected`` settings (an old or a non-DDIM one: Euler, DPM-Solver) takes DDIM's
+    defaults, e.g. ``clip_sample: true``, which clips the predicted latents to [-1, 1]: wrong for latent models.
+    StableDiffusionPipeline corrects them on load; so does fnf, and says so."""
+    defaulted = scheduler.config.get("_use_default_values") or []
+    if "beta_schedule" in defaulted and "trained_betas" in defaulted:
+        raise ValueError(f"model.pretrained: {path}/scheduler has no DDPM noise schedule (beta_schedule; an EDM or "
+                         "flow-matching scheduler?); fnf samples UNet models with DDIM, which needs one")
+    wrong = {key: value for key, value in expected.items() if scheduler.config.get(key) != value}
+    if not wrong:
+        return scheduler
+    changes = ", ".join(f"{key} {scheduler.config.get(key)} -> {value}" for key, value in wrong.items())
+    rank_zero_info(f"fnf: {path}: scheduler config without the latent model's settings; {changes} (as "
+                   "StableDiffusionPipeline loads it)")
+    kept = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}  # else re-defaulted
+    return DDIMScheduler.from_config(kept | wrong)
 
 
 BACKBONES = "fnf.backbones"

@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from fnf.device_copies import to_device
 from fnf.model_files import load_part, load_tokenizer
-from fnf.pipeline import Text2ImageModel, TextEmbedding, token_ids
+from fnf.pipeline import Text2ImageModel, TextEmbedding, ddim_scheduler, token_ids
 
 
 class SDXLModel(Text2ImageModel):
@@ -36,7 +36,8 @@ class SDXLModel(Text2ImageModel):
         return cls(
             load_part(path, "unet", UNet2DConditionModel), load_part(path, "text_encoder", CLIPTextModel),
             load_tokenizer(path, "tokenizer", index),
-            load_part(path, "scheduler", DDIMScheduler, weights=False), load_part(path, "vae", AutoencoderKL),
+            ddim_scheduler(load_part(path, "scheduler", DDIMScheduler, weights=False), path, clip_sample=False),
+            load_part(path, "vae", AutoencoderKL),
             load_part(path, "text_encoder_2", CLIPTextModelWithProjection),
             load_tokenizer(path, "tokenizer_2", index),
             zero_unconditional=index.get("force_zeros_for_empty_prompt", True),

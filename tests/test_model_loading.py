@@ -118,6 +118,50 @@ def test_a_model_of_another_kind_is_refused_in_one_line(tiny_model_dir, tmp_path
         Text2ImageModel.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_scheduler_config_without_the_latent_settings_is_corrected_as_diffusers_does(tiny_model_dir, tmp_path,
+                                                                                        family, caplog):
+    """A fine-tune saved with an Euler scheduler has no clip_sample: DDIM's default (true) would clip the predicted
+    latents to [-1, 1]. StableDiffusionPipeline sets clip_sample false and steps_offset 1 on load; fnf too, and
+    says so (SDXL: clip_sample, which its pipeline leaves, but no latent model wants)."""
+    from diffusers import EulerDiscreteScheduler
+
+    folder = shutil.copytree(tiny_model_dir if family == "sd15" else build_random_sdxl(tmp_path / "x"),
+                             tmp_path / family)
+    EulerDiscreteScheduler(steps_offset=0).save_pretrained(folder / "scheduler")
+    with caplog.at_level("INFO"):
+        model = Text2ImageModel.from_pretrained(folder)
+    assert model.scheduler.config.clip_sample is False
+    assert model.scheduler.config.steps_offset == (1 if family == "sd15" else 0)
+    assert "clip_sample True -> False" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    ("edm", r"scheduler has no DDPM noise schedule \(beta_schedule; an EDM or flow-matching scheduler\?\)"),
+    ("flow", r"scheduler has no DDPM noise schedule"),
+    ("lcm", r"the unet takes a guidance embedding \(time_cond_proj_dim: an LCM-distilled model\); not supported"),
+    ("latents_mean", r"the VAE normalises latents per channel \(latents_mean, latents_std\); not supported")])
+def test_parts_fnf_would_run_wrongly_are_refused_in_one_line(tiny_model_dir, tmp_path, change, message):
+    """Loaded as they are, each would sample other images than its pipeline without a word (DDIM's default betas
+    for EDM sigmas, no guidance embedding, unnormalised latents decoded)."""
+    from diffusers import AutoencoderKL, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / change)
+    if change in ("edm", "flow"):
+        (EDMEulerScheduler() if change == "edm" else FlowMatchEulerDiscreteScheduler()).save_pretrained(
+            folder / "scheduler")
+    elif change == "lcm":
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": 32}).save_pretrained(folder / "unet")
+    else:
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        channels = vae.config.latent_channels
+        vae.register_to_config(latents_mean=[0.0] * channels, latents_std=[1.0] * channels)
+        vae.save_pretrained(folder / "vae")
+    with pytest.raises(ValueError, match=f"^model.pretrained: {folder}.*{message}"):
+        Text2ImageModel.from_pretrained(folder)
+
+
 def test_a_home_relative_folder_loads(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """``model.pretrained: ~/models/sd`` in a YAML file: no shell expands the ``~`` there."""
     monkeypatch.setenv("HOME", str(tmp_path))
