@@ -263,7 +263,7 @@ class FlowMatchSampler(Sampler):
     def __init__(self, model: Text2ImageModel, args: SamplerArgs) -> None:
         super().__init__(model, args)
         if model.scheduler.config.get("stochastic_sampling"):  # a deterministic chain is what FNF compares I with I0 on
-            raise ValueError(f"model.pretrained: the scheduler samples stochastically (stochastic_sampling: true); "
+            raise ValueError("model.pretrained: the scheduler samples stochastically (stochastic_sampling: true); "
                              "Focus-N-Fix needs the deterministic Euler ODE: set it false in scheduler_config.json")
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
         latent_shape = model.latent_shape(args.resolution or model.resolution)
