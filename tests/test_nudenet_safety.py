@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from nudenet.nudenet import _read_image  # noqa: E402
 
 from fnf.masks import MaskArgs, heatmap_to_mask  # noqa: E402
 from fnf.rewards.base import check_reward_output  # noqa: E402
-from fnf.rewards.nudenet_safety import EXPOSED, NudeNetSafety  # noqa: E402
+from fnf.rewards.nudenet_safety import EXPOSED, SEXUAL, NudeNetSafety  # noqa: E402
 from fnf.rewards.saliency import Saliency  # noqa: E402
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"]
@@ -49,13 +50,15 @@ def head() -> NudeNetSafety:
 def test_labels_are_nudenets():
     assert NudeNetSafety(classes=FACES).labels == list(getattr(nudenet.nudenet, "__labels"))
     assert all(name.endswith("_EXPOSED") for name in EXPOSED) and len(EXPOSED) == 9
+    assert set(SEXUAL) < set(EXPOSED) and NudeNetSafety().classes == list(SEXUAL)
 
 
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # onnx2torch's Slice, see NudeNetSafety.raw
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
-def test_torch_module_matches_onnxruntime(head, detector, photos, name):
+def test_torch_module_matches_onnxruntime(detector, photos, name):
     """Same input blob (nudenet's own preprocessing of the photo read as a file, BGR): max |diff| measured
     6.4e-4 on box coordinates (0..320 px) and 2.0e-6 on confidences; tolerance 5e-3 px and 1e-4."""
+    head = NudeNetSafety(antialias=False)  # nudenet's own resize
     array, images = photos[name]
     blob = _read_image(array[..., ::-1].copy(), 320)[0]  # what NudeDetector.detect(path) feeds
     expected = torch.from_numpy(detector.onnx_session.run(None, {"images": blob})[0])
@@ -70,12 +73,36 @@ def test_torch_module_matches_onnxruntime(head, detector, photos, name):
         torch.testing.assert_close(head.raw(images)[:, 4:], expected[:, 4:], rtol=0, atol=0.02)
 
 
-def test_score_gradient_reaches_the_pixels(head, photos):
+def test_score_gradient_reaches_every_pixel(head, photos):
+    """Also at SDXL's 1024 px: the antialiased downscale spreads each pixel's gradient (nudenet's own bilinear
+    resize, antialias false, reads 2×2 pixels per output pixel there: a gradient on under half of them)."""
     images = photos["astronaut"][1].clone().requires_grad_(True)
     out = check_reward_output(head, head(images, ["a photo"]), images)
-    assert out.score.shape == (1,) and -1 <= out.score.item() <= 0
+    assert out.score.shape == (1,) and -1 <= out.score.item() <= 0 and out.score.dtype == torch.float32
     out.score.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    large = torch.nn.functional.interpolate(photos["astronaut"][1], size=(1024, 1024), mode="bilinear")
+    for antialias, reached in ((True, lambda share: share == 1.0), (False, lambda share: share < 0.5)):
+        pixels = large.clone().requires_grad_(True)
+        NudeNetSafety(antialias=antialias)(pixels, [""]).score.sum().backward()
+        share = (pixels.grad.abs().sum(1) > 0).float().mean().item()
+        assert reached(share), (antialias, share)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_detections_are_nudenets(detector, photos, padded):
+    """Each anchor's most confident label, one class-agnostic NMS (nudenet's), then the chosen classes: with every
+    label chosen, the head reports what nudenet reports (per-class NMS would add weaker guesses on the same box)."""
+    array = photos["astronaut"][0]
+    if padded:
+        array = np.pad(array, ((0, 200), (0, 0), (0, 0)))
+    images = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    head = NudeNetSafety(classes=NudeNetSafety(classes=FACES).labels, antialias=False)
+    expected = sorted((d["class"], d["score"], d["box"]) for d in detector.detect(array[..., ::-1].copy()))
+    found = sorted(head.detect(images)[0])
+    assert [label for label, _, _ in found] == [label for label, _, _ in expected] != []
+    for (_, score, (x0, y0, x1, y1)), (_, reference, (x, y, w, h)) in zip(found, expected):
+        assert abs(score - reference) < 0.02 and max(map(abs, (x0 - x, y0 - y, x1 - x - w, y1 - y - h))) < 3
 
 
 def test_the_tuned_pass_gets_the_score_without_detections(head, photos, monkeypatch):
@@ -94,11 +121,14 @@ def test_the_tuned_pass_gets_the_score_without_detections(head, photos, monkeypa
 @pytest.mark.parametrize("name", PHOTOS)
 def test_no_exposed_part_on_the_sample_photos(head, detector, photos, name):
     """Neither nudenet nor the head finds an exposed class. Closest call: coffee's BUTTOCKS_EXPOSED at 0.21
-    (below nudenet's 0.25; fed RGB instead of nudenet's BGR it reaches 0.30 and would be detected)."""
+    (below nudenet's 0.25; fed RGB instead of nudenet's BGR it reaches 0.30 and would be detected), whose soft
+    maximum makes the score -0.058 (-0.029 with nudenet's own resize, antialias false); every other photo's
+    is above -0.001."""
     array, images = photos[name]
     assert [d for d in detector.detect(array[..., ::-1].copy()) if d["class"] in EXPOSED] == []
     out = head(images, [""])
-    assert out.heatmap.amax() == 0 and out.score.item() > -0.05  # an all-zero heatmap: no detection
+    assert out.heatmap.amax() == 0  # an all-zero heatmap: no detection
+    assert out.score.item() > (-0.07 if name == "coffee" else -0.001)
 
 
 def test_heatmap_and_mask_cover_a_real_detection(detector, photos):
@@ -108,7 +138,7 @@ def test_heatmap_and_mask_cover_a_real_detection(detector, photos):
     faces = [d for d in detector.detect(array[..., ::-1].copy()) if d["class"] == "FACE_FEMALE"]
     assert len(faces) == 1 and faces[0]["score"] > 0.5
     x, y, w, h = faces[0]["box"]
-    head = NudeNetSafety(classes=["FACE_FEMALE"], box_padding=0.1)
+    head = NudeNetSafety(classes=["FACE_FEMALE"], box_padding=0.1, antialias=False)  # nudenet's own resize
     ((label, score, box),) = head.detect(images)[0]
     assert label == "FACE_FEMALE" and abs(score - faces[0]["score"]) < 0.02
     assert max(abs(a - b) for a, b in zip(box, (x, y, x + w, y + h))) < 3  # pixels

@@ -19,13 +19,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from fnf.rewards.base import RewardHead, RewardOutput, heatmap_wanted
 
 EXPOSED = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
            "ANUS_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED")
-"""Every ``*_EXPOSED`` class of NudeNet 3.4: the default ``classes``."""
+"""Every ``*_EXPOSED`` class of NudeNet 3.4 (feet, armpits, belly and male breast among them)."""
+SEXUAL = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
+          "ANUS_EXPOSED")
+"""The exposed classes that make an image over-sexualised: the default ``classes``."""
 NMS_IOU = 0.45
 """nudenet's own IoU threshold (``cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45)``)."""
 
@@ -40,26 +43,29 @@ def _require(module: str):
 
 class NudeNetSafety(RewardHead):
     """score = −soft maximum over anchors and ``classes`` of NudeNet's class confidences (in [−1, 0], higher is
-    safer); heatmap = the boxes NudeNet detects for ``classes`` (confidence >= ``threshold``), padded and painted
-    with their confidence (max where boxes overlap), all zero when nothing is detected. Use ``mask: heatmap``
+    safer); heatmap = the boxes NudeNet detects for ``classes``, padded and painted with their confidence (max
+    where boxes overlap), all zero when nothing is detected. Detections as nudenet makes them: each anchor's most
+    confident class over all of NudeNet's labels (>= ``threshold``), one class-agnostic NMS, then the boxes of
+    ``classes`` (a region NudeNet calls covered is not painted for a weaker exposed guess). Use ``mask: heatmap``
     with ``model.masks.threshold`` <= ``threshold`` so every detected box becomes mask.
 
     Preprocessing is nudenet's ``NudeDetector.detect(path)``: zero padding at the bottom / right to a square,
-    bilinear resize (cv2's INTER_LINEAR, no antialiasing) to the model's side, [0, 1] BGR channels (nudenet
-    reads files with cv2, in BGR, and its two channel swaps cancel) -- here with ``F.interpolate``, so it
-    stays differentiable.
+    bilinear resize to the model's side, [0, 1] BGR channels (nudenet reads files with cv2, in BGR, and its two
+    channel swaps cancel) -- here with ``F.interpolate``, so it stays differentiable, and antialiased by default
+    (cv2's INTER_LINEAR is not: from 1024 px to 320 its gradient would reach ~40 % of the pixels, a grid).
     """
 
     gives_heatmap = "yes"
 
     def __init__(self, classes: list[str] | None = None, threshold: float = 0.25, box_padding: float = 0.1,
                  temperature: float = 0.02, channels: Literal["bgr", "rgb"] = "bgr",
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, antialias: bool = True) -> None:
         """Load NudeNet's detector as a torch module.
 
         Args:
-            classes: NudeNet class names that count as unsafe (default: every ``*_EXPOSED`` class,
-                ``fnf.rewards.nudenet_safety.EXPOSED``); e.g. ``[FACE_FEMALE]`` to localise faces.
+            classes: NudeNet class names that count as unsafe (default: the exposed buttocks, breasts,
+                genitalia and anus, ``fnf.rewards.nudenet_safety.SEXUAL``; ``EXPOSED`` has every ``*_EXPOSED``
+                class); e.g. ``[FACE_FEMALE]`` to localise faces.
             threshold: confidence at or above which a box is a detection (nudenet's own: 0.25).
             box_padding: each detected box grows by this fraction of its width / height on every side.
             temperature: of the soft maximum τ·log mean exp(c / τ), which lies between the mean and the
@@ -67,6 +73,9 @@ class NudeNetSafety(RewardHead):
             channels: channel order fed to the detector: bgr (what nudenet's ``detect(path)`` feeds it) or rgb
                 (YOLO's usual order; on scikit-image's coffee photo it lifts BUTTOCKS_EXPOSED from 0.21 to 0.30).
             weights: a NudeNet ONNX file (e.g. its 640m model); None: the 320n model inside the nudenet wheel.
+            antialias: downscale with antialiasing, so the score's gradient reaches every pixel; false: nudenet's
+                own resize (cv2 INTER_LINEAR) exactly, whose gradient skips pixels when an image is more than
+                twice the detector's side (measured on a 512 px photo: confidences within 0.02 either way).
         """
         nudenet, onnx = _require("nudenet"), _require("onnx")
         convert = _require("onnx2torch").convert
@@ -82,7 +91,7 @@ class NudeNetSafety(RewardHead):
         names = ast.literal_eval(metadata["names"])  # "{0: 'FEMALE_GENITALIA_COVERED', 1: 'FACE_FEMALE', ...}"
         self.labels = [names[i] for i in range(len(names))]
         self.resolution = ast.literal_eval(metadata["imgsz"])[0]
-        classes = list(EXPOSED if classes is None else classes)
+        classes = list(SEXUAL if classes is None else classes)
         unknown = [name for name in classes if name not in self.labels]
         if unknown or not classes:
             raise ValueError(f"NudeNetSafety.classes: unknown class {unknown[0] if unknown else None!r}; "
@@ -93,7 +102,7 @@ class NudeNetSafety(RewardHead):
         if channels not in ("bgr", "rgb"):
             raise ValueError(f"NudeNetSafety.channels must be bgr or rgb, got {channels!r}")
         self.classes, self.threshold, self.box_padding = classes, threshold, box_padding
-        self.temperature, self.channels = temperature, channels
+        self.temperature, self.channels, self.antialias = temperature, channels, antialias
         self.register_buffer("class_ids", torch.tensor([self.labels.index(name) for name in classes]),
                              persistent=False)
         self.detector = convert(model)
@@ -106,7 +115,7 @@ class NudeNetSafety(RewardHead):
         square = max(height, width)
         pixels = F.pad(pixels, (0, square - width, 0, square - height))  # black bottom / right, boxes keep (0, 0)
         size = (self.resolution, self.resolution)
-        return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
 
     def raw(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> the detector's output (B, 4 + classes, anchors): box centre x, y,
@@ -121,10 +130,10 @@ class NudeNetSafety(RewardHead):
         tau = self.temperature
         soft_max = tau * (torch.logsumexp(confidence / tau, dim=1) - math.log(confidence.shape[1]))
         if not heatmap_wanted():  # the tuned pass: no detections (their NMS reads boxes back to the host per image)
-            return RewardOutput(score=-soft_max.to(images.dtype))
+            return RewardOutput(score=-soft_max.float())
         with torch.no_grad():
             heatmap = self._heatmap(output.detach(), images.shape[-2:])
-        return RewardOutput(score=-soft_max.to(images.dtype), heatmap=heatmap.to(images.dtype))
+        return RewardOutput(score=-soft_max.float(), heatmap=heatmap.to(images.dtype))
 
     def detect(self, images: Tensor) -> list[list[tuple[str, float, tuple[float, float, float, float]]]]:
         """Per image, NudeNet's detections of ``classes``: (class, confidence, (x0, y0, x1, y1) in input pixels)."""
@@ -138,14 +147,14 @@ class NudeNetSafety(RewardHead):
         boxes = torch.cat([centre - extent / 2, centre + extent / 2], 1).transpose(1, 2)  # (B, anchors, 4)
         limit = torch.tensor([width, height, width, height], device=output.device, dtype=output.dtype)
         boxes = boxes.clamp(min=0).minimum(limit)
-        confidence = output[:, 4:][:, self.class_ids]  # (B, classes, anchors)
+        best, label = output[:, 4:].max(1)  # (B, anchors): each anchor's most confident of all labels
         found = []
         for b in range(output.shape[0]):
-            index, anchor = torch.nonzero(confidence[b] >= self.threshold, as_tuple=True)
-            scores = confidence[b, index, anchor]
-            keep = batched_nms(boxes[b, anchor], scores, index, NMS_IOU)  # per class, nudenet's IoU
-            found.append([(self.classes[i], s, tuple(box)) for i, s, box in
-                          zip(index[keep].tolist(), scores[keep].tolist(), boxes[b, anchor[keep]].tolist())])
+            (anchor,) = torch.nonzero(best[b] >= self.threshold, as_tuple=True)
+            keep = anchor[nms(boxes[b, anchor], best[b, anchor], NMS_IOU)]  # class-agnostic, nudenet's IoU
+            keep = keep[torch.isin(label[b, keep], self.class_ids)]
+            found.append([(self.labels[i], s, tuple(box)) for i, s, box in
+                          zip(label[b, keep].tolist(), best[b, keep].tolist(), boxes[b, keep].tolist())])
         return found
 
     def _heatmap(self, output: Tensor, size: tuple[int, int]) -> Tensor:
