@@ -150,3 +150,50 @@ def test_an_unknown_pretrained_tag_is_one_line_without_open_clips_error_log(capl
                                 "Pretrained value 'no_such_tag' is not a known tag or valid file path")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert logging.root.manager.disable == before
+
+
+@pytest.mark.parametrize("side", [(48, 48), (40, 64), (64, 40)])
+def test_images_are_resized_and_cropped_as_open_clips_eval_transform(tiny_clip, side):
+    """open_clip's transform (shortest side to 32 with its interpolation, centre crop, normalise) applied to the
+    tensors themselves gives the head's features: non-square images are cropped, not squashed."""
+    import open_clip
+
+    _, _, preprocess = open_clip.create_model_and_transforms(tiny_clip)
+    head = OpenCLIPAlignment(tiny_clip)
+    images = torch.rand(2, 3, *side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = head.model.encode_image(torch.stack([preprocess(image) for image in images]), normalize=True)
+        torch.testing.assert_close(head.image_features(images), expected, rtol=0, atol=1e-5)
+
+
+def test_a_local_weights_file_takes_its_published_tags_preprocessing_and_activation(tmp_path, monkeypatch):
+    """open_clip gives weights from a file its defaults (OpenAI's mean / std, GELU): right for some tags only. A
+    model whose tags differ needs ``tag``; the file then gets that tag's mean, std, resize and QuickGELU."""
+    import json
+
+    import open_clip
+    from open_clip.transformer import QuickGELU
+    from safetensors.torch import save_file
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "fnf-tiny-tagged.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "fnf-tiny-tagged.json")
+    weights = tmp_path / "weights.safetensors"
+    save_file(open_clip.create_model("fnf-tiny-tagged").state_dict(), str(weights))
+    published = {"plain": {}, "quick": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "quick_gelu": True,
+                                        "interpolation": "bilinear", "resize_mode": "squash"}}
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda model: list(published))
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda model, tag: published[tag])
+    with pytest.raises(ValueError, match=r"^OpenCLIPAlignment.tag: a local file for fnf-tiny-tagged needs the tag "
+                                         r"its weights were published as .*\['plain', 'quick'\]\); set tag"):
+        OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights))
+    with pytest.raises(ValueError, match=r"^OpenCLIPAlignment.tag: fnf-tiny-tagged has no pretrained tag 'openai'"):
+        OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights), tag="openai")
+    quick = OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights), tag="quick")
+    assert quick.mean.flatten().tolist() == [0.0] * 3 and quick.std.flatten().tolist() == [1.0] * 3
+    assert (quick.interpolation, quick.resize_mode) == ("bilinear", "squash")
+    assert any(isinstance(m, QuickGELU) for m in quick.model.modules())
+    plain = OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights), tag="plain")
+    assert not any(isinstance(m, QuickGELU) for m in plain.model.modules()) and plain.mean.flatten()[0] > 0.4
