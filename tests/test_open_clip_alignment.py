@@ -108,8 +108,12 @@ def test_saliency_marks_the_pixels_whose_change_moves_the_score(tiny_clip):
     ("no-such-model", "tag", "cannot load open_clip model 'no-such-model'"),
     ("ViT-B-32", None, "needs pretrained="),
     ("ViT-B-32", "weights.bin", "is a pickle file"),
+    ("hf-hub:fnf-test/no-such-clip", None, "cannot load open_clip model 'hf-hub:fnf-test/no-such-clip'"),  # its own
 ])
-def test_bad_model_is_one_clear_error(model, pretrained, match):
+def test_bad_model_is_one_clear_error(model, pretrained, match, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no minute of retries for hf-hub:
     with pytest.raises(ValueError, match=match):
         OpenCLIPAlignment(model, pretrained=pretrained)
 

@@ -60,6 +60,8 @@ def test_color_region_scores_and_marks_exactly_its_box():
     expected[..., :4, :4] = distance[..., :4, :4]
     torch.testing.assert_close(output.heatmap, expected)
     torch.testing.assert_close(output.score, -distance[..., :4, :4].mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match=r"^ColorRegion.box \(0.0, 0.0, 0.02, 0.02\) covers no pixel of a 32x32 image"):
+        ColorRegion(box=(0.0, 0.0, 0.02, 0.02))(torch.rand(1, 3, 32, 32), [""])  # was a NaN score
 
 
 def test_a_valid_output_passes():

@@ -31,8 +31,11 @@ class ColorRegion(RewardHead):
     def forward(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         _, _, height, width = images.shape
         top, left, bottom, right = self.box
+        rows, columns = slice(int(top * height), int(bottom * height)), slice(int(left * width), int(right * width))
+        if rows.start == rows.stop or columns.start == columns.stop:  # the score would be 0 / 0
+            raise ValueError(f"ColorRegion.box {self.box} covers no pixel of a {height}x{width} image")
         region = torch.zeros(1, 1, height, width, device=images.device, dtype=images.dtype)
-        region[..., int(top * height):int(bottom * height), int(left * width):int(right * width)] = 1
+        region[..., rows, columns] = 1
         distance = ((images - self.color) ** 2).mean(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
         score = -(distance * region).sum(dim=(1, 2, 3)) / region.sum()
         return RewardOutput(score=score, heatmap=(distance * region).clamp(0, 1))

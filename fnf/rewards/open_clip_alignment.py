@@ -39,7 +39,7 @@ class OpenCLIPAlignment(RewardHead):
         import open_clip  # lazily: importing it costs seconds
 
         super().__init__()
-        if pretrained is None and not model.startswith("local-dir:"):
+        if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):  # those name their weights
             raise ValueError(f"{self.name}: model {model!r} needs pretrained= (an open_clip tag or a .safetensors "
                              "file); random weights are no reward")
         if pretrained is not None and Path(pretrained).suffix in (".bin", ".pt", ".pth", ".ckpt"):

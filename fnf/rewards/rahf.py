@@ -369,5 +369,5 @@ class RAHFHeatmap(RewardHead):
         heatmap = output.heatmaps[self.heatmap]
         if heatmap.shape[-2:] != images.shape[-2:]:
             heatmap = F.interpolate(heatmap, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return RewardOutput(score=output.scores[self.score].to(images.dtype),
+        return RewardOutput(score=output.scores[self.score].float(),
                             heatmap=heatmap.clamp(0, 1).to(images.dtype))
