@@ -14,7 +14,7 @@ Only LoRA weights train; checkpoints hold only them; inference is the tuned mode
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -195,8 +195,9 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         heatmaps, scores = self.problem_heatmaps(images, prompts)
         masks, active = [], []
         no_mask = images.new_zeros(images.shape[0], 1, *images.shape[2:])
-        for heatmap in heatmaps:
-            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, self.mask_args)
+        for term, heatmap in zip(self.terms, heatmaps):
+            cut = self.mask_args if term.threshold is None else replace(self.mask_args, threshold=term.threshold)
+            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, cut)
             empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
             if self.mask_args.empty == "global":
                 mask = torch.where(empty[:, None, None, None], 1.0, mask)

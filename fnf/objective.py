@@ -26,6 +26,9 @@ class RewardTerm:
     """Where M comes from: the head's heatmap, gradient saliency of its score, or nowhere (reward only)."""
     lam: float | None = None
     """mask_mode=per_head: this head's λ (None: model.lam)."""
+    threshold: float | None = None
+    """This head's mask threshold (None: model.masks.threshold): heads whose maps differ in scale, e.g. boxes painted
+    with detection confidences next to a [0, 1] heatmap, each cut where their own map means "wrong"."""
     clean_score: float | None = None
     """mask: saliency: a base score at or above this (in the head's units) means nothing to fix: the mask is
     empty and masks.empty applies (saliency is peak-normalised, so otherwise every image gets a region)."""
@@ -44,7 +47,8 @@ class RewardTerm:
 
 def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["union", "per_head"]) -> None:
     """Refuse objectives that would train on nonsense: no reward, non-finite or negative weights, settings that would
-    be ignored (a per-head λ under ``union`` or on a head without a mask, clean_score without saliency),
+    be ignored (a per-head λ under ``union``, a per-head λ or threshold on a head without a mask, clean_score
+    without saliency),
     ``per_head`` without any mask."""
     if not rewards:
         raise ValueError("model.rewards: at least one reward term is required")
@@ -64,6 +68,11 @@ def check_objective(rewards: list[RewardTerm], lam: float, mask_mode: Literal["u
         if term.lam is not None and term.mask == "none":
             raise ValueError(f"model.rewards[{i}].lam weighs the fidelity term outside this head's mask, and it has "
                              "none (mask: none); remove it or give the head a mask")
+        if term.threshold is not None and not 0 < term.threshold <= 1:
+            raise ValueError(f"model.rewards[{i}].threshold must be in (0, 1] or null, got {term.threshold}")
+        if term.threshold is not None and term.mask == "none":
+            raise ValueError(f"model.rewards[{i}].threshold cuts this head's mask, and it has none (mask: none); "
+                             "remove it or give the head a mask")
         if term.clean_score is not None and term.mask != "saliency":
             raise ValueError(f"model.rewards[{i}].clean_score is only read with mask: saliency (a heatmap head "
                              f"decides itself where nothing is wrong), got mask: {term.mask}; remove it")

@@ -128,7 +128,8 @@ def scan_settings(module, head_args: list[dict] | None) -> dict[str, Any]:
             "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
                         "resolution": module.sampler.resolution},
             "masks": masks,
-            "heads": {name: {"mask": term.mask, "clean_score": term.clean_score, "head": args}
+            "heads": {name: {"mask": term.mask, "threshold": term.threshold, "clean_score": term.clean_score,
+                             "head": args}
                       for name, term, args in zip(module.head_names, module.terms,
                                                   head_args or [None] * len(module.terms))}}
 
