@@ -65,6 +65,8 @@ def test_a_checkpoint_of_an_epoch_s_last_batch_resumes_with_a_whole_next_epoch(t
     for done, expected in ((3, whole), (2, whole[2:]), (1, whole[1:])):  # 5 items of batch 2: 3 batches per epoch
         dm.load_state_dict({"batches_done_in_epoch": done, "shuffle_seed": dm.shuffle_seed})
         assert [batch["prompt"] for batch in dm.train_dataloader()] == expected, done
+        # the restored epoch alone skips: a loader built again (reload_dataloaders_every_n_epochs) is whole
+        assert [batch["prompt"] for batch in dm.train_dataloader()] == whole, done
 
 
 def test_seeds_per_prompt_expansion_is_distinct(tmp_path):
@@ -275,6 +277,8 @@ BAD_FILES = [
     ("p.jsonl", '{"prompt": "a", "seed": "x"}\n', r"p\.jsonl:1: seed must be an integer"),
     ("p.jsonl", '{"prompt": "a", "seed": 1.5}\n', r"p\.jsonl:1: seed must be an integer"),
     ("p.jsonl", '{"prompt": "a", "seed": true}\n', r"p\.jsonl:1: seed must be an integer"),
+    ("p.jsonl", '{"prompt": "a", "seed": -1}\n', r"p\.jsonl:1: seed must be an integer in \[0, 2\*\*63\), got -1"),
+    ("p.jsonl", '{"prompt": "a", "seed": 9223372036854775808}\n', r"p\.jsonl:1: seed must be an integer in \[0, "),
     ("p.jsonl", '{"prompt": "a"}\n{"prompt": "  "}\n', r"p\.jsonl:2: empty prompt"),
     ("p.csv", "text,seed\na,1\n", r"p\.csv: no 'prompt' column .*found columns \['text', 'seed'\]"),
     ("p.csv", "prompt,seed\na,1\n,2\n", r"p\.csv:3: empty prompt"),

@@ -26,6 +26,8 @@ def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches
     for step in range(3):  # global batch of one process (batch 4) == union of the ranks' batches (batch 2 each)
         ranks = {i for shard in shards for i in shard[step * per_rank_batch:(step + 1) * per_rank_batch]}
         assert ranks == set(single[step * 4:(step + 1) * 4])
+    uneven = [list(EpochShuffle(5, seed=0, num_replicas=2, rank=r)) for r in range(2)]  # padded: equal batch counts
+    assert [len(shard) for shard in uneven] == [3, 3] and set(uneven[0] + uneven[1]) == set(range(5))
 
 
 @pytest.fixture(scope="module")
