@@ -311,6 +311,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
                                                  "} in the config but None in "),
     (["--data.batch_size", "1"], "data.batch_size: 1 in the config but 2 in "),
     (["--data.seeds_per_prompt", "2"], "data.seeds_per_prompt: 2 in the config but 1 in "),
+    (["--data.val_fraction", "0.5"], "data.val_fraction: 0.5 in the config but 0.0 in "),
     (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: 2 in the config but 1 in "),
 ])
 def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(trained, extra, expected, capsys):

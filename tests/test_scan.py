@@ -98,6 +98,8 @@ def test_rows_do_not_depend_on_the_batch_size_or_the_empty_mask_policy(scanned, 
     prompts, _, rows = scanned
     assert_same_rows(scan(prompts, tmp_path / "one.jsonl", "--data.seeds_per_prompt=2", "--batch_size=1",
                           "--model.masks.empty=global"), rows)
+    settings = rows[0]["settings"]  # what data.filter compares: the policy is not a scan setting, the guidance is
+    assert "empty" not in settings["masks"] and settings["sampler"]["guidance_scale"] > 1
 
 
 def test_a_torn_scan_resumes_and_ends_as_an_uninterrupted_one(scanned, tmp_path, capsys, monkeypatch):
