@@ -58,6 +58,11 @@ def test_bf16_frozen_weights_train_like_float32_weights_under_autocast(tiny_mode
     assert _frozen_bytes(module) * 2 == _frozen_bytes(reference)  # the loaded model's weights halve
     lora = module.model.lora_parameters()
     assert {p.dtype for p in lora} == {torch.float32} and step.grads.dtype == torch.float32
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft's per-layer cast to float32, which autocast undid: off
+
+    for model, cast in ((module.model, False), (reference.model, True)):
+        layers = [m for m in model.unet.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and {m.cast_input_dtype_enabled for m in layers} == {cast}
     state = module.trainer.optimizers[0].state
     assert {t.dtype for p in lora for t in state[p].values() if t.is_floating_point() and t.dim()} == {torch.float32}
     # Autocast already ran the float32 path's matmuls and convs on bf16 copies of the same weights; what differs is
@@ -74,6 +79,7 @@ def test_float32_precision_keeps_float32_weights_and_channels_last_trains_the_sa
     module, step = _first_step(tiny_model_dir, tmp_path, "32-true", memory_format="channels_last")
     assert {p.dtype for p in module.model.parameters()} == {torch.float32}
     assert module.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # decode too
     torch.testing.assert_close(step.loss, ref_step.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(step.grads, ref_step.grads, rtol=1e-4, atol=1e-6)
 

@@ -89,6 +89,24 @@ def test_a_signal_mid_accumulation_keeps_the_previous_checkpoint(tmp_path, batch
     assert written == ([(tmp_path / "last.ckpt", False)] if saved else [])  # a full checkpoint (optimizer too)
 
 
+def test_sigusr1_slurms_warning_is_noted_from_the_fits_start_and_its_handler_restored(capfd):
+    """SLURM's ``--signal=USR1@120`` may come while the model loads or validates before training: noted from
+    on_fit_start (the end-to-end SIGUSR1 run is --runslow); teardown puts the previous handler back."""
+    from fnf.preemption import PreemptionCheckpoint
+
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        callback = PreemptionCheckpoint()
+        callback.on_fit_start(SimpleNamespace(is_global_zero=True), None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback._pending == signal.SIGUSR1
+        assert "fnf: SIGUSR1: stopping after the current training step, with last.ckpt" in capfd.readouterr().err
+        callback.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_a_second_ctrl_c_interrupts_at_once_and_the_handlers_are_restored(capfd):
     from fnf.preemption import PreemptionCheckpoint
 

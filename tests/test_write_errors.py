@@ -186,3 +186,23 @@ def test_a_test_runs_files_are_whole_or_absent_when_the_disk_fills(tiny_model_di
     assert written == sorted(order[:order.index(failing)]), written
     if failing != "test_samples/001.png":
         assert len(json.loads((tmp_path / "test_samples" / "samples.json").read_text())) == 2
+
+
+def test_the_room_check_asks_for_two_checkpoints(tmp_path, monkeypatch):
+    """A save writes the new checkpoint beside the previous one: 1.5 checkpoints of free space is refused, 2 pass
+    (a LoRA of 1000 weights: ~12 kB with AdamW's two moments, float32)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fnf.checkpoint_io import check_room_for_checkpoints
+
+    lora, size = [torch.nn.Parameter(torch.zeros(1000))], 3 * 4 * 1000
+    for free, refused in ((int(1.5 * size), True), (2 * size, False)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, free=free: SimpleNamespace(free=free))
+        if refused:
+            with pytest.raises(OSError, match=r"^trainer.default_root_dir: .* has 0.0 MiB free; a checkpoint of this "
+                                              r"run takes about 0.0 MiB and a save needs room for two"):
+                check_room_for_checkpoints(str(tmp_path), lora, "trainer.default_root_dir")
+        else:
+            check_room_for_checkpoints(str(tmp_path), lora, "trainer.default_root_dir")
