@@ -342,6 +342,26 @@ def test_tradeoff_uses_each_runs_own_mask_unless_every_run_has_the_reference():
     assert "from reference_outside_psnr)" in fnf.report.tradeoff_charts(runs)
 
 
+def test_a_run_without_finite_numbers_is_named_under_the_chart_not_plotted():
+    """A NaN reward change (a diverged run): no dot at NaN, whose axes would go blank, but a note naming the run."""
+    runs = [{"name": "fine", "metrics": {"reward_change/ColorRegion": 0.5, "outside_psnr": 30.0}},
+            {"name": "diverged", "metrics": {"reward_change/ColorRegion": math.nan, "outside_psnr": 30.0}}]
+    figure = fnf.report.tradeoff_figure(runs, "ColorRegion", "outside_psnr", "the run's mask")
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "fine" in legend and "diverged" not in legend
+    charts = fnf.report.tradeoff_charts(runs)
+    assert "not plotted (no finite reward_change/ColorRegion or outside_psnr): diverged" in charts
+
+
+def test_an_item_by_item_comparison_names_the_run_without_items():
+    """Either side may predate test_items.jsonl: the note names the one that lacks it."""
+    items = [{"prompt": "p", "seed": 0, "reward_tuned/h": 1.0}]
+    assert fnf.report.paired([{"name": "old", "items": None}, {"name": "new", "items": items}]) == {
+        "new": "old has no test_items.jsonl (tested before fnf wrote one)"}
+    assert fnf.report.paired([{"name": "new", "items": items}, {"name": "old", "items": None}]) == {
+        "old": "old has no test_items.jsonl (tested before fnf wrote one)"}
+
+
 def test_metrics_json_is_strict_json_and_a_dot_run_has_its_folders_name(tmp_path, monkeypatch):
     """A number of nothing (NaN, a 200-dB cap written as Infinity by older code) is null in metrics.json, which
     strict parsers (JavaScript, jq) then read; ``fnf report .`` names the run after its folder, not ''."""
