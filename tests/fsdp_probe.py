@@ -1,6 +1,6 @@
 """Writes, per rank, how the UNet, text encoder and reward heads are held under FSDP2 (imported by ``fnf fit``
-by class_path): parameters that are ``DTensor``s, the numel this rank stores vs the full numel, and which
-checkpoint writer the strategy uses."""
+by class_path): parameters that are ``DTensor``s, the numel this rank stores vs the full numel, which checkpoint
+writer the strategy uses, and how many of the UNet's transformer / ResNet blocks are sharded units of their own."""
 
 import json
 from pathlib import Path
@@ -8,6 +8,8 @@ from pathlib import Path
 from lightning import Callback
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+
+from fnf.sharding import SHARDED_BLOCKS
 
 
 class WriteShardSizes(Callback):
@@ -31,4 +33,6 @@ class WriteShardSizes(Callback):
                                               for p in params),
                            "numel": sum(p.numel() for p in params)}
         sizes["checkpoint_io"] = type(trainer.strategy.checkpoint_io).__name__
+        blocks = [m for m in pl_module.model.unet.modules() if isinstance(m, SHARDED_BLOCKS)]  # each its own unit
+        sizes["blocks"], sizes["sharded_blocks"] = len(blocks), sum(isinstance(m, FSDPModule) for m in blocks)
         Path(self.folder, f"shards-rank{trainer.global_rank}.json").write_text(json.dumps(sizes))

@@ -45,6 +45,7 @@ def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tiny_mo
             part = shards[rank][whole]
             assert part["dtensors"] == 0 and part["local_numel"] == part["numel"]
         assert shards[rank]["checkpoint_io"] == "AtomicCheckpointIO"  # the CLI's atomic writer still saves
+        assert shards[rank]["sharded_blocks"] == shards[rank]["blocks"] > 0  # per block: one gathered at a time
     assert unet[0]["local_numel"] + unet[1]["local_numel"] == unet[0]["numel"]
 
 
