@@ -4,7 +4,8 @@ training.
 Builds the config's model exactly as ``fnf fit`` does (the same LightningCLI parser: every model / data / trainer
 key and override works), samples the base images I0 (LoRA off) of the first ``n`` (prompt, seed) items of
 ``data.train_file``, and runs every reward head and the mask pipeline of training on them
-(``FocusNFix._localise``: heatmap or saliency -> threshold -> dilation), once per threshold. Writes
+(``FocusNFix._localise``: heatmap or saliency -> threshold -> dilation), once per threshold (``--thresholds``;
+default: every threshold training uses, masks.threshold and the heads' own; each cuts every head's map). Writes
 ``DIR/index.html`` (one self-contained page: per prompt I0 | heatmap | mask per head and threshold | union mask,
 with mask areas and base scores; per head and threshold a histogram of mask areas and the share of empty masks)
 and ``DIR/summary.json`` with those numbers, so that masks.threshold / dilation / saliency can be judged first.
@@ -63,10 +64,11 @@ class Preview:
         return 100 * self.masks.amax(dim=2).mean(dim=(-2, -1))
 
 
-def parse_thresholds(text: str | None, default: float) -> list[float]:
-    """``"0.3,0.5,0.7"`` -> ascending thresholds in (0, 1]; None -> the config's masks.threshold."""
+def parse_thresholds(text: str | None, defaults: list[float]) -> list[float]:
+    """``"0.3,0.5,0.7"`` -> ascending thresholds in (0, 1]; None -> the ones training uses (``defaults``: the
+    config's masks.threshold and each head's own)."""
     if text is None:
-        return [default]
+        return sorted(set(defaults))
     try:
         values = sorted({float(part) for part in text.split(",")})
     except ValueError:
@@ -85,12 +87,18 @@ def head_heatmaps(model: FocusNFix, images: Tensor, prompts: list[str]) -> Tenso
 
 def masks_at(model: FocusNFix, images: Tensor, prompts: list[str], args: MaskArgs) -> tuple[Tensor, Tensor, Tensor]:
     """Training's masks M_i(I0) at ``args`` before masks.empty applies, which are empty, and the base scores.
-    Run with masks.empty = skip: ``_localise`` then leaves the masks as they are and flags each empty one."""
+    Run with masks.empty = skip: ``_localise`` then leaves the masks as they are and flags each empty one.
+    ``args.threshold`` cuts every head's map, also of a head with its own threshold (one column, one cut)."""
     saved, model.mask_args = model.mask_args, replace(args, empty="skip")
+    own = [term.threshold for term in model.terms]
+    for term in model.terms:
+        term.threshold = None
     try:
         masks, active, scores = model._localise(images, prompts)
     finally:
         model.mask_args = saved
+        for term, threshold in zip(model.terms, own):
+            term.threshold = threshold
     return masks, active == 0, scores
 
 
@@ -170,7 +178,8 @@ class PreviewCLI(FnfCLI):
         super().before_instantiate_classes()
         if self.config.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.config.n}")
-        self.thresholds = parse_thresholds(self.config.thresholds, self.config.model.masks.threshold)
+        own = [term.threshold for term in self.config.model.rewards if term.get("threshold") is not None]
+        self.thresholds = parse_thresholds(self.config.thresholds, [self.config.model.masks.threshold, *own])
         check_output_folder(Path(self.config.out), "--out", "fnf preview", MARKER)
 
 

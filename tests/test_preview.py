@@ -174,8 +174,9 @@ def test_out_never_replaces_a_folder_preview_did_not_write(tmp_path):
 def test_zero_is_no_threshold():
     """A threshold must be in (0, 1]: 0 would mask every pixel, so it is refused like any bad value."""
     with pytest.raises(ValueError, match=r"^--thresholds: expected comma-separated numbers in \(0, 1\]"):
-        parse_thresholds("0,0.5", 0.7)
-    assert parse_thresholds("0.5,0.001,1", 0.7) == [0.001, 0.5, 1.0]
+        parse_thresholds("0,0.5", [0.7])
+    assert parse_thresholds("0.5,0.001,1", [0.7]) == [0.001, 0.5, 1.0]
+    assert parse_thresholds(None, [0.5, 0.25, 0.5]) == [0.25, 0.5]  # masks.threshold and the heads' own
 
 
 def _two_head_preview() -> Preview:
@@ -241,6 +242,26 @@ def test_a_two_head_config_previews_the_union_of_its_masks(config, tmp_path, cap
                                                  clean["area_percent"]))
     assert sum(clean["histogram_of_non_empty"]["counts"]) == 0
     assert sum(region["histogram_of_non_empty"]["counts"]) == sum(union["histogram_of_non_empty"]["counts"]) == 4
+
+
+def test_a_threshold_column_cuts_every_heads_map_also_of_a_head_with_its_own(tiny_model_dir):
+    """One column, one cut: a head's own threshold (model.rewards[i].threshold) is what the preview helps to choose,
+    so the column's threshold replaces it there; the head keeps its own afterwards."""
+    from test_module import _module
+
+    from fnf.module import RewardTerm
+    from fnf.preview import masks_at
+    from fnf.rewards import ColorRegion
+
+    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", masks=MaskArgs(threshold=0.5, dilation=0),
+                     rewards=[RewardTerm(ColorRegion(), name="run"), RewardTerm(ColorRegion(), threshold=0.25)])
+    halves = torch.full((1, 1, 4, 4), 0.3)
+    halves[..., 2:] = 0.6
+    module.problem_heatmaps = lambda images, prompts: ([halves, halves], torch.zeros(1, 2))
+    for threshold, area in ((0.5, 0.5), (0.25, 1.0)):
+        masks, _, _ = masks_at(module, torch.zeros(1, 3, 4, 4), [""], replace(module.mask_args, threshold=threshold))
+        assert [masks[0, i].mean().item() for i in range(2)] == [area, area]
+    assert [term.threshold for term in module.terms] == [None, 0.25]
 
 
 def test_preview_stores_the_frozen_weights_as_fit_does(config, tmp_path, monkeypatch):
