@@ -195,6 +195,8 @@ def test_a_local_weights_file_takes_its_published_tags_preprocessing_and_activat
         OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights))
     with pytest.raises(ValueError, match=r"^OpenCLIPAlignment.tag: fnf-tiny-tagged has no pretrained tag 'openai'"):
         OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights), tag="openai")
+    with pytest.raises(ValueError, match=r"^OpenCLIPAlignment.tag is read only with a local .safetensors file"):
+        OpenCLIPAlignment("fnf-tiny-tagged", pretrained="quick", tag="quick")
     quick = OpenCLIPAlignment("fnf-tiny-tagged", pretrained=str(weights), tag="quick")
     assert quick.mean.flatten().tolist() == [0.0] * 3 and quick.std.flatten().tolist() == [1.0] * 3
     assert (quick.interpolation, quick.resize_mode) == ("bilinear", "squash")

@@ -49,8 +49,10 @@ class OpenCLIPAlignment(RewardHead):
             raise FileNotFoundError(f"{self.name}.pretrained: {pretrained}: "
                                     f"{'a folder' if Path(pretrained).is_dir() else 'no such file'}; expected a "
                                     ".safetensors file or an open_clip tag")
-        published = local_file_settings(open_clip, model, tag, self.name) if pretrained is not None and \
-            Path(pretrained).is_file() else {}
+        local_file = pretrained is not None and Path(pretrained).is_file()
+        if tag is not None and not local_file:  # a tag as pretrained, or a local-dir: / hf-hub: model, brings its own
+            raise ValueError(f"{self.name}.tag is read only with a local .safetensors file as pretrained; remove it")
+        published = local_file_settings(open_clip, model, tag, self.name) if local_file else {}
         silenced = logging.root.manager.disable  # open_clip logs a failed download or unknown tag, then raises
         logging.disable(max(silenced, logging.ERROR))
         try:
