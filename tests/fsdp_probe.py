@@ -20,10 +20,11 @@ class WriteShardSizes(Callback):
         # FSDP2 can leave its root group (conv_in/out, time embedding: no trainable weights, so no post-backward
         # reshard) unsharded after a gradient-free forward or a state-dict gather, until its next forward;
         # reshard() frees such transient copies, so what is counted is how the weights are stored.
-        for module in pl_module.model.unet.modules():
+        for module in pl_module.model.denoiser.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        parts = {"unet": pl_module.model.unet, "text_encoder": pl_module.model.text_encoder, "heads": pl_module.heads}
+        parts = {"unet": pl_module.model.denoiser, "text_encoder": pl_module.model.text_encoder,
+                 "heads": pl_module.heads}  # "unet": the denoiser, an SD3 / FLUX transformer too
         sizes = {}
         for name, part in parts.items():
             params, lora = list(part.parameters()), [p for n, p in part.named_parameters() if "lora_" in n]
@@ -33,6 +34,6 @@ class WriteShardSizes(Callback):
                                               for p in params),
                            "numel": sum(p.numel() for p in params)}
         sizes["checkpoint_io"] = type(trainer.strategy.checkpoint_io).__name__
-        blocks = [m for m in pl_module.model.unet.modules() if isinstance(m, SHARDED_BLOCKS)]  # each its own unit
+        blocks = [m for m in pl_module.model.denoiser.modules() if isinstance(m, SHARDED_BLOCKS)]  # each its own unit
         sizes["blocks"], sizes["sharded_blocks"] = len(blocks), sum(isinstance(m, FSDPModule) for m in blocks)
         Path(self.folder, f"shards-rank{trainer.global_rank}.json").write_text(json.dumps(sizes))

@@ -49,6 +49,26 @@ def test_two_process_fsdp2_equals_one_process_with_the_same_global_batch(tiny_mo
     assert unet[0]["local_numel"] + unet[1]["local_numel"] == unet[0]["numel"]
 
 
+def test_two_process_fsdp2_shards_a_flux_transformer_block_by_block_and_equals_one_process(tmp_path):
+    """FLUX.1-shaped (double- and single-stream blocks, embedded guidance): every block is a sharded unit of its
+    own, every transformer weight a DTensor, and 2 processes train as 1 with the same global batch."""
+    from fnf.worlds.random_sd import build_random_flux
+
+    model = str(build_random_flux(tmp_path / "flux"))
+    small = ("--model.sampler.resolution", "16")  # FLUX's default is 1024 px, 256 with the tiny VAE
+    one = fit(tmp_path, model, "devices1", batch_size=4, args=small)
+    probe = {"class_path": "fsdp_probe.WriteShardSizes", "init_args": {"folder": str(tmp_path / "fsdp2")}}
+    two = fit(tmp_path, model, "fsdp2", batch_size=2, args=small, devices=2, strategy=FSDP2, callbacks=[probe])
+    assert one.keys() == two.keys() and len(one) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-7, msg=name)
+    for rank in (0, 1):
+        shards = json.loads((tmp_path / "fsdp2" / f"shards-rank{rank}.json").read_text())
+        assert shards["sharded_blocks"] == shards["blocks"] > 0
+        assert shards["unet"]["dtensors"] == shards["unet"]["params"]
+        assert shards["unet"]["local_numel"] < shards["unet"]["numel"]
+
+
 def test_tensor_parallelism_is_refused_by_name(tiny_model_dir):
     """ModelParallelStrategy's defaults (tensor_parallel_size: auto = all GPUs of a node) would leave the UNet
     unsharded and the LoRA unsynchronised while the ranks train on different prompts."""
