@@ -83,6 +83,30 @@ def test_saliency_takes_each_pixels_strongest_channel_and_its_own_sigma():
     assert not torch.equal(term_heatmaps(terms, heads, images, ["", ""], 1.0)[0][0], saliency)
 
 
+def test_a_heads_own_threshold_cuts_its_map_and_the_others_use_the_runs(tiny_model_dir):
+    """Two heads with the same map of 0.3 / 0.6 halves: the run's threshold 0.5 keeps the 0.6 half for the first,
+    its own 0.25 keeps both halves for the second."""
+    from test_module import _module  # the FNF step test's setup
+
+    from fnf.module import RewardTerm
+    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", masks=MaskArgs(threshold=0.5, dilation=0),
+                     rewards=[RewardTerm(ColorRegion(), name="run"), RewardTerm(ColorRegion(), threshold=0.25)])
+    halves = torch.full((1, 1, 4, 4), 0.3)
+    halves[..., 2:] = 0.6
+    module.problem_heatmaps = lambda images, prompts: ([halves, halves], torch.zeros(1, 2))
+    masks, _, _ = module._localise(torch.zeros(1, 3, 4, 4), [""])
+    assert masks[0, 0].mean().item() == 0.5 and masks[0, 1].mean().item() == 1.0
+    from fnf.scan_file import scan_settings  # a scan's mask areas depend on it: data.filter compares it
+
+    heads = scan_settings(module, None)["heads"]
+    assert heads["run"]["threshold"] is None and heads["ColorRegion"]["threshold"] == 0.25
+    with pytest.raises(ValueError, match=r"^model.rewards\[0\].threshold must be in \(0, 1\] or null, got 1.5"):
+        _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion(), threshold=1.5)])
+    with pytest.raises(ValueError, match=r"^model.rewards\[0\].threshold cuts this head's mask, and it has none"):
+        _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion(), mask="none", threshold=0.5),
+                                                  RewardTerm(ColorRegion(), name="b")])
+
+
 @pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=1.5), dict(dilation=-1), dict(feather=0.0),
                                  dict(saliency_sigma=-1.0)])
 def test_bad_mask_args_name_the_key(bad):

@@ -182,27 +182,6 @@ def test_per_head_mode_sums_each_heads_lambda_times_its_own_penalty(tiny_model_d
     torch.testing.assert_close(fidelity, torch.tensor([[0.0, 0.0], [half, 0.0]]))  # per masked head and image
 
 
-def test_a_heads_own_threshold_cuts_its_map_and_the_others_use_the_runs(tiny_model_dir):
-    """Two heads with the same map of 0.3 / 0.6 halves: the run's threshold 0.5 keeps the 0.6 half for the first,
-    its own 0.25 keeps both halves for the second."""
-    module = _module(tiny_model_dir, lam=1.0, mask_mode="per_head", masks=MaskArgs(threshold=0.5, dilation=0),
-                     rewards=[RewardTerm(ColorRegion(), name="run"), RewardTerm(ColorRegion(), threshold=0.25)])
-    halves = torch.full((1, 1, 4, 4), 0.3)
-    halves[..., 2:] = 0.6
-    module.problem_heatmaps = lambda images, prompts: ([halves, halves], torch.zeros(1, 2))
-    masks, _, _ = module._localise(torch.zeros(1, 3, 4, 4), [""])
-    assert masks[0, 0].mean().item() == 0.5 and masks[0, 1].mean().item() == 1.0
-    from fnf.scan_file import scan_settings  # a scan's mask areas depend on it: data.filter compares it
-
-    heads = scan_settings(module, None)["heads"]
-    assert heads["run"]["threshold"] is None and heads["ColorRegion"]["threshold"] == 0.25
-    with pytest.raises(ValueError, match=r"^model.rewards\[0\].threshold must be in \(0, 1\] or null, got 1.5"):
-        _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion(), threshold=1.5)])
-    with pytest.raises(ValueError, match=r"^model.rewards\[0\].threshold cuts this head's mask, and it has none"):
-        _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(ColorRegion(), mask="none", threshold=0.5),
-                                                  RewardTerm(ColorRegion(), name="b")])
-
-
 def test_union_mode_keeps_only_what_no_heads_mask_covers(tiny_model_dir):
     """Two images: the first changes everywhere, the second not at all; the penalty is λ times the mean over them."""
     module = _module(tiny_model_dir, lam=0.5, rewards=[RewardTerm(ColorRegion()), RewardTerm(ColorRegion(), name="b")])

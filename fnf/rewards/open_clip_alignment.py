@@ -113,8 +113,9 @@ def local_file_settings(open_clip, model: str, tag: str | None, name: str) -> di
     and std, GELU), right only for some tags; ``tag`` names the one the file holds. Without it, the model's tags
     must agree (or it has none)."""
     tags = open_clip.list_pretrained_tags_by_model(model)
-    settings = {t: (tuple((key, open_clip.get_pretrained_cfg(model, t).get(key)) for key in PUBLISHED),
-                    bool(open_clip.get_pretrained_cfg(model, t).get("quick_gelu"))) for t in tags}
+    configs = {t: open_clip.get_pretrained_cfg(model, t) for t in tags}
+    settings = {t: (tuple((key, config.get(key)) for key in PUBLISHED), bool(config.get("quick_gelu")))
+                for t, config in configs.items()}
     if tag is not None and tag not in settings:
         raise ValueError(f"{name}.tag: {model} has no pretrained tag {tag!r}; its tags: {tags}")
     if tag is None and len(set(settings.values())) > 1:
