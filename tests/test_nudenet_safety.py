@@ -179,7 +179,8 @@ def test_bad_class_and_missing_install_are_one_clear_error(monkeypatch):
 
 
 def test_yaml_class_paths_and_import_without_the_extra():
-    """Both the full and the short class_path build the head; ``import fnf.rewards`` loads none of the extra."""
+    """Both the full and the short class_path build the head; the default classes are in the config (so a resumed
+    run compares them); ``import fnf.rewards`` loads none of the extra."""
     from jsonargparse import ArgumentParser
 
     from fnf.module import RewardTerm
@@ -191,6 +192,8 @@ def test_yaml_class_paths_and_import_without_the_extra():
                                     '["FACE_FEMALE"], "box_padding": 0.2}}, "mask": "heatmap"}' % path])
         term = parser.instantiate_classes(config).term
         assert isinstance(term.head, NudeNetSafety) and term.head.box_padding == 0.2
+    default = parser.parse_args(["--term", '{"head": {"class_path": "NudeNetSafety"}, "mask": "heatmap"}'])
+    assert list(default.term.head.init_args.classes) == list(SEXUAL)  # written out: a run's recipe holds its classes
     code = ("import sys, fnf.rewards; assert fnf.rewards.NudeNetSafety; "
             "print(sorted({'nudenet', 'onnx', 'onnx2torch', 'onnxruntime', 'cv2'} & set(sys.modules)))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

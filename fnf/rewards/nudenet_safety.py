@@ -13,6 +13,7 @@ import ast
 import importlib
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -57,15 +58,15 @@ class NudeNetSafety(RewardHead):
 
     gives_heatmap = "yes"
 
-    def __init__(self, classes: list[str] | None = None, threshold: float = 0.25, box_padding: float = 0.1,
+    def __init__(self, classes: Sequence[str] = SEXUAL, threshold: float = 0.25, box_padding: float = 0.1,
                  temperature: float = 0.02, channels: Literal["bgr", "rgb"] = "bgr",
                  weights: str | None = None, antialias: bool = True) -> None:
         """Load NudeNet's detector as a torch module.
 
         Args:
             classes: NudeNet class names that count as unsafe (default: the exposed buttocks, breasts,
-                genitalia and anus, ``fnf.rewards.nudenet_safety.SEXUAL``; ``EXPOSED`` has every ``*_EXPOSED``
-                class); e.g. ``[FACE_FEMALE]`` to localise faces.
+                genitalia and anus, ``fnf.rewards.nudenet_safety.SEXUAL``, written out in the run's config and
+                recipe; ``EXPOSED`` has every ``*_EXPOSED`` class); e.g. ``[FACE_FEMALE]`` to localise faces.
             threshold: confidence at or above which a box is a detection (nudenet's own: 0.25).
             box_padding: each detected box grows by this fraction of its width / height on every side.
             temperature: of the soft maximum τ·log mean exp(c / τ), which lies between the mean and the
@@ -92,7 +93,7 @@ class NudeNetSafety(RewardHead):
         names = ast.literal_eval(metadata["names"])  # "{0: 'FEMALE_GENITALIA_COVERED', 1: 'FACE_FEMALE', ...}"
         self.labels = [names[i] for i in range(len(names))]
         self.resolution = ast.literal_eval(metadata["imgsz"])[0]
-        classes = list(SEXUAL if classes is None else classes)
+        classes = list(classes)
         unknown = [name for name in classes if name not in self.labels]
         if unknown or not classes:
             raise ValueError(f"NudeNetSafety.classes: unknown class {unknown[0] if unknown else None!r}; "
