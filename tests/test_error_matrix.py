@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -281,7 +282,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(name, tiny_model_dir, tmp_path
 
 
 def test_the_matrix_covers_the_cases_the_docs_count():
-    assert len(CASES) >= 75  # docs/scale-and-reliability.md: 76 cases (75 with CUDA)
+    docs = (Path(__file__).parents[1] / "docs" / "scale-and-reliability.md").read_text()
+    on_cpu, with_cuda = map(int, re.search(r"runs (\d+) cases \((\d+) with CUDA\)", docs).groups())
+    assert len(CASES) == (with_cuda if torch.cuda.is_available() else on_cpu)
 
 
 @pytest.fixture(scope="module")
