@@ -91,8 +91,34 @@ def parser_error(error: ArgumentError, known_keys: list[str] = (), argv: list[st
     if keys and (base := re.search(r"Import path (\S+ )?does not correspond to a subclass of (\w+)", str(error))):
         path = base[1] or (re.search(r"Given value: (\S+)", str(error)) or [None, "the class"])[1]
         return f"{'.'.join(keys)}: {path.strip()} is not a {base[2]} subclass"
+    if keys and (mismatch := type_mismatch(lines)):
+        return f"{'.'.join(keys)}: {mismatch}"
     reasons = [line for line in lines if not line.startswith(('Parser key "', "Problem with given class_path"))]
-    return f"{'.'.join(keys)}: {reasons[-1]}" if keys and reasons else cause(error)
+    real = [line for line in reasons if not line.startswith(JSONARGPARSE_WRAPPING)]  # e.g. No module named 'x'
+    return f"{'.'.join(keys)}: {(real or reasons)[0 if real else -1]}" if keys and reasons else cause(error)
+
+
+def type_mismatch(lines: list[str]) -> str | None:
+    """'Expected a <type>. Got value: v' (or 'Expected float or null. Got value: v') from the innermost key's report:
+    jsonargparse states a Union's types one per line, then the value (a nested one as its internal repr at the outer
+    level), and the caller would otherwise quote that last line alone."""
+    inner = lines[max(i for i, line in enumerate(lines) if line.startswith('Parser key "')) + 1:]
+    if inner and re.fullmatch(r"Expected a .+\. Got value: .*", inner[0]):
+        return inner[0]
+    given = next((i for i, line in enumerate(inner) if line.startswith("Given value: ")), None)
+    expected = [type_name(line.removeprefix("Expected a ")) for line in inner[:given] if line.startswith("Expected a ")]
+    if given is None or not expected or any(not line.startswith(JSONARGPARSE_WRAPPING) for line in inner[:given]):
+        return None
+    return f"Expected {', '.join(expected[:-1])} or {expected[-1]}. Got value: {inner[given].removeprefix('Given value: ')}"
+
+
+def type_name(reported: str) -> str:
+    """jsonargparse's "<class 'float'>" as float, NoneType as null, "typing.Literal['a', 'b']" as one of ['a', 'b']."""
+    if plain := re.fullmatch(r"<class '(\w+)'>", reported):
+        return "null" if plain[1] == "NoneType" else plain[1]
+    if choices := re.fullmatch(r"typing\.Literal\[(.*)\]", reported):
+        return f"one of [{choices[1]}]"
+    return reported
 
 
 def unknown_class(key: str, name: str) -> str:

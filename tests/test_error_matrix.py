@@ -100,6 +100,15 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "wrong type on the command line": (None, ["--trainer.max_steps", "ten"], "trainer.max_steps: Expected a <class "
                                                                                "'int'>"),
     "value outside a choice": (_set("model.sampler.grad_mode", "bogus"), [], "model.sampler.grad_mode:"),
+    "wrong type of an optional value": (None, ["--checkpoint.every_n_train_steps", "abc"],  # not "Given value: abc"
+                                        "checkpoint.every_n_train_steps: Expected int or null. Got value: abc"),
+    "wrong type inside a class's arguments": (_set("data.filter", {"scan": "scan.jsonl", "head": "ShapesArtifact",
+                                                                   "mask_area_above": "big"}), [],
+                                              "data.filter.mask_area_above: Expected float or null. Got value: big"),
+    "value outside a union of choices": (None, ["--trainer.precision", "32x"], "trainer.precision: Expected int, one "
+                                         "of ['transformer-engine', "),
+    "a regularizer whose module is not importable": (None, ["--model.regularizer", "my_plugin.regs.PixelL1"],
+                                                     "model.regularizer: No module named 'my_plugin'"),
     "a bare YAML off": (_set("model.sampler.checkpointing", False), [],  # what `checkpointing: off` parses to
                         'Got value: False (YAML reads a bare off as false: quote it, "off")'),
     **({} if torch.cuda.is_available() else {  # Lightning's own line: "No supported gpu backend found!"
