@@ -26,7 +26,7 @@ class BlueSky(RewardHead):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         blue = images.new_tensor([0.0, 0.0, 1.0])[:, None, None]
-        distance = ((images - blue) ** 2).mean(1, keepdim=True) / 2  # (B, 1, H, W) in [0, 1]
+        distance = ((images - blue) ** 2).mean(1, keepdim=True)  # (B, 1, H, W), 1 at yellow
         sky = torch.zeros_like(distance)
         sky[..., : max(1, round(self.fraction * images.shape[-2])), :] = 1
         score = -(distance * sky).sum((1, 2, 3)) / sky.sum((1, 2, 3))

@@ -174,6 +174,21 @@ def test_the_example_head_is_selected_from_yaml_by_class_path(config, monkeypatc
     main(["fit", "--config", str(path), "--trainer.fast_dev_run=true", "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_the_example_heads_heatmap_reaches_1_so_the_default_threshold_masks_a_wrong_sky(monkeypatch):
+    """The guide's head as written must give masks at the usual thresholds (its heatmap topped out at 0.5 once:
+    every mask empty at the default 0.5 and the configs' 0.7, so training preserved the whole image)."""
+    from fnf.masks import MaskArgs, heatmap_to_mask
+
+    monkeypatch.syspath_prepend(str(REPO))
+    from examples.custom_reward import BlueSky
+
+    yellow, blue = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    images = torch.stack([yellow, blue])[:, :, None, None].expand(2, 3, 12, 12)
+    heatmap = BlueSky().eval()(images, ["a", "b"]).heatmap
+    mask = heatmap_to_mask(heatmap, MaskArgs(threshold=0.7, dilation=0)).bool()
+    assert heatmap[0].max() == 1 and mask[0, :, :4].all() and not mask[0, :, 4:].any() and not mask[1].any()
+
+
 class _Dropout(_Mean):
     """A valid head with a Dropout layer, handed over in train mode (as a freshly built nn.Module is)."""
 
