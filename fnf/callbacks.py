@@ -63,6 +63,7 @@ class LoraExporter(Callback):
             dirpath: output folder; None means ``<log dir>/lora``.
         """
         self.dirpath = dirpath
+        self.run_folder: Path | None = None  # set by fnf where the first logger's log dir is not the run's folder
 
     def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "lora")  # all ranks: a broadcast
@@ -85,7 +86,7 @@ class LoraExporter(Callback):
         on_every_rank(trainer, lambda: check_lora_folder(directory, run_folders))  # written to since setup?
         if trainer.is_global_zero:
             save_lora(pl_module.model, directory, weights)
-            run = run_folders["the run's log dir"] or trainer.default_root_dir  # log_dir: a broadcast, read above
+            run = self.run_folder or run_folders["the run's log dir"] or trainer.default_root_dir  # log_dir: read above
             rank_zero_info(f"fnf: run folder {run}; LoRA (diffusers load_lora_weights) in {directory}")
 
 

@@ -28,8 +28,10 @@ from fnf.callbacks import ImageGridLogger, LoraExporter, PngWriter
 from fnf.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, check_room_for_checkpoints
 from fnf.commands import EPILOG, TOOLS, check_command, configure, exit_code, run_tool, sigterm_unwinds
 from fnf.compute import ComputeArgs, frozen_dtype
+from fnf.csv_metrics import keep_csv_metrics
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
+from fnf.files import remove_staging_files
 from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
 from fnf.preemption import PreemptionCheckpoint
@@ -38,9 +40,14 @@ from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.scan_file import check_scanned_with, scan_settings
 from fnf.recipe import RunRecipe, check_settings, json_types, run_recipe
-from fnf.resume import (RunFolderGuard, checkpoints_parent, claim_folder_in_root, claim_version_folder,
-                        continue_run_folder, export_if_complete, find_last, is_run_last, keeps_run_folders,
-                        lock_run_folder, remove_if_unstarted, use_run_folder)
+from fnf.resume import (AUTO_LOCK, RunFolderGuard, checkpoints_parent, claim_folder_in_root, claim_version_folder,
+                        continue_run_folder, export_if_complete, find_last, folder_to_lock, is_run_last,
+                        keeps_run_folders, lock_run_folder, remove_if_unstarted, use_run_folder)
+
+
+def checkpoint_dirpath(config) -> str | None:
+    """The config's ``checkpoint.dirpath``: a run's checkpoints outside ``trainer.default_root_dir``."""
+    return (config.get("checkpoint") or {}).get("dirpath")
 
 
 def started_on_their_own(trainer) -> bool:
@@ -57,23 +64,30 @@ class RunCLI(LightningCLI):
     claimed = None  # the version folder this run created (removed again if the run fails before training)
     new_folders: list[Path] = []  # default_root_dir and its parents this run created (removed again if left empty)
     guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
+    starts_over = False  # --ckpt_path auto found no checkpoint: a new run, one at a time in the root (AUTO_LOCK)
 
     def settle_run_folder(self, prepare: Callable[[], Path | None]) -> None:
         """Rank 0's ``prepare`` claims the run's folder and returns the folder to lock (or None); rank 0 locks it
         before anything is written there. An error is raised at once where the other ranks do not exist yet; where
         they do (torchrun, srun), rank 0 drops its loggers (nothing written) and every rank raises it in setup."""
-        problem, lock = None, None
+        problem, locks = None, []
         root = Path(self.trainer.default_root_dir).absolute()
         self.new_folders = list(itertools.takewhile(lambda folder: not folder.exists(), (root, *root.parents)))
         try:
+            if self.starts_over and self.trainer.global_rank == 0:  # --ckpt_path auto found no checkpoint
+                locks.append(lock_run_folder(root, name=AUTO_LOCK))
             folder = prepare()
             if folder is not None and self.trainer.global_rank == 0:
-                lock = lock_run_folder(folder)
+                saver = self.trainer.checkpoint_callback
+                own = saver is not None and saver.dirpath and folder == folder_to_lock(Path(saver.dirpath))
+                locks.append(lock_run_folder(folder, "checkpoint.dirpath" if own else "trainer.default_root_dir"))
         except (ValueError, OSError) as error:
+            for lock in locks:
+                lock.close()
             if not started_on_their_own(self.trainer):
                 raise
-            problem, self.trainer.loggers = error, []
-        self.guard = RunFolderGuard(problem, lock)  # every rank adds one: its collective in setup pairs up
+            problem, self.trainer.loggers, locks = error, [], []
+        self.guard = RunFolderGuard(problem, locks)  # every rank adds one: its collective in setup pairs up
         self.trainer.callbacks.insert(0, self.guard)
 
     def claim_run_folder(self) -> None:
@@ -87,6 +101,8 @@ class RunCLI(LightningCLI):
                     use_run_folder(self.trainer, self.claimed)
 
         self.settle_run_folder(claim)
+        if self.trainer.global_rank == 0:
+            keep_csv_metrics(self.trainer.loggers, None)  # a folder of its own: nothing to delete, nothing to warn of
 
     def parse_arguments(self, parser, args) -> None:
         """Unknown keys get a close-match suggestion from the subcommand's own keys."""
@@ -156,10 +172,13 @@ class FnfCLI(RunCLI):
         if config.ckpt_path in ("last", "auto"):
             root = config.trainer.default_root_dir or "."
             config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit",
-                                         max_steps=config.trainer.max_steps if subcommand == "fit" else None)
+                                         max_steps=config.trainer.max_steps if subcommand == "fit" else None,
+                                         dirpath=checkpoint_dirpath(config))
+            self.starts_over = config.ckpt_path is None
             if config.ckpt_path is None:
                 return
-        self.continues_run = subcommand == "fit" and is_run_last(config.ckpt_path, config.trainer.default_root_dir)
+        self.continues_run = subcommand == "fit" and is_run_last(config.ckpt_path, config.trainer.default_root_dir,
+                                                                 checkpoint_dirpath(config))
         if _is_sharded_checkpoint(Path(config.ckpt_path)):  # a distributed (DCP) checkpoint: the strategy reads it
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)  # any other folder: refused here
@@ -233,6 +252,7 @@ class FnfCLI(RunCLI):
                 check_room_for_checkpoints(folder, self.model.model.lora_parameters(), key)
             if self.continues_run:
                 run = continue_run_folder(self.trainer, ckpt_path)
+                lock = folder_to_lock(Path(ckpt_path).resolve().parent)  # the folder of the run's checkpoints
             else:
                 self.claimed = claim_version_folder(self.trainer)
                 if not keeps_run_folders(self.trainer):  # MLflow, W&B, ... first: a folder under the root still
@@ -240,12 +260,17 @@ class FnfCLI(RunCLI):
                 if ckpt_path is not None:
                     rank_zero_info(f"fnf: a new run from {ckpt_path} (not a last.ckpt under "
                                    "trainer.default_root_dir); its own run stays as it was")
-                run = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+                lock = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
+                run = self.claimed or lock
             if run is not None and not keeps_run_folders(self.trainer):
                 use_run_folder(self.trainer, run)
-            return run
+            return lock
 
         self.settle_run_folder(prepare)
+        if self.continues_run and self.guard.files:  # rank 0, holding the run's lock
+            remove_staging_files(Path(ckpt_path).parent)  # a checkpoint save the last attempt was killed in
+        if self.trainer.global_rank == 0 and self.guard.problem is None:
+            keep_csv_metrics(self.trainer.loggers, self.saved_step if self.continues_run else None)
         self.trainer.callbacks.append(RunRecipe(ours))  # for a later resume
         complete = self.saved_step is not None and 0 <= self.trainer.max_steps <= self.saved_step  # not a DCP folder
         if complete and self.guard.problem is None:

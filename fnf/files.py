@@ -91,6 +91,13 @@ def atomic_path(path: str | os.PathLike):
             os.remove(staging)
 
 
+def remove_staging_files(folder: str | os.PathLike) -> None:
+    """The staging files (``atomic_path``'s ``.<name>.*.tmp``) a process killed mid-write left in ``folder``, each as
+    large as the file it was writing: only while this process holds the folder's run lock (no one else writes)."""
+    for staging in Path(folder).glob(".*.tmp"):
+        staging.unlink(missing_ok=True)
+
+
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """``path`` holds ``text`` whole, or keeps what it held: a crash or a full disk never leaves half a file."""
     with atomic_path(path) as staging:

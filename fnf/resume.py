@@ -120,16 +120,20 @@ def check_lora_state(own: dict[str, torch.Size], saved: dict[str, torch.Tensor])
                              f"{tuple(own[name])} in the model for {name}; {hint}")
 
 
-def find_last(root: str | Path, required: bool, max_steps: int | None = None) -> str | None:
-    """The newest ``last*.ckpt`` under ``root`` (``trainer.default_root_dir``); None when there is none and the
-    caller may start a new run instead (``--ckpt_path auto``). ``max_steps`` (a resumed fit): the one run short of
-    it, if any; two such runs are refused, or jobs of an array sharing a root would continue each other's runs."""
-    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+def find_last(root: str | Path, required: bool, max_steps: int | None = None, dirpath: str | None = None) -> str | None:
+    """The newest ``last*.ckpt`` under ``root`` (``trainer.default_root_dir``) or in ``dirpath``
+    (``checkpoint.dirpath``, where the config puts checkpoints elsewhere); None when there is none and the caller may
+    start a new run instead (``--ckpt_path auto``). ``max_steps`` (a resumed fit): the one run short of it, if any;
+    two such runs are refused, or jobs of an array sharing a root would continue each other's runs."""
+    where = f"{root} (trainer.default_root_dir)" + (f" or {dirpath} (checkpoint.dirpath)" if dirpath else "")
+    found = {path.resolve() for path in Path(root).rglob("last*.ckpt")}
+    found |= {path.resolve() for path in Path(dirpath).glob("last*.ckpt")} if dirpath else set()
+    found = sorted(found, key=lambda path: path.stat().st_mtime)
     newest = {path.parent.parent: path for path in found}  # <run>/checkpoints/last.ckpt, per run
     unfinished = sorted(str(run) for run, path in newest.items()
                         if max_steps is not None and _short_of(path, max_steps))
     if len(unfinished) > 1:
-        raise ValueError(f"--ckpt_path last / auto: {root} (trainer.default_root_dir) holds {len(unfinished)} "
+        raise ValueError(f"--ckpt_path last / auto: {where} holds {len(unfinished)} "
                          f"unfinished runs ({', '.join(unfinished[:3])}{', ...' if unfinished[3:] else ''}); a resume "
                          "must not pick another run's: give each run (each job of an array) a default_root_dir of its "
                          "own")
@@ -140,19 +144,21 @@ def find_last(root: str | Path, required: bool, max_steps: int | None = None) ->
     if required:
         action = ("leave out --ckpt_path (or use --ckpt_path auto) to start a new run" if max_steps is not None
                   else "train first (fnf fit), or give a checkpoint's path")  # evaluation: nothing to start
-        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root} (trainer.default_root_dir); {action}")
-    rank_zero_info(f"fnf: no last.ckpt under {root}; starting a new run")
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {where}; {action}")
+    rank_zero_info(f"fnf: no last.ckpt under {where}; starting a new run")
     return None
 
 
-def is_run_last(ckpt_path: str, root: str | None) -> bool:
-    """``ckpt_path`` is the ``last*.ckpt`` of a run folder under ``root`` (``trainer.default_root_dir``): a fit from
-    it continues that run, as ``--ckpt_path last`` would. Any other checkpoint (an earlier step, another root's run)
-    is a starting point: its fit is a new run, and the run it came from stays as it was. (A distributed checkpoint
-    is a folder.)"""
+def is_run_last(ckpt_path: str, root: str | None, dirpath: str | None = None) -> bool:
+    """``ckpt_path`` is the ``last*.ckpt`` of a run folder under ``root`` (``trainer.default_root_dir``), or of the
+    config's ``checkpoint.dirpath``: a fit from it continues that run, as ``--ckpt_path last`` would. Any other
+    checkpoint (an earlier step, another root's run) is a starting point: its fit is a new run, and the run it came
+    from stays as it was. (A distributed checkpoint is a folder.)"""
     path = Path(ckpt_path).resolve()
-    return (path.exists() and path.name.startswith("last") and path.parent.name == "checkpoints"
-            and Path(root or ".").resolve() in path.parents)
+    if not (path.exists() and path.name.startswith("last")):
+        return False
+    return ((path.parent.name == "checkpoints" and Path(root or ".").resolve() in path.parents)
+            or (dirpath is not None and path.parent == Path(dirpath).resolve()))
 
 
 def _short_of(checkpoint: Path, max_steps: int) -> bool:
@@ -164,28 +170,42 @@ def _short_of(checkpoint: Path, max_steps: int) -> bool:
     return max_steps < 0 or step < max_steps
 
 
-def lock_run_folder(run: Path) -> IO:
+def lock_run_folder(run: Path, key: str = "trainer.default_root_dir", name: str = ".fnf.lock") -> IO:
     """One process at a time trains in a run folder: two ``--ckpt_path last`` of one job (a requeued job racing
     its predecessor) would both write its checkpoints, logs and export. An ``flock`` on ``run/.fnf.lock``, held
     until the returned file is closed or the process ends, however it ends (kill -9 leaves no stale lock; on
-    NFS, flock may lock per node only)."""
+    NFS, flock may lock per node only). ``key``: the setting that put the folder there, for a folder that cannot be
+    written; ``name``: the lock file's (``AUTO_LOCK``: the root's, held by a ``--ckpt_path auto`` starting over)."""
+    check_writable(run, key)
     run.mkdir(parents=True, exist_ok=True)
-    file = open(run / ".fnf.lock", "a")  # noqa: SIM115 (the caller closes it when the run ends)
+    file = open(run / name, "a")  # noqa: SIM115 (the caller closes it when the run ends)
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         file.close()
-        raise ValueError(f"{run}: another fnf fit is training here (it holds {run / '.fnf.lock'}); wait for it to "
+        raise ValueError(f"{run}: another fnf fit is training here (it holds {run / name}); wait for it to "
                          "end, or stop it first") from None
     return file
 
 
+AUTO_LOCK = ".fnf.auto.lock"
+"""Held in ``trainer.default_root_dir`` by a ``--ckpt_path auto`` that found no checkpoint and starts a new run: a
+second one (a requeued job racing its predecessor before its first checkpoint) would start a second run, and every
+later ``auto`` would then refuse the root's two unfinished runs."""
+
+
+def folder_to_lock(checkpoints: Path) -> Path:
+    """The folder whose lock guards the run writing into ``checkpoints``: its run folder for fnf's layout
+    (``<run>/checkpoints``), else ``checkpoint.dirpath`` itself (runs of a sweep may put theirs side by side)."""
+    return checkpoints.parent if checkpoints.name == "checkpoints" else checkpoints
+
+
 def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
-    """The folder holding a new run's ``checkpoints`` folder: the one a later ``--ckpt_path last`` locks (its
-    checkpoint's parent's parent), so both lock the same folder, whatever the logger and checkpoint settings."""
+    """The folder a new run locks (``folder_to_lock`` of its checkpoints folder): the one a later ``--ckpt_path
+    last`` locks (``folder_to_lock`` of its checkpoint's folder), whatever the logger and checkpoint settings."""
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
-        return Path(callback.dirpath).parent
+        return folder_to_lock(Path(callback.dirpath))
     if claimed is not None:
         return claimed
     logger = trainer.loggers[0] if trainer.loggers else None  # a version the user chose, or no logger at all
@@ -196,11 +216,11 @@ class RunFolderGuard(Callback):
     """Rank 0's run folder, settled with every rank in setup, once the process group exists: an error rank 0 met
     preparing it before (``problem``: claiming a version folder, another fit holding its lock) stops every rank
     there. Ranks started on their own (torchrun, srun) would otherwise wait for a stopped rank 0 until the process
-    group's timeout. Holds the run folder's lock (``file``, from ``lock_run_folder``) to the end of the process, or
+    group's timeout. Holds the run folder's lock (``files``, from ``lock_run_folder``) to the end of the process, or
     ``release``."""
 
-    def __init__(self, problem: Exception | None, file: IO | None) -> None:
-        self.problem, self.file = problem, file
+    def __init__(self, problem: Exception | None, files: list[IO]) -> None:
+        self.problem, self.files = problem, files
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -211,9 +231,9 @@ class RunFolderGuard(Callback):
             raise self.problem
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for file in self.files:
+            file.close()
+        self.files = []
 
 
 def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
@@ -281,8 +301,9 @@ def use_run_folder(trainer: L.Trainer, run: Path) -> None:
     if callback is not None and callback.dirpath is None:
         callback.dirpath = str(run / "checkpoints")
     for callback in trainer.callbacks:
-        if isinstance(callback, LoraExporter) and callback.dirpath is None:
-            callback.dirpath = str(run / "lora")
+        if isinstance(callback, LoraExporter):
+            callback.run_folder = run  # what the run's last line names (the first logger's log dir is another)
+            callback.dirpath = callback.dirpath or str(run / "lora")
         if isinstance(callback, Evaluation) and callback.output_dir is None:
             callback.output_dir = str(run)
         if isinstance(callback, SaveConfigCallback):  # it joins log_dir and this: an absolute path wins the join
@@ -320,6 +341,7 @@ def remove_if_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> No
         with contextlib.suppress(OSError):  # not empty: other runs' folders
             folder.parent.rmdir()
     for parent in created:
+        (parent / AUTO_LOCK).unlink(missing_ok=True)  # a root this run created holds no other run's lock
         try:
             parent.rmdir()
         except FileNotFoundError:  # never made (the run failed before writing anything)

@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,7 +229,7 @@ def test_report_stops_at_a_torn_tensorboard_record_and_names_a_corrupt_one(fit_r
         training_curves(corrupt.parent)
 
 
-def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_folder_of_its_own(tmp_path):
+def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_folder_of_its_own(tmp_path, caplog):
     """MLflow (or W&B) first: Lightning would put every run's checkpoints and LoRA export into the logger's save dir,
     outside default_root_dir (--ckpt_path last finds nothing there; a second run replaces the first's export). fnf
     gives each run <default_root_dir>/lightning_logs/version_N, and a resume continues it."""
@@ -237,9 +238,11 @@ def test_a_run_logged_to_mlflow_first_keeps_its_checkpoints_and_export_in_a_fold
                           "init_args": {"tracking_uri": f"file:{tmp_path / 'mlruns'}"}}])
     fit = ["fit", *TINY, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
            "--trainer.logger", logger]
-    main([*fit, "--trainer.max_steps", "1"])
-    main([*fit, "--trainer.max_steps", "1"])  # a second run: a folder of its own
+    with caplog.at_level("INFO"):
+        main([*fit, "--trainer.max_steps", "1"])
     runs = tmp_path / "run" / "lightning_logs"
+    assert f"fnf: run folder {runs / 'version_0'}; LoRA" in caplog.text  # not MLflow's save dir
+    main([*fit, "--trainer.max_steps", "1"])  # a second run: a folder of its own
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     assert all((runs / v / "lora" / "pytorch_lora_weights.safetensors").is_file() for v in ("version_0", "version_1"))
     assert all((runs / v / "config.yaml").is_file() for v in ("version_0", "version_1"))  # each run's own config
@@ -285,3 +288,24 @@ def test_fnf_test_logged_to_mlflow_first_writes_its_files_into_a_folder_of_its_o
     assert metrics[0] != metrics[1] and all((runs / v / "test_samples" / "samples.json").is_file()
                                             for v in ("version_0", "version_1"))
     assert not list((tmp_path / "mlruns").rglob("test_metrics.json"))
+
+
+def test_a_resumed_csv_run_keeps_its_metrics_and_a_new_one_is_not_warned(tmp_path):
+    """Lightning's CSV writer deletes the metrics.csv it finds ("exists and is not empty"): on --ckpt_path last that
+    is the run's history before the checkpoint; a new run's folder holds only fnf's lock and config (a false alarm)."""
+    fit = ["fit", *TINY, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path),
+           "--trainer.log_every_n_steps", "1", "--trainer.logger", json.dumps([csv_logger(tmp_path)])]
+    metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+
+    def steps() -> list[int]:
+        with metrics.open(newline="") as file:
+            return sorted({int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")})
+
+    with pytest.warns() as caught:
+        main([*fit, "--trainer.max_steps", "2"])
+        warnings.warn("the block's one certain warning", UserWarning)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    before = steps()
+    main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert len(before) == 2 and steps()[:2] == before and len(steps()) == 4  # kept, then continued
+

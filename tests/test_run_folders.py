@@ -104,6 +104,52 @@ def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_only_their_folder(config, tmp_path):
+    """A sweep putting each run's checkpoints side by side (``checkpoint.dirpath: ckpts/<run>``): ``--ckpt_path last``
+    and ``auto`` find the run's last.ckpt there (they looked under default_root_dir only: last failed, auto started
+    over and overwrote it), and a run locks its own dirpath, not the parent every run of the sweep shares; a resume
+    removes the staging file of a save its predecessor was killed in."""
+    from fnf.resume import lock_run_folder
+
+    def fit(run: str, *extra: str) -> None:
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / run),
+              "--checkpoint.dirpath", str(tmp_path / "ckpts" / run), "--data.val_file", "null", *extra])
+
+    fit("a")
+    other_run = lock_run_folder(tmp_path / "ckpts" / "a")  # run a still trains: run b of the sweep is not held up
+    fit("b")
+    other_run.close()
+    (tmp_path / "ckpts" / "a" / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # killed mid-save
+    for step, how in ((3, "last"), (4, "auto")):
+        fit("a", "--ckpt_path", how, "--trainer.max_steps", str(step))
+        assert torch.load(tmp_path / "ckpts" / "a" / "last.ckpt", weights_only=True)["global_step"] == step
+    assert sorted(p.name for p in (tmp_path / "ckpts" / "a").iterdir()) == [".fnf.lock", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["a", "b"]  # no lock on the sweep's folder
+    held = lock_run_folder(tmp_path / "ckpts" / "a")
+    with pytest.raises(SystemExit, match="another fnf fit is training here"):  # a second resume of run a is refused
+        fit("a", "--ckpt_path", "last", "--trainer.max_steps", "5")
+    held.close()
+
+
+def test_a_second_auto_start_before_the_first_checkpoint_is_refused(config, tmp_path):
+    """Two ``--ckpt_path auto`` finding no checkpoint (a requeued job racing its predecessor within its first
+    checkpoint interval) would train two runs, and every later ``auto`` would refuse the root's two unfinished runs:
+    the one starting over holds the root's auto lock, and the other is refused before it writes anything."""
+    from fnf.resume import AUTO_LOCK, lock_run_folder
+
+    root = tmp_path / "run"
+    first = lock_run_folder(root, name=AUTO_LOCK)  # the predecessor, still before its first checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", "auto"])
+    assert "another fnf fit is training here" in str(exit_info.value.code) and AUTO_LOCK in str(exit_info.value.code)
+    assert [p.name for p in root.iterdir()] == [AUTO_LOCK]  # no version folder claimed
+    first.close()
+    main(["fit", "--config", str(config), "--ckpt_path", "auto"])  # it ended: this one starts the run
+    main(["fit", "--config", str(config), "--ckpt_path", "auto", "--trainer.max_steps", "3"])  # and continues it
+    assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    assert torch.load(root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_a_fit_that_fails_after_training_keeps_its_logs_and_one_that_fails_before_leaves_nothing(config, tmp_path,
                                                                                                monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
