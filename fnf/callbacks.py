@@ -141,10 +141,14 @@ class PngWriter(BasePredictionWriter):
             (self.output_dir / kind).mkdir(parents=True, exist_ok=True)
         self.rows = []
 
+    @classmethod
+    def check_folder(cls, out: Path) -> None:
+        """``out`` is new, empty or an earlier prediction's (fnf predict checks it before the model loads too)."""
+        check_output_folder(out, "predict_writer.output_dir", "fnf predict", cls.INDEX, names={*cls.KINDS, cls.INDEX})
+
     def _prepare_folder(self) -> None:
         out = self.output_dir
-        check_output_folder(out, "predict_writer.output_dir", "fnf predict", self.INDEX,
-                            names={*self.KINDS, self.INDEX})
+        self.check_folder(out)
         for kind in self.KINDS:
             if (out / kind).is_file():
                 (out / kind).unlink()

@@ -205,6 +205,8 @@ class FnfCLI(RunCLI):
                              "False); use cpu or auto")
         if config.get("model") is not None and config.model.get("compute") is not None:
             frozen_dtype(ComputeArgs(**config.model.compute.as_dict()), config.trainer.precision or "32-true")
+        if self.config.get("subcommand") == "predict" and config.get("predict_writer"):  # checked again when it writes
+            PngWriter.check_folder(Path(config.predict_writer.output_dir))
 
     def instantiate_classes(self) -> None:
         """A reward head, regularizer or callback that fails to construct is named (its errors rarely say which it

@@ -145,7 +145,7 @@ class PromptDataModule(L.LightningDataModule):
             items += [{"prompt": prompt, "seed": base + SEED_STRIDE * k, **label} for k in range(self.seeds_per_prompt)]
         return items
 
-    def _load_file(self, key: str) -> list[Item]:
+    def load_file(self, key: str) -> list[Item]:
         """``load`` of the file under ``data.<key>``, its errors naming that key (which of the files is wrong)."""
         try:
             return self.load(getattr(self, key))
@@ -156,10 +156,10 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Read (and thereby validate) the files the stage needs."""
         if stage in ("fit", "validate"):
-            train = self._load_file("train_file") if self.train_file else []
+            train = self.load_file("train_file") if self.train_file else []
             val = None  # built anew: a second setup (Trainer.fit, then Trainer.validate) gives the same sets
             if self.val_file:
-                val = self._load_file("val_file")[:self.val_items]
+                val = self.load_file("val_file")[:self.val_items]
             elif self.val_fraction > 0:
                 val = [i for i in train if in_val_split(i["prompt"], self.val_fraction)][:self.val_items]
                 train = [i for i in train if not in_val_split(i["prompt"], self.val_fraction)]
@@ -175,9 +175,9 @@ class PromptDataModule(L.LightningDataModule):
             if val is not None:
                 self.items["val"] = val
         if stage == "test" and self.test_file:
-            self.items["test"] = self._load_file("test_file")
+            self.items["test"] = self.load_file("test_file")
         if stage == "predict" and self.predict_file:
-            self.items["predict"] = self._load_file("predict_file")
+            self.items["predict"] = self.load_file("predict_file")
             source = "" if self._predict_key == "predict_file" else f" (data.{self._predict_key}: no data.predict_file)"
             rank_zero_info(f"fnf: predict: {len(self.items['predict'])} items of {self.predict_file}{source}")
 

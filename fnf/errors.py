@@ -31,10 +31,23 @@ JSONARGPARSE_WRAPPING = ("Problem with given class_path", "Does not validate", "
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse for fnf's own commands: a usage error is one line through ``one_line_errors`` (exit 1), not the
-    usage text and exit 2."""
+    usage text and exit 2; a mistyped flag is named with the closest known one (argparse would first report the
+    required flag it hides: ``--formt diffusers`` as "required: --format"), and flags are never abbreviated (as
+    in ``fnf fit``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.given: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
-        raise ValueError(message)
+        known = [flag for action in self._actions for flag in action.option_strings]
+        mistyped = [word.split("=")[0] for word in self.given if word.startswith("--")
+                    and word.split("=")[0] not in known]
+        raise ValueError(unknown(mistyped[0], known) if mistyped else message)
 
 
 def check_config_files(args: list[str]) -> None:

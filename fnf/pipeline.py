@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -324,6 +324,11 @@ def family_of(index: dict, pretrained: str) -> type[Text2ImageModel]:
     family = plugin_family(index, pretrained)
     if family is not None:
         return family
+    pipeline = index.get("_class_name")
+    if pipeline and pipeline not in BUILT_IN_PIPELINES:  # e.g. a plugin's folder, its plugin not installed here
+        rank_zero_warn(f"fnf: {pretrained} is a {pipeline} folder and no installed {BACKBONES} entry point names "
+                       f"{pipeline}: loaded by its layout, as one of {', '.join(BUILT_IN_PIPELINES)}; install its "
+                       "plugin if it has one (docs/plugins.md)")
     if "transformer" in index:  # rectified-flow transformers: their conditioning lives in their own files
         from fnf.flux import FluxModel
         from fnf.sd3 import SD3Model

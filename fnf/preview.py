@@ -193,7 +193,7 @@ def run_preview(argv: list[str]) -> tuple[Preview, dict, Path]:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     if data.train_file is None:
         raise ValueError("no prompts to preview: set data.train_file (or --data.train_file)")
-    items = data.load(data.train_file)[:cli.config.n]
+    items = data.load_file("train_file")[:cli.config.n]
     if len(items) < cli.config.n:
         rank_zero_info(f"fnf preview: {data.train_file} holds {len(items)} (prompt, seed) items; previewing all of "
                        f"them (--n {cli.config.n} asked for more)")

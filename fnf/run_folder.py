@@ -28,7 +28,10 @@ def _metrics_file(run: Path) -> Path:
                                 "(the default_root_dir of fnf fit / fnf test)")
     found = sorted(run.rglob("test_metrics.json"))
     if not found:
-        raise FileNotFoundError(f"{run}: no test_metrics.json; run `fnf test` with the Evaluation callback first")
+        beside = sorted(run.parent.glob("*/test_metrics.json")) if run.parent.name == "lightning_logs" else []
+        hint = (f" (fnf test writes a version folder of its own: {beside[-1].parent} has one; or name the runs' "
+                f"default_root_dir, {run.parent.parent})" if beside else "")
+        raise FileNotFoundError(f"{run}: no test_metrics.json; run `fnf test` with the Evaluation callback first{hint}")
     if len(found) > 1:
         folders = ", ".join(str(f.parent.relative_to(run)) for f in found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"{run}: holds {len(found)} test results ({folders}); one run per folder: name the folder "

@@ -87,7 +87,7 @@ class PendingItems(L.LightningDataModule):
         so all see the same pending list (the distributed sampler splits it by index). ``main`` reads it once before
         too, to run no trainer when nothing is pending; processes Lightning launches read it while the first waits
         for them to join, before any row of this scan is appended."""
-        items = self.data.load(self.data.train_file)
+        items = self.data.load_file("train_file")
         rows = read_rows(self.out, repair=True)
         for row in rows:
             if list(row["scores"]) != self.heads:
@@ -198,7 +198,7 @@ def main(args: list[str]) -> None:
             raise
         cli.trainer.strategy.barrier("scan_done")  # every process's last rows are in the file
     if cli.trainer.is_global_zero:
-        scanned = {row_key(item) for item in data.load(data.train_file)}
+        scanned = {row_key(item) for item in data.load_file("train_file")}
         rows = [row for row in read_rows(out) if row_key(row) in scanned]
         print(f"fnf scan: {out}: {len(rows)} items of {data.train_file} ({pending.done} scanned before); "
               + summary(rows, heads))

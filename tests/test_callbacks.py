@@ -121,3 +121,14 @@ def test_png_writer_refuses_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="notes.txt is a file; expected a folder to write into"):
         PngWriter(str(tmp_path / "notes.txt")).on_predict_start(trainer, None)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_fnf_predict_refuses_a_foreign_output_folder_before_the_model_loads(config, tmp_path, model_loading_fails):
+    from fnf.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("precious\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(config), "--predict_writer.output_dir", str(tmp_path / "notes")])
+    assert str(exit_info.value.code).startswith("fnf: error: predict_writer.output_dir: "), exit_info.value.code
+    assert "holds notes.txt and was not written by fnf predict" in str(exit_info.value.code)

@@ -83,14 +83,16 @@ def test_installed_heads_are_listed_and_train_by_their_short_name(site, config, 
 def test_a_backbone_plugin_loads_the_folders_of_its_pipeline_class(site, config, tiny_model_dir, tmp_path,
                                                                     monkeypatch, capsys):
     """Folders whose model_index.json names the plugin's pipeline class load as its family, wherever fnf loads a model
-    (fit, export); without the plugin such a folder loads by its layout, as before."""
+    (fit, export); without the plugin such a folder loads by its layout, with a warning saying so."""
     from fnf.pipeline import Text2ImageModel
 
     folder = tmp_path / "demo-model"
     shutil.copytree(tiny_model_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "DemoPipeline"}))
-    assert type(Text2ImageModel.from_pretrained(folder)) is Text2ImageModel
+    with pytest.warns(UserWarning, match="is a DemoPipeline folder and no installed fnf.backbones entry point names "
+                                         "DemoPipeline: loaded by its layout"):  # an export without the plugin
+        assert type(Text2ImageModel.from_pretrained(folder)) is Text2ImageModel
     monkeypatch.syspath_prepend(str(site))
     model = Text2ImageModel.from_pretrained(folder)
     assert type(model).__name__ == "DemoBackbone"

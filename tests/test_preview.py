@@ -120,6 +120,7 @@ def test_saliency_config_through_the_cli(tmp_path, capsys, caplog):
     (["--thresholds", "0.5,1.5"], "--thresholds: expected comma-separated numbers in (0, 1]"),
     (["--thresholds", "0,0.5"], "--thresholds: expected comma-separated numbers in (0, 1]"),
     (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--data.train_file", "nope.jsonl"], "data.train_file: nope.jsonl: prompt file not found"),
 ])
 def test_bad_input_is_one_line(flags, expected, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

@@ -181,7 +181,7 @@ def test_filter_needs_the_scan_of_this_train_file(scanned, tmp_path, config):
 def test_bad_scan_input_is_one_line(scanned, tmp_path):
     prompts, out, _ = scanned
     message = fail(scan_args(tmp_path / "none.jsonl", tmp_path / "s.jsonl"))
-    assert "none.jsonl: prompt file not found" in message
+    assert f"data.train_file: {tmp_path / 'none.jsonl'}: prompt file not found" in message
     no_train_file = ["scan", "--config", str(ROOT / "configs/artifacts.yaml"), "--data.train_file=null",
                      "--out=s.jsonl"]
     assert "data.train_file: the prompt file to scan is required" in fail(no_train_file)

@@ -111,5 +111,5 @@ def check_reward_output(head: RewardHead, output: RewardOutput, images: Tensor, 
             )
         if values and not ((heatmap >= 0) & (heatmap <= 1)).all():  # NaN fails both comparisons
             raise ValueError(f"{who}: heatmap values must be finite and in [0, 1], got "
-                             f"[{float(heatmap.min()):.4g}, {float(heatmap.max()):.4g}]")
+                             f"[{float(heatmap.detach().min()):.4g}, {float(heatmap.detach().max()):.4g}]")
     return output
