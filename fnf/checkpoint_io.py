@@ -9,6 +9,7 @@ Loading uses ``weights_only=True``: fnf checkpoints hold tensors and plain types
 from __future__ import annotations
 
 import pickle
+import resource
 import shutil
 import zipfile
 from pathlib import Path
@@ -63,6 +64,10 @@ def check_room_for_checkpoints(folder: str, lora: list[torch.nn.Parameter], key:
     if free < 2 * size:
         raise OSError(f"{key}: {folder} has {free / 2**20:.1f} MiB free; a checkpoint of this run takes about "
                       f"{size / 2**20:.1f} MiB and a save needs room for two: make room or choose another folder")
+    largest = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # ulimit -f: a larger write fails with EFBIG
+    if largest != resource.RLIM_INFINITY and largest < size:
+        raise OSError(f"{key}: this process may write files of at most {largest / 2**20:.1f} MiB (ulimit -f); a "
+                      f"checkpoint of this run takes about {size / 2**20:.1f} MiB: raise the limit")
 
 
 class RunCheckpoint(ModelCheckpoint):

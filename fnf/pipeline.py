@@ -45,6 +45,8 @@ class LoraArgs:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:  # scale alpha / rank: 0 trains nothing, < 0 flips the update
+            raise ValueError(f"model.lora.alpha must be > 0 (or null: the rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 

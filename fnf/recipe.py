@@ -25,13 +25,16 @@ def json_types(value):
 
 def run_recipe(config, trainer: L.Trainer | None = None) -> dict:
     """The model's settings (rewards, regularizer, optimizer, schedule included), the training data and, given the
-    trainer, the global batch (processes as resolved, so ``devices: auto`` counts), as JSON types. ``config``: the
+    trainer, the global batch (processes as resolved, so ``devices: auto`` counts) and the gradient clipping, as JSON
+    types. ``config``: the
     parsed fit config."""
     data = config.data.as_dict()  # nested settings (data.filter) as dicts, not Namespace strings
     recipe = {"model": config.model.as_dict(), "data": {key: data.get(key) for key in RECIPE_DATA}}
     if trainer is not None:
         recipe["trainer"] = {"processes": trainer.num_nodes * trainer.num_devices,
-                             "accumulate_grad_batches": trainer.accumulate_grad_batches}
+                             "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                             "gradient_clip_val": trainer.gradient_clip_val,  # the update itself, as the lr
+                             "gradient_clip_algorithm": trainer.gradient_clip_algorithm}
     recipe = json_types(recipe)
     data = recipe["data"]
     if data["train_file"]:

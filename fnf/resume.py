@@ -341,7 +341,8 @@ def remove_if_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> No
         with contextlib.suppress(OSError):  # not empty: other runs' folders
             folder.parent.rmdir()
     for parent in created:
-        (parent / AUTO_LOCK).unlink(missing_ok=True)  # a root this run created holds no other run's lock
+        with contextlib.suppress(OSError):  # a root this run created holds no other run's lock
+            (parent / AUTO_LOCK).unlink()
         try:
             parent.rmdir()
         except FileNotFoundError:  # never made (the run failed before writing anything)

@@ -177,6 +177,8 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "guidance below 1": (_set("model.sampler.guidance_scale", 0.5), [], "model.sampler.guidance_scale must be"),
     "guidance inf": (_set("model.sampler.guidance_scale", INF), [], "model.sampler.guidance_scale must be a finite"),
     "LoRA rank 0": (_set("model.lora.rank", 0), [], "model.lora.rank must be >= 1, got 0"),
+    "negative LoRA alpha": (_set("model.lora.alpha", -1.0), [], "model.lora.alpha must be > 0 (or null: the rank), "
+                                                                "got -1.0"),
     "LoRA target that matches nothing": (_set("model.lora.target_modules", ["to_q", "to_kk"]), [],
                                          "model.lora.target_modules: to_kk match no module of the "
                                          "UNet2DConditionModel; its Linear layers include "),
@@ -325,6 +327,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     (["--data.seeds_per_prompt", "2"], "data.seeds_per_prompt: 2 in the config but 1 in "),
     (["--data.val_fraction", "0.5"], "data.val_fraction: 0.5 in the config but 0.0 in "),
     (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: 2 in the config but 1 in "),
+    (["--trainer.gradient_clip_val", "0.5"], "trainer.gradient_clip_val: 0.5 in the config but None in "),
 ])
 def test_resuming_with_settings_that_contradict_the_checkpoint_is_refused(trained, extra, expected, capsys):
     """Lightning would silently replace the config's model settings by the checkpoint's; fnf refuses instead."""

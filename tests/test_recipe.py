@@ -20,13 +20,15 @@ def _config(train_file: str, scan: str = "scan.jsonl") -> Namespace:
 
 def test_one_prompt_file_however_it_is_spelled_and_processes_as_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    trainer = SimpleNamespace(num_nodes=2, num_devices=4, accumulate_grad_batches=1)  # devices: auto, resolved
+    trainer = SimpleNamespace(num_nodes=2, num_devices=4, accumulate_grad_batches=1,  # devices: auto, resolved
+                              gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     relative = run_recipe(_config("p.txt"), trainer)
     absolute = run_recipe(_config(str(tmp_path / "p.txt"), str(tmp_path / "scan.jsonl")))
     assert relative["data"]["train_file"] == absolute["data"]["train_file"] == os.path.join(tmp_path, "p.txt")
     assert relative["data"]["filter"] == absolute["data"]["filter"] == {"scan": os.path.join(tmp_path, "scan.jsonl"),
                                                                          "head": "A"}
-    assert relative["trainer"] == {"processes": 8, "accumulate_grad_batches": 1} and "trainer" not in absolute
+    assert relative["trainer"] == {"processes": 8, "accumulate_grad_batches": 1, "gradient_clip_val": 1.0,
+                                   "gradient_clip_algorithm": "norm"} and "trainer" not in absolute
     assert relative["model"]["rewards"][0]["head"]["init_args"]["box"] == [0.0, 0.0, 0.5, 0.5]  # as JSON gives it back
     torch.save(relative, tmp_path / "recipe.pt")  # JSON types only: a checkpoint loads with weights_only=True
     assert torch.load(tmp_path / "recipe.pt", weights_only=True) == relative
