@@ -122,7 +122,8 @@ def type_mismatch(lines: list[str]) -> str | None:
     expected = [type_name(line.removeprefix("Expected a ")) for line in inner[:given] if line.startswith("Expected a ")]
     if given is None or not expected or any(not line.startswith(JSONARGPARSE_WRAPPING) for line in inner[:given]):
         return None
-    return f"Expected {', '.join(expected[:-1])} or {expected[-1]}. Got value: {inner[given].removeprefix('Given value: ')}"
+    value = inner[given].removeprefix("Given value: ")
+    return f"Expected {', '.join(expected[:-1])} or {expected[-1]}. Got value: {value}"
 
 
 def type_name(reported: str) -> str:

@@ -21,6 +21,7 @@ from fnf.module import BaseReference, FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.rewards import ColorRegion
 from fnf.sampling import Sample, SamplerArgs
+from test_error_matrix import _base_config  # tests/test_error_matrix.py
 
 
 ITEMS = [{"prompt": "a red circle", "seed": 0}, {"prompt": "a blue square", "seed": 1}]
@@ -151,3 +152,15 @@ def test_config_with_a_negative_lambda_is_one_line(config):
     data["model"]["lam"] = -0.5
     config.write_text(yaml.safe_dump(data))
     assert "model.lam" in _exit_message(["fit", "--config", str(config)])
+
+
+def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    """FNF_DEBUG=1: the error itself propagates (Python prints its traceback) instead of the one line. (Without it the
+    same input is one line: the "lam negative" case of the matrix.)"""
+    config = _base_config(tiny_model_dir, tmp_path)
+    config["model"]["lam"] = -1.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("FNF_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"model.lam must be a finite number >= 0") as error:
+        main(["fit", "--config", str(tmp_path / "config.yaml")])
+    assert error.traceback  # the frames where it was raised, not a SystemExit with a line

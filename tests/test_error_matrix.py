@@ -387,18 +387,6 @@ def test_evaluating_with_other_sampler_settings_says_so_but_lora_settings_must_m
         main(["test", "--config", str(path), "--ckpt_path", "last", "--model.lora.rank", "8"])
 
 
-def test_fnf_debug_shows_the_full_traceback(tiny_model_dir, tmp_path, monkeypatch):
-    """FNF_DEBUG=1: the error itself propagates (Python prints its traceback) instead of the one line. (Without it the
-    same input is one line: the "lam negative" case of the matrix.)"""
-    config = _base_config(tiny_model_dir, tmp_path)
-    config["model"]["lam"] = -1.0
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("FNF_DEBUG", "1")
-    with pytest.raises(ValueError, match=r"model.lam must be a finite number >= 0") as error:
-        main(["fit", "--config", str(tmp_path / "config.yaml")])
-    assert error.traceback  # the frames where it was raised, not a SystemExit with a line
-
-
 def test_a_half_precision_lora_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
                                                                   model_loading_fails):
     """(setup refuses it again; the matrix case alone passes even if the early check is gone.)"""

@@ -244,11 +244,11 @@ def _corrupt(case: str, run: Path) -> str:
         (version / "test_items.jsonl").write_text('{"prompt": "p", "seed": 0}\n{"prompt": "q", "se')
         return f"{version / 'test_items.jsonl'}:2: not valid JSON"
     if case == "the fit's version folder":  # what fnf fit names as the run folder; fnf test wrote version_1
-        (run / "lightning_logs" / "version_0").rename(run / "lightning_logs" / "version_1")
-        (run / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
-        return (f"{run / 'lightning_logs/version_0'}: no test_metrics.json; run `fnf test` with the Evaluation callback "
-                f"first (fnf test writes a version folder of its own: {run / 'lightning_logs/version_1'} has one; "
-                f"or name the runs' default_root_dir, {run})")
+        version.rename(version.with_name("version_1"))
+        (version / "checkpoints").mkdir(parents=True)
+        return (f"{run / 'lightning_logs/version_0'}: no test_metrics.json; run `fnf test` with the Evaluation "
+                f"callback first (fnf test writes a version folder of its own: {run / 'lightning_logs/version_1'} has "
+                f"one; or name the runs' default_root_dir, {run})")
     if case == "two tested runs":
         _tested_run(run / "again")
         return "holds 2 test results (again/lightning_logs/version_0, lightning_logs/version_0); one run per folder"
@@ -292,13 +292,12 @@ def test_a_usage_error_is_one_line_exit_1():
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--out"])
     assert exit_info.value.code == "fnf: error: argument --out: expected one argument"
-    for command, expected in ((["report", "runs/a", "--outt", "r"], "--outt: unknown key; did you mean --out?"),
-                              (["export", "--ckpt_path", "x.ckpt", "--formt", "diffusers"],  # not "required: --format"
-                               "--formt: unknown key; did you mean --format?"),
-                              (["report", "runs/a", "--ou", "r"], "--ou: unknown key; did you mean --out?")):  # no prefixes
-        with pytest.raises(SystemExit) as exit_info:
+    for command, flag, closest in ((["report", "runs/a", "--outt", "r"], "--outt", "--out"),
+                                   (["report", "runs/a", "--ou", "r"], "--ou", "--out"),  # no prefixes
+                                   (["export", "--ckpt_path", "x", "--formt", "diffusers"], "--formt", "--format")):
+        with pytest.raises(SystemExit) as exit_info:  # not argparse's "required: --format" for --formt
             main(command)
-        assert exit_info.value.code == f"fnf: error: {expected}"
+        assert exit_info.value.code == f"fnf: error: {flag}: unknown key; did you mean {closest}?"
 
 
 def test_rms_change_is_the_rms_pixel_change_in_0_255_levels():
