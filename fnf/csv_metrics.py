@@ -16,9 +16,19 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from fnf.files import write_text_atomically
 
 
+def before_checkpoint(row: dict, step: int) -> bool:
+    """A metrics row logged before the checkpoint of ``step`` optimizer steps: a training step logs at its index
+    (steps 0 .. step − 1 are in the checkpoint; the row at ``step`` is the next one, trained again after a resume),
+    a validation after step ``step`` at ``step`` (not run again after the resume)."""
+    if not row.get("step"):
+        return True
+    logged = float(row["step"])
+    return logged < step or (logged == step and not any(v for k, v in row.items() if k.startswith("train")))
+
+
 class ContinuedMetrics(ExperimentWriter):
-    """A CSV writer that keeps the run's rows up to ``resumed_step`` (the checkpoint's: rows logged after it are
-    trained and logged again) and appends under the same columns; a new run's folder has no metrics.csv yet."""
+    """A CSV writer that keeps the run's rows logged before ``resumed_step`` (``before_checkpoint``; the later ones
+    are trained and logged again) and appends under the same columns; a new run's folder has no metrics.csv yet."""
 
     def __init__(self, log_dir: str, resumed_step: int | None) -> None:
         self.resumed_step = resumed_step
@@ -29,7 +39,7 @@ class ContinuedMetrics(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             reader = csv.DictReader(file)
-            rows = [row for row in reader if not row.get("step") or float(row["step"]) <= self.resumed_step]
+            rows = [row for row in reader if before_checkpoint(row, self.resumed_step)]
             columns = list(reader.fieldnames or [])
         kept = io.StringIO()
         writer = csv.DictWriter(kept, fieldnames=columns)

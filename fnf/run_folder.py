@@ -28,7 +28,8 @@ def _metrics_file(run: Path) -> Path:
                                 "(the default_root_dir of fnf fit / fnf test)")
     found = sorted(run.rglob("test_metrics.json"))
     if not found:
-        beside = sorted(run.parent.glob("*/test_metrics.json")) if run.parent.name == "lightning_logs" else []
+        beside = (sorted(run.parent.glob("*/test_metrics.json"), key=lambda path: path.stat().st_mtime)
+                  if run.parent.name == "lightning_logs" else [])  # the newest test last
         hint = (f" (fnf test writes a version folder of its own: {beside[-1].parent} has one; or name the runs' "
                 f"default_root_dir, {run.parent.parent})" if beside else "")
         raise FileNotFoundError(f"{run}: no test_metrics.json; run `fnf test` with the Evaluation callback first{hint}")

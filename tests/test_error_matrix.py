@@ -177,8 +177,7 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     "guidance below 1": (_set("model.sampler.guidance_scale", 0.5), [], "model.sampler.guidance_scale must be"),
     "guidance inf": (_set("model.sampler.guidance_scale", INF), [], "model.sampler.guidance_scale must be a finite"),
     "LoRA rank 0": (_set("model.lora.rank", 0), [], "model.lora.rank must be >= 1, got 0"),
-    "negative LoRA alpha": (_set("model.lora.alpha", -1.0), [], "model.lora.alpha must be > 0 (or null: the rank), "
-                                                                "got -1.0"),
+    "LoRA alpha 0": (_set("model.lora.alpha", 0.0), [], "model.lora.alpha must be > 0 (or null: the rank), got 0.0"),
     "LoRA target that matches nothing": (_set("model.lora.target_modules", ["to_q", "to_kk"]), [],
                                          "model.lora.target_modules: to_kk match no module of the "
                                          "UNet2DConditionModel; its Linear layers include "),
@@ -222,6 +221,7 @@ CASES = {  # name: (edit, extra command-line arguments, expected part of the one
     # output folders, checked before the first step
     "unwritable LoRA export folder": (_under_a_file("lora_export.dirpath"), [], "lora_export.dirpath: cannot write to"),
     "unwritable log folder": (_under_a_file("trainer.default_root_dir"), [], "trainer.default_root_dir"),
+    "unwritable checkpoint folder": (_under_a_file("checkpoint.dirpath"), [], "checkpoint.dirpath: cannot write to"),
     "LoRA export folder is a file": (_file("lora_export.dirpath", "notes\n", "notes.txt"), [],
                                      "notes.txt is a file; expected a folder to write into"),
     "LoRA export folder is the run's": (_file("lora_export.dirpath", None, "run"), [],

@@ -292,20 +292,30 @@ def test_fnf_test_logged_to_mlflow_first_writes_its_files_into_a_folder_of_its_o
 
 def test_a_resumed_csv_run_keeps_its_metrics_and_a_new_one_is_not_warned(tmp_path):
     """Lightning's CSV writer deletes the metrics.csv it finds ("exists and is not empty"): on --ckpt_path last that
-    is the run's history before the checkpoint; a new run's folder holds only fnf's lock and config (a false alarm)."""
+    is the run's history up to the checkpoint (kept, columns the resumed part does not log included; the rows of
+    steps trained after the checkpoint are dropped, as they are trained and logged again); a new run's folder holds
+    only fnf's lock and config (a false alarm)."""
     fit = ["fit", *TINY, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path),
            "--trainer.log_every_n_steps", "1", "--trainer.logger", json.dumps([csv_logger(tmp_path)])]
-    metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    run = tmp_path / "lightning_logs" / "version_0"
 
-    def steps() -> list[int]:
-        with metrics.open(newline="") as file:
-            return sorted({int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")})
+    def rows() -> list[dict]:
+        with (run / "metrics.csv").open(newline="") as file:
+            return list(csv.DictReader(file))
 
     with pytest.warns() as caught:
         main([*fit, "--trainer.max_steps", "2"])
         warnings.warn("the block's one certain warning", UserWarning)
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
-    before = steps()
+    early = rows()
+    early[0]["val_eval/x"] = "0.5"  # a column only the first part logged
+    with (run / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=sorted({*early[0], *early[1]}))
+        writer.writeheader()
+        writer.writerows(early)
+    at_step_2 = (run / "checkpoints" / "last.ckpt").read_bytes()
+    main([*fit, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    (run / "checkpoints" / "last.ckpt").write_bytes(at_step_2)  # killed after step 3 was logged, before its save
     main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "last"])
-    assert len(before) == 2 and steps()[:2] == before and len(steps()) == 4  # kept, then continued
-
+    assert [int(row["step"]) for row in rows() if row.get("train/loss")] == [0, 1, 2, 3]  # each step once
+    assert rows()[0]["val_eval/x"] == "0.5" and rows()[0]["train/loss"] == early[0]["train/loss"]

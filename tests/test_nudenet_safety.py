@@ -171,6 +171,8 @@ def test_saliency_of_the_score_points_at_the_detection(photos, method, layer):
 def test_bad_class_and_missing_install_are_one_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=r"NudeNetSafety.classes: unknown class 'BREAST_EXPOSED'; choose from"):
         NudeNetSafety(classes=["BREAST_EXPOSED"])
+    with pytest.raises(ValueError, match=r"NudeNetSafety.classes: empty; choose from"):
+        NudeNetSafety(classes=[])  # no class at all, not the default
     with pytest.raises(FileNotFoundError, match=r"NudeNetSafety.weights: no such ONNX file /no/640m.onnx"):
         NudeNetSafety(weights="/no/640m.onnx")
     monkeypatch.setitem(sys.modules, "onnx2torch", None)  # as if not installed

@@ -294,7 +294,7 @@ def test_a_usage_error_is_one_line_exit_1():
     assert exit_info.value.code == "fnf: error: argument --out: expected one argument"
     for command, flag, closest in ((["report", "runs/a", "--outt", "r"], "--outt", "--out"),
                                    (["report", "runs/a", "--ou", "r"], "--ou", "--out"),  # no prefixes
-                                   (["export", "--ckpt_path", "x", "--formt", "diffusers"], "--formt", "--format")):
+                                   (["export", "--ckpt_path", "x", "--formt=diffusers"], "--formt", "--format")):
         with pytest.raises(SystemExit) as exit_info:  # not argparse's "required: --format" for --formt
             main(command)
         assert exit_info.value.code == f"fnf: error: {flag}: unknown key; did you mean {closest}?"

@@ -104,16 +104,19 @@ def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_only_their_folder(config, tmp_path):
+def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_only_their_folder(config, tmp_path,
+                                                                                                 monkeypatch):
     """A sweep putting each run's checkpoints side by side (``checkpoint.dirpath: ckpts/<run>``): ``--ckpt_path last``
     and ``auto`` find the run's last.ckpt there (they looked under default_root_dir only: last failed, auto started
     over and overwrote it), and a run locks its own dirpath, not the parent every run of the sweep shares; a resume
     removes the staging file of a save its predecessor was killed in."""
     from fnf.resume import lock_run_folder
 
+    monkeypatch.chdir(tmp_path)  # a relative dirpath, as a sweep's config would give it
+
     def fit(run: str, *extra: str) -> None:
         main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / run),
-              "--checkpoint.dirpath", str(tmp_path / "ckpts" / run), "--data.val_file", "null", *extra])
+              "--checkpoint.dirpath", f"ckpts/{run}", "--data.val_file", "null", *extra])
 
     fit("a")
     other_run = lock_run_folder(tmp_path / "ckpts" / "a")  # run a still trains: run b of the sweep is not held up
@@ -131,12 +134,18 @@ def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_on
     held.close()
 
 
-def test_a_second_auto_start_before_the_first_checkpoint_is_refused(config, tmp_path):
+def test_a_second_auto_start_before_the_first_checkpoint_is_refused(config, tmp_path, monkeypatch):
     """Two ``--ckpt_path auto`` finding no checkpoint (a requeued job racing its predecessor within its first
     checkpoint interval) would train two runs, and every later ``auto`` would refuse the root's two unfinished runs:
     the one starting over holds the root's auto lock, and the other is refused before it writes anything."""
     from fnf.resume import AUTO_LOCK, lock_run_folder
 
+    monkeypatch.syspath_prepend(str(TESTS))
+    with pytest.raises(SystemExit):  # a start that fails before training leaves no root with only the auto lock
+        main(["fit", "--config", str(config), "--ckpt_path", "auto", "--trainer.default_root_dir",
+              str(tmp_path / "new" / "root"), "--trainer.callbacks+=kill_switch.RaiseAtStep",
+              "--trainer.callbacks.step=0"])
+    assert not (tmp_path / "new").exists()
     root = tmp_path / "run"
     first = lock_run_folder(root, name=AUTO_LOCK)  # the predecessor, still before its first checkpoint
     with pytest.raises(SystemExit) as exit_info:

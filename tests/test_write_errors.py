@@ -218,6 +218,8 @@ def test_the_room_check_asks_for_a_file_size_limit_that_fits_a_checkpoint(tmp_pa
             "from fnf.checkpoint_io import check_room_for_checkpoints\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
             f"check_room_for_checkpoints({str(tmp_path)!r}, [torch.nn.Parameter(torch.zeros(1000))], 'checkpoint')\n")
+    fits = subprocess.run([sys.executable, "-c", code.replace("6000", "18000")], capture_output=True, text=True)
+    assert fits.returncode == 0, fits.stderr[-500:]  # 12 kB of LoRA and moments: one checkpoint, not two, per file
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.strip().endswith(
         "OSError: checkpoint: this process may write files of at most 0.0 MiB (ulimit -f); a checkpoint of this run "

@@ -96,8 +96,8 @@ class NudeNetSafety(RewardHead):
         classes = list(classes)
         unknown = [name for name in classes if name not in self.labels]
         if unknown or not classes:
-            raise ValueError(f"NudeNetSafety.classes: unknown class {unknown[0] if unknown else None!r}; "
-                             f"choose from {self.labels}")
+            problem = f"unknown class {unknown[0]!r}" if unknown else "empty"
+            raise ValueError(f"NudeNetSafety.classes: {problem}; choose from {self.labels}")
         if not 0 < threshold <= 1 or box_padding < 0 or temperature <= 0:
             raise ValueError("NudeNetSafety needs 0 < threshold <= 1, box_padding >= 0 and temperature > 0, got "
                              f"{threshold}, {box_padding}, {temperature}")
