@@ -154,6 +154,7 @@ def test_a_second_auto_start_before_the_first_checkpoint_is_refused(config, tmp_
     assert [p.name for p in root.iterdir()] == [AUTO_LOCK]  # no version folder claimed
     first.close()
     main(["fit", "--config", str(config), "--ckpt_path", "auto"])  # it ended: this one starts the run
+    lock_run_folder(root, name=AUTO_LOCK).close()  # and released the root's lock with its run's when it ended
     main(["fit", "--config", str(config), "--ckpt_path", "auto", "--trainer.max_steps", "3"])  # and continues it
     assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
     assert torch.load(root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
