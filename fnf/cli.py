@@ -147,6 +147,7 @@ class FnfCLI(RunCLI):
     continues_run = False  # ckpt_path is a run's last.ckpt (found by last / auto, or given): continue its folder
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
     saved_step = None  # and its global step (read once: a checkpoint at max_steps is not trained again)
+    saved_log_dir = None  # and the log dir of its run
 
     def add_arguments_to_parser(self, parser) -> None:
         for callback, key in CALLBACK_KEYS.items():  # RunCheckpoint: one last.ckpt per run, at its final step too
@@ -184,6 +185,7 @@ class FnfCLI(RunCLI):
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)  # any other folder: refused here
         self.saved_recipe = checkpoint.get("fnf_recipe") or {"model": checkpoint.get("hyper_parameters", {})}
         self.saved_step = checkpoint.get("global_step", 0)
+        self.saved_log_dir = checkpoint.get("fnf_log_dir")
         saved, ours = {**self.saved_recipe}, run_recipe(config)  # the trainer's part: before_fit (it needs one)
         saved.pop("trainer", None)
         if subcommand != "fit":  # evaluation: other data and devices are its own business
@@ -253,7 +255,7 @@ class FnfCLI(RunCLI):
                                (self.trainer.default_root_dir, "trainer.default_root_dir"))
                 check_room_for_checkpoints(folder, self.model.model.lora_parameters(), key)
             if self.continues_run:
-                run = continue_run_folder(self.trainer, ckpt_path)
+                run = continue_run_folder(self.trainer, ckpt_path, self.saved_log_dir)
                 lock = folder_to_lock(Path(ckpt_path).resolve().parent)  # the folder of the run's checkpoints
             else:
                 self.claimed = claim_version_folder(self.trainer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import lightning as L
 from lightning import Callback
@@ -53,14 +54,19 @@ def file_digest(path: str) -> str:
 
 
 class RunRecipe(Callback):
-    """Writes the run's recipe (``run_recipe``) into every checkpoint, for the next ``--ckpt_path`` to compare."""
+    """Writes the run's recipe (``run_recipe``) into every checkpoint, for the next ``--ckpt_path`` to compare, and
+    its log dir, where a resume continues the logs of checkpoints kept in a ``checkpoint.dirpath`` of their own."""
 
     def __init__(self, recipe: dict) -> None:
-        self.recipe = recipe
+        self.recipe, self.log_dir = recipe, None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.log_dir = str(Path(trainer.log_dir).resolve()) if trainer.log_dir else None  # every rank: a broadcast
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint["fnf_recipe"] = self.recipe
+        checkpoint["fnf_recipe"], checkpoint["fnf_log_dir"] = self.recipe, self.log_dir
 
 
 def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> list[str]:

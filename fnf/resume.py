@@ -236,10 +236,14 @@ class RunFolderGuard(Callback):
         self.files = []
 
 
-def continue_run_folder(trainer: L.Trainer, ckpt_path: str) -> Path:
+def continue_run_folder(trainer: L.Trainer, ckpt_path: str, log_dir: str | None = None) -> Path:
     """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
-    logs and LoRA export stay together. Returns the run folder (the one to lock)."""
-    run = Path(ckpt_path).resolve().parent.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+    logs and LoRA export stay together; ``log_dir``: the run's, as its checkpoint recorded it, for checkpoints in a
+    ``checkpoint.dirpath`` of their own. Returns the run folder."""
+    checkpoints = Path(ckpt_path).resolve().parent
+    run = checkpoints.parent  # <root>/lightning_logs/version_N/checkpoints/last.ckpt
+    if checkpoints.name != "checkpoints" and log_dir is not None and Path(log_dir).is_dir():
+        run = Path(log_dir).resolve()
     for logger in trainer.loggers:
         if hasattr(logger, "_version") and Path(logger.root_dir).resolve() == run.parent:
             logger._version = run.name  # a str version is the folder name itself

@@ -128,6 +128,7 @@ def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_on
         assert torch.load(tmp_path / "ckpts" / "a" / "last.ckpt", weights_only=True)["global_step"] == step
     assert sorted(p.name for p in (tmp_path / "ckpts" / "a").iterdir()) == [".fnf.lock", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["a", "b"]  # no lock on the sweep's folder
+    assert [p.name for p in (tmp_path / "a" / "lightning_logs").iterdir()] == ["version_0"]  # its logs continued
     held = lock_run_folder(tmp_path / "ckpts" / "a")
     with pytest.raises(SystemExit, match="another fnf fit is training here"):  # a second resume of run a is refused
         fit("a", "--ckpt_path", "last", "--trainer.max_steps", "5")
