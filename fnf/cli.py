@@ -170,16 +170,17 @@ class FnfCLI(RunCLI):
         config = self.config[subcommand] if subcommand else None
         if config is None or config.get("ckpt_path") is None:
             return
+        dirpath = checkpoint_dirpath(config)
         if config.ckpt_path in ("last", "auto"):
             root = config.trainer.default_root_dir or "."
             config.ckpt_path = find_last(root, required=config.ckpt_path == "last" or subcommand != "fit",
                                          max_steps=config.trainer.max_steps if subcommand == "fit" else None,
-                                         dirpath=checkpoint_dirpath(config))
+                                         dirpath=dirpath)
             self.starts_over = config.ckpt_path is None
             if config.ckpt_path is None:
                 return
         self.continues_run = subcommand == "fit" and is_run_last(config.ckpt_path, config.trainer.default_root_dir,
-                                                                 checkpoint_dirpath(config))
+                                                                 dirpath)
         if _is_sharded_checkpoint(Path(config.ckpt_path)):  # a distributed (DCP) checkpoint: the strategy reads it
             return
         checkpoint = AtomicCheckpointIO().load_checkpoint(config.ckpt_path)  # any other folder: refused here

@@ -17,7 +17,6 @@ import yaml
 
 import fnf.report
 from fnf.cli import main
-from fnf.charts import line_chart, scatter_with_origin
 from fnf.report import BASE_MODEL, compact, rms_change, run_section, summary_table, tradeoff_figure
 from fnf.run_folder import load_run
 
@@ -181,22 +180,6 @@ def test_compact_numbers():
         "0.9999999", "1.0000001", "-0.99999", "-1", "1e5"]
 
 
-def test_the_origin_marker_is_inside_the_frame_when_no_run_is_near_it():
-    axes = scatter_with_origin({"a": (1.0, 2.0), "b": (3.0, 5.0)}, "x (unit)", "y (unit)", "base model").axes[0]
-    (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
-    assert x0 < 0 < 3 < x1 and y0 < 0 < 5 < y1  # the origin and every run, with a margin
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["a", "b", "base model"]
-
-
-def test_step_curves_get_whole_step_ticks_and_drop_non_finite_points():
-    axes = line_chart({"loss": [(0, 1.0), (1, float("nan")), (2, 0.5), (3, 0.25)]}, "optimizer step", "loss",
-                      whole_x=True).axes[0]
-    assert [x for x, _ in axes.lines[0].get_xydata()] == [0, 2, 3]
-    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
-    assert len(ticks) >= 2 and all(t == int(t) for t in ticks)
-    assert axes.get_legend() is None  # one series: the axis title names it
-
-
 def _browser_module():
     spec = importlib.util.spec_from_file_location("report_screenshot", SCREENSHOT)
     module = importlib.util.module_from_spec(spec)
@@ -246,9 +229,9 @@ def _corrupt(case: str, run: Path) -> str:
     if case == "the fit's version folder":  # what fnf fit names as the run folder; fnf test wrote version_1
         version.rename(version.with_name("version_1"))
         (version / "checkpoints").mkdir(parents=True)
-        return (f"{run / 'lightning_logs/version_0'}: no test_metrics.json; run `fnf test` with the Evaluation "
-                f"callback first (fnf test writes a version folder of its own: {run / 'lightning_logs/version_1'} has "
-                f"one; or name the runs' default_root_dir, {run})")
+        return (f"{version}: no test_metrics.json; run `fnf test` with the Evaluation callback first (fnf test writes "
+                f"a version folder of its own: {version.with_name('version_1')} has one; or name the runs' "
+                f"default_root_dir, {run})")
     if case == "two tested runs":
         _tested_run(run / "again")
         return "holds 2 test results (again/lightning_logs/version_0, lightning_logs/version_0); one run per folder"
