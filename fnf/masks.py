@@ -35,7 +35,8 @@ class MaskArgs:
     """Saliency masks: Gaussian smoothing sigma in pixels of |d score / d image| before thresholding."""
     empty: Literal["keep", "skip", "global"] = "keep"
     """An image whose mask is empty: keep (paper formula: reward on, whole image preserved),
-    skip (that head's reward off for the image: nothing to fix), global (whole image may change)."""
+    skip (that head's reward off for the image: nothing to fix), global (whole image may change; in union mode only
+    where no head found anything)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

@@ -193,17 +193,20 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
     def _localise(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Masks M_i(I0), active flags and base scores for every head (the paper's heatmap/saliency path)."""
         heatmaps, scores = self.problem_heatmaps(images, prompts)
-        masks, active = [], []
+        masks, empty = [], []
         no_mask = images.new_zeros(images.shape[0], 1, *images.shape[2:])
         for term, heatmap in zip(self.terms, heatmaps):
             cut = self.mask_args if term.threshold is None else replace(self.mask_args, threshold=term.threshold)
-            mask = no_mask if heatmap is None else heatmap_to_mask(heatmap, cut)
-            empty = (mask.amax(dim=(1, 2, 3)) == 0) & (heatmap is not None)  # (B,)
-            if self.mask_args.empty == "global":
-                mask = torch.where(empty[:, None, None, None], 1.0, mask)
-            masks.append(mask)
-            active.append(~empty if self.mask_args.empty == "skip" else torch.ones_like(empty))
-        return torch.cat(masks, dim=1), torch.stack(active, 1).float(), scores
+            masks.append(no_mask if heatmap is None else heatmap_to_mask(heatmap, cut))
+            empty.append((masks[-1].amax(dim=(1, 2, 3)) == 0) & (heatmap is not None))  # (B,)
+        masks, empty = torch.cat(masks, dim=1), torch.stack(empty, dim=1)  # (B, heads, H, W), (B, heads)
+        if self.mask_args.empty == "global":  # nothing found: the whole image may change
+            whole = empty
+            if self.mask_mode == "union":  # only where no head found anything: else the union is the found region
+                whole = empty & (masks.amax(dim=(1, 2, 3)) == 0)[:, None]
+            masks = torch.where(whole[:, :, None, None], 1.0, masks)
+        active = ~empty if self.mask_args.empty == "skip" else torch.ones_like(empty)
+        return masks, active.float(), scores
 
     def problem_heatmaps(self, images: Tensor, prompts: list[str]) -> tuple[list[Tensor | None], Tensor]:
         """Per reward term, the map its mask thresholds (None for mask: none), and the scores (B, heads)."""

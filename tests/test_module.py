@@ -105,6 +105,26 @@ def test_empty_mask_policy(tiny_model_dir, policy, expected_active):
     assert masks[:, 1].abs().max() == 0
 
 
+@pytest.mark.parametrize("mask_mode", ["union", "per_head"])
+def test_global_frees_the_whole_image_only_where_the_mask_mode_found_nothing(tiny_model_dir, mask_mode):
+    """Each head wants its half white. Image 0: the left head finds its black half, the right head nothing; image 1:
+    neither finds anything. In union mode image 0 keeps the left half as its one region to change (a head that found
+    nothing must not turn the union into the whole image: plain DRaFT for an image with a found defect); per head,
+    each empty head's mask is the whole image."""
+    left, right = (ColorRegion(color=(1.0, 1.0, 1.0), box=box) for box in ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)))
+    module = _module(tiny_model_dir, lam=1.0, mask_mode=mask_mode, masks=MaskArgs(threshold=0.5, dilation=0,
+                                                                                  empty="global"),
+                     rewards=[RewardTerm(left, name="left"), RewardTerm(right, name="right")])
+    images = torch.ones(2, 3, 16, 16)
+    images[0, :, :, :8] = 0  # image 0: its left half is black
+    masks, _, _ = module._localise(images, ["a", "b"])
+    union = masks.amax(1)
+    assert union[0, :, :8].min() == 1 and (union[0, :, 8:].max() == 1) == (mask_mode == "per_head")
+    assert union[1].min() == 1  # nothing found anywhere: the whole image may change in both modes
+    if mask_mode == "per_head":
+        assert masks[0, 1].min() == 1 and masks[0, 0, :, 8:].max() == 0
+
+
 @pytest.mark.parametrize("policy", ["keep", "skip"])
 def test_an_empty_mask_under_skip_takes_its_heads_reward_out_of_the_loss(tiny_model_dir, policy):
     """Threshold 1.0: ColorRegion's heatmap never reaches it, so every mask is empty. skip: the head's reward no
