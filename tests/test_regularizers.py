@@ -57,6 +57,19 @@ def test_gradient_is_zero_inside_the_mask(regularizer):
     assert torch.equal(grad * inside, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("regularizer", [PixelFrobenius(), LatentFrobenius()])
+def test_bf16_samples_get_the_float32_penalty_of_their_values(regularizer):
+    """Decoded images and masks are bf16 under bf16-mixed: the norm is still summed and returned in float32."""
+    base, keep = _pair()
+    tuned = Sample(base.latents + torch.rand(2, 4, 4, 4), base.images + torch.rand(2, 3, 8, 8))
+    half = [Sample(s.latents.bfloat16(), s.images.bfloat16()) for s in (tuned, base)]
+    exact = regularizer(*[Sample(s.latents.float(), s.images.float()) for s in half], keep.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = regularizer(*half, keep.bfloat16())
+    assert penalty.dtype == torch.float32
+    torch.testing.assert_close(penalty, exact, rtol=1e-6, atol=0)
+
+
 def test_gradient_at_identity_is_zero_not_nan():
     base, keep = _pair()
     images = base.images.clone().requires_grad_(True)
