@@ -13,7 +13,6 @@ Only LoRA weights train; checkpoints hold only them; inference is the tuned mode
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -26,6 +25,7 @@ from fnf.compute import ComputeArgs, ComputeLevers
 from fnf.device_copies import to_device
 from fnf.lora_optimizer import LoraOptimizer
 from fnf.masks import MaskArgs, heatmap_to_mask
+from fnf.nonfinite import NonFiniteSteps
 from fnf.objective import RewardTerm, check_objective, term_heatmaps
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
@@ -57,12 +57,7 @@ class BaseReference:
         return Sample(self.latents, self.images)
 
 
-MAX_SKIPPED_IN_A_ROW = 10
-"""``model.nonfinite: skip`` stops the run after this many non-finite batches in a row (it would otherwise skip
-forever, and export an untrained LoRA)."""
-
-
-class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
+class FocusNFix(NonFiniteSteps, LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
     def __init__(
         self,
         rewards: list[RewardTerm],
@@ -93,8 +88,8 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
             lora: LoRA on the denoiser (UNet or transformer).
             optimizer: optimizer over the LoRA parameters.
             lr_scheduler: optional learning-rate schedule, stepped every optimizer step.
-            nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch (up to
-                ``MAX_SKIPPED_IN_A_ROW`` in a row: more is a diverged run or a broken head, not a rare batch).
+            nonfinite: a non-finite reward or loss: raise (stop, naming it) or skip the batch on every process (up
+                to ``fnf.nonfinite.MAX_SKIPPED_IN_A_ROW`` in a row: more is a diverged run or a broken head).
             base_cache: memory: keep I0, masks and base scores per (prompt, seed) after the first visit.
             train_base: if_needed: training steps skip I0 and its masks when the loss does not use them (λ = 0
                 everywhere and masks.empty != skip): plain DRaFT at DRaFT's cost, without the fidelity,
@@ -125,7 +120,6 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         penalised = lam > 0 or any(t.lam for t in rewards)
         self.base_in_training = train_base == "always" or penalised or masks.empty == "skip"
         self._cache: dict[tuple[str, int], BaseReference] = {}
-        self._skipped_in_a_row = 0
         self._uncond: TextEmbedding | None = None
         self.strict_loading = False  # checkpoints hold LoRA weights only
 
@@ -167,8 +161,9 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
         reward_loss = -(self.reward_weights * active * scores).sum(1).mean()  # −Σ_i w_i r_i(I, c)
         fidelity, penalty = (None, 0.0) if base is None else self._fidelity(tuned, base)  # λ · reg(I, I0, 1 − M)
         loss = reward_loss + penalty
-        if not self._usable(loss, scores, base, fidelity):
-            return None
+        base_scores = None if base is None else base.scores
+        if not self.usable(stage, loss, scores, base_scores, fidelity):  # model.nonfinite: raise or skip, on all ranks
+            return self.skipped(loss, stage)
 
         self._log_step(stage, loss, scores, base, fidelity, len(prompts))
         out = {"loss": loss, "prompts": prompts, "tuned": tuned.images.detach(), "scores": scores.detach()}
@@ -233,38 +228,6 @@ class FocusNFix(LoraOnlyCheckpoints, LoraOptimizer, ComputeLevers, ShardedUnet):
             if self._uncond is None or self._uncond.device != self.device:
                 self._uncond = self.model.unconditional()
             return self.model.encode_prompts(prompts), self._uncond.expand(len(prompts))
-
-    def _usable(self, loss: Tensor, scores: Tensor, base: BaseReference | None, fidelity: Tensor | None) -> bool:
-        """The step's one sync over its values (the base heatmaps' range is checked where I0 is sampled; a head may
-        read its own values): every value finite and the fidelity term >= 0 on every image. On failure, name
-        the culprit: a reward on I0 or a negative fidelity term (always fatal: a broken head or regularizer), a
-        reward on I, the fidelity term or the loss (``model.nonfinite`` decides)."""
-        base_scores = scores.new_zeros(0, scores.shape[1]) if base is None else base.scores  # (B or 0, heads)
-        fidelity = scores.new_zeros(0) if fidelity is None else fidelity.detach().flatten()
-        values = torch.cat([loss.reshape(1), scores.flatten(), base_scores.flatten(), fidelity])
-        if (torch.isfinite(values).all() & (fidelity >= 0).all()).item():
-            self._skipped_in_a_row = 0
-            return True
-        names = self.head_names
-        bad_base = [n for n, ok in zip(names, torch.isfinite(base_scores).all(0)) if not ok]
-        bad_tuned = [n for n, ok in zip(names, torch.isfinite(scores).all(0)) if not ok]
-        regularizer = type(self.regularizer).__name__
-        if bad_base:
-            raise FloatingPointError(f"non-finite reward {bad_base[0]} on the base image at step {self.global_step}")
-        if (fidelity < 0).any():
-            raise ValueError(f"regularizer {regularizer}: penalty must be >= 0 on every image, got "
-                             f"{float(fidelity.min()):.4g} at step {self.global_step}")
-        what = (f"reward {bad_tuned[0]}" if bad_tuned else "loss" if torch.isfinite(fidelity).all()
-                else f"fidelity term ({regularizer})")
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"non-finite {what} at step {self.global_step}; "
-                                     "set model.nonfinite=skip to skip such batches")
-        self._skipped_in_a_row += 1
-        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise FloatingPointError(f"non-finite {what} in {self._skipped_in_a_row} batches in a row at step "
-                                     f"{self.global_step}: the run has diverged or a reward head is broken")
-        warnings.warn(f"skipping batch at step {self.global_step}: non-finite {what}", stacklevel=2)
-        return False
 
     def _log_step(self, stage, loss, scores, base: BaseReference | None, fidelity, batch_size) -> None:
         logs = {f"{stage}/reward/{name}": scores[:, i].mean() for i, name in enumerate(self.head_names)}

@@ -1,11 +1,15 @@
-"""Probes of the 2-process DDP test (imported by ``fnf fit`` by class_path): a DDP communication hook that counts the
-bytes it all-reduces, and ranks whose global RNG streams differ."""
+"""Probes of the 2-process DDP tests (imported by ``fnf fit`` by class_path): a DDP communication hook that counts the
+bytes it all-reduces, ranks whose global RNG streams differ, a reward that fails on one rank, and the LoRA weights
+after every step."""
 
 from pathlib import Path
 
 import torch
 from lightning import Callback
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from fnf.rewards import ColorRegion, RewardOutput
+from fnf.rewards.base import heatmap_wanted
 
 REDUCED = [0]
 
@@ -37,3 +41,33 @@ class DivergeRanksRng(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         torch.rand(trainer.global_rank + 1)
+
+
+class NaNOnRank0AtStep1(ColorRegion):
+    """ColorRegion whose score on rank 0's tuned images in the second training step (step 1) is NaN."""
+
+    tuned_calls = 0
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        if not heatmap_wanted():  # the tuned images (the base images' call wants the heatmap)
+            self.tuned_calls += 1
+            if self.tuned_calls == 2 and torch.distributed.get_rank() == 0:
+                return RewardOutput(score=out.score * float("nan"), heatmap=out.heatmap)
+        return out
+
+
+class WriteLoraAfterEachStep(Callback):
+    """``lora-rank<r>-step<n>.safetensors``: rank r's LoRA weights after step n."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from safetensors.torch import save_file
+
+        from torch.distributed.tensor import DTensor
+
+        lora = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()  # FSDP2: gathered
+                for k, v in pl_module.state_dict().items() if "lora_" in k}
+        save_file(lora, str(Path(self.folder, f"lora-rank{trainer.global_rank}-step{trainer.global_step}.safetensors")))

@@ -16,6 +16,7 @@ import yaml
 from distributed_fit import fit, free_port, launch  # tests/distributed_fit.py
 from fnf.cli import main
 from fnf.resume import EpochShuffle
+from test_fsdp import FSDP2  # tests/test_fsdp.py
 
 
 def test_ranks_get_disjoint_shards_that_together_form_the_single_process_batches():
@@ -120,6 +121,30 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_di
     assert f"fnf: {signal_name}: saved" in done.stderr
     last = tmp_path / "preempted" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3  # the step running when the signal came, finished
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param(FSDP2, marks=pytest.mark.slow, id="fsdp2")])
+def test_a_non_finite_reward_on_one_rank_skips_the_step_on_every_rank(tiny_model_dir, tmp_path, strategy):
+    """model.nonfinite: skip under DDP and FSDP2 (Lightning refuses a None training step there): rank 0's reward is
+    NaN in step 1; both ranks skip that step together (rank 1's values were finite), its update is dropped (AdamW
+    with weight decay: a zero gradient would still move the weights) and the run trains on."""
+    from safetensors.torch import load_file
+
+    probes = [{"class_path": "ddp_probe.WriteLoraAfterEachStep", "init_args": {"folder": str(tmp_path)}}]
+    args = ("--model.nonfinite", "skip", "--model.rewards", '[{"head": {"class_path": "ddp_probe.NaNOnRank0AtStep1"}}]',
+            "--model.optimizer", '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.1}}')
+    done = launch(tmp_path, tiny_model_dir, "skip", batch_size=2, args=args, timeout=300, devices=2, strategy=strategy,
+                  callbacks=probes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping batch at step 1: non-finite reward NaNOnRank0AtStep1" in done.stderr
+    lora = {(rank, step): load_file(tmp_path / f"lora-rank{rank}-step{step}.safetensors")
+            for rank in (0, 1) for step in (1, 2, 3)}  # global_step after each batch: after steps 0, 1 (skipped), 2
+    for name in lora[0, 1]:
+        for rank in (0, 1):
+            assert torch.equal(lora[rank, 2][name], lora[rank, 1][name]), (rank, name)  # step 1: no update
+            assert torch.equal(lora[rank, 3][name], lora[0, 3][name]), (rank, name)  # the ranks agree
+    assert any(not torch.equal(lora[0, 3][name], lora[0, 2][name]) for name in lora[0, 1])  # step 2 trained
+    assert "skipping batch at step 1: non-finite values on another process of the run" in done.stderr  # rank 1
 
 
 def test_two_process_predict_writes_each_item_once_in_file_order(tmp_path, one_process):

@@ -4,14 +4,17 @@ gradient, raising), regularizers, module arguments; ``model.nonfinite: skip`` an
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from fnf.errors import one_line
-from fnf.module import MAX_SKIPPED_IN_A_ROW, RewardTerm
+from fnf.module import RewardTerm
+from fnf.nonfinite import MAX_SKIPPED_IN_A_ROW
 from fnf.regularizers import Regularizer
 from fnf.rewards import ColorRegion, RewardHead, RewardOutput
+from fnf.rewards.base import heatmap_wanted
 from test_module import _loader, _module, _trainer  # tests/test_module.py
 
 class _NaNReward(RewardHead):
@@ -138,17 +141,55 @@ def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
                      rewards=[RewardTerm(ColorRegion(), mask="heatmap"), RewardTerm(_NaNReward(), mask="none")])
     n = 4  # the base pass is fine (masks, active flags, base scores); only the tuned reward is NaN
     module._localise = lambda images, prompts: (torch.zeros(n, 2, 16, 16), torch.ones(n, 2), torch.zeros(n, 2))
+    with pytest.warns(UserWarning, match="skipping batch at step 0: non-finite reward _NaNReward"):
+        skipped = module._common_step(next(iter(_loader(4))), "train")
+    assert skipped.keys() == {"loss"} and skipped["loss"].item() == 0 and skipped["loss"].requires_grad
+    assert module._drop_update  # its gradients never reach the optimizer
     with pytest.warns(UserWarning, match="skipping batch"):
-        assert module._common_step(next(iter(_loader(4))), "train") is None
+        assert module._common_step(next(iter(_loader(4))), "val") is None  # no outputs for the metrics
     module._skipped_in_a_row = MAX_SKIPPED_IN_A_ROW - 2  # as after that many skipped batches
     with pytest.warns(UserWarning, match="skipping batch"):
-        assert module._common_step(next(iter(_loader(4))), "train") is None
+        module._common_step(next(iter(_loader(4))), "train")
     with pytest.raises(FloatingPointError, match=f"in {MAX_SKIPPED_IN_A_ROW} batches in a row at step 0: the run "
                                                  "has diverged or a reward head is broken"):
         module._common_step(next(iter(_loader(4))), "train")
     healthy = _module(tiny_model_dir, lam=1.0, nonfinite="skip")
     healthy._skipped_in_a_row = MAX_SKIPPED_IN_A_ROW - 1
     assert healthy._common_step(next(iter(_loader(4))), "train") is not None and healthy._skipped_in_a_row == 0
+
+
+class _NaNOnSecondStep(ColorRegion):
+    """ColorRegion whose score on the tuned images of its second training step is NaN."""
+
+    tuned_calls = 0
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        if not heatmap_wanted():  # the tuned images (the base images' call wants the heatmap)
+            self.tuned_calls += 1
+            if self.tuned_calls == 2:
+                return RewardOutput(score=out.score * float("nan"), heatmap=out.heatmap)
+        return out
+
+
+def test_a_skipped_step_leaves_the_lora_and_adams_state_as_they_were(tiny_model_dir, tmp_path):
+    """Two steps, the second skipped, end where one step ends: no update from Adam's moments or weight decay (a
+    zero gradient would still move both), and Adam's step count stays at 1."""
+    def fit(steps: int, head: ColorRegion) -> tuple[dict, dict]:
+        module = _module(tiny_model_dir, lam=1.0, nonfinite="skip", rewards=[RewardTerm(head)],
+                         optimizer=partial(torch.optim.AdamW, lr=3e-2, weight_decay=0.1))
+        trainer = _trainer(tmp_path, steps=steps)
+        trainer.fit(module, _loader(8))
+        lora = {k: v.clone() for k, v in module.state_dict().items() if "lora_" in k}
+        return lora, trainer.optimizers[0].state_dict()["state"]
+
+    one_step, one_state = fit(1, ColorRegion())
+    with pytest.warns(UserWarning, match="skipping batch at step 1: non-finite reward _NaNOnSecondStep"):
+        skipped, skipped_state = fit(2, _NaNOnSecondStep())
+    assert one_step.keys() == skipped.keys()
+    for name in one_step:
+        assert torch.equal(skipped[name], one_step[name]), name
+    assert {float(s["step"]) for s in skipped_state.values()} == {1.0} == {float(s["step"]) for s in one_state.values()}
 
 
 def test_a_non_finite_reward_on_the_base_image_is_fatal_even_when_skipping(tiny_model_dir):

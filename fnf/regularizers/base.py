@@ -22,7 +22,7 @@ class Regularizer(nn.Module, ABC):
 
     def __call__(self, tuned: Sample, base: Sample, keep: Tensor) -> Tensor:
         """``forward``, its shape held to the contract (a scalar would be averaged without a word); every image's
-        penalty is checked (finite, >= 0) with the step's one sync over its values (``FocusNFix._usable``)."""
+        penalty is checked (finite, >= 0) with the step's one sync over its values (``fnf.nonfinite``)."""
         with named_component(f"regularizer {type(self).__name__}"):  # its errors' one line names it
             penalty = super().__call__(tuned, base, keep)
         if not isinstance(penalty, Tensor) or penalty.shape != keep.shape[:1]:
