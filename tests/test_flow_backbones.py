@@ -88,6 +88,18 @@ def test_flux_schedule_follows_the_resolution_and_sd3_uses_its_shift(model_dirs)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_lv_renoising_is_the_schedulers_scale_noise(family, model_dirs):
+    """Flow DRaFT-LV re-noises x_0 to step i as the scheduler's ``scale_noise`` does, (1 − σ_i)·x_0 + σ_i·ε, from
+    Python floats (no device copies), at every step of the (shifted) schedule."""
+    model = Text2ImageModel.from_pretrained(model_dirs[family])
+    sampler = FlowMatchSampler(model, SamplerArgs(num_steps=6, resolution=16, grad_mode="lv"))
+    x0, noise = torch.randn(2, *model.latent_shape(16)), torch.randn(2, *model.latent_shape(16))
+    for i, t in enumerate(sampler.timesteps):
+        expected = sampler.scheduler.scale_noise(x0, t.reshape(1), noise)
+        torch.testing.assert_close(sampler._renoise(x0, noise, i), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
 def test_gradients_reach_the_lora_through_the_last_k_steps_only(family, model_dirs):
     model = Text2ImageModel.from_pretrained(model_dirs[family])
     model.add_lora(LoraArgs(rank=4, target_modules=TARGETS))

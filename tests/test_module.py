@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fnf.data import collate
-from fnf.masks import MaskArgs
+from fnf.masks import MaskArgs, heatmap_to_mask
 from fnf.module import BaseReference, FocusNFix, RewardTerm
 from fnf.pipeline import LoraArgs
 from fnf.rewards import ColorRegion
@@ -273,6 +273,25 @@ def test_the_train_mode_reaches_the_unet_only(tiny_model_dir):
     assert frozen and not any(m.training for child in frozen for m in child.modules())
     module.eval()
     assert not module.model.unet.training
+
+
+def test_the_mask_localises_the_problem_in_the_base_image_not_the_tuned_one(tiny_model_dir):
+    """M comes from I0's heatmap (the paper): with a LoRA that changes the image, the step's mask is the base
+    image's mask, which differs from the tuned image's; in training too, and its loss uses that mask."""
+    head = ColorRegion(color=(1.0, 0.0, 0.0), box=(0.0, 0.0, 1.0, 1.0))
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(head)], masks=MaskArgs(threshold=0.4, dilation=0))
+    with torch.no_grad():
+        for p in module.model.lora_parameters():  # a LoRA that changes the image
+            p.add_(0.3 * torch.randn_like(p))
+    batch = next(iter(_loader(4)))
+    out = module._common_step(batch, "train")
+    with torch.no_grad():
+        masks = {k: heatmap_to_mask(head(out[k], out["prompts"]).heatmap, module.mask_args) for k in ("base", "tuned")}
+        assert 0 < masks["base"].mean() < 1 and not torch.equal(masks["base"], masks["tuned"])  # the premise
+        torch.testing.assert_close(out["mask"], masks["base"], rtol=0, atol=0)
+        outside = (1 - masks["base"]) * (out["tuned"] - out["base"])
+        expected = -out["scores"][:, 0].mean() + torch.linalg.vector_norm(outside.flatten(1), dim=1).mean()
+        torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluation_and_predict_score_the_deterministic_images_of_base_and_tuned_model(tiny_model_dir):
