@@ -31,7 +31,6 @@ from fnf.compute import ComputeArgs, frozen_dtype
 from fnf.csv_metrics import keep_csv_metrics
 from fnf.data import PromptDataModule
 from fnf.errors import check_config_files, constructing, one_line, one_line_errors, parser_error
-from fnf.files import remove_staging_files
 from fnf.module import FocusNFix
 from fnf.plugins import load_plugins
 from fnf.preemption import PreemptionCheckpoint
@@ -40,9 +39,10 @@ from fnf.regularizers import Regularizer
 from fnf.rewards.base import RewardHead
 from fnf.scan_file import check_scanned_with, scan_settings
 from fnf.recipe import RunRecipe, check_settings, json_types, run_recipe
-from fnf.resume import (AUTO_LOCK, RunFolderGuard, checkpoints_parent, claim_folder_in_root, claim_version_folder,
-                        continue_run_folder, export_if_complete, find_last, folder_to_lock, is_run_last,
-                        keeps_run_folders, lock_run_folder, remove_if_unstarted, use_run_folder)
+from fnf.resume import continue_run_folder, export_if_complete, find_last, is_run_last, remove_killed_writes
+from fnf.run_claims import (AUTO_LOCK, RunFolderGuard, check_fresh_run_folder, checkpoints_parent, claim_folder_in_root,
+                            claim_version_folder, folder_to_lock, keeps_run_folders, lock_run_folder,
+                            remove_if_unstarted, use_run_folder)
 
 
 def checkpoint_dirpath(config) -> str | None:
@@ -58,18 +58,19 @@ def started_on_their_own(trainer) -> bool:
 
 class RunCLI(LightningCLI):
     """LightningCLI as fnf's commands run it: a mistyped key gets the closest known one; a run folder of its own,
-    settled with every rank (fnf.resume.RunFolderGuard); a run that fails before its first training step (a config
+    settled with every rank (fnf.run_claims.RunFolderGuard); a run that fails before its first training step (a config
     error, a SIGTERM while it starts) leaves no version folder behind, one stopped later keeps its logs."""
 
     claimed = None  # the version folder this run created (removed again if the run fails before training)
     new_folders: list[Path] = []  # default_root_dir and its parents this run created (removed again if left empty)
-    guard = None  # fnf.resume.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
+    guard = None  # fnf.run_claims.RunFolderGuard: rank 0's run folder problem or lock, settled in setup
     starts_over = False  # --ckpt_path auto found no checkpoint: a new run, one at a time in the root (AUTO_LOCK)
 
-    def settle_run_folder(self, prepare: Callable[[], Path | None]) -> None:
+    def settle_run_folder(self, prepare: Callable[[], Path | None], check: Callable[[], None] = lambda: None) -> None:
         """Rank 0's ``prepare`` claims the run's folder and returns the folder to lock (or None); rank 0 locks it
-        before anything is written there. An error is raised at once where the other ranks do not exist yet; where
-        they do (torchrun, srun), rank 0 drops its loggers (nothing written) and every rank raises it in setup."""
+        before anything is written there, then runs ``check`` (no other run's files there). An error is raised at
+        once where the other ranks do not exist yet; where they do (torchrun, srun), rank 0 drops its loggers
+        (nothing written) and every rank raises it in setup."""
         problem, locks = None, []
         root = Path(self.trainer.default_root_dir).absolute()
         self.new_folders = list(itertools.takewhile(lambda folder: not folder.exists(), (root, *root.parents)))
@@ -81,6 +82,8 @@ class RunCLI(LightningCLI):
                 saver = self.trainer.checkpoint_callback
                 own = saver is not None and saver.dirpath and folder == folder_to_lock(Path(saver.dirpath))
                 locks.append(lock_run_folder(folder, "checkpoint.dirpath" if own else "trainer.default_root_dir"))
+            if self.trainer.global_rank == 0:
+                check()
         except (ValueError, OSError) as error:
             for lock in locks:
                 lock.close()
@@ -148,6 +151,7 @@ class FnfCLI(RunCLI):
     saved_recipe = None  # the --ckpt_path checkpoint's recipe (fnf.recipe.run_recipe)
     saved_step = None  # and its global step (read once: a checkpoint at max_steps is not trained again)
     saved_log_dir = None  # and the log dir of its run
+    run_folder = None  # rank 0: this run's folder (checkpoints, LoRA export), settled in before_fit
 
     def add_arguments_to_parser(self, parser) -> None:
         for callback, key in CALLBACK_KEYS.items():  # RunCheckpoint: one last.ckpt per run, at its final step too
@@ -249,8 +253,10 @@ class FnfCLI(RunCLI):
         if self.saved_recipe is not None and "trainer" in self.saved_recipe:  # the global batch: processes resolved
             check_settings({"trainer": ours["trainer"]}, {"trainer": self.saved_recipe["trainer"]}, ckpt_path, True)
 
+        saver = self.trainer.checkpoint_callback
+        chosen_dirpath = saver.dirpath if saver is not None else None  # before use_run_folder sets the default
+
         def prepare() -> Path | None:  # the folder to lock: a --ckpt_path last started meanwhile is refused
-            saver = self.trainer.checkpoint_callback
             if saver is not None and self.trainer.global_rank == 0:
                 folder, key = ((saver.dirpath, "checkpoint.dirpath") if saver.dirpath else
                                (self.trainer.default_root_dir, "trainer.default_root_dir"))
@@ -267,19 +273,24 @@ class FnfCLI(RunCLI):
                                    "trainer.default_root_dir); its own run stays as it was")
                 lock = checkpoints_parent(self.trainer, self.claimed) if self.trainer.global_rank == 0 else None
                 run = self.claimed or lock
+            self.run_folder = run
             if run is not None and not keeps_run_folders(self.trainer):
                 use_run_folder(self.trainer, run)
             return lock
 
-        self.settle_run_folder(prepare)
+        def check_fresh() -> None:  # a new run: no earlier run's checkpoints or logs where it writes its own
+            if not self.continues_run:
+                check_fresh_run_folder(self.trainer, self.claimed, chosen_dirpath)
+
+        self.settle_run_folder(prepare, check_fresh)
         if self.continues_run and self.guard.files:  # rank 0, holding the run's lock
-            remove_staging_files(Path(ckpt_path).parent)  # a checkpoint save the last attempt was killed in
+            remove_killed_writes(self.trainer, ckpt_path, self.run_folder)
         if self.trainer.global_rank == 0 and self.guard.problem is None:
             keep_csv_metrics(self.trainer.loggers, self.saved_step if self.continues_run else None)
         self.trainer.callbacks.append(RunRecipe(ours))  # for a later resume
         complete = self.saved_step is not None and 0 <= self.trainer.max_steps <= self.saved_step  # not a DCP folder
         if complete and self.guard.problem is None:
-            export_if_complete(self.trainer, self.model, ckpt_path)
+            export_if_complete(self.trainer, self.model, ckpt_path, self.run_folder)
             sys.exit(0)
 
     def _before_evaluation(self, subcommand: str) -> None:

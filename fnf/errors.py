@@ -205,9 +205,12 @@ def unknown(key: str, known_keys: list[str]) -> str:
 
 
 def peer_lost(error: BaseException) -> str | None:
-    """What a collective reported when another process of the run died (kill -9, out of memory, a lost node)."""
+    """What a collective, or the rendezvous store while the processes connect, reported when another process of the
+    run died (kill -9, out of memory, a lost node, a SIGTERM to the launcher as the run starts)."""
     text = str(error)
-    if not isinstance(error, RuntimeError) or not any(word in text for word in ("gloo", "NCCL", "ProcessGroup")):
+    distributed = sys.modules.get("torch.distributed")  # its DistNetworkError / DistStoreError: "Broken pipe"
+    from_store = distributed is not None and isinstance(error, getattr(distributed, "DistError", ()))
+    if not (from_store or isinstance(error, RuntimeError) and any(w in text for w in ("gloo", "NCCL", "ProcessGroup"))):
         return None
     return text.split("] ", 1)[-1].split(". ")[0]  # "[.../pair.cc:545] Read error [addr]: Connection reset by peer. ..."
 

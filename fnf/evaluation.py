@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -50,8 +51,8 @@ from fnf.rewards.base import RewardHead
 REGIONS = ("outside", "inside", "all")
 MASKS_NOTE = ("Preservation (tuned vs base): outside_* / inside_* use this run's own training mask; reference_* use "
               "the Evaluation callback's reference mask, the same pixels for every compared run; all_* the whole "
-              "image. A region without pixels (every mask empty: nothing inside), or a judge's rate of no images "
-              "(no base image had the problem), has no row.\n\n")
+              "image. A region without pixels (every mask empty: nothing inside), a judge's rate of no images (no "
+              "base image had the problem), or FID of fewer than 2 images has no row.\n\n")
 
 
 @dataclass
@@ -219,7 +220,13 @@ class Evaluation(Callback):
         for group, metrics in self.metrics.pop(stage).items():
             prefix = f"category/{group}/" if group else ""
             for name, metric in metrics.items():
-                value = metric.compute()
+                try:
+                    value = metric.compute()
+                except RuntimeError as error:  # torchmetrics' FID of fewer than 2 images (data.val_items 1): no row
+                    if not isinstance(metric, FrechetInceptionDistance):
+                        raise
+                    rank_zero_warn(f"{stage}: no {name}: {error}")
+                    continue
                 if isinstance(metric, RegionMean) and math.isnan(value):  # a region without pixels: no number
                     continue
                 if isinstance(value, dict):  # a judge: its own keys, suffixed with the model; a rate of nothing: none

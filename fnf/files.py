@@ -91,11 +91,15 @@ def atomic_path(path: str | os.PathLike):
             os.remove(staging)
 
 
-def remove_staging_files(folder: str | os.PathLike) -> None:
-    """The staging files (``atomic_path``'s ``.<name>.*.tmp``) a process killed mid-write left in ``folder``, each as
-    large as the file it was writing: only while this process holds the folder's run lock (no one else writes)."""
-    for staging in Path(folder).glob(".*.tmp"):
-        staging.unlink(missing_ok=True)
+def remove_staging_files(folder: str | os.PathLike, name: str = "*") -> None:
+    """The staging files and folders (``atomic_path``'s and ``atomic_folder``'s ``.<name>.*.tmp``) of ``name`` a
+    process killed mid-write left in ``folder``, each as large as what it was writing: only while this process
+    holds the run's lock (no one else writes them)."""
+    for staging in Path(folder).glob(f".{name}.*.tmp"):
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -37,8 +37,8 @@ def atomic_folder(directory: str | os.PathLike, probe: str):
     ``directory / probe`` (torch and safetensors lose the errno); the staging folder never stays behind."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    retired = staging.with_name(staging.name + ".old")
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    retired = staging.with_suffix(".old.tmp")  # staging names end in .tmp: fnf.files.remove_staging_files
     try:
         yield staging
         for written in [staging, *staging.rglob("*")]:  # mkdtemp's 0700, safetensors' 0600: not for a team

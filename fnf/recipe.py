@@ -94,8 +94,12 @@ def check_settings(ours: dict, saved: dict, ckpt_path: str, resuming: bool) -> l
             if lora and model in ours and model in theirs and not _same(ours[model], theirs[model]):
                 action = (f"the checkpoint's LoRA was trained on {model}={theirs[model]!r}, the config's is "
                           f"{ours[model]!r}")
-            raise ValueError(f"{key}: {_versus(ours, theirs, key, ckpt_path)}; {action}")
-    return [f"{key}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
+            raise ValueError(f"{SETTING.get(key, key)}: {_versus(ours, theirs, key, ckpt_path)}; {action}")
+    return [f"{SETTING.get(key, key)}={_shown(ours, key)} (trained with {_shown(theirs, key)})" for key in differences]
+
+
+SETTING = {"trainer.processes": "trainer.devices × trainer.num_nodes"}
+"""Recipe keys that are no config key, by the settings they come from."""
 
 
 def _same(ours, theirs) -> bool:

@@ -5,33 +5,24 @@ Lightning restores weights, optimizer, schedulers and loop counters; this module
 to the user: a shuffle order that depends only on (seed, epoch), skipping the batches of the current
 epoch that were already trained on, and the global RNG states (DRaFT-LV noise, LoRA dropout). Around it:
 what a checkpoint holds (LoRA and RNG states only), ``--ckpt_path last`` (the newest last.ckpt, continuing
-its run folder) and a version folder of its own for every new run.
+its run folder; a new run's folder: fnf.run_claims).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import lightning as L
 import torch
-from lightning import Callback
-from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from fnf.callbacks import LoraExporter, check_lora_folder, on_every_rank
+from fnf.callbacks import LoraExporter, check_lora_folder
 from fnf.checkpoint_io import AtomicCheckpointIO
-from fnf.evaluation import Evaluation
 from fnf.export import WEIGHT_NAME, save_lora
-from fnf.files import check_writable
+from fnf.files import remove_staging_files
 
 
 class EpochShuffle(DistributedSampler):
@@ -170,72 +161,6 @@ def _short_of(checkpoint: Path, max_steps: int) -> bool:
     return max_steps < 0 or step < max_steps
 
 
-def lock_run_folder(run: Path, key: str = "trainer.default_root_dir", name: str = ".fnf.lock") -> IO:
-    """One process at a time trains in a run folder: two ``--ckpt_path last`` of one job (a requeued job racing
-    its predecessor) would both write its checkpoints, logs and export. An ``flock`` on ``run/.fnf.lock``, held
-    until the returned file is closed or the process ends, however it ends (kill -9 leaves no stale lock; on
-    NFS, flock may lock per node only). ``key``: the setting that put the folder there, for a folder that cannot be
-    written; ``name``: the lock file's (``AUTO_LOCK``: the root's, held by a ``--ckpt_path auto`` starting over)."""
-    check_writable(run, key)
-    run.mkdir(parents=True, exist_ok=True)
-    file = open(run / name, "a")  # noqa: SIM115 (the caller closes it when the run ends)
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.close()
-        raise ValueError(f"{run}: another fnf fit is training here (it holds {run / name}); wait for it to "
-                         "end, or stop it first") from None
-    return file
-
-
-AUTO_LOCK = ".fnf.auto.lock"
-"""Held in ``trainer.default_root_dir`` by a ``--ckpt_path auto`` that found no checkpoint and starts a new run: a
-second one (a requeued job racing its predecessor before its first checkpoint) would start a second run, and every
-later ``auto`` would then refuse the root's two unfinished runs."""
-
-
-def folder_to_lock(checkpoints: Path) -> Path:
-    """The folder whose lock guards the run writing into ``checkpoints``: its run folder for fnf's layout
-    (``<run>/checkpoints``), else ``checkpoint.dirpath`` itself (runs of a sweep may put theirs side by side)."""
-    return checkpoints.parent if checkpoints.name == "checkpoints" else checkpoints
-
-
-def checkpoints_parent(trainer: L.Trainer, claimed: Path | None) -> Path:
-    """The folder a new run locks (``folder_to_lock`` of its checkpoints folder): the one a later ``--ckpt_path
-    last`` locks (``folder_to_lock`` of its checkpoint's folder), whatever the logger and checkpoint settings."""
-    callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        return folder_to_lock(Path(callback.dirpath))
-    if claimed is not None:
-        return claimed
-    logger = trainer.loggers[0] if trainer.loggers else None  # a version the user chose, or no logger at all
-    return Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
-
-
-class RunFolderGuard(Callback):
-    """Rank 0's run folder, settled with every rank in setup, once the process group exists: an error rank 0 met
-    preparing it before (``problem``: claiming a version folder, another fit holding its lock) stops every rank
-    there. Ranks started on their own (torchrun, srun) would otherwise wait for a stopped rank 0 until the process
-    group's timeout. Holds the run folder's lock (``files``, from ``lock_run_folder``) to the end of the process, or
-    ``release``."""
-
-    def __init__(self, problem: Exception | None, files: list[IO]) -> None:
-        self.problem, self.files = problem, files
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        on_every_rank(trainer, self._settle)
-
-    def _settle(self) -> None:
-        if self.problem is not None:
-            raise self.problem
-
-    def release(self) -> None:
-        for file in self.files:
-            file.close()
-        self.files = []
-
-
 def continue_run_folder(trainer: L.Trainer, ckpt_path: str, log_dir: str | None = None) -> Path:
     """A TensorBoard / CSV logger of the same root continues the checkpoint's version folder, so its checkpoints,
     logs and LoRA export stay together; ``log_dir``: the run's, as its checkpoint recorded it, for checkpoints in a
@@ -251,108 +176,35 @@ def continue_run_folder(trainer: L.Trainer, ckpt_path: str, log_dir: str | None 
     return run
 
 
-def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str) -> None:
-    """For a checkpoint already at ``max_steps`` (nothing is left to train): the run's LoRA export is written from the
-    checkpoint if it is missing (a run killed between its last checkpoint and its export), where the run's
-    ``lora_export.dirpath`` puts it (default: ``<log dir>/lora``)."""
+def export_if_complete(trainer: L.Trainer, module: L.LightningModule, ckpt_path: str, run: Path | None) -> None:
+    """For a checkpoint already at ``max_steps`` (nothing is left to train): rank 0 writes the run's LoRA export from
+    the checkpoint if it is missing (a run killed between its last checkpoint and its export), where the run's
+    ``lora_export.dirpath`` puts it (default: ``<run>/lora``, ``run`` the run's folder, on rank 0: not always the
+    checkpoint's parent, e.g. with a ``checkpoint.dirpath`` of its own)."""
     checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)  # one-line errors for missing / corrupt files
     saved = checkpoint.get("state_dict") or {}
     check_lora_state({name: p.shape for name, p in module.named_parameters() if p.requires_grad}, saved)
+    if trainer.global_rank != 0:
+        return
     exporter = next((c for c in trainer.callbacks if isinstance(c, LoraExporter)), None)
-    lora = Path(ckpt_path).parent.parent / "lora"  # <log dir>/checkpoints/x.ckpt -> <log dir>/lora
+    lora = run / "lora"
     if exporter is not None and exporter.dirpath:
         lora = Path(exporter.dirpath)
         check_lora_folder(lora, {})  # new, empty or an earlier LoRA export: never a foreign folder
-    if trainer.global_rank == 0 and not (lora / WEIGHT_NAME).is_file():
+    if not (lora / WEIGHT_NAME).is_file():
         module.load_state_dict(saved, strict=False)  # the LoRA; frozen weights are not in it
         save_lora(module.model, lora)
     rank_zero_info(f"fnf: {ckpt_path} is already at max_steps={trainer.max_steps}; nothing to train. LoRA: {lora}")
 
 
-def keeps_run_folders(trainer: L.Trainer) -> bool:
-    """The first logger gives each run a version folder under its save dir (TensorBoard, CSV), or there is none; the
-    others (MLflow, W&B, ...) would put every run's checkpoints and LoRA export into one folder of their own
-    (Lightning's ``trainer.log_dir`` rule), outside ``default_root_dir`` where ``--ckpt_path last`` looks."""
-    return not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger))
-
-
-def claim_folder_in_root(trainer: L.Trainer) -> Path | None:
-    """For a first logger without version folders: rank 0 claims ``<default_root_dir>/lightning_logs/version_N`` for
-    the run's checkpoints and LoRA export, as ``claim_version_folder`` claims a logger's."""
-    if trainer.global_rank != 0:
-        return None
-    root = Path(trainer.default_root_dir) / "lightning_logs"
-    check_writable(root.parent, "trainer.default_root_dir")
-    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()] if root.is_dir() else []
-    return root / f"version_{_make_next_version(root, max(taken, default=-1) + 1)}"
-
-
-def _make_next_version(root: Path, version: int) -> int:
-    """The first ``version_N`` from ``version`` on that this process creates (an exclusive mkdir: two runs listing
-    the same free number cannot both take it). The root is created too: see remove_if_unstarted."""
-    while True:
-        try:
-            (root / f"version_{version}").mkdir(parents=True)
-            return version
-        except FileExistsError:
-            version += 1
-
-
-def use_run_folder(trainer: L.Trainer, run: Path) -> None:
-    """Checkpoints in ``run/checkpoints``, the LoRA export in ``run/lora``, the evaluation's metrics files and
-    ``test_samples/`` and the run's ``config.yaml`` in ``run``, unless the config chose folders."""
-    callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath is None:
-        callback.dirpath = str(run / "checkpoints")
-    for callback in trainer.callbacks:
-        if isinstance(callback, LoraExporter):
-            callback.run_folder = run  # what the run's last line names (the first logger's log dir is another)
-            callback.dirpath = callback.dirpath or str(run / "lora")
-        if isinstance(callback, Evaluation) and callback.output_dir is None:
-            callback.output_dir = str(run)
-        if isinstance(callback, SaveConfigCallback):  # it joins log_dir and this: an absolute path wins the join
-            callback.config_filename = str((run / callback.config_filename).absolute())
-
-
-def claim_version_folder(trainer: L.Trainer) -> Path | None:
-    """Give this run a version folder no concurrent run in the same root also takes (sweeps, job arrays).
-
-    TensorBoard / CSV loggers pick ``max(version_N) + 1`` from a listing, so two runs started together get the
-    same folder. Here rank 0 claims ``version_N`` with an exclusive mkdir, stepping N on collision; other ranks
-    write no logs, and checkpoints follow rank 0's folder (Lightning broadcasts it). Returns the claimed folder."""
-    claimed, versions = None, {}  # loggers sharing a root (TensorBoard + CSV in one save_dir) share the version
-    if trainer.global_rank != 0:
-        return claimed
-    for logger in trainer.loggers:
-        if not hasattr(logger, "_version") or logger._version is not None:  # no versions, or the user chose one
-            continue
-        root = Path(logger.root_dir)
-        if root not in versions:
-            check_writable(root, "trainer.default_root_dir (or the logger's save_dir)")
-            versions[root] = _make_next_version(root, logger.version)  # from Lightning's guess from the listing
-        logger._version = versions[root]
-        claimed = claimed or root / f"version_{versions[root]}"
-    return claimed
-
-
-def remove_if_unstarted(folder: Path | None, created: Sequence[Path] = ()) -> None:
-    """A run that failed before training (a config error) leaves no stub version folder (config, empty event files),
-    nor an empty ``lightning_logs`` it created (a run claiming a folder meanwhile recreates it: ``parents=True``),
-    nor the empty ``default_root_dir`` and parents it ``created`` (deepest first); a folder holding a checkpoint is
-    always kept."""
-    if folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
-        shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # not empty: other runs' folders
-            folder.parent.rmdir()
-    for parent in created:
-        with contextlib.suppress(OSError):  # a root this run created holds no other run's lock
-            (parent / AUTO_LOCK).unlink()
-        try:
-            parent.rmdir()
-        except FileNotFoundError:  # never made (the run failed before writing anything)
-            continue
-        except OSError:  # not empty
-            break
+def remove_killed_writes(trainer: L.Trainer, ckpt_path: str, run: Path) -> None:
+    """The staging files and folders of writes the run's last attempt was killed in, each as large as what it wrote:
+    a checkpoint, metrics.csv and the run's other files, its LoRA export. For rank 0, holding the run's lock."""
+    remove_staging_files(Path(ckpt_path).parent)
+    remove_staging_files(run)
+    exporter = next((c for c in trainer.callbacks if isinstance(c, LoraExporter)), None)
+    export = Path(exporter.dirpath) if exporter is not None and exporter.dirpath else run / "lora"
+    remove_staging_files(export.parent, export.name)  # a folder of its own, or one shared with other runs' exports
 
 
 class LoraOnlyCheckpoints(L.LightningModule):

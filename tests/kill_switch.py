@@ -47,12 +47,12 @@ class RaiseAtStep(Callback):
 
 
 class ExpectRunFolderLocked(Callback):
-    """Fails the run unless its folder is locked against a second fit while it trains (fnf.resume.lock_run_folder)."""
+    """Fails the run unless its folder is locked against a second fit while it trains (fnf.run_claims.lock_run_folder)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         from pathlib import Path
 
-        from fnf.resume import lock_run_folder
+        from fnf.run_claims import lock_run_folder
 
         try:
             lock_run_folder(Path(trainer.log_dir)).close()

@@ -60,10 +60,23 @@ def _every_rank_stops_with(tmp_path, ranks: list, expected: str) -> None:
         assert error.strip().splitlines()[-1].startswith(expected), error[-3000:]
 
 
+@pytest.mark.parametrize("error, reported", [
+    (torch.distributed.DistNetworkError("Broken pipe"), "Broken pipe"),  # the store, as the processes connect
+    (RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]: Connection reset by peer. More"),
+     "Read error [127.0.0.1]: Connection reset by peer")])  # a collective, mid-run
+def test_a_lost_process_reads_as_one_line_saying_so(error, reported):
+    """The launcher stopped by a SIGTERM while its processes connect: the others read DistNetworkError: Broken pipe
+    (it read as an unexplained error), as a collective mid-run reads gloo's Connection reset by peer."""
+    from fnf.errors import one_line
+
+    assert one_line(error) == (f"a training process stopped ({reported}); the first error in the processes' output "
+                               "is the cause; --ckpt_path last resumes from the last checkpoint, if one was written")
+
+
 def test_a_locked_run_folder_stops_every_rank_started_on_its_own(tiny_model_dir, tmp_path):
     """Ranks started by srun / torchrun (no Lightning launcher): rank 0 is refused the run folder's lock, and the
     other rank stops with it at once instead of waiting for rank 0 until the process group's timeout."""
-    from fnf.resume import lock_run_folder
+    from fnf.run_claims import lock_run_folder
 
     held = lock_run_folder(tmp_path / "run")  # another fit trains in this folder
     try:

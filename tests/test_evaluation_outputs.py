@@ -43,6 +43,20 @@ def test_each_category_gets_its_own_numbers_and_each_item_its_row(tiny_model_dir
     assert [(r["judge_defect_rate_base"], r["judge_defect_rate_tuned"]) for r in rows] == [(0.0, 1.0)] * 2
 
 
+def test_fid_of_one_image_has_no_row_instead_of_stopping_the_run(tiny_model_dir, tmp_path):
+    """A validation set of one item (data.val_items 1) got torchmetrics' "more than one sample is required" at the
+    first validation, mid-fit: FID is left out with a warning, every other metric is reported."""
+    module, outputs = _red_then_half_green(tiny_model_dir)
+    one = {k: v[:1] for k, v in outputs.items()}
+    evaluation = Evaluation(fid_features=_FakeCLIP(), output_dir=str(tmp_path))
+    evaluation.on_test_epoch_start(_trainer_stub(tmp_path), module)
+    evaluation.on_test_batch_end(_trainer_stub(tmp_path), module, one, {"seed": [3]}, 0)
+    with pytest.warns(UserWarning, match="test: no fid_tuned_vs_base: More than one sample is required"):
+        evaluation._finish("test", _trainer_stub(tmp_path), module)
+    values = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert "fid_tuned_vs_base" not in values and values["reward_change/ColorRegion"] == pytest.approx(1.0)
+
+
 def test_save_samples_keeps_the_first_items_and_their_png_rows_read_base_tuned_heatmap_mask_change(
         tiny_model_dir, tmp_path):
     """save_samples 1 of 2 items: one PNG; its columns are base | tuned | heatmap | mask | |tuned − base|×4, each

@@ -54,6 +54,14 @@ def test_settings_are_compared_item_by_item_and_a_setting_one_side_lacks_is_newe
         "model.rewards.0.weight=2.0 (trained with 1.0)"]  # evaluation: reported, not refused
 
 
+def test_the_process_count_is_named_by_the_settings_it_comes_from():
+    """The recipe's trainer.processes is no config key: its line names trainer.devices × trainer.num_nodes."""
+    with pytest.raises(ValueError) as error:
+        check_settings({"trainer": {"processes": 1}}, {"trainer": {"processes": 2}}, "x.ckpt", resuming=True)
+    assert str(error.value) == ("trainer.devices × trainer.num_nodes: 1 in the config but 2 in x.ckpt; set it to the "
+                                "checkpoint's value or start a new run (leave out --ckpt_path)")
+
+
 def test_a_head_s_weights_spelled_another_way_are_the_same_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.safetensors").write_bytes(b"0")

@@ -4,6 +4,7 @@ folder in use is locked against a second fit; a run that fails before training l
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ def test_version_folders_are_claimed_even_when_two_runs_list_the_same_free_numbe
 
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from fnf.resume import claim_version_folder
+    from fnf.run_claims import claim_version_folder
 
     loggers = [TensorBoardLogger(tmp_path), TensorBoardLogger(tmp_path), CSVLogger(tmp_path / "csv")]
     for logger in loggers:
@@ -39,7 +40,7 @@ def test_loggers_of_one_run_sharing_a_save_dir_share_its_version_folder(tmp_path
 
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from fnf.resume import claim_version_folder
+    from fnf.run_claims import claim_version_folder
 
     (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # an earlier run
     loggers = [TensorBoardLogger(tmp_path), CSVLogger(tmp_path)]
@@ -83,7 +84,7 @@ def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(config, tmp_path
     """A requeued job whose predecessor still runs: its --ckpt_path last is refused while the folder is locked,
     and resumes once the other run has ended (the lock goes with its process, however it ends). Without a logger
     the checkpoints' folder is the root's, and a new run locks the same folder a resume would."""
-    from fnf.resume import lock_run_folder
+    from fnf.run_claims import lock_run_folder
 
     monkeypatch.syspath_prepend(str(TESTS))
     main(["fit", "--config", str(config), "--trainer.logger", str(logger).lower(),
@@ -109,8 +110,8 @@ def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_on
     """A sweep putting each run's checkpoints side by side (``checkpoint.dirpath: ckpts/<run>``): ``--ckpt_path last``
     and ``auto`` find the run's last.ckpt there (they looked under default_root_dir only: last failed, auto started
     over and overwrote it), and a run locks its own dirpath, not the parent every run of the sweep shares; a resume
-    removes the staging file of a save its predecessor was killed in."""
-    from fnf.resume import lock_run_folder
+    removes the staging files of writes its predecessor was killed in (checkpoint, logs, LoRA export)."""
+    from fnf.run_claims import lock_run_folder
 
     monkeypatch.chdir(tmp_path)  # a relative dirpath, as a sweep's config would give it
 
@@ -123,23 +124,72 @@ def test_checkpoints_in_a_dirpath_of_their_own_resume_in_one_command_and_lock_on
     fit("b")
     other_run.close()
     (tmp_path / "ckpts" / "a" / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # killed mid-save
+    logs = tmp_path / "a" / "lightning_logs" / "version_0"
+    (logs / ".metrics.csv.k1ll3d.tmp").write_text("half a file")  # killed mid-write of its logs and its export
+    (logs / ".lora.k1ll3d.tmp").mkdir()
+    (logs / ".lora.k1ll3d.tmp" / WEIGHT_NAME).write_bytes(b"half a LoRA")
+    (logs / "notes.tmp").write_text("the user's")  # not a staging file
     for step, how in ((3, "last"), (4, "auto")):
         fit("a", "--ckpt_path", how, "--trainer.max_steps", str(step))
         assert torch.load(tmp_path / "ckpts" / "a" / "last.ckpt", weights_only=True)["global_step"] == step
     assert sorted(p.name for p in (tmp_path / "ckpts" / "a").iterdir()) == [".fnf.lock", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["a", "b"]  # no lock on the sweep's folder
     assert [p.name for p in (tmp_path / "a" / "lightning_logs").iterdir()] == ["version_0"]  # its logs continued
+    assert not list(logs.glob(".*.tmp")) and (logs / "notes.tmp").is_file()
     held = lock_run_folder(tmp_path / "ckpts" / "a")
     with pytest.raises(SystemExit, match="another fnf fit is training here"):  # a second resume of run a is refused
         fit("a", "--ckpt_path", "last", "--trainer.max_steps", "5")
     held.close()
+    export = tmp_path / "a" / "lightning_logs" / "version_0" / "lora"
+    shutil.rmtree(export)  # killed between its last checkpoint and its export; the requeued job finds it complete
+    with pytest.raises(SystemExit) as exit_info:  # nothing to train: the export, then exit 0
+        fit("a", "--ckpt_path", "auto", "--trainer.max_steps", "4")
+    assert exit_info.value.code == 0
+    assert (export / WEIGHT_NAME).is_file() and not (tmp_path / "ckpts" / "lora").exists()  # the run's, not beside
+
+
+@pytest.mark.parametrize("where, key", [
+    (("--checkpoint.dirpath", "ckpts"), "checkpoint.dirpath"),  # a sweep's folder reused by accident
+    (("--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dir", "run",  # under the root: last finds it
+      "--trainer.logger.init_args.version", "myrun"), "trainer.logger's version"),  # a job's fixed folder
+    (("--trainer.logger", "false"), "trainer.default_root_dir")], ids=["dirpath", "named-version", "no-logger"])
+def test_a_new_run_does_not_overwrite_an_earlier_runs_checkpoints(config, tmp_path, monkeypatch, where, key):
+    """The lock keeps out a run training now; a new fit started later into the same checkpoint folder would replace
+    the earlier run's last.ckpt (its progress no longer reachable by --ckpt_path last) and, in a named version folder,
+    append its rows to that run's metrics.csv: refused with one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config), *where])
+    checkpoints = next(tmp_path.rglob("last.ckpt")).parent
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.lam", "0", *where])
+    assert str(exit_info.value.code) == (f"fnf: error: {key}: {checkpoints} holds another run's checkpoints "
+                                         "(last.ckpt); continue that run with --ckpt_path last, or start this one in "
+                                         "a folder of its own")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "3", *where])  # as it says
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_named_version_folder_with_an_earlier_runs_logs_is_refused(config, tmp_path):
+    """A run that stopped before its first checkpoint left only logs: a new run would append to its metrics.csv."""
+    logger = ("--trainer.logger", "CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+              "--trainer.logger.init_args.version", "myrun")
+    folder = tmp_path / "logs" / "lightning_logs" / "myrun"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *logger])
+    assert str(exit_info.value.code) == (f"fnf: error: trainer.logger's version: {folder} holds another run's logs; "
+                                         "continue that run with --ckpt_path last, or choose another version")
+    assert (folder / "metrics.csv").read_text() == "epoch,step,train/loss\n0,0,1.0\n"
 
 
 def test_a_second_auto_start_before_the_first_checkpoint_is_refused(config, tmp_path, monkeypatch):
     """Two ``--ckpt_path auto`` finding no checkpoint (a requeued job racing its predecessor within its first
     checkpoint interval) would train two runs, and every later ``auto`` would refuse the root's two unfinished runs:
     the one starting over holds the root's auto lock, and the other is refused before it writes anything."""
-    from fnf.resume import AUTO_LOCK, lock_run_folder
+    from fnf.run_claims import AUTO_LOCK, lock_run_folder
 
     monkeypatch.syspath_prepend(str(TESTS))
     with pytest.raises(SystemExit):  # a start that fails before training leaves no root with only the auto lock
