@@ -41,8 +41,6 @@ def lock_run_folder(run: Path, key: str = "trainer.default_root_dir", name: str 
 
 
 AUTO_LOCK = ".fnf.auto.lock"
-
-
 """Held in ``trainer.default_root_dir`` by a ``--ckpt_path auto`` that found no checkpoint and starts a new run: a
 second one (a requeued job racing its predecessor before its first checkpoint) would start a second run, and every
 later ``auto`` would then refuse the root's two unfinished runs."""
@@ -80,10 +78,9 @@ def check_fresh_run_folder(trainer: L.Trainer, claimed: Path | None, chosen_dirp
         if found:
             raise ValueError(f"{key}: {checkpoints} holds another run's checkpoints ({found[0].name}); continue that "
                              "run with --ckpt_path last, or start this one in a folder of its own")
-    for logger in trainer.loggers if claimed is None else []:  # a version folder this run did not create
-        log_dir = Path(getattr(logger, "log_dir", None) or "").absolute()
-        if getattr(logger, "log_dir", None) and ((log_dir / "metrics.csv").exists()
-                                                 or any(log_dir.glob("events.out.tfevents.*"))):
+    log_dirs = [getattr(logger, "log_dir", None) for logger in trainer.loggers] if claimed is None else []
+    for log_dir in (Path(d).absolute() for d in log_dirs if d):  # a version folder this run did not create
+        if (log_dir / "metrics.csv").exists() or any(log_dir.glob("events.out.tfevents.*")):
             raise ValueError(f"trainer.logger's version: {log_dir} holds another run's logs; continue that run with "
                              "--ckpt_path last, or choose another version")
 
