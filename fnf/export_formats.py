@@ -32,7 +32,7 @@ from fnf.checkpoint_io import AtomicCheckpointIO
 from fnf.errors import OneLineParser, check_config_files
 from fnf.export import WEIGHT_NAME, lora_state_dict, write_lora
 from fnf.output_folder import atomic_folder, check_output_folder
-from fnf.model_files import resolve_model_path
+from fnf.model_files import only_variant, resolve_model_path
 from fnf.pipeline import LoraArgs, Text2ImageModel
 from fnf.recipe import check_settings
 from fnf.resume import check_lora_state
@@ -121,7 +121,7 @@ def save_fused(pipeline_class, denoiser: str, pretrained: str, lora: Path, stagi
     path = resolve_model_path(pretrained)
     absent = {name: None for name, value in pipeline_class.load_config(path).items()
               if isinstance(value, list) and value[0] is None}  # e.g. SD3 without T5: diffusers wants them named
-    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **absent)
+    pipe = pipeline_class.from_pretrained(path, dtype=dtype, use_safetensors=True, variant=only_variant(path), **absent)
     pipe.load_lora_weights(lora, weight_name=WEIGHT_NAME)
     pipe.fuse_lora(components=[denoiser])  # unet / transformer
     pipe.unload_lora_weights()  # the adapter layers go; the merged weights stay

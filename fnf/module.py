@@ -29,7 +29,7 @@ from fnf.nonfinite import NonFiniteSteps
 from fnf.objective import RewardTerm, check_objective, term_heatmaps
 from fnf.pipeline import LoraArgs, Text2ImageModel, TextEmbedding
 from fnf.regularizers import PixelFrobenius, Regularizer
-from fnf.rewards.base import check_reward_output, scores_only
+from fnf.rewards.base import check_reward_output, float32_rewards, scores_only
 from fnf.resume import LoraOnlyCheckpoints
 from fnf.sampling import Sample, SamplerArgs, initial_noise, make_sampler
 from fnf.sharding import ShardedUnet
@@ -130,11 +130,13 @@ class FocusNFix(NonFiniteSteps, LoraOnlyCheckpoints, LoraOptimizer, ComputeLever
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
-        return self._common_step(batch, "val")  # the outputs feed fnf.evaluation.Evaluation
+        with float32_rewards():  # the outputs feed fnf.evaluation.Evaluation: rewards to float32's precision
+            return self._common_step(batch, "val")
 
     @override
     def test_step(self, batch: dict, batch_idx: int) -> dict | None:
-        return self._common_step(batch, "test")
+        with float32_rewards():
+            return self._common_step(batch, "test")
 
     def _common_step(self, batch: dict, stage: str) -> dict | None:
         prompts, seeds = batch["prompt"], batch["seed"]

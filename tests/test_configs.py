@@ -38,3 +38,15 @@ def test_configs_choose_on_val_and_report_on_test_with_the_run_seed(config):
     assert data["val_file"] != data["test_file"]
     assert not val & test and not val & train
     assert data.get("seed") is None
+
+
+def test_every_shipped_config_trains_into_a_root_of_its_own():
+    """Two configs sharing trainer.default_root_dir would share --ckpt_path last / auto and fnf report: a test of
+    one config's run could load the other's checkpoint (sd15/artifacts and artifacts_richhf did)."""
+    roots = {}
+    for config in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
+        root = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("default_root_dir")
+        if root is not None:
+            assert root not in roots, f"{config} and {roots[root]} both train into {root}"
+            roots[root] = config
+    assert len(roots) >= 17

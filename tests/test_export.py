@@ -270,6 +270,20 @@ def test_fused_export_writes_the_dtype_asked_for(tmp_path, tiny_model_dir):
     assert {value.dtype for value in weights.values()} == {torch.float16}
 
 
+def test_fused_export_of_a_model_held_in_fp16_variant_files_only(tmp_path, tiny_model_dir):
+    """A download with variant="fp16" (*.fp16.safetensors only) trains (fnf.model_files); its fused export reads
+    those files too (diffusers' from_pretrained found no model.safetensors without the variant named)."""
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "fp16", variant="fp16")
+    ckpt = _write_checkpoint(str(tmp_path / "fp16"), LoraArgs(rank=4, target_modules=ATTENTION), tmp_path / "run")
+    _export(ckpt, "fused", tmp_path / "out")
+    fused = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    plain = _write_checkpoint(tiny_model_dir, LoraArgs(rank=4, target_modules=ATTENTION), tmp_path / "plain")
+    _export(plain, "fused", tmp_path / "plain-out")  # the same weights from plain files: the same fused UNet
+    reference = StableDiffusionPipeline.from_pretrained(tmp_path / "plain-out")
+    for (name, ours), (_, theirs) in zip(fused.unet.state_dict().items(), reference.unet.state_dict().items()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+
+
 def test_bad_arguments_and_checkpoints_are_one_line(tmp_path, tiny_model_dir, capsys):
     ckpt = _write_checkpoint(tiny_model_dir, LoraArgs(rank=4, target_modules=ATTENTION), tmp_path / "run")
     out = str(tmp_path / "out")

@@ -294,6 +294,37 @@ def test_the_mask_localises_the_problem_in_the_base_image_not_the_tuned_one(tiny
         torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+class _Projection(ColorRegion):
+    """A score through a Linear layer (a CLIP-like head's matmuls), which bf16 autocast rounds to 8 bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 1)
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        return type(out)(score=100 * self.linear(images.flatten(1))[:, 0], heatmap=out.heatmap)
+
+
+def test_validation_and_test_score_rewards_in_float32_under_bf16_autocast(tiny_model_dir):
+    """bf16-mixed (every real config): the reward means validate / test report are float32 scores of the decoded
+    images, not bf16-rounded ones (a reward change below bf16's step came out as noise); training keeps bf16."""
+    torch.manual_seed(0)
+    head = _Projection()
+    module = _module(tiny_model_dir, lam=1.0, rewards=[RewardTerm(head)])
+    batch = next(iter(_loader(4)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.validation_step(batch, 0)
+        trained = module._common_step(batch, "train")["scores"]
+    assert trained.dtype == torch.bfloat16  # the premise: autocast rounds the head's matmul in training
+    with torch.no_grad():
+        for images, scores in ((out["tuned"], out["scores"]), (out["base"], out["base_scores"])):
+            exact = head(images.float(), out["prompts"]).score
+            assert scores.dtype == torch.float32
+            torch.testing.assert_close(scores[:, 0], exact, rtol=1e-6, atol=1e-5)
+            assert (exact.bfloat16().float() - exact).abs().max() > 1e-3  # bf16 would have moved them
+
+
 def test_evaluation_and_predict_score_the_deterministic_images_of_base_and_tuned_model(tiny_model_dir):
     """Whatever the training's gradient mode (here DRaFT-LV, n re-noised samples per prompt), validation, test
     and predict show one deterministic image per item: the tuned model's I (LoRA on) beside the base model's I0

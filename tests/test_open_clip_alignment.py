@@ -118,6 +118,22 @@ def test_bad_model_is_one_clear_error(model, pretrained, match, monkeypatch):
         OpenCLIPAlignment(model, pretrained=pretrained)
 
 
+def test_a_tag_that_cannot_be_downloaded_says_how_to_pass_the_weights_as_a_file(monkeypatch):
+    """Offline (or the hub unreachable): the hub's long message is cut at a word, and the line says what to do."""
+    import huggingface_hub.constants
+
+    from fnf.rewards.base import WEIGHTS_HOWTO
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as error:
+        OpenCLIPAlignment("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    reason, _, action = str(error.value).partition(" ...; ")
+    assert reason.startswith("OpenCLIPAlignment: cannot load open_clip model 'ViT-B-32' (pretrained='laion2b_s34b_b79k'"
+                             "): Failed to download") and len(reason) < 400, reason
+    assert action == (f"without the hub, pass the weights as a file, pretrained: <file>.safetensors with tag: "
+                      f"laion2b_s34b_b79k; {WEIGHTS_HOWTO}")
+
+
 def test_a_weights_path_that_is_not_a_file_is_named_before_open_clip_logs(tmp_path, caplog):
     """open_clip would log its list of tags as an error, then fail with 'not a known tag or valid file path'."""
     for path, what in ((tmp_path / "missing.safetensors", "no such file"), (tmp_path, "a folder")):

@@ -213,8 +213,9 @@ def test_save_and_load_round_trip_with_key_map(tmp_path):
 def test_bad_weights_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="pickle format; pass a .safetensors file"):
         RAHFHeatmap(str(tmp_path / "rahf.pt"))
-    with pytest.raises(FileNotFoundError, match="absent.safetensors: file not found; expected a .safetensors file"):
-        RAHFHeatmap(str(tmp_path / "absent.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"absent.safetensors: file not found; expected a .safetensors file "
+                                                 r"\(fnf rahf-train writes one\); put its path in a second --config"):
+        RAHFHeatmap(str(tmp_path / "absent.safetensors"))  # where it comes from, where a path of one goes
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: a folder; expected a .safetensors file"):
         RAHFHeatmap(str(tmp_path))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")

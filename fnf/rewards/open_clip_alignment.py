@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fnf.device_copies import to_device
-from fnf.rewards.base import RewardHead, RewardOutput
+from fnf.rewards.base import WEIGHTS_HOWTO, RewardHead, RewardOutput
 
 
 class OpenCLIPAlignment(RewardHead):
@@ -59,9 +59,13 @@ class OpenCLIPAlignment(RewardHead):
             self.model = open_clip.create_model(model, pretrained=pretrained, require_pretrained=pretrained is not None,
                                                 **published)
         except Exception as error:  # unknown name, offline download, corrupt file: one line
-            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            reason = " ".join(str(error).split()) or type(error).__name__
+            reason = reason if len(reason) <= 240 else reason[:240].rsplit(" ", 1)[0] + " ..."
+            offline = (f"; without the hub, pass the weights as a file, pretrained: <file>.safetensors with tag: "
+                       f"{pretrained}; {WEIGHTS_HOWTO}" if pretrained is not None and not local_file
+                       and "download" in reason.lower() else "")
             raise ValueError(f"{self.name}: cannot load open_clip model {model!r} (pretrained={pretrained!r}): "
-                             f"{reason}") from None
+                             f"{reason}{offline}") from None
         finally:
             logging.disable(silenced)
         self.tokenizer = open_clip.get_tokenizer(model)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fnf.device_copies import to_device
-from fnf.rewards.base import RewardHead, RewardOutput
+from fnf.rewards.base import WEIGHTS_HOWTO, RewardHead, RewardOutput
 
 HEATMAPS = ("implausibility", "misalignment")
 SCORES = ("plausibility", "alignment", "aesthetics", "overall")
@@ -242,14 +242,15 @@ def tokenize(prompts: list[str], context_length: int) -> Tensor:
     return _tokenizer(context_length)(list(prompts))
 
 
-def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` file; pickle formats are refused; errors name ``what`` and the file."""
+def read_safetensors(path: str | Path, what: str, source: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file; pickle formats are refused; errors name ``what`` and the file,
+    and a missing one where such files come from (``source``)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{what} {path}: {path.suffix} is a pickle format; pass a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: {'a folder' if path.is_dir() else 'file not found'}; expected a "
-                                ".safetensors file")
+                                f".safetensors file{source}; {WEIGHTS_HOWTO}")
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -291,7 +292,7 @@ def load_rahf(path: str | Path, config: RAHFConfig | None = None, key_map: dict[
     Raises:
         ValueError: pickle file, unreadable file, missing sizes, or keys/shapes that do not match (named).
     """
-    state, metadata = read_safetensors(path, "RAHF weights")
+    state, metadata = read_safetensors(path, "RAHF weights", " (fnf rahf-train writes one)")
     stored = metadata.get(CONFIG_KEY)
     if stored is not None:
         try:

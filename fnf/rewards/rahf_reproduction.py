@@ -156,7 +156,8 @@ class RAHFReproduction(nn.Module):
 
 def load_reproduction(path: str | Path) -> RAHFReproduction:
     """Build the model from a ``.safetensors`` file written by ``fnf rahf-convert`` (sizes in its metadata)."""
-    state, metadata = read_safetensors(path, "RAHF reproduction weights")
+    state, metadata = read_safetensors(path, "RAHF reproduction weights", " (fnf rahf-convert writes one from the "
+                                       "public reproduction's model.pt)")
     if CONFIG_KEY not in metadata:
         raise ValueError(f"RAHF reproduction weights {path}: no {CONFIG_KEY} metadata; convert the checkpoint with "
                          f"`fnf rahf-convert`")
