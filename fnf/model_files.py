@@ -34,7 +34,7 @@ def resolve_model_path(pretrained: str | os.PathLike) -> str:
     return pretrained
 
 
-def weight_variant(files: list[Path]) -> tuple[set[str], list[Path]]:
+def variants_and_plain(files: list[Path]) -> tuple[set[str], list[Path]]:
     """The variants (``*.fp16.safetensors``, sharded ``*.fp16-00001-of-00002.safetensors``: fp16) and the plain
     weight files among ``files``."""
     variants = {file.name.split(".")[-2].split("-")[0] for file in files if file.name.count(".") > 1}
@@ -45,7 +45,7 @@ def only_variant(path: str) -> str | None:
     """The variant a local model folder holds all its weights in (a download with ``variant="fp16"``), else None."""
     if not Path(path).is_dir():
         return None
-    variants, plain = weight_variant(sorted(Path(path).glob("*/*.safetensors")))
+    variants, plain = variants_and_plain(sorted(Path(path).glob("*/*.safetensors")))
     return next(iter(variants)) if len(variants) == 1 and not plain else None
 
 
@@ -60,7 +60,7 @@ def load_part(path: str, part: str, kind, weights: bool = True):
     try:
         folder = _local_part(path, part, download=weights and issubclass(kind, ModelMixin))
         files = sorted(folder.glob("*.safetensors")) if weights and folder is not None else []
-        variants, plain = weight_variant(files)
+        variants, plain = variants_and_plain(files)
         if weights:
             options["use_safetensors"] = True
             if not plain and len(variants) == 1:
