@@ -43,16 +43,19 @@ class DivergeRanksRng(Callback):
         torch.rand(trainer.global_rank + 1)
 
 
-class NaNOnRank0AtStep1(ColorRegion):
-    """ColorRegion whose score on rank 0's tuned images in the second training step (step 1) is NaN."""
+class NaNAtStep1(ColorRegion):
+    """ColorRegion whose score on the tuned images of the second training step (step 1) is NaN: on every process,
+    or on process ``rank`` only."""
 
-    tuned_calls = 0
+    def __init__(self, rank: int | None = None) -> None:
+        super().__init__()
+        self.rank, self.tuned_calls = rank, 0
 
     def forward(self, images, prompts):
         out = super().forward(images, prompts)
         if not heatmap_wanted():  # the tuned images (the base images' call wants the heatmap)
             self.tuned_calls += 1
-            if self.tuned_calls == 2 and torch.distributed.get_rank() == 0:
+            if self.tuned_calls == 2 and (self.rank is None or self.rank == torch.distributed.get_rank()):
                 return RewardOutput(score=out.score * float("nan"), heatmap=out.heatmap)
         return out
 

@@ -131,12 +131,13 @@ def test_a_non_finite_reward_on_one_rank_skips_the_step_on_every_rank(tiny_model
     from safetensors.torch import load_file
 
     probes = [{"class_path": "ddp_probe.WriteLoraAfterEachStep", "init_args": {"folder": str(tmp_path)}}]
-    args = ("--model.nonfinite", "skip", "--model.rewards", '[{"head": {"class_path": "ddp_probe.NaNOnRank0AtStep1"}}]',
+    args = ("--model.nonfinite", "skip", "--model.rewards",
+            '[{"head": {"class_path": "ddp_probe.NaNAtStep1", "init_args": {"rank": 0}}}]',
             "--model.optimizer", '{"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.1}}')
     done = launch(tmp_path, tiny_model_dir, "skip", batch_size=2, args=args, timeout=300, devices=2, strategy=strategy,
                   callbacks=probes)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "skipping batch at step 1: non-finite reward NaNOnRank0AtStep1" in done.stderr
+    assert "skipping batch at step 1: non-finite reward NaNAtStep1" in done.stderr
     lora = {(rank, step): load_file(tmp_path / f"lora-rank{rank}-step{step}.safetensors")
             for rank in (0, 1) for step in (1, 2, 3)}  # global_step after each batch: after steps 0, 1 (skipped), 2
     for name in lora[0, 1]:

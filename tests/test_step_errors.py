@@ -14,7 +14,7 @@ from fnf.module import RewardTerm
 from fnf.nonfinite import MAX_SKIPPED_IN_A_ROW
 from fnf.regularizers import Regularizer
 from fnf.rewards import ColorRegion, RewardHead, RewardOutput
-from fnf.rewards.base import heatmap_wanted
+from ddp_probe import NaNAtStep1  # tests/ddp_probe.py
 from test_module import _loader, _module, _trainer  # tests/test_module.py
 
 class _NaNReward(RewardHead):
@@ -158,20 +158,6 @@ def test_non_finite_loss_can_skip_the_batch(tiny_model_dir):
     assert healthy._common_step(next(iter(_loader(4))), "train") is not None and healthy._skipped_in_a_row == 0
 
 
-class _NaNOnSecondStep(ColorRegion):
-    """ColorRegion whose score on the tuned images of its second training step is NaN."""
-
-    tuned_calls = 0
-
-    def forward(self, images, prompts):
-        out = super().forward(images, prompts)
-        if not heatmap_wanted():  # the tuned images (the base images' call wants the heatmap)
-            self.tuned_calls += 1
-            if self.tuned_calls == 2:
-                return RewardOutput(score=out.score * float("nan"), heatmap=out.heatmap)
-        return out
-
-
 def test_a_skipped_step_leaves_the_lora_and_adams_state_as_they_were(tiny_model_dir, tmp_path):
     """Two steps, the second skipped, end where one step ends: no update from Adam's moments or weight decay (a
     zero gradient would still move both), and Adam's step count stays at 1."""
@@ -184,8 +170,8 @@ def test_a_skipped_step_leaves_the_lora_and_adams_state_as_they_were(tiny_model_
         return lora, trainer.optimizers[0].state_dict()["state"]
 
     one_step, one_state = fit(1, ColorRegion())
-    with pytest.warns(UserWarning, match="skipping batch at step 1: non-finite reward _NaNOnSecondStep"):
-        skipped, skipped_state = fit(2, _NaNOnSecondStep())
+    with pytest.warns(UserWarning, match="skipping batch at step 1: non-finite reward NaNAtStep1"):
+        skipped, skipped_state = fit(2, NaNAtStep1())
     assert one_step.keys() == skipped.keys()
     for name in one_step:
         assert torch.equal(skipped[name], one_step[name]), name
